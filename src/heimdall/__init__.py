@@ -1,0 +1,84 @@
+"""heimdall: envelope encryption of PII fields under keys held in a key management service.
+
+The public API: settings and composition (:func:`build`), the service and its operations, the
+envelope format, the key provider interface, and the exception tree.
+"""
+
+from heimdall.app import build
+from heimdall.cipher import CachePolicy, FieldCipher, SealedField
+from heimdall.envelope import EncryptionContext, EncryptionVersion, Envelope, parse
+from heimdall.errors import (
+    AccessDenied,
+    AuditError,
+    ConfigurationError,
+    DecryptionFailed,
+    EnvelopeTooLarge,
+    FieldNotFound,
+    HeimdallError,
+    InvalidEnvelope,
+    InvalidInput,
+    KeyNotFound,
+    KeyVersionDisabled,
+    KmsError,
+    KmsUnavailable,
+    LifecycleError,
+    ModeViolation,
+    PermissionDenied,
+    StorageError,
+    UnsupportedEnvelope,
+)
+from heimdall.ingest import IngestReport, ingest_lines
+from heimdall.kms.base import KeyDescription, KeyManagementService, KeyState, WrappedKey
+from heimdall.modes import EncryptionMode
+from heimdall.policy import FieldAction, Policy
+from heimdall.rbac import Caller, Role
+from heimdall.reencrypt import ReencryptReport, reencrypt
+from heimdall.service import Heimdall
+from heimdall.settings import Settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessDenied",
+    "AuditError",
+    "CachePolicy",
+    "Caller",
+    "ConfigurationError",
+    "DecryptionFailed",
+    "EncryptionContext",
+    "EncryptionMode",
+    "EncryptionVersion",
+    "Envelope",
+    "EnvelopeTooLarge",
+    "FieldAction",
+    "FieldCipher",
+    "FieldNotFound",
+    "Heimdall",
+    "HeimdallError",
+    "IngestReport",
+    "InvalidEnvelope",
+    "InvalidInput",
+    "KeyDescription",
+    "KeyManagementService",
+    "KeyNotFound",
+    "KeyState",
+    "KeyVersionDisabled",
+    "KmsError",
+    "KmsUnavailable",
+    "LifecycleError",
+    "ModeViolation",
+    "PermissionDenied",
+    "Policy",
+    "ReencryptReport",
+    "Role",
+    "SealedField",
+    "Settings",
+    "StorageError",
+    "UnsupportedEnvelope",
+    "WrappedKey",
+    "__version__",
+    "build",
+    "ingest_lines",
+    "parse",
+    "reencrypt",
+]

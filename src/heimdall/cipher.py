@@ -1,0 +1,278 @@
+"""Field encryption: envelope format + data key cache + one key provider.
+
+spec: Envelope Encryption Architecture, Encryption Flow and Decryption Flow. A :class:`FieldCipher`
+encrypts values under data keys that its key provider generates and wraps, and decrypts envelopes
+by unwrapping their data key through the provider.
+
+Data key caching follows the AWS Encryption SDK's caching materials manager: an encryption data
+key is reused for at most ``max_uses`` fields and ``max_age_seconds``, then replaced; unwrapped
+data keys are kept (as cipher contexts, the plaintext buffer wiped) in a bounded LRU for the same
+age. ``max_uses=1`` gives one data key per field. Fields that share a data key share its ``dek_id``,
+so a master key rotation rewraps that key once for all of them.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from heimdall.aead import Aead
+from heimdall.envelope import (
+    ALGORITHM,
+    EncryptionContext,
+    EncryptionVersion,
+    Envelope,
+    Header,
+    HeaderKey,
+    body,
+    data_ad,
+    data_ad_prefix,
+    from_mapping,
+    header_key,
+    load,
+    wrap_associated_data,
+)
+from heimdall.errors import HeimdallError, InvalidEnvelope
+from heimdall.kms.base import KeyManagementService, WrappedKey
+
+__all__ = ["CachePolicy", "FieldCipher", "SealedField"]
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """How long data keys are reused. ``max_uses`` bounds fields per data key (and nonces per
+    key, far below GCM's 2**32 random-nonce limit); ``max_age_seconds`` bounds how long a
+    rotation or version floor set by another process can go unnoticed here."""
+
+    max_uses: int = 10_000
+    max_age_seconds: float = 300.0
+    max_unwrapped_keys: int = 1024
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_uses <= 2**24:
+            raise ValueError("data key max_uses must be between 1 and 16777216")
+        if not 0 < self.max_age_seconds <= 86_400:
+            raise ValueError("data key max_age_seconds must be between 0 and 86400")
+        if self.max_unwrapped_keys < 1:
+            raise ValueError("max_unwrapped_keys must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class SealedField:
+    """The result of one encryption: the envelope JSON and the properties a store indexes."""
+
+    envelope: str = field(repr=False)
+    encryption_version: str
+    key_identifier: str
+    key_version: int
+    dek_id: str
+
+
+class _DecryptionKey:
+    __slots__ = ("ad_prefix", "aead", "expires")
+
+    def __init__(self, aead: Aead, ad_prefix: bytes, expires: float) -> None:
+        self.aead = aead
+        self.ad_prefix = ad_prefix
+        self.expires = expires
+
+
+class _EncryptionKey:
+    __slots__ = ("aead", "expires", "header", "key_identifier", "uses_left")
+
+    def __init__(self, aead: Aead, header: Header, key_identifier: str, expires: float, uses: int):
+        self.aead = aead
+        self.header = header
+        self.key_identifier = key_identifier
+        self.expires = expires
+        self.uses_left = uses
+
+
+def new_dek_id() -> str:
+    return secrets.token_hex(16)
+
+
+def _utc_seconds(now: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+
+
+class FieldCipher:
+    """Encrypts and decrypts fields of one encryption_version through one key provider."""
+
+    def __init__(
+        self,
+        kms: KeyManagementService,
+        encryption_version: EncryptionVersion,
+        cache: CachePolicy | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kms = kms
+        self.encryption_version = encryption_version
+        self.cache = cache or CachePolicy()
+        self._clock = clock
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._current: _EncryptionKey | None = None
+        self._unwrapped: dict[HeaderKey, _DecryptionKey] = {}
+        self._stamp_second = -1
+        self._stamp = ""
+        self.kms_calls = 0
+
+    # -- encryption ---------------------------------------------------------------------
+
+    def _encryption_key(self) -> _EncryptionKey:
+        current = self._current
+        if current is not None and current.uses_left > 0 and current.expires > self._monotonic():
+            current.uses_left -= 1
+            return current
+        dek_id = new_dek_id()
+        data_key = self.kms.generate_data_key(
+            wrap_associated_data(self.encryption_version.value, ALGORITHM, dek_id)
+        )
+        self.kms_calls += 1
+        with data_key.plaintext as plaintext:
+            aead = Aead(plaintext.view())
+        wrapped = data_key.wrapped
+        header = Header(
+            encryption_version=self.encryption_version,
+            key_identifier=wrapped.key_identifier,
+            key_version=wrapped.key_version,
+            dek_id=dek_id,
+            encrypted_dek=wrapped.ciphertext,
+        )
+        self._current = _EncryptionKey(
+            aead,
+            header,
+            wrapped.key_identifier,
+            self._monotonic() + self.cache.max_age_seconds,
+            self.cache.max_uses - 1,
+        )
+        return self._current
+
+    def _timestamp(self) -> str:
+        now = self._clock()
+        second = int(now)
+        if second != self._stamp_second:
+            self._stamp = _utc_seconds(now)
+            self._stamp_second = second
+        return self._stamp
+
+    def encrypt(self, plaintext: bytes, context: EncryptionContext) -> SealedField:
+        """Seal *plaintext* bound to *context*; the data key comes from the cache or the KMS."""
+        with self._lock:
+            key = self._encryption_key()
+            timestamp = self._timestamp()
+        envelope = key.header.seal(key.aead, plaintext, context, timestamp)
+        return SealedField(
+            envelope,
+            self.encryption_version.value,
+            key.key_identifier,
+            key.header.key_version,
+            key.header.dek_id,
+        )
+
+    def forget_keys(self) -> None:
+        """Drop every cached data key (after a rotation or a version floor change)."""
+        with self._lock:
+            self._current = None
+            self._unwrapped.clear()
+
+    # -- decryption ---------------------------------------------------------------------
+
+    def _unwrap(self, envelope: Envelope) -> _DecryptionKey:
+        wrapped = WrappedKey(envelope.key_identifier, envelope.key_version, envelope.encrypted_dek)
+        ad = wrap_associated_data(
+            envelope.encryption_version.value, envelope.algorithm, envelope.dek_id
+        )
+        self.kms_calls += 1
+        with self.kms.unwrap(wrapped, ad) as plaintext:
+            aead = Aead(plaintext.view())
+        return _DecryptionKey(
+            aead,
+            data_ad_prefix(envelope.encryption_version.value, envelope.algorithm, envelope.dek_id),
+            self._monotonic() + self.cache.max_age_seconds,
+        )
+
+    def decrypt(self, envelope: str, context: EncryptionContext) -> bytes:
+        """The plaintext, or InvalidEnvelope / DecryptionFailed / a KmsError. Never wrong data.
+
+        The header of an envelope whose data key is cached was fully validated when the key
+        was unwrapped (the cache is keyed by the exact header values), so only the per-field
+        values are validated again here.
+        """
+        obj = load(envelope)
+        if obj["encryption_version"] != self.encryption_version.value:
+            raise InvalidEnvelope("envelope belongs to another encryption version")
+        cache_key = header_key(obj)
+        entry = self._unwrapped.get(cache_key)
+        if entry is None or entry.expires <= self._monotonic():
+            entry = self._unwrap(from_mapping(obj))
+            unwrapped = self._unwrapped
+            unwrapped[cache_key] = entry
+            if len(unwrapped) > self.cache.max_unwrapped_keys:
+                # Oldest first: dicts keep insertion order.
+                del unwrapped[next(iter(unwrapped))]
+        ciphertext, timestamp = body(obj)
+        return entry.aead.decrypt(ciphertext, data_ad(entry.ad_prefix, timestamp, context))
+
+    # -- rotation -----------------------------------------------------------------------
+
+    def rewrap_many(self, envelopes: Sequence[Envelope]) -> list[Envelope | HeimdallError]:
+        """The envelopes with their data keys wrapped under the provider's latest version.
+
+        Each distinct data key is rewrapped once, in one batch call; the data ciphertext,
+        context binding and encryption_timestamp are unchanged. Per-item results, in order.
+        """
+        distinct: dict[tuple[str, int, str, bytes], int] = {}
+        items: list[tuple[WrappedKey, bytes]] = []
+        for envelope in envelopes:
+            key = (
+                envelope.key_identifier,
+                envelope.key_version,
+                envelope.dek_id,
+                envelope.encrypted_dek,
+            )
+            if key not in distinct:
+                distinct[key] = len(items)
+                items.append(
+                    (
+                        WrappedKey(
+                            envelope.key_identifier, envelope.key_version, envelope.encrypted_dek
+                        ),
+                        wrap_associated_data(
+                            envelope.encryption_version.value, envelope.algorithm, envelope.dek_id
+                        ),
+                    )
+                )
+        results = self.kms.rewrap_many(items) if items else []
+        self.kms_calls += 1 if items else 0
+        out: list[Envelope | HeimdallError] = []
+        for envelope in envelopes:
+            key = (
+                envelope.key_identifier,
+                envelope.key_version,
+                envelope.dek_id,
+                envelope.encrypted_dek,
+            )
+            result = results[distinct[key]]
+            if isinstance(result, HeimdallError):
+                out.append(result)
+            else:
+                out.append(
+                    replace(
+                        envelope,
+                        key_identifier=result.key_identifier,
+                        key_version=result.key_version,
+                        encrypted_dek=result.ciphertext,
+                    )
+                )
+        return out
+
+    def __repr__(self) -> str:
+        version = self.encryption_version.value
+        return f"FieldCipher(provider={self.kms.provider!r}, version={version!r})"

@@ -1,0 +1,393 @@
+"""Envelope format v1: the stored form of one encrypted field. Pure: no I/O, no key provider.
+
+spec: Envelope Encryption Architecture, Encrypted Field Storage Schema. The stored form is one
+JSON object::
+
+    {"encryption_version": "kms_v1", "algorithm": "AES-256-GCM",
+     "key_identifier": "heimdall-pii-v1", "key_version": 1,
+     "dek_id": "<32 hex>", "encrypted_dek": "<base64>",
+     "ciphertext": "<base64 of nonce || ciphertext || tag>",
+     "encryption_timestamp": "2026-11-29T11:06:20Z"}
+
+Binding. Two AEAD layers bind every header value:
+
+* the data layer's associated data is :func:`data_associated_data`: a length-prefixed encoding of
+  encryption_version, algorithm, dek_id, encryption_timestamp and the encryption context
+  (node label, canonical_key, field name). Moving a ciphertext to another node fails.
+* the data key's wrapping binds :func:`wrap_associated_data` (encryption_version, algorithm,
+  dek_id), and the key provider binds its own key_identifier and key_version to the wrapped key
+  (the local keyring in its associated data, Vault and cloud KMSs in their ciphertext).
+
+key_identifier and key_version therefore sit in the wrapping layer, not the data layer: a master
+key rotation is a *rewrap* of the data key that leaves the data ciphertext, its context binding
+and its original timestamp untouched. Editing any header value still fails decryption.
+
+The parser is strict: exact field set, no duplicates, typed values, strict base64 and hard size
+caps checked before any work. It never guesses.
+"""
+
+from __future__ import annotations
+
+import binascii
+import enum
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+
+from heimdall.aead import OVERHEAD, Aead
+from heimdall.errors import EnvelopeTooLarge, InvalidEnvelope, UnsupportedEnvelope
+
+__all__ = [
+    "ALGORITHM",
+    "MAX_ENVELOPE_CHARS",
+    "MAX_PLAINTEXT_BYTES",
+    "MAX_WRAPPED_KEY_BYTES",
+    "EncryptionContext",
+    "EncryptionVersion",
+    "Envelope",
+    "Header",
+    "HeaderKey",
+    "body",
+    "data_ad",
+    "data_ad_prefix",
+    "data_associated_data",
+    "from_mapping",
+    "header_key",
+    "load",
+    "open_envelope",
+    "parse",
+    "seal",
+    "wrap_associated_data",
+]
+
+
+class EncryptionVersion(enum.StrEnum):
+    """How a field was encrypted. spec: Migration Strategy, Phase 3."""
+
+    LEGACY = "legacy"  # data key wrapped by the static HMD_MASTER_KEY
+    KMS_V1 = "kms_v1"  # data key wrapped by a key management service
+
+
+ALGORITHM: Final = "AES-256-GCM"
+_ALGORITHMS: Final = frozenset({ALGORITHM})
+_VERSIONS: Final = frozenset(v.value for v in EncryptionVersion)
+
+MAX_PLAINTEXT_BYTES: Final = 64 * 1024
+MAX_WRAPPED_KEY_BYTES: Final = 2048
+MAX_KEY_IDENTIFIER_CHARS: Final = 512
+MAX_CONTEXT_VALUE_CHARS: Final = 1024
+# Base64 of the largest ciphertext and wrapped key, plus room for the header.
+MAX_ENVELOPE_CHARS: Final = (MAX_PLAINTEXT_BYTES + OVERHEAD) * 4 // 3 + MAX_WRAPPED_KEY_BYTES * 2
+
+_FIELDS: Final = (
+    "encryption_version",
+    "algorithm",
+    "key_identifier",
+    "key_version",
+    "dek_id",
+    "encrypted_dek",
+    "ciphertext",
+    "encryption_timestamp",
+)
+_FIELD_SET: Final = frozenset(_FIELDS)
+# Keys are 8 quoted strings and 7 values are strings. No valid value may contain a quote (see the
+# character rules below), so a well-formed envelope has exactly this many quote characters, and
+# any duplicated key adds two. This catches duplicates without a slower object_pairs_hook.
+_QUOTES: Final = 2 * len(_FIELDS) + 2 * 7
+
+_KEY_IDENTIFIER_RE: Final = re.compile(r"[A-Za-z0-9._:/@+=,\-]{1,512}\Z", re.ASCII)
+_DEK_ID_RE: Final = re.compile(r"[0-9a-f]{32}\Z", re.ASCII)
+_TIMESTAMP_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?Z\Z", re.ASCII)
+_MAX_KEY_VERSION: Final = 2**31 - 1
+
+_AD_MAGIC: Final = b"heimdall.envelope.v1\x00"
+_WRAP_MAGIC: Final = b"heimdall.data-key.v1\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptionContext:
+    """Where a value lives. Bound to its ciphertext: decrypting it anywhere else fails."""
+
+    node_label: str
+    canonical_key: str
+    field_name: str
+
+    def __post_init__(self) -> None:
+        for name in ("node_label", "canonical_key", "field_name"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value or len(value) > MAX_CONTEXT_VALUE_CHARS:
+                raise ValueError(f"encryption context {name} must be 1-1024 characters")
+
+    def encode(self) -> bytes:
+        label = self.node_label.encode()
+        key = self.canonical_key.encode()
+        name = self.field_name.encode()
+        return b"".join((_U32(len(label)), label, _U32(len(key)), key, _U32(len(name)), name))
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One parsed envelope. Its repr shows the header only, never the ciphertexts."""
+
+    encryption_version: EncryptionVersion
+    algorithm: str
+    key_identifier: str
+    key_version: int
+    dek_id: str
+    encrypted_dek: bytes = field(repr=False)
+    ciphertext: bytes = field(repr=False)
+    encryption_timestamp: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "encryption_version": self.encryption_version.value,
+                "algorithm": self.algorithm,
+                "key_identifier": self.key_identifier,
+                "key_version": self.key_version,
+                "dek_id": self.dek_id,
+                "encrypted_dek": binascii.b2a_base64(self.encrypted_dek, newline=False).decode(),
+                "ciphertext": binascii.b2a_base64(self.ciphertext, newline=False).decode(),
+                "encryption_timestamp": self.encryption_timestamp,
+            },
+            separators=(",", ":"),
+        )
+
+
+_U32 = struct.Struct(">I").pack
+
+
+def _lp(value: str) -> bytes:
+    raw = value.encode("utf-8")
+    return len(raw).to_bytes(4, "big") + raw
+
+
+def wrap_associated_data(encryption_version: str, algorithm: str, dek_id: str) -> bytes:
+    """What a data key's wrapping is bound to."""
+    return _WRAP_MAGIC + _lp(encryption_version) + _lp(algorithm) + _lp(dek_id)
+
+
+def data_associated_data(
+    encryption_version: str,
+    algorithm: str,
+    dek_id: str,
+    encryption_timestamp: str,
+    context: EncryptionContext,
+) -> bytes:
+    """What a field's ciphertext is bound to: the data-layer header and the context."""
+    return data_ad(
+        data_ad_prefix(encryption_version, algorithm, dek_id), encryption_timestamp, context
+    )
+
+
+def seal(
+    aead: Aead,
+    *,
+    encryption_version: EncryptionVersion,
+    key_identifier: str,
+    key_version: int,
+    dek_id: str,
+    encrypted_dek: bytes,
+    encryption_timestamp: str,
+    context: EncryptionContext,
+    plaintext: bytes,
+) -> Envelope:
+    """Encrypt *plaintext* under the data key in *aead* and build its envelope."""
+    if len(plaintext) > MAX_PLAINTEXT_BYTES:
+        raise ValueError(f"plaintext is over the {MAX_PLAINTEXT_BYTES}-byte limit")
+    ad = data_associated_data(
+        encryption_version.value, ALGORITHM, dek_id, encryption_timestamp, context
+    )
+    return Envelope(
+        encryption_version=encryption_version,
+        algorithm=ALGORITHM,
+        key_identifier=key_identifier,
+        key_version=key_version,
+        dek_id=dek_id,
+        encrypted_dek=encrypted_dek,
+        ciphertext=aead.encrypt(plaintext, ad),
+        encryption_timestamp=encryption_timestamp,
+    )
+
+
+def open_envelope(aead: Aead, envelope: Envelope, context: EncryptionContext) -> bytes:
+    """Decrypt a parsed envelope with its (already unwrapped) data key."""
+    ad = data_associated_data(
+        envelope.encryption_version.value,
+        envelope.algorithm,
+        envelope.dek_id,
+        envelope.encryption_timestamp,
+        context,
+    )
+    return aead.decrypt(envelope.ciphertext, ad)
+
+
+class Header:
+    """The header shared by every field sealed under one data key, pre-encoded once.
+
+    Sealing many small values under a cached data key is dominated by serialisation, so the JSON
+    prefix and the data-layer associated data prefix are built once per data key.
+    """
+
+    __slots__ = ("_ad_prefix", "_json_prefix", "dek_id", "encryption_version", "key_version")
+
+    def __init__(
+        self,
+        *,
+        encryption_version: EncryptionVersion,
+        key_identifier: str,
+        key_version: int,
+        dek_id: str,
+        encrypted_dek: bytes,
+    ) -> None:
+        if not _KEY_IDENTIFIER_RE.match(key_identifier):
+            raise ValueError("key identifier has characters outside [A-Za-z0-9._:/@+=,-]")
+        if not _DEK_ID_RE.match(dek_id) or not 0 < len(encrypted_dek) <= MAX_WRAPPED_KEY_BYTES:
+            raise ValueError("data key id or wrapped data key is malformed")
+        self.encryption_version = encryption_version
+        self.key_version = key_version
+        self.dek_id = dek_id
+        dek_b64 = binascii.b2a_base64(encrypted_dek, newline=False).decode()
+        self._json_prefix = (
+            f'{{"encryption_version":"{encryption_version.value}","algorithm":"{ALGORITHM}",'
+            f'"key_identifier":"{key_identifier}","key_version":{key_version},'
+            f'"dek_id":"{dek_id}","encrypted_dek":"{dek_b64}","ciphertext":"'
+        )
+        self._ad_prefix = data_ad_prefix(encryption_version.value, ALGORITHM, dek_id)
+
+    def seal(self, aead: Aead, plaintext: bytes, context: EncryptionContext, timestamp: str) -> str:
+        """Encrypt *plaintext* and return the envelope JSON (same bytes as Envelope.to_json)."""
+        if len(plaintext) > MAX_PLAINTEXT_BYTES:
+            raise ValueError(f"plaintext is over the {MAX_PLAINTEXT_BYTES}-byte limit")
+        ad = data_ad(self._ad_prefix, timestamp, context)
+        ciphertext = binascii.b2a_base64(aead.encrypt(plaintext, ad), newline=False).decode()
+        return f'{self._json_prefix}{ciphertext}","encryption_timestamp":"{timestamp}"}}'
+
+    def __repr__(self) -> str:
+        return f"Header(dek_id={self.dek_id!r}, key_version={self.key_version})"
+
+
+def load(text: str | bytes) -> dict[str, Any]:
+    """Decode envelope text into its JSON object, checking size, shape, version and field set."""
+    if isinstance(text, bytes | bytearray):
+        if len(text) > MAX_ENVELOPE_CHARS:
+            raise EnvelopeTooLarge("envelope is over the size limit")
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidEnvelope("envelope is not UTF-8 text") from None
+    if not isinstance(text, str):
+        raise InvalidEnvelope("envelope must be a JSON string")
+    if len(text) > MAX_ENVELOPE_CHARS:
+        raise EnvelopeTooLarge("envelope is over the size limit")
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise InvalidEnvelope("envelope is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise InvalidEnvelope("envelope must be a JSON object")
+    version = obj.get("encryption_version")
+    if not isinstance(version, str):
+        raise InvalidEnvelope("envelope lacks a string encryption_version")
+    if version not in _VERSIONS:
+        raise UnsupportedEnvelope("envelope has an unsupported encryption_version")
+    if obj.keys() != _FIELD_SET:
+        missing = sorted(_FIELD_SET - obj.keys())
+        if missing:
+            raise InvalidEnvelope(f"envelope lacks field {missing[0]!r}")
+        raise InvalidEnvelope("envelope has an unknown field")
+    if text.count('"') != _QUOTES:
+        raise InvalidEnvelope("envelope has a duplicate field or a quoted value")
+    return obj
+
+
+HeaderKey = tuple[str, str, str, int, str, str]
+
+
+def header_key(obj: dict[str, Any]) -> HeaderKey:
+    """The header values of a loaded envelope, as a hashable key (not yet validated)."""
+    key_version = obj["key_version"]
+    if type(key_version) is not int:  # bool is an int subclass and True == 1
+        raise InvalidEnvelope("envelope key_version must be a positive integer")
+    return (
+        obj["encryption_version"],
+        obj["algorithm"],
+        obj["key_identifier"],
+        key_version,
+        obj["dek_id"],
+        obj["encrypted_dek"],
+    )
+
+
+def parse(text: str | bytes) -> Envelope:
+    """Parse and validate a stored envelope. Raises InvalidEnvelope or one of its subclasses."""
+    return from_mapping(load(text))
+
+
+def from_mapping(obj: dict[str, Any]) -> Envelope:
+    """Validate every value of a loaded envelope (see :func:`load`)."""
+    algorithm = obj["algorithm"]
+    if not isinstance(algorithm, str):
+        raise InvalidEnvelope("envelope algorithm must be a string")
+    if algorithm not in _ALGORITHMS:
+        raise UnsupportedEnvelope("envelope has an unsupported algorithm")
+    key_identifier = obj["key_identifier"]
+    if not isinstance(key_identifier, str) or not _KEY_IDENTIFIER_RE.match(key_identifier):
+        raise InvalidEnvelope("envelope key_identifier is malformed")
+    key_version = obj["key_version"]
+    if type(key_version) is not int or not 1 <= key_version <= _MAX_KEY_VERSION:
+        raise InvalidEnvelope("envelope key_version must be a positive integer")
+    dek_id = obj["dek_id"]
+    if not isinstance(dek_id, str) or not _DEK_ID_RE.match(dek_id):
+        raise InvalidEnvelope("envelope dek_id must be 32 lowercase hex digits")
+    encrypted_dek = _b64(obj["encrypted_dek"], "encrypted_dek")
+    if not encrypted_dek:
+        raise InvalidEnvelope("envelope encrypted_dek is empty")
+    if len(encrypted_dek) > MAX_WRAPPED_KEY_BYTES:
+        raise EnvelopeTooLarge("envelope encrypted_dek is over the size limit")
+    ciphertext, timestamp = body(obj)
+    return Envelope(
+        encryption_version=EncryptionVersion(obj["encryption_version"]),
+        algorithm=algorithm,
+        key_identifier=key_identifier,
+        key_version=key_version,
+        dek_id=dek_id,
+        encrypted_dek=encrypted_dek,
+        ciphertext=ciphertext,
+        encryption_timestamp=timestamp,
+    )
+
+
+def body(obj: dict[str, Any]) -> tuple[bytes, str]:
+    """The validated per-field values of a loaded envelope: ciphertext and timestamp."""
+    timestamp = obj["encryption_timestamp"]
+    if not isinstance(timestamp, str) or not _TIMESTAMP_RE.match(timestamp):
+        raise InvalidEnvelope("envelope encryption_timestamp is not an RFC 3339 UTC time")
+    ciphertext = _b64(obj["ciphertext"], "ciphertext")
+    if len(ciphertext) < OVERHEAD:
+        raise InvalidEnvelope("envelope ciphertext is truncated")
+    if len(ciphertext) > MAX_PLAINTEXT_BYTES + OVERHEAD:
+        raise EnvelopeTooLarge("envelope ciphertext is over the size limit")
+    return ciphertext, timestamp
+
+
+def data_ad_prefix(encryption_version: str, algorithm: str, dek_id: str) -> bytes:
+    """The part of :func:`data_associated_data` shared by every field under one data key."""
+    return _AD_MAGIC + _lp(encryption_version) + _lp(algorithm) + _lp(dek_id)
+
+
+def data_ad(prefix: bytes, encryption_timestamp: str, context: EncryptionContext) -> bytes:
+    return prefix + _lp(encryption_timestamp) + context.encode()
+
+
+def _b64(value: object, name: str) -> bytes:
+    if not isinstance(value, str):
+        raise InvalidEnvelope(f"envelope {name} must be a base64 string")
+    try:
+        return binascii.a2b_base64(value, strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise InvalidEnvelope(f"envelope {name} is not valid base64") from None

@@ -1,0 +1,1 @@
+"""Key providers. Each implements :class:`heimdall.kms.base.KeyManagementService`."""

@@ -1,0 +1,128 @@
+"""The KeyManagementService interface every key provider implements.
+
+spec: Migration Strategy, Phase 2 (the ``KeyManagementService`` trait). A provider holds the
+master key (the key-encryption key) and wraps, unwraps and rewraps data keys under it; data itself
+is encrypted locally by :mod:`heimdall.cipher`. Providers translate their SDK's errors into
+:mod:`heimdall.errors` at their own boundary, and never put key material in a message.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from heimdall.errors import HeimdallError
+from heimdall.secret import SecretBytes
+
+__all__ = [
+    "DataKey",
+    "Health",
+    "KeyDescription",
+    "KeyManagementService",
+    "KeyState",
+    "KeyVersionInfo",
+    "WrappedKey",
+]
+
+
+class KeyState(enum.StrEnum):
+    """Lifecycle state of one master key version. spec: Key Rotation Strategy, Retire Old Key."""
+
+    ACTIVE = "active"  # encrypts (if latest) and decrypts
+    RETIRED = "retired"  # decrypt-only
+    DISABLED = "disabled"  # neither
+
+
+@dataclass(frozen=True, slots=True)
+class WrappedKey:
+    """A data key encrypted under one version of a master key. Not secret, but opaque."""
+
+    key_identifier: str
+    key_version: int
+    ciphertext: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DataKey:
+    """A fresh data key: the plaintext (wipe it after use) and its wrapped form."""
+
+    plaintext: SecretBytes = field(repr=False)
+    wrapped: WrappedKey
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVersionInfo:
+    version: int
+    state: KeyState
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyDescription:
+    """What a provider knows of its master key."""
+
+    provider: str
+    key_name: str
+    latest_version: int
+    min_decryption_version: int
+    min_encryption_version: int
+    versions: tuple[KeyVersionInfo, ...]
+
+    def key_identifier(self, version: int) -> str:
+        return f"{self.key_name}-v{version}"
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    ok: bool
+    provider: str
+    detail: str
+
+
+@runtime_checkable
+class KeyManagementService(Protocol):
+    """A master key held by a key management service.
+
+    ``associated_data`` binds a wrapped data key to the envelope that carries it (heimdall passes
+    the data key's id); unwrapping with different associated data fails. Batch methods return one
+    result per item, in order: an item that fails carries its error and does not fail the rest.
+    """
+
+    @property
+    def provider(self) -> str:
+        """Short provider name: ``local``, ``legacy``, ``vault``, ``aws``, ``gcp``, ``azure``."""
+        ...
+
+    def generate_data_key(self, associated_data: bytes) -> DataKey:
+        """A new random 256-bit data key, wrapped under the latest encryption version."""
+        ...
+
+    def wrap(self, plaintext: SecretBytes, associated_data: bytes) -> WrappedKey:
+        """Wrap an existing data key under the latest encryption version."""
+        ...
+
+    def unwrap(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
+        """The plaintext data key. Raises KeyVersionDisabled below min_decryption_version."""
+        ...
+
+    def unwrap_many(
+        self, items: Sequence[tuple[WrappedKey, bytes]]
+    ) -> list[SecretBytes | HeimdallError]: ...
+
+    def rewrap(self, wrapped: WrappedKey, associated_data: bytes) -> WrappedKey:
+        """The same data key, wrapped under the latest version; the plaintext stays inside."""
+        ...
+
+    def rewrap_many(
+        self, items: Sequence[tuple[WrappedKey, bytes]]
+    ) -> list[WrappedKey | HeimdallError]: ...
+
+    def rotate(self) -> KeyDescription:
+        """Create a new key version and make it the one new data keys are wrapped under."""
+        ...
+
+    def describe(self) -> KeyDescription: ...
+
+    def health(self) -> Health: ...

@@ -1,0 +1,152 @@
+"""Versioned master keys held in this process: the shared core of the local and legacy providers.
+
+A wrapped data key is ``nonce || AES-256-GCM(master key version N, data key) || tag`` whose
+associated data binds the provider's domain, the key identifier (which names the version) and the
+caller's associated data. Key bytes sit inside OpenSSL cipher contexts only; the decoded buffers
+they came from are wiped once the contexts exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from heimdall.aead import KEY_SIZE, Aead
+from heimdall.errors import HeimdallError, KeyNotFound, KeyVersionDisabled
+from heimdall.kms.base import (
+    DataKey,
+    KeyDescription,
+    KeyState,
+    KeyVersionInfo,
+    WrappedKey,
+)
+from heimdall.secret import SecretBytes
+
+__all__ = ["Keyset", "KeysetVersion"]
+
+
+@dataclass(frozen=True, slots=True)
+class KeysetVersion:
+    version: int
+    state: KeyState
+    created_at: str
+    aead: Aead
+
+
+class Keyset:
+    """An immutable snapshot of one master key's versions."""
+
+    __slots__ = ("_domain", "_min_decryption", "_min_encryption", "_provider", "_versions", "name")
+
+    def __init__(
+        self,
+        *,
+        provider: str,
+        domain: bytes,
+        name: str,
+        versions: Mapping[int, KeysetVersion],
+        min_decryption_version: int = 1,
+        min_encryption_version: int = 1,
+    ) -> None:
+        if not versions:
+            raise ValueError("a keyset needs at least one version")
+        self._provider = provider
+        self._domain = domain
+        self.name = name
+        self._versions = dict(versions)
+        self._min_decryption = min_decryption_version
+        self._min_encryption = min_encryption_version
+
+    @property
+    def latest_version(self) -> int:
+        return max(self._versions)
+
+    def key_identifier(self, version: int) -> str:
+        return f"{self.name}-v{version}"
+
+    def state(self, version: int) -> KeyState:
+        stored = self._versions[version].state
+        if version < self._min_decryption:
+            return KeyState.DISABLED
+        return stored
+
+    def describe(self) -> KeyDescription:
+        return KeyDescription(
+            provider=self._provider,
+            key_name=self.name,
+            latest_version=self.latest_version,
+            min_decryption_version=self._min_decryption,
+            min_encryption_version=self._min_encryption,
+            versions=tuple(
+                KeyVersionInfo(v, self.state(v), self._versions[v].created_at)
+                for v in sorted(self._versions)
+            ),
+        )
+
+    def _bound(self, key_identifier: str, associated_data: bytes) -> bytes:
+        raw = key_identifier.encode()
+        return self._domain + len(raw).to_bytes(4, "big") + raw + associated_data
+
+    def generate_data_key(self, associated_data: bytes) -> DataKey:
+        plaintext = SecretBytes.random(KEY_SIZE)
+        return DataKey(plaintext=plaintext, wrapped=self.wrap(plaintext, associated_data))
+
+    def wrap(self, plaintext: SecretBytes, associated_data: bytes) -> WrappedKey:
+        version = self.latest_version
+        if self.state(version) is not KeyState.ACTIVE or version < self._min_encryption:
+            raise KeyVersionDisabled(
+                "the latest key version may not encrypt",
+                provider=self._provider,
+                key_identifier=self.key_identifier(version),
+                key_version=version,
+            )
+        key_identifier = self.key_identifier(version)
+        sealed = self._versions[version].aead.encrypt(
+            plaintext.view(), self._bound(key_identifier, associated_data)
+        )
+        return WrappedKey(key_identifier, version, sealed)
+
+    def unwrap(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
+        entry = self._versions.get(wrapped.key_version)
+        if entry is None or wrapped.key_identifier != self.key_identifier(wrapped.key_version):
+            raise KeyNotFound(
+                "no such key version in this keyring",
+                provider=self._provider,
+                key_identifier=wrapped.key_identifier,
+            )
+        if self.state(wrapped.key_version) is KeyState.DISABLED:
+            raise KeyVersionDisabled(
+                f"key version {wrapped.key_version} is disabled for decryption",
+                provider=self._provider,
+                key_identifier=wrapped.key_identifier,
+                key_version=wrapped.key_version,
+            )
+        return entry.aead.decrypt_secret(
+            wrapped.ciphertext, self._bound(wrapped.key_identifier, associated_data)
+        )
+
+    def rewrap(self, wrapped: WrappedKey, associated_data: bytes) -> WrappedKey:
+        with self.unwrap(wrapped, associated_data) as plaintext:
+            return self.wrap(plaintext, associated_data)
+
+    def unwrap_many(
+        self, items: Sequence[tuple[WrappedKey, bytes]]
+    ) -> list[SecretBytes | HeimdallError]:
+        results: list[SecretBytes | HeimdallError] = []
+        for wrapped, ad in items:
+            try:
+                results.append(self.unwrap(wrapped, ad))
+            except HeimdallError as exc:
+                results.append(exc)
+        return results
+
+    def rewrap_many(
+        self, items: Sequence[tuple[WrappedKey, bytes]]
+    ) -> list[WrappedKey | HeimdallError]:
+        results: list[WrappedKey | HeimdallError] = []
+        for wrapped, ad in items:
+            try:
+                results.append(self.rewrap(wrapped, ad))
+            except HeimdallError as exc:
+                results.append(exc)
+        return results

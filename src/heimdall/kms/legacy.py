@@ -1,0 +1,99 @@
+"""The legacy provider: the static master key injected as HMD_MASTER_KEY.
+
+spec: Background, Current State. This is what heimdall replaces; it exists so data written under
+the env key stays readable during migration (hybrid mode) and can be re-encrypted under a KMS.
+It has one version and cannot rotate. Its key identifier carries a fingerprint of the key (an
+HMAC, not the key), so a field written under a different master key is reported as such instead
+of failing as a generic decryption error.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import hmac
+from collections.abc import Sequence
+
+from heimdall.aead import KEY_SIZE, Aead
+from heimdall.errors import ConfigurationError, HeimdallError, LifecycleError
+from heimdall.kms.base import DataKey, Health, KeyDescription, KeyState, WrappedKey
+from heimdall.kms.keyset import Keyset, KeysetVersion
+from heimdall.secret import SecretBytes, wipe_buffer
+
+__all__ = ["LegacyMasterKey", "parse_master_key"]
+
+_DOMAIN = b"heimdall.legacy-master-key.v1\x00"
+_NOT_ROTATABLE = (
+    "the legacy HMD_MASTER_KEY cannot rotate; migrate its fields to the KMS with "
+    "HMD_ENCRYPTION_MODE=hybrid and `heimdall reencrypt`"
+)
+
+
+def parse_master_key(value: str) -> SecretBytes:
+    """Decode HMD_MASTER_KEY (base64 of exactly 32 bytes). The message never echoes the value."""
+    try:
+        raw = bytearray(binascii.a2b_base64(value.strip(), strict_mode=True))
+    except (binascii.Error, ValueError):
+        raise ConfigurationError("HMD_MASTER_KEY is not valid base64") from None
+    if len(raw) != KEY_SIZE:
+        size = len(raw)
+        wipe_buffer(raw)
+        raise ConfigurationError(f"HMD_MASTER_KEY must decode to 32 bytes, not {size}")
+    return SecretBytes.adopt(raw)
+
+
+class LegacyMasterKey:
+    """A KeyManagementService over one static master key (encryption_version "legacy")."""
+
+    provider = "legacy"
+
+    def __init__(self, master_key: SecretBytes) -> None:
+        fingerprint = hmac.digest(master_key.view(), b"heimdall.legacy-key-id", hashlib.sha256)
+        self._keyset = Keyset(
+            provider=self.provider,
+            domain=_DOMAIN,
+            name=f"hmd-master-key-{fingerprint[:4].hex()}",
+            versions={1: KeysetVersion(1, KeyState.ACTIVE, "", Aead(master_key.view()))},
+        )
+        master_key.wipe()
+
+    @property
+    def key_name(self) -> str:
+        return self._keyset.name
+
+    def generate_data_key(self, associated_data: bytes) -> DataKey:
+        return self._keyset.generate_data_key(associated_data)
+
+    def wrap(self, plaintext: SecretBytes, associated_data: bytes) -> WrappedKey:
+        return self._keyset.wrap(plaintext, associated_data)
+
+    def unwrap(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
+        return self._keyset.unwrap(wrapped, associated_data)
+
+    def unwrap_many(
+        self, items: Sequence[tuple[WrappedKey, bytes]]
+    ) -> list[SecretBytes | HeimdallError]:
+        return self._keyset.unwrap_many(items)
+
+    def rewrap(self, wrapped: WrappedKey, associated_data: bytes) -> WrappedKey:
+        return self._keyset.rewrap(wrapped, associated_data)
+
+    def rewrap_many(
+        self, items: Sequence[tuple[WrappedKey, bytes]]
+    ) -> list[WrappedKey | HeimdallError]:
+        return self._keyset.rewrap_many(items)
+
+    def rotate(self) -> KeyDescription:
+        raise LifecycleError(_NOT_ROTATABLE)
+
+    def set_min_decryption_version(self, version: int) -> KeyDescription:
+        raise LifecycleError(_NOT_ROTATABLE)
+
+    def describe(self) -> KeyDescription:
+        return self._keyset.describe()
+
+    def health(self) -> Health:
+        return Health(True, self.provider, f"static master key {self._keyset.name}")
+
+    def __repr__(self) -> str:
+        return f"LegacyMasterKey(key_name={self._keyset.name!r})"

@@ -1,0 +1,213 @@
+"""Bring every stored field to the latest key version (and legacy fields to the KMS).
+
+spec: Key Rotation Strategy (Re-encryption) and Migration Strategy, Phase 4. Two paths:
+
+* **rewrap** (master key rotation): a kms_v1 field below the latest version keeps its data
+  ciphertext; only its data key is rewrapped, once per distinct data key, in batch calls.
+* **re-encrypt** (legacy migration, hybrid mode only): decrypt with the legacy key, encrypt under
+  a new KMS data key.
+
+Every update is compare-and-swap against the envelope that was read, so a concurrent write is
+never overwritten with stale data: a field whose CAS fails is read again and retried once.
+This is the foreground version; the checkpointed multi-worker job builds on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from heimdall.audit import AuditEvent, EventType, Result
+from heimdall.blind_index import META_KEY, StoredIndexKey
+from heimdall.cipher import FieldCipher
+from heimdall.envelope import EncryptionVersion, Envelope, parse
+from heimdall.errors import HeimdallError, ModeViolation
+from heimdall.modes import EncryptionMode
+from heimdall.rbac import Caller, Permission
+from heimdall.service import Heimdall, field_context
+from heimdall.store.base import FieldUpdate, FieldValue
+
+__all__ = ["ReencryptReport", "reencrypt"]
+
+KMS_V1 = EncryptionVersion.KMS_V1.value
+LEGACY = EncryptionVersion.LEGACY.value
+
+
+@dataclass(slots=True)
+class ReencryptReport:
+    target_version: int = 0
+    rewrapped: int = 0
+    reencrypted: int = 0
+    failed: int = 0
+    conflicts: int = 0
+    legacy_skipped: int = 0
+    index_key_rewrapped: bool = False
+
+
+class _Run:
+    def __init__(
+        self,
+        heimdall: Heimdall,
+        caller: Caller,
+        cipher: FieldCipher,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        self.heimdall = heimdall
+        self.caller = caller
+        self.cipher = cipher
+        self.progress = progress
+        self.report = ReencryptReport()
+        self.retry: list[str] = []
+
+    def event(
+        self, kind: EventType, field: FieldValue, version: int | None, error: HeimdallError | None
+    ) -> AuditEvent:
+        return AuditEvent(
+            kind,
+            self.caller.actor,
+            Result.SUCCESS if error is None else Result.FAILURE,
+            self.caller.request_id,
+            field_identifier=field.canonical_key,
+            key_version=version,
+            source_ip=self.caller.source_ip,
+            operation="reencrypt",
+            error=type(error).__name__ if error else None,
+        )
+
+    def swap(self, field: FieldValue, update: FieldUpdate, retrying: bool) -> bool:
+        if self.heimdall.store.compare_and_swap(field.canonical_key, field.encrypted_data, update):
+            return True
+        self.report.conflicts += 1
+        if not retrying:
+            self.retry.append(field.canonical_key)
+        return False
+
+    def rewrap(self, fields: list[FieldValue], retrying: bool = False) -> None:
+        envelopes: list[Envelope | HeimdallError] = []
+        for field in fields:
+            try:
+                envelopes.append(parse(field.encrypted_data))
+            except HeimdallError as exc:
+                envelopes.append(exc)
+        valid = [e for e in envelopes if isinstance(e, Envelope)]
+        results = iter(self.cipher.rewrap_many(valid))
+        events = []
+        for field, parsed in zip(fields, envelopes, strict=True):
+            result = next(results) if isinstance(parsed, Envelope) else parsed
+            if isinstance(result, HeimdallError):
+                self.report.failed += 1
+                events.append(self.event(EventType.REWRAP, field, None, result))
+                continue
+            update = FieldUpdate(result.to_json(), result.key_version, KMS_V1, result.dek_id)
+            if self.swap(field, update, retrying):
+                self.report.rewrapped += 1
+                events.append(self.event(EventType.REWRAP, field, result.key_version, None))
+        self.heimdall.record(*events)
+
+    def migrate(
+        self, fields: list[FieldValue], legacy: FieldCipher, retrying: bool = False
+    ) -> None:
+        events = []
+        for field in fields:
+            context = field_context(field)
+            try:
+                plaintext = legacy.decrypt(field.encrypted_data, context)
+                sealed = self.cipher.encrypt(plaintext, context)
+            except HeimdallError as exc:
+                self.report.failed += 1
+                events.append(self.event(EventType.REENCRYPT, field, None, exc))
+                continue
+            update = FieldUpdate(sealed.envelope, sealed.key_version, KMS_V1, sealed.dek_id)
+            if self.swap(field, update, retrying):
+                self.report.reencrypted += 1
+                events.append(self.event(EventType.REENCRYPT, field, sealed.key_version, None))
+        self.heimdall.record(*events)
+
+    def tick(self, count: int) -> None:
+        if self.progress is not None:
+            self.progress(count)
+
+
+def pending(heimdall: Heimdall, latest_version: int) -> int:
+    """Fields reencrypt would touch: kms_v1 below the latest version, plus legacy in hybrid."""
+    store = heimdall.store
+    count = store.count_fields(encryption_version=KMS_V1, key_version_below=latest_version)
+    if heimdall.router.mode is EncryptionMode.HYBRID:
+        count += store.count_fields(encryption_version=LEGACY)
+    return count
+
+
+def reencrypt(
+    heimdall: Heimdall,
+    *,
+    caller: Caller,
+    batch_size: int = 500,
+    progress: Callable[[int], None] | None = None,
+) -> ReencryptReport:
+    heimdall.require(caller, Permission.REENCRYPT)
+    cipher = heimdall.router.kms
+    if cipher is None:
+        raise ModeViolation("reencrypt needs a KMS provider; legacy mode without one has none")
+    run = _Run(heimdall, caller, cipher, progress)
+    latest = cipher.kms.describe().latest_version
+    run.report.target_version = latest
+    store = heimdall.store
+    for batch in store.iter_fields(
+        encryption_version=KMS_V1, key_version_below=latest, batch_size=batch_size
+    ):
+        run.rewrap(batch)
+        run.tick(len(batch))
+    legacy = heimdall.router.legacy
+    if heimdall.router.mode is EncryptionMode.HYBRID and legacy is not None:
+        for batch in store.iter_fields(encryption_version=LEGACY, batch_size=batch_size):
+            run.migrate(batch, legacy)
+            run.tick(len(batch))
+    else:
+        run.report.legacy_skipped = store.count_fields(encryption_version=LEGACY)
+    for key in run.retry:
+        field = store.get_field(key)
+        if field is None:
+            continue
+        if field.encryption_version == KMS_V1 and field.key_version < latest:
+            run.rewrap([field], retrying=True)
+        elif (
+            field.encryption_version == LEGACY
+            and legacy is not None
+            and heimdall.router.mode is EncryptionMode.HYBRID
+        ):
+            run.migrate([field], legacy, retrying=True)
+    run.report.index_key_rewrapped = _rewrap_index_key(heimdall, cipher, latest)
+    if run.report.index_key_rewrapped:
+        heimdall.record(
+            AuditEvent(
+                EventType.REWRAP,
+                caller.actor,
+                Result.SUCCESS,
+                caller.request_id,
+                key_version=latest,
+                source_ip=caller.source_ip,
+                operation="blind_index_key",
+            )
+        )
+    return run.report
+
+
+def _rewrap_index_key(heimdall: Heimdall, cipher: FieldCipher, latest: int) -> bool:
+    """Move the blind-index key's wrapping to the latest KMS version. Its value never changes."""
+    text = heimdall.store.get_meta(META_KEY)
+    if text is None:
+        return False
+    stored = StoredIndexKey.from_json(text)
+    if stored.encryption_version == KMS_V1:
+        if stored.wrapped.key_version >= latest:
+            return False
+        wrapped = cipher.kms.rewrap(stored.wrapped, stored.associated_data)
+        updated = stored.with_wrapped(KMS_V1, wrapped)
+    elif heimdall.router.mode is EncryptionMode.HYBRID:
+        legacy = heimdall.router.reader(LEGACY).kms
+        with legacy.unwrap(stored.wrapped, stored.associated_data) as plaintext:
+            moved = stored.with_wrapped(KMS_V1, stored.wrapped)
+            updated = moved.with_wrapped(KMS_V1, cipher.kms.wrap(plaintext, moved.associated_data))
+    else:
+        return False
+    return heimdall.store.compare_and_swap_meta(META_KEY, text, updated.to_json())

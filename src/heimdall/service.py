@@ -1,0 +1,346 @@
+"""The heimdall service: audited, permission-checked operations on encrypted fields.
+
+Every public method checks the caller's permission first, audits what it did (successes and
+failures, with identifiers only), and raises only :mod:`heimdall.errors` types. Ingest lives in
+:mod:`heimdall.ingest` and re-encryption in :mod:`heimdall.reencrypt`; both run through this class.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from heimdall.audit import AuditEvent, AuditSink, EventType, Result, utc_now_ms
+from heimdall.blind_index import META_KEY, BlindIndex, StoredIndexKey
+from heimdall.envelope import EncryptionContext, EncryptionVersion, load
+from heimdall.errors import (
+    FieldNotFound,
+    HeimdallError,
+    InvalidInput,
+    LifecycleError,
+    PermissionDenied,
+    StorageError,
+)
+from heimdall.kms.base import KeyDescription, KeyManagementService
+from heimdall.modes import CipherRouter
+from heimdall.normalize import normalize
+from heimdall.policy import FieldAction, Policy
+from heimdall.rbac import Caller, Permission
+from heimdall.store.base import FieldCount, FieldValue, GraphStore
+
+__all__ = ["FIELD_LABEL", "Heimdall", "LookupResult", "Status"]
+
+FIELD_LABEL: Final = "FieldValue"
+_REASON_RE: Final = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,199}\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    canonical_key: str
+    found: bool
+    sightings: int
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    mode: str
+    provider: str
+    latest_version: int
+    counts: tuple[FieldCount, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(c.count for c in self.counts)
+
+
+def field_context(field: FieldValue) -> EncryptionContext:
+    return EncryptionContext(FIELD_LABEL, field.canonical_key, field.field_name)
+
+
+class Heimdall:
+    """Composes a cipher router, a store, an audit sink and a policy."""
+
+    def __init__(
+        self,
+        *,
+        router: CipherRouter,
+        store: GraphStore,
+        audit: AuditSink,
+        policy: Policy,
+    ) -> None:
+        self.router = router
+        self.store = store
+        self.audit = audit
+        self.policy = policy
+        self._index: BlindIndex | None = None
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def record(self, *events: AuditEvent) -> None:
+        self.audit.write(events)
+
+    def require(self, caller: Caller, permission: Permission, *, field: str | None = None) -> None:
+        """Raise PermissionDenied (audited as access.denied) unless *caller* holds *permission*."""
+        if caller.may(permission):
+            return
+        role = caller.role.value if caller.role else "none"
+        self.record(
+            AuditEvent(
+                EventType.ACCESS_DENIED,
+                caller.actor,
+                Result.DENIED,
+                caller.request_id,
+                field_identifier=field,
+                source_ip=caller.source_ip,
+                operation=permission.value,
+                reason=f"role {role} lacks {permission.value}",
+            )
+        )
+        raise PermissionDenied(f"role {role} may not {permission.value.replace('_', ' ')}")
+
+    @property
+    def kms(self) -> KeyManagementService:
+        """The provider new fields are wrapped under."""
+        return self.router.writer.kms
+
+    # -- blind index ------------------------------------------------------------------------
+
+    def blind_index(self, caller: Caller) -> BlindIndex:
+        """The blind index, creating and storing its wrapped key on first use."""
+        if self._index is not None:
+            return self._index
+        stored_text = self.store.get_meta(META_KEY)
+        if stored_text is None:
+            cipher = self.router.writer
+            stored, plaintext = StoredIndexKey.generate(
+                cipher.kms, cipher.encryption_version.value, utc_now_ms()
+            )
+            self.record(
+                AuditEvent(
+                    EventType.KEY_CREATE,
+                    caller.actor,
+                    Result.SUCCESS,
+                    caller.request_id,
+                    key_identifier=stored.wrapped.key_identifier,
+                    key_version=stored.wrapped.key_version,
+                    operation="blind_index_key",
+                )
+            )
+            if self.store.insert_meta_if_absent(META_KEY, stored.to_json()):
+                self._index = BlindIndex(plaintext)
+                return self._index
+            plaintext.wipe()  # another process created it first; use theirs
+            stored_text = self.store.get_meta(META_KEY)
+            if stored_text is None:
+                raise StorageError("the blind-index key vanished while it was being created")
+        stored = StoredIndexKey.from_json(stored_text)
+        kms = self.router.reader(stored.encryption_version).kms
+        self._index = BlindIndex(kms.unwrap(stored.wrapped, stored.associated_data))
+        return self._index
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def decrypt(self, canonical_key: str, *, reason: str, caller: Caller) -> str:
+        """The plaintext of one field. Requires a reason; audited whatever the outcome."""
+        return self.decrypt_many([canonical_key], reason=reason, caller=caller)[canonical_key]
+
+    def decrypt_many(
+        self, canonical_keys: Sequence[str], *, reason: str, caller: Caller
+    ) -> dict[str, str]:
+        """Plaintexts by canonical key. One audit event per field; all-or-nothing."""
+        self.require(caller, Permission.DECRYPT)
+        if not isinstance(reason, str) or not _REASON_RE.match(reason):
+            self.record(
+                AuditEvent(
+                    EventType.ACCESS_DENIED,
+                    caller.actor,
+                    Result.DENIED,
+                    caller.request_id,
+                    source_ip=caller.source_ip,
+                    operation="decrypt",
+                    reason="no valid reason given",
+                )
+            )
+            raise PermissionDenied(
+                "decrypt requires a reason: 1-200 printable ASCII characters, "
+                "e.g. 'support:ticket-1234'"
+            )
+        plaintexts: dict[str, str] = {}
+        events: list[AuditEvent] = []
+        for key in canonical_keys:
+            field = self.store.get_field(key)
+            try:
+                if field is None:
+                    raise FieldNotFound("no field has this canonical key")
+                cipher = self.router.reader(field.encryption_version)
+                plaintexts[key] = cipher.decrypt(
+                    field.encrypted_data, field_context(field)
+                ).decode()
+            except (HeimdallError, UnicodeDecodeError) as exc:
+                events.append(self._decrypt_event(caller, key, field, reason, exc))
+                self.record(*events)
+                if isinstance(exc, UnicodeDecodeError):
+                    raise InvalidInput("the decrypted value is not UTF-8 text") from None
+                raise
+            events.append(self._decrypt_event(caller, key, field, reason, None))
+        self.record(*events)
+        return plaintexts
+
+    def _decrypt_event(
+        self,
+        caller: Caller,
+        key: str,
+        field: FieldValue | None,
+        reason: str,
+        error: BaseException | None,
+    ) -> AuditEvent:
+        return AuditEvent(
+            EventType.DECRYPT,
+            caller.actor,
+            Result.SUCCESS if error is None else Result.FAILURE,
+            caller.request_id,
+            field_identifier=key,
+            key_identifier=_key_identifier(field),
+            key_version=field.key_version if field else None,
+            reason=reason,
+            source_ip=caller.source_ip,
+            error=type(error).__name__ if error else None,
+        )
+
+    def lookup(self, field_name: str, value: str, *, caller: Caller) -> LookupResult:
+        """Find a value by its blind index, decrypting nothing."""
+        self.require(caller, Permission.LOOKUP)
+        rule = self.policy.rule_for(field_name)
+        if rule.action is not FieldAction.ENCRYPT:
+            raise InvalidInput(f"field {field_name!r} is not encrypted by the policy")
+        try:
+            normalised = normalize(rule.normalizer, value)
+        except ValueError as exc:
+            raise InvalidInput(f"field {field_name!r}: {exc}") from None
+        key = self.blind_index(caller).canonical_key(field_name, normalised)
+        found = self.store.get_field(key) is not None
+        sightings = self.store.count_sightings(key) if found else 0
+        self.record(
+            AuditEvent(
+                EventType.LOOKUP,
+                caller.actor,
+                Result.SUCCESS,
+                caller.request_id,
+                field_identifier=key,
+                source_ip=caller.source_ip,
+                count=sightings,
+            )
+        )
+        return LookupResult(key, found, sightings)
+
+    def status(self, *, caller: Caller) -> Status:
+        self.require(caller, Permission.READ_STATUS)
+        description = self.kms.describe()
+        return Status(
+            mode=self.router.mode.value,
+            provider=self.kms.provider,
+            latest_version=description.latest_version,
+            counts=tuple(self.store.field_counts()),
+        )
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def describe_keys(self, *, caller: Caller) -> KeyDescription:
+        self.require(caller, Permission.READ_KEYS)
+        return self.kms.describe()
+
+    def rotate_keys(self, *, caller: Caller) -> KeyDescription:
+        """New master key version; new fields use it, old fields still decrypt."""
+        self.require(caller, Permission.ROTATE)
+        try:
+            description = self.kms.rotate()
+        except HeimdallError as exc:
+            self._key_event(EventType.KEY_ROTATE, caller, None, exc, operation="rotate")
+            raise
+        self.router.forget_keys()
+        self._key_event(EventType.KEY_ROTATE, caller, description, None, operation="rotate")
+        return description
+
+    def dependents_below(self, version: int) -> int:
+        """Stored fields (and the blind-index key) whose data key is wrapped below *version*."""
+        count = self.store.count_fields(
+            encryption_version=EncryptionVersion.KMS_V1.value, key_version_below=version
+        )
+        stored_text = self.store.get_meta(META_KEY)
+        if stored_text is not None:
+            stored = StoredIndexKey.from_json(stored_text)
+            if (
+                stored.encryption_version == EncryptionVersion.KMS_V1.value
+                and stored.wrapped.key_version < version
+            ):
+                count += 1
+        return count
+
+    def set_min_decryption_version(
+        self, version: int, *, caller: Caller, force: bool = False
+    ) -> KeyDescription:
+        """Raise the decryption floor; refused while fields still depend on lower versions."""
+        self.require(caller, Permission.CONFIGURE_KEYS)
+        dependents = self.dependents_below(version)
+        operation = f"min_decryption_version={version}"
+        if dependents and not force:
+            error = LifecycleError(
+                f"{dependents} stored fields still depend on key versions below {version}; "
+                "run `heimdall reencrypt` first or pass --force",
+                dependent_fields=dependents,
+            )
+            self._key_event(EventType.KEY_CONFIG, caller, None, error, operation=operation)
+            raise error
+        setter = getattr(self.kms, "set_min_decryption_version", None)
+        if setter is None:
+            raise LifecycleError(f"provider {self.kms.provider} has no decryption floor")
+        try:
+            description: KeyDescription = setter(version)
+        except HeimdallError as exc:
+            self._key_event(EventType.KEY_CONFIG, caller, None, exc, operation=operation)
+            raise
+        self.router.forget_keys()
+        self._key_event(EventType.KEY_CONFIG, caller, description, None, operation=operation)
+        return description
+
+    def _key_event(
+        self,
+        event_type: EventType,
+        caller: Caller,
+        description: KeyDescription | None,
+        error: BaseException | None,
+        *,
+        operation: str,
+    ) -> None:
+        self.record(
+            AuditEvent(
+                event_type,
+                caller.actor,
+                Result.SUCCESS if error is None else Result.FAILURE,
+                caller.request_id,
+                key_identifier=(
+                    description.key_identifier(description.latest_version) if description else None
+                ),
+                key_version=description.latest_version if description else None,
+                source_ip=caller.source_ip,
+                operation=operation,
+                error=type(error).__name__ if error else None,
+            )
+        )
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.wipe()
+            self._index = None
+        self.store.close()
+
+
+def _key_identifier(field: FieldValue | None) -> str | None:
+    if field is None:
+        return None
+    try:
+        return str(load(field.encrypted_data)["key_identifier"])
+    except HeimdallError:
+        return None

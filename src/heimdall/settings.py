@@ -1,0 +1,176 @@
+"""Settings from ``HMD_*`` environment variables and an optional TOML file.
+
+spec: Integration Points, ``src/config/mod.rs``. Precedence: environment, then the file named by
+``HMD_CONFIG`` (keys are the variable names without the prefix, in lower case, e.g.
+``encryption_mode = "hybrid"``), then defaults. The master key is never read from the file: a
+secret in a config file is exactly what this product exists to remove.
+"""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from heimdall.errors import ConfigurationError
+from heimdall.modes import EncryptionMode
+
+__all__ = ["Environment", "Settings", "StoreKind"]
+
+
+class Environment(enum.StrEnum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+class StoreKind(enum.StrEnum):
+    SQLITE = "sqlite"
+
+
+KMS_PROVIDERS: Final = ("local", "vault", "aws", "gcp", "azure")
+
+_FILE_KEYS: Final = frozenset(
+    {
+        "data_dir",
+        "encryption_mode",
+        "kms_provider",
+        "kms_key_name",
+        "keyring_path",
+        "store",
+        "sqlite_path",
+        "audit_log",
+        "audit_fsync",
+        "policy",
+        "env",
+        "role",
+        "actor",
+        "dek_max_uses",
+        "dek_max_age_seconds",
+        "ingest_batch_size",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path = Path(".heimdall")
+    encryption_mode: EncryptionMode = EncryptionMode.KMS
+    kms_provider: str = "local"
+    kms_key_name: str = "heimdall-pii"
+    keyring_path: Path | None = None
+    master_key: str | None = field(default=None, repr=False)
+    store: StoreKind = StoreKind.SQLITE
+    sqlite_path: Path | None = None
+    audit_log: Path | None = None
+    audit_fsync: bool = True
+    policy: Path | None = None
+    env: Environment = Environment.DEVELOPMENT
+    role: str | None = None
+    actor: str | None = None
+    dek_max_uses: int = 10_000
+    dek_max_age_seconds: float = 300.0
+    ingest_batch_size: int = 1000
+
+    @property
+    def keyring_file(self) -> Path:
+        return self.keyring_path or self.data_dir / "keyring.json"
+
+    @property
+    def sqlite_file(self) -> Path:
+        return self.sqlite_path or self.data_dir / "heimdall.db"
+
+    @property
+    def audit_file(self) -> Path:
+        return self.audit_log or self.data_dir / "audit.log"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        values: dict[str, str] = {}
+        config = environ.get("HMD_CONFIG")
+        if config:
+            values.update(_read_file(Path(config)))
+        for name in _FILE_KEYS:
+            env_value = environ.get(f"HMD_{name.upper()}")
+            if env_value is not None and env_value != "":
+                values[name] = env_value
+        master_key = environ.get("HMD_MASTER_KEY") or None
+        return _build(values, master_key)
+
+
+def _read_file(path: Path) -> dict[str, str]:
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigurationError(f"config file {path} cannot be read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"config file {path} is not valid TOML: {exc}") from None
+    if "master_key" in doc:
+        raise ConfigurationError(
+            f"config file {path} holds master_key; secrets belong in HMD_MASTER_KEY or a KMS"
+        )
+    unknown = sorted(set(doc) - _FILE_KEYS)
+    if unknown:
+        raise ConfigurationError(f"config file {path} has unknown setting {unknown[0]!r}")
+    return {
+        key: str(value).lower() if isinstance(value, bool) else str(value)
+        for key, value in doc.items()
+    }
+
+
+def _choice(name: str, value: str, enum_type: type[enum.StrEnum]) -> Any:
+    try:
+        return enum_type(value)
+    except ValueError:
+        allowed = "|".join(member.value for member in enum_type)
+        raise ConfigurationError(f"HMD_{name.upper()}={value!r} is not one of {allowed}") from None
+
+
+def _number(name: str, value: str, kind: type[int] | type[float], low: float, high: float) -> Any:
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ConfigurationError(f"HMD_{name.upper()} must be a number, not {value!r}") from None
+    if not low <= number <= high:
+        raise ConfigurationError(f"HMD_{name.upper()} must be between {low:g} and {high:g}")
+    return number
+
+
+def _flag(name: str, value: str) -> bool:
+    if value.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if value.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigurationError(f"HMD_{name.upper()} must be true or false, not {value!r}")
+
+
+def _build(values: dict[str, str], master_key: str | None) -> Settings:
+    kwargs: dict[str, Any] = {"master_key": master_key}
+    for name, value in values.items():
+        if name in {"data_dir", "keyring_path", "sqlite_path", "audit_log", "policy"}:
+            kwargs[name] = Path(value)
+        elif name == "encryption_mode":
+            kwargs[name] = _choice(name, value, EncryptionMode)
+        elif name == "store":
+            kwargs[name] = _choice(name, value, StoreKind)
+        elif name == "env":
+            kwargs[name] = _choice(name, value, Environment)
+        elif name == "kms_provider":
+            if value not in KMS_PROVIDERS:
+                raise ConfigurationError(
+                    f"HMD_KMS_PROVIDER={value!r} is not one of {'|'.join(KMS_PROVIDERS)}"
+                )
+            kwargs[name] = value
+        elif name == "dek_max_uses":
+            kwargs[name] = _number(name, value, int, 1, 2**24)
+        elif name == "dek_max_age_seconds":
+            kwargs[name] = _number(name, value, float, 0.001, 86_400)
+        elif name == "ingest_batch_size":
+            kwargs[name] = _number(name, value, int, 1, 100_000)
+        elif name == "audit_fsync":
+            kwargs[name] = _flag(name, value)
+        else:
+            kwargs[name] = value
+    return Settings(**kwargs)

@@ -1,0 +1,1 @@
+"""Graph store backends. Each implements :class:`heimdall.store.base.GraphStore`."""

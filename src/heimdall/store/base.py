@@ -1,0 +1,143 @@
+"""The graph store interface, shaped like the spec's Apache AGE model.
+
+spec: Envelope Encryption Architecture, Storage in Apache AGE. Nodes:
+
+* ``FieldValue`` keyed by ``canonical_key`` (``email:hash:<hex>``) with properties
+  ``encrypted_data`` (the envelope JSON), ``is_encrypted``, ``key_version``,
+  ``encryption_version`` and ``dek_id``; equal values share one node.
+* ``Sighting``, one per occurrence of a value (record id, source, time), linked to its FieldValue.
+* ``Record``, one per ingested record, holding the fields the policy keeps in the clear.
+
+Every backend passes ``tests/store_contract.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = [
+    "FieldCount",
+    "FieldUpdate",
+    "FieldValue",
+    "GraphStore",
+    "RecordRow",
+    "Sighting",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class FieldValue:
+    """A FieldValue node. Its repr leaves out the envelope."""
+
+    canonical_key: str
+    field_name: str
+    encrypted_data: str = field(repr=False)
+    key_version: int
+    encryption_version: str
+    dek_id: str
+    is_encrypted: bool = True
+    updated_at: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FieldUpdate:
+    """New encryption properties for an existing FieldValue (after a rewrap or re-encrypt)."""
+
+    encrypted_data: str = field(repr=False)
+    key_version: int
+    encryption_version: str
+    dek_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    canonical_key: str
+    record_id: str
+    source: str
+    seen_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRow:
+    record_id: str
+    source: str
+    ingested_at: str
+    attributes: Mapping[str, str | int | float | bool | None]
+
+
+@dataclass(frozen=True, slots=True)
+class FieldCount:
+    encryption_version: str
+    key_version: int
+    count: int
+
+
+class GraphStore(Protocol):
+    """Persistent FieldValue / Sighting / Record graph plus a small metadata map."""
+
+    def existing_keys(self, canonical_keys: Sequence[str]) -> set[str]:
+        """The subset of *canonical_keys* that already have a FieldValue."""
+        ...
+
+    def write_batch(
+        self,
+        field_values: Sequence[FieldValue],
+        sightings: Sequence[Sighting],
+        records: Sequence[RecordRow],
+    ) -> int:
+        """Write all three atomically (all or nothing).
+
+        A FieldValue whose canonical_key already exists is left as it is (first writer wins).
+        A record whose record_id already exists is replaced. Returns the number of FieldValues
+        actually inserted.
+        """
+        ...
+
+    def get_field(self, canonical_key: str) -> FieldValue | None: ...
+
+    def count_sightings(self, canonical_key: str) -> int: ...
+
+    def field_counts(self) -> list[FieldCount]:
+        """FieldValue counts grouped by (encryption_version, key_version), sorted by both."""
+        ...
+
+    def count_fields(
+        self,
+        *,
+        encryption_version: str | None = None,
+        key_version_below: int | None = None,
+    ) -> int: ...
+
+    def iter_fields(
+        self,
+        *,
+        encryption_version: str | None = None,
+        key_version_below: int | None = None,
+        batch_size: int = 500,
+    ) -> Iterator[list[FieldValue]]:
+        """Batches of matching FieldValues in canonical_key order (keyset pagination).
+
+        Safe to update the yielded fields while iterating.
+        """
+        ...
+
+    def compare_and_swap(
+        self, canonical_key: str, expected_encrypted_data: str, update: FieldUpdate
+    ) -> bool:
+        """Replace the field's encryption properties only if its encrypted_data is still
+        *expected_encrypted_data*. Returns False (and changes nothing) otherwise."""
+        ...
+
+    def get_meta(self, key: str) -> str | None: ...
+
+    def set_meta(self, key: str, value: str) -> None: ...
+
+    def insert_meta_if_absent(self, key: str, value: str) -> bool:
+        """Store *value* unless *key* exists. True if this call stored it."""
+        ...
+
+    def compare_and_swap_meta(self, key: str, expected: str, value: str) -> bool: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,489 @@
+"""The GraphStore on one SQLite file, with the standard library's sqlite3 only.
+
+Invariants:
+
+* Every write is one transaction. ``write_batch`` is all or nothing: a sighting whose
+  canonical_key has no FieldValue fails the foreign key and rolls the whole batch back.
+* The database file is created with mode 0600 (SQLite gives its ``-wal`` and ``-shm`` files the
+  mode of the database file), in a parent directory created 0700 if it did not exist.
+* The schema only moves forward: ``_MIGRATIONS`` is append-only, each applied version is recorded
+  in ``schema_migrations``, and a database recorded at a newer version than this module knows is
+  refused rather than written with an older idea of the schema.
+* No ``sqlite3`` exception leaves this module. Each becomes a one-line :class:`StorageError`
+  naming the operation and SQLite's error code; values are always bound parameters, so neither
+  that message nor SQLite's own (kept as ``__cause__``) can contain an envelope.
+* One connection per instance, serialised by a lock so a progress thread cannot interleave with
+  a transaction. Other processes on the same file are coordinated by WAL and the busy timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any, Final
+
+from heimdall.errors import StorageError
+from heimdall.store.base import FieldCount, FieldUpdate, FieldValue, RecordRow, Sighting
+
+__all__ = ["SqliteStore"]
+
+_BUSY_TIMEOUT_SECONDS: Final = 10.0
+
+# Old SQLite builds cap bound parameters at 999 per statement.
+_IN_CHUNK: Final = 500
+
+# Each migration is a sequence of single statements rather than one script, because
+# Connection.executescript commits first and so cannot run inside the migration transaction.
+# Append only: never edit or reorder an entry once released. Version n is _MIGRATIONS[n - 1].
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """
+        CREATE TABLE field_values (
+            canonical_key      TEXT PRIMARY KEY,
+            field_name         TEXT NOT NULL,
+            encrypted_data     TEXT NOT NULL,
+            is_encrypted       INTEGER NOT NULL CHECK (is_encrypted IN (0, 1)),
+            key_version        INTEGER NOT NULL,
+            encryption_version TEXT NOT NULL,
+            dek_id             TEXT NOT NULL,
+            created_at         TEXT NOT NULL,
+            updated_at         TEXT NOT NULL
+        )
+        """,
+        """
+        CREATE INDEX field_values_by_version
+            ON field_values (encryption_version, key_version, canonical_key)
+        """,
+        "CREATE INDEX field_values_by_dek ON field_values (dek_id)",
+        """
+        CREATE TABLE sightings (
+            id            INTEGER PRIMARY KEY,
+            canonical_key TEXT NOT NULL REFERENCES field_values (canonical_key),
+            record_id     TEXT NOT NULL,
+            source        TEXT NOT NULL,
+            seen_at       TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX sightings_by_key ON sightings (canonical_key)",
+        """
+        CREATE TABLE records (
+            record_id   TEXT PRIMARY KEY,
+            source      TEXT NOT NULL,
+            ingested_at TEXT NOT NULL,
+            attributes  TEXT NOT NULL
+        )
+        """,
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ),
+)
+
+_CREATE_MIGRATIONS_TABLE: Final = """
+    CREATE TABLE IF NOT EXISTS schema_migrations (
+        version    INTEGER PRIMARY KEY,
+        applied_at TEXT NOT NULL
+    )
+"""
+
+_FIELD_COLUMNS: Final = (
+    "canonical_key, field_name, encrypted_data, is_encrypted, key_version,"
+    " encryption_version, dek_id, updated_at"
+)
+
+# ON CONFLICT (canonical_key) DO NOTHING is INSERT OR IGNORE narrowed to the key conflict:
+# first writer wins, but a NOT NULL or CHECK violation still fails the batch instead of
+# silently dropping the row.
+_INSERT_FIELD: Final = """
+    INSERT INTO field_values (
+        canonical_key, field_name, encrypted_data, is_encrypted, key_version,
+        encryption_version, dek_id, created_at, updated_at
+    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (canonical_key) DO NOTHING
+"""
+_INSERT_SIGHTING: Final = (
+    "INSERT INTO sightings (canonical_key, record_id, source, seen_at) VALUES (?, ?, ?, ?)"
+)
+_REPLACE_RECORD: Final = """
+    INSERT OR REPLACE INTO records (record_id, source, ingested_at, attributes)
+    VALUES (?, ?, ?, ?)
+"""
+_COMPARE_AND_SWAP_FIELD: Final = """
+    UPDATE field_values
+    SET encrypted_data = ?, key_version = ?, encryption_version = ?, dek_id = ?, updated_at = ?
+    WHERE canonical_key = ? AND encrypted_data = ?
+"""
+
+# Readable causes for the SQLite error codes a caller can provoke; the rest are reported by code.
+_EXPLANATIONS: Final = {
+    "SQLITE_CONSTRAINT_FOREIGNKEY": "a sighting names a canonical_key that has no FieldValue",
+    "SQLITE_BUSY": "the database stayed locked by another writer past the busy timeout",
+}
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _storage_error(operation: str, exc: sqlite3.Error) -> StorageError:
+    # sqlite_errorname is None for errors the sqlite3 module raises itself.
+    code = exc.sqlite_errorname or type(exc).__name__
+    return StorageError(f"sqlite {operation} failed: {_EXPLANATIONS.get(code, code)}")
+
+
+def _field_from_row(row: Any) -> FieldValue:
+    key, name, data, is_encrypted, key_version, encryption_version, dek_id, updated_at = row
+    return FieldValue(
+        canonical_key=key,
+        field_name=name,
+        encrypted_data=data,
+        key_version=key_version,
+        encryption_version=encryption_version,
+        dek_id=dek_id,
+        is_encrypted=bool(is_encrypted),
+        updated_at=updated_at,
+    )
+
+
+def _field_filter(
+    encryption_version: str | None, key_version_below: int | None, *, walk_keys: bool
+) -> tuple[list[str], list[object]]:
+    """WHERE clauses (constant SQL) and their bound parameters for the optional filters.
+
+    With *walk_keys*, the filter columns are written ``+column``, which stops SQLite from
+    using field_values_by_version. That index cannot return rows in canonical_key order under a
+    ``key_version < ?`` range, so every page would sort all remaining matches (quadratic over a
+    rotation); walking the primary key index from the cursor reads each row at most once in all.
+    """
+    prefix = "+" if walk_keys else ""
+    clauses: list[str] = []
+    params: list[object] = []
+    if encryption_version is not None:
+        clauses.append(prefix + "encryption_version = ?")
+        params.append(encryption_version)
+    if key_version_below is not None:
+        clauses.append(prefix + "key_version < ?")
+        params.append(key_version_below)
+    return clauses, params
+
+
+def _where(clauses: list[str]) -> str:
+    return " WHERE " + " AND ".join(clauses) if clauses else ""
+
+
+def _applied_versions(conn: sqlite3.Connection) -> set[int]:
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone()
+    if exists is None:
+        return set()
+    return {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+
+
+def _create_private_file(path: Path) -> None:
+    """Create *path* with mode 0600 unless it exists, before SQLite would create it 0644."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    except OSError as exc:
+        raise StorageError(f"cannot create database file {path}: {exc.strerror}") from exc
+
+
+class SqliteStore:
+    """A :class:`~heimdall.store.base.GraphStore` in one SQLite database file."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._closed = False
+        _create_private_file(path)
+        try:
+            # isolation_level=None: no implicit transactions; every transaction here is explicit.
+            self._conn = sqlite3.connect(
+                path,
+                timeout=_BUSY_TIMEOUT_SECONDS,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise _storage_error("open", exc) from exc
+        try:
+            self._configure()
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self._path)!r})"
+
+    # -- connection plumbing -------------------------------------------------------------------
+
+    @contextmanager
+    def _session(self, operation: str) -> Iterator[sqlite3.Connection]:
+        """The connection, held under the lock, with sqlite3 errors translated."""
+        with self._lock:
+            if self._closed:
+                raise StorageError(f"sqlite {operation} failed: the store is closed")
+            try:
+                yield self._conn
+            except sqlite3.Error as exc:
+                raise _storage_error(operation, exc) from exc
+
+    @contextmanager
+    def _transaction(self, operation: str) -> Iterator[sqlite3.Connection]:
+        """A write transaction: committed if the block completes, rolled back otherwise."""
+        with self._session(operation) as conn:
+            # IMMEDIATE takes the write lock up front, so a concurrent writer makes us wait in
+            # the busy handler here instead of failing a lock upgrade halfway through.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    # A failed rollback must not hide the error that caused it.
+                    with suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+
+    def _configure(self) -> None:
+        with self._session("open") as conn:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StorageError("sqlite open failed: the file system does not support WAL")
+            # NORMAL is durable across application crashes in WAL mode; only an OS crash or
+            # power loss can lose the last commits, never corrupt the file.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+
+    def _migrate(self) -> None:
+        with self._session("open") as conn:
+            applied = _applied_versions(conn)
+        if applied == set(range(1, len(_MIGRATIONS) + 1)):
+            # Up to date: skip the write lock, which a busy writer elsewhere may be holding.
+            return
+        with self._transaction("migrate") as conn:
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            applied = _applied_versions(conn)
+            newest = max(applied, default=0)
+            if newest > len(_MIGRATIONS):
+                raise StorageError(
+                    f"sqlite open failed: schema version {newest} is newer than this heimdall"
+                    f" supports ({len(_MIGRATIONS)})"
+                )
+            conn.execute(_CREATE_MIGRATIONS_TABLE)
+            now = _utc_now()
+            for version, statements in enumerate(_MIGRATIONS, start=1):
+                if version in applied:
+                    continue
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                    (version, now),
+                )
+
+    # -- GraphStore ----------------------------------------------------------------------------
+
+    def existing_keys(self, canonical_keys: Sequence[str]) -> set[str]:
+        unique = list(dict.fromkeys(canonical_keys))
+        found: set[str] = set()
+        with self._session("existing_keys") as conn:
+            for start in range(0, len(unique), _IN_CHUNK):
+                chunk = unique[start : start + _IN_CHUNK]
+                # Only placeholders are interpolated; the keys themselves are bound.
+                sql = (
+                    "SELECT canonical_key FROM field_values WHERE canonical_key IN ("  # noqa: S608
+                    + ", ".join("?" * len(chunk))
+                    + ")"
+                )
+                found.update(row[0] for row in conn.execute(sql, chunk))
+        return found
+
+    def write_batch(
+        self,
+        field_values: Sequence[FieldValue],
+        sightings: Sequence[Sighting],
+        records: Sequence[RecordRow],
+    ) -> int:
+        """Write all three in one transaction; returns the number of FieldValues inserted.
+
+        A FieldValue's created_at and updated_at are its own updated_at when set (a copy from
+        another store keeps its history), otherwise the time of this write.
+        """
+        now = _utc_now()
+        # Build every row before taking the lock, so the write lock is held for SQL only.
+        field_rows = [
+            (
+                f.canonical_key,
+                f.field_name,
+                f.encrypted_data,
+                f.is_encrypted,
+                f.key_version,
+                f.encryption_version,
+                f.dek_id,
+                f.updated_at or now,
+                f.updated_at or now,
+            )
+            for f in field_values
+        ]
+        sighting_rows = [(s.canonical_key, s.record_id, s.source, s.seen_at) for s in sightings]
+        try:
+            record_rows = [
+                (
+                    r.record_id,
+                    r.source,
+                    r.ingested_at,
+                    # Strict JSON (no NaN) so the attributes also load into PostgreSQL jsonb.
+                    json.dumps(dict(r.attributes), separators=(",", ":"), allow_nan=False),
+                )
+                for r in records
+            ]
+        except (TypeError, ValueError) as exc:
+            raise StorageError(
+                "sqlite write_batch failed: record attributes are not finite JSON values"
+            ) from exc
+        with self._transaction("write_batch") as conn:
+            before = conn.total_changes
+            conn.executemany(_INSERT_FIELD, field_rows)
+            inserted = conn.total_changes - before
+            conn.executemany(_INSERT_SIGHTING, sighting_rows)
+            conn.executemany(_REPLACE_RECORD, record_rows)
+        return inserted
+
+    def get_field(self, canonical_key: str) -> FieldValue | None:
+        with self._session("get_field") as conn:
+            row = conn.execute(
+                f"SELECT {_FIELD_COLUMNS} FROM field_values WHERE canonical_key = ?",  # noqa: S608
+                (canonical_key,),
+            ).fetchone()
+        return None if row is None else _field_from_row(row)
+
+    def count_sightings(self, canonical_key: str) -> int:
+        with self._session("count_sightings") as conn:
+            row = conn.execute(
+                "SELECT COUNT(*) FROM sightings WHERE canonical_key = ?", (canonical_key,)
+            ).fetchone()
+        return int(row[0])
+
+    def field_counts(self) -> list[FieldCount]:
+        with self._session("field_counts") as conn:
+            rows = conn.execute(
+                "SELECT encryption_version, key_version, COUNT(*) FROM field_values"
+                " GROUP BY encryption_version, key_version"
+                " ORDER BY encryption_version, key_version"
+            ).fetchall()
+        return [FieldCount(encryption_version=e, key_version=k, count=n) for e, k, n in rows]
+
+    def count_fields(
+        self,
+        *,
+        encryption_version: str | None = None,
+        key_version_below: int | None = None,
+    ) -> int:
+        clauses, params = _field_filter(encryption_version, key_version_below, walk_keys=False)
+        # The clauses are constant SQL from _field_filter; values are bound.
+        sql = "SELECT COUNT(*) FROM field_values" + _where(clauses)  # noqa: S608
+        with self._session("count_fields") as conn:
+            row = conn.execute(sql, params).fetchone()
+        return int(row[0])
+
+    def iter_fields(
+        self,
+        *,
+        encryption_version: str | None = None,
+        key_version_below: int | None = None,
+        batch_size: int = 500,
+    ) -> Iterator[list[FieldValue]]:
+        """Non-empty batches of matching FieldValues in canonical_key order.
+
+        Each batch is one query resuming after the last key yielded (keyset pagination), and no
+        lock or transaction is held between batches, so the caller may update the yielded
+        fields, even out of the filter, without a field being skipped or yielded twice.
+        """
+        if batch_size < 1:
+            # LIMIT -1 means "no limit" to SQLite, so reject it here rather than misbehave.
+            raise ValueError("batch_size must be at least 1")
+        return self._pages(encryption_version, key_version_below, batch_size)
+
+    def _pages(
+        self, encryption_version: str | None, key_version_below: int | None, batch_size: int
+    ) -> Iterator[list[FieldValue]]:
+        clauses, params = _field_filter(encryption_version, key_version_below, walk_keys=True)
+        head = f"SELECT {_FIELD_COLUMNS} FROM field_values"  # noqa: S608
+        tail = " ORDER BY canonical_key LIMIT ?"
+        first_sql = head + _where(clauses) + tail
+        next_sql = head + _where([*clauses, "canonical_key > ?"]) + tail
+        with self._session("iter_fields") as conn:
+            rows = conn.execute(first_sql, [*params, batch_size]).fetchall()
+        while rows:
+            batch = [_field_from_row(row) for row in rows]
+            yield batch
+            if len(rows) < batch_size:
+                return
+            after = batch[-1].canonical_key
+            with self._session("iter_fields") as conn:
+                rows = conn.execute(next_sql, [*params, after, batch_size]).fetchall()
+
+    def compare_and_swap(
+        self, canonical_key: str, expected_encrypted_data: str, update: FieldUpdate
+    ) -> bool:
+        """One conditional UPDATE; is_encrypted is not touched (FieldUpdate does not carry it)."""
+        with self._session("compare_and_swap") as conn:
+            cursor = conn.execute(
+                _COMPARE_AND_SWAP_FIELD,
+                (
+                    update.encrypted_data,
+                    update.key_version,
+                    update.encryption_version,
+                    update.dek_id,
+                    _utc_now(),
+                    canonical_key,
+                    expected_encrypted_data,
+                ),
+            )
+            return cursor.rowcount == 1
+
+    def get_meta(self, key: str) -> str | None:
+        with self._session("get_meta") as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._session("set_meta") as conn:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def insert_meta_if_absent(self, key: str, value: str) -> bool:
+        with self._session("insert_meta_if_absent") as conn:
+            cursor = conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                (key, value),
+            )
+            return cursor.rowcount == 1
+
+    def compare_and_swap_meta(self, key: str, expected: str, value: str) -> bool:
+        with self._session("compare_and_swap_meta") as conn:
+            cursor = conn.execute(
+                "UPDATE meta SET value = ? WHERE key = ? AND value = ?", (value, key, expected)
+            )
+            return cursor.rowcount == 1
+
+    def close(self) -> None:
+        """Close the connection. Idempotent; any later call raises StorageError."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._conn.close()
