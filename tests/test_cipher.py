@@ -1,0 +1,175 @@
+"""FieldCipher: data key caching, wiping and rotation pick-up."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from heimdall.cipher import CachePolicy, FieldCipher
+from heimdall.envelope import EncryptionContext, EncryptionVersion, parse
+from heimdall.errors import HeimdallError, KeyVersionDisabled
+from heimdall.kms.base import DataKey, WrappedKey
+from heimdall.kms.local import LocalKeyring
+from heimdall.secret import SecretBytes
+
+CTX = EncryptionContext("FieldValue", "email:hash:00", "email")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _cipher(path: Path, clock: Clock | None = None, **policy: float) -> FieldCipher:
+    return FieldCipher(
+        LocalKeyring(path),
+        EncryptionVersion.KMS_V1,
+        CachePolicy(**policy),  # type: ignore[arg-type]
+        monotonic=clock or Clock(),
+    )
+
+
+def test_data_key_is_reused_up_to_max_uses(tmp_path: Path) -> None:
+    cipher = _cipher(tmp_path / "k.json", max_uses=3)
+    ids = [cipher.encrypt(b"v", CTX).dek_id for _ in range(7)]
+    assert ids[0] == ids[1] == ids[2] != ids[3]
+    assert ids[3] == ids[4] == ids[5] != ids[6]
+    assert cipher.kms_calls == 3
+
+
+def test_max_uses_one_gives_every_field_its_own_data_key(tmp_path: Path) -> None:
+    cipher = _cipher(tmp_path / "k.json", max_uses=1)
+    assert len({cipher.encrypt(b"v", CTX).dek_id for _ in range(20)}) == 20
+
+
+def test_data_key_expires_after_max_age(tmp_path: Path) -> None:
+    clock = Clock()
+    cipher = _cipher(tmp_path / "k.json", clock, max_age_seconds=60)
+    first = cipher.encrypt(b"v", CTX).dek_id
+    clock.now += 59
+    assert cipher.encrypt(b"v", CTX).dek_id == first
+    clock.now += 2
+    assert cipher.encrypt(b"v", CTX).dek_id != first
+
+
+def test_rotation_in_another_process_is_used_once_the_cached_key_expires(tmp_path: Path) -> None:
+    clock = Clock()
+    cipher = _cipher(tmp_path / "k.json", clock, max_age_seconds=30)
+    assert cipher.encrypt(b"v", CTX).key_version == 1
+    LocalKeyring(tmp_path / "k.json").rotate()
+    assert cipher.encrypt(b"v", CTX).key_version == 1  # bounded staleness, by design
+    clock.now += 31
+    assert cipher.encrypt(b"v", CTX).key_version == 2
+
+
+def test_forget_keys_makes_a_rotation_take_effect_at_once(tmp_path: Path) -> None:
+    cipher = _cipher(tmp_path / "k.json")
+    cipher.encrypt(b"v", CTX)
+    cipher.kms.rotate()
+    cipher.forget_keys()
+    assert cipher.encrypt(b"v", CTX).key_version == 2
+
+
+def test_decryption_floor_applies_once_cached_keys_are_forgotten(tmp_path: Path) -> None:
+    cipher = _cipher(tmp_path / "k.json")
+    envelope = cipher.encrypt(b"v", CTX).envelope
+    assert cipher.decrypt(envelope, CTX) == b"v"
+    cipher.kms.rotate()
+    LocalKeyring(tmp_path / "k.json").set_min_decryption_version(2)
+    cipher.forget_keys()
+    with pytest.raises(KeyVersionDisabled):
+        cipher.decrypt(envelope, CTX)
+
+
+def test_fields_sharing_a_data_key_unwrap_it_once(tmp_path: Path) -> None:
+    writer = _cipher(tmp_path / "k.json")
+    envelopes = [writer.encrypt(str(i).encode(), CTX).envelope for i in range(100)]
+    reader = _cipher(tmp_path / "k.json")
+    assert [reader.decrypt(e, CTX) for e in envelopes] == [str(i).encode() for i in range(100)]
+    assert reader.kms_calls == 1
+
+
+def test_unwrapped_key_cache_is_bounded(tmp_path: Path) -> None:
+    writer = _cipher(tmp_path / "k.json", max_uses=1)
+    envelopes = [writer.encrypt(b"v", CTX).envelope for _ in range(20)]
+    reader = _cipher(tmp_path / "k.json", max_unwrapped_keys=5)
+    for envelope in envelopes:
+        reader.decrypt(envelope, CTX)
+    assert len(reader._unwrapped) == 5
+    assert reader.decrypt(envelopes[0], CTX) == b"v"  # evicted keys are unwrapped again
+
+
+def test_plaintext_data_keys_are_wiped_after_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cipher = _cipher(tmp_path / "k.json", max_uses=1)
+    issued: list[DataKey] = []
+    unwrapped: list[SecretBytes] = []
+    kms = cipher.kms
+    original_generate, original_unwrap = kms.generate_data_key, kms.unwrap
+
+    def generate(ad: bytes) -> DataKey:
+        issued.append(original_generate(ad))
+        return issued[-1]
+
+    def unwrap(wrapped: WrappedKey, ad: bytes) -> SecretBytes:
+        unwrapped.append(original_unwrap(wrapped, ad))
+        return unwrapped[-1]
+
+    monkeypatch.setattr(kms, "generate_data_key", generate)
+    monkeypatch.setattr(kms, "unwrap", unwrap)
+    envelope = cipher.encrypt(b"v", CTX).envelope
+    _cipher(tmp_path / "k.json").decrypt(envelope, CTX)
+    reader = FieldCipher(kms, EncryptionVersion.KMS_V1)
+    reader.decrypt(envelope, CTX)
+    assert issued and all(d.plaintext.wiped for d in issued)
+    assert unwrapped and all(s.wiped for s in unwrapped)
+
+
+def test_rewrap_keeps_ciphertext_timestamp_and_data_key_id(tmp_path: Path) -> None:
+    cipher = _cipher(tmp_path / "k.json")
+    before = parse(cipher.encrypt(b"v", CTX).envelope)
+    cipher.kms.rotate()
+    after = cipher.rewrap_many([before])[0]
+    assert not isinstance(after, Exception)
+    assert after.key_version == 2 and after.key_identifier == "heimdall-pii-v2"
+    assert after.ciphertext == before.ciphertext
+    assert after.encryption_timestamp == before.encryption_timestamp
+    assert after.dek_id == before.dek_id
+    assert after.encrypted_dek != before.encrypted_dek
+    assert cipher.decrypt(after.to_json(), CTX) == b"v"
+
+
+def test_rewrap_many_calls_the_kms_once_per_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cipher = _cipher(tmp_path / "k.json", max_uses=4)
+    envelopes = [parse(cipher.encrypt(b"v", CTX).envelope) for _ in range(12)]
+    cipher.kms.rotate()
+    calls: list[int] = []
+    original = cipher.kms.rewrap_many
+
+    def counting(
+        items: Sequence[tuple[WrappedKey, bytes]],
+    ) -> list[WrappedKey | HeimdallError]:
+        calls.append(len(items))
+        return original(items)
+
+    monkeypatch.setattr(cipher.kms, "rewrap_many", counting)
+    results = cipher.rewrap_many(envelopes)
+    assert calls == [3]  # 12 fields, 3 distinct data keys, one batch call
+    assert all(not isinstance(r, Exception) and r.key_version == 2 for r in results)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [{"max_uses": 0}, {"max_uses": 2**25}, {"max_age_seconds": 0}, {"max_unwrapped_keys": 0}],
+)
+def test_cache_policy_rejects_unsafe_limits(policy: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        CachePolicy(**policy)  # type: ignore[arg-type]
