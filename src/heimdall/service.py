@@ -293,11 +293,8 @@ class Heimdall:
             )
             self._key_event(EventType.KEY_CONFIG, caller, None, error, operation=operation)
             raise error
-        setter = getattr(self.kms, "set_min_decryption_version", None)
-        if setter is None:
-            raise LifecycleError(f"provider {self.kms.provider} has no decryption floor")
         try:
-            description: KeyDescription = setter(version)
+            description = self.kms.set_min_decryption_version(version)
         except HeimdallError as exc:
             self._key_event(EventType.KEY_CONFIG, caller, None, exc, operation=operation)
             raise
