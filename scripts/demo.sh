@@ -4,8 +4,29 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Only HMD_DATA_DIR (where the tour runs) and HMD_AUDIT_FSYNC are taken from the caller: any other
+# inherited HMD_* setting (HMD_KEYRING_PATH, HMD_SQLITE_PATH, HMD_CONFIG, HMD_ROLE, ...) could point
+# the tour at real data or break it.
+for name in $(compgen -e); do
+    case "$name" in
+        HMD_DATA_DIR | HMD_AUDIT_FSYNC) ;;
+        HMD_*) unset "$name" ;;
+    esac
+done
 export HMD_DATA_DIR="${HMD_DATA_DIR:-.heimdall-demo}"
+# The tour starts from an empty data dir, so it wipes it first; it only ever wipes the default
+# or a directory it made itself (marked), never a real keyring and database.
+MARKER="$HMD_DATA_DIR/.heimdall-demo-data"
+if [ "$HMD_DATA_DIR" != .heimdall-demo ] && [ -e "$HMD_DATA_DIR" ] && [ ! -e "$MARKER" ]; then
+    if [ ! -d "$HMD_DATA_DIR" ] || [ -n "$(ls -A "$HMD_DATA_DIR")" ]; then
+        echo "error: $HMD_DATA_DIR is not an empty directory made by the demo;" \
+            "point HMD_DATA_DIR at a new directory" >&2
+        exit 1
+    fi
+fi
 rm -rf "$HMD_DATA_DIR"
+mkdir -p -m 700 "$HMD_DATA_DIR"
+touch "$MARKER"
 export HMD_ACTOR="demo:tour"
 PEOPLE=examples/people.jsonl
 TMP=$(mktemp -d)

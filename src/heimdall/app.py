@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from heimdall.audit import JsonlAuditLog
+from heimdall.blind_index import META_KEY, StoredIndexKey
 from heimdall.cipher import CachePolicy, FieldCipher
 from heimdall.envelope import EncryptionVersion
 from heimdall.errors import ConfigurationError
@@ -18,6 +19,7 @@ from heimdall.modes import CipherRouter, EncryptionMode
 from heimdall.policy import default_policy, load_policy
 from heimdall.service import Heimdall
 from heimdall.settings import Environment, Settings
+from heimdall.store.base import GraphStore
 from heimdall.store.sqlite import SqliteStore
 
 __all__ = ["LOCAL_KEYRING_WARNING", "build"]
@@ -28,14 +30,41 @@ LOCAL_KEYRING_WARNING = (
 )
 
 
-def _kms_provider(settings: Settings, *, create: bool) -> KeyManagementService | None:
-    if settings.kms_provider == "local":
-        if not create and not settings.keyring_file.exists():
-            return None
-        return LocalKeyring(settings.keyring_file, key_name=settings.kms_key_name, create=create)
-    raise ConfigurationError(
-        f"HMD_KMS_PROVIDER={settings.kms_provider} is not available in this version of heimdall"
+def _holds_kms_data(store: GraphStore) -> bool:
+    """Whether *store* holds a field or the blind-index key wrapped under the KMS."""
+    kms_v1 = EncryptionVersion.KMS_V1.value
+    if store.count_fields(encryption_version=kms_v1) > 0:
+        return True
+    stored_text = store.get_meta(META_KEY)
+    return stored_text is not None and (
+        StoredIndexKey.from_json(stored_text).encryption_version == kms_v1
     )
+
+
+def _kms_provider(
+    settings: Settings, store: GraphStore, *, create: bool
+) -> KeyManagementService | None:
+    if settings.kms_provider != "local":
+        raise ConfigurationError(
+            f"HMD_KMS_PROVIDER={settings.kms_provider} is not available in this version of heimdall"
+        )
+    path = settings.keyring_file
+    if not path.exists():
+        if not create:
+            return None
+        # A fresh keyring could never unwrap what the store holds: refuse instead of creating
+        # one and failing later on every decrypt with an opaque "decryption failed".
+        if _holds_kms_data(store):
+            raise ConfigurationError(
+                f"keyring file {path} does not exist but the store holds fields encrypted "
+                "under it; restore the keyring file (a new keyring cannot decrypt them)"
+            )
+    try:
+        return LocalKeyring(path, key_name=settings.kms_key_name, create=create)
+    except OSError as exc:  # e.g. a directory, or a parent that is a file
+        raise ConfigurationError(
+            f"keyring file {path} cannot be opened: {exc.strerror or type(exc).__name__}"
+        ) from None
 
 
 def build(settings: Settings, *, warn: Callable[[str], None] = lambda _: None) -> Heimdall:
@@ -51,16 +80,21 @@ def build(settings: Settings, *, warn: Callable[[str], None] = lambda _: None) -
         )
         if mode is EncryptionMode.KMS:
             warn("warning: HMD_MASTER_KEY is set but kms mode never uses it; remove it")
-    # In legacy mode the KMS is only read (rollback), so its keyring is not created there.
-    kms = _kms_provider(settings, create=mode is not EncryptionMode.LEGACY)
-    kms_cipher = FieldCipher(kms, EncryptionVersion.KMS_V1, cache) if kms else None
+    policy = load_policy(settings.policy) if settings.policy else default_policy()
+    store = SqliteStore(settings.sqlite_file)
+    try:
+        # In legacy mode the KMS is only read (rollback), so its keyring is not created there.
+        kms = _kms_provider(settings, store, create=mode is not EncryptionMode.LEGACY)
+        kms_cipher = FieldCipher(kms, EncryptionVersion.KMS_V1, cache) if kms else None
+        router = CipherRouter(mode, kms=kms_cipher, legacy=legacy_cipher)
+    except BaseException:
+        store.close()
+        raise
     if isinstance(kms, LocalKeyring) and settings.env is Environment.PRODUCTION:
         warn(LOCAL_KEYRING_WARNING.format(path=kms.path))
-    router = CipherRouter(mode, kms=kms_cipher, legacy=legacy_cipher)
-    policy = load_policy(settings.policy) if settings.policy else default_policy()
     return Heimdall(
         router=router,
-        store=SqliteStore(settings.sqlite_file),
+        store=store,
         audit=JsonlAuditLog(settings.audit_file, fsync=settings.audit_fsync),
         policy=policy,
     )

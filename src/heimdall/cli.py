@@ -38,7 +38,7 @@ from heimdall.kms.base import KeyDescription
 from heimdall.rbac import Caller, Permission, parse_role
 from heimdall.reencrypt import pending, reencrypt
 from heimdall.service import Heimdall
-from heimdall.settings import Settings
+from heimdall.settings import Settings, unknown_variables
 
 __all__ = ["app", "main"]
 
@@ -69,6 +69,8 @@ def _fail(message: str) -> NoReturn:
 
 
 def _settings() -> Settings:
+    for name in unknown_variables(os.environ):
+        err.print(f"warning: {name} is not a heimdall setting and is ignored", markup=False)
     return Settings.from_env(os.environ)
 
 
@@ -365,12 +367,41 @@ def audit_verify(actor: ActorOption = None) -> None:
     out.print(f"audit trail intact: {report.lines:,} events", markup=False)
 
 
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _usage_error(exc: typer.TyperException) -> int:
+    """Print a usage error (bad option, missing argument) as one line; its exit status."""
+    # Typer vendors click and keeps its exception types private, so NoArgsIsHelpError (a usage
+    # error whose message is the help text) is recognised by name, as typer.rich_utils does.
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        out.print(exc.format_message(), markup=False, end="")
+        return 2
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    err.print(f"error: {_one_line(exc.format_message())}{hint}", markup=False)
+    return int(getattr(exc, "exit_code", 2))
+
+
+def _run() -> int:
+    try:
+        # standalone_mode=False: Typer would print usage errors as a multi-line panel.
+        result = app(standalone_mode=False)
+    except typer.TyperException as exc:
+        return _usage_error(exc)
+    except typer.Abort:
+        err.print("error: aborted", markup=False)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
 def main() -> None:
     """Console entry point: run the app and turn every anticipated failure into one line."""
     try:
-        app()
+        code = _run()
     except HeimdallError as exc:
-        err.print(f"error: {exc}", markup=False)
+        err.print(f"error: {_one_line(str(exc))}", markup=False)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("error: interrupted", markup=False)
@@ -383,3 +414,4 @@ def main() -> None:
             markup=False,
         )
         sys.exit(70)
+    sys.exit(code)

@@ -263,31 +263,34 @@ class Heimdall:
         self._key_event(EventType.KEY_ROTATE, caller, description, None, operation="rotate")
         return description
 
-    def dependents_below(self, version: int) -> int:
-        """Stored fields (and the blind-index key) whose data key is wrapped below *version*."""
-        count = self.store.count_fields(
+    def dependents_below(self, version: int) -> tuple[int, bool]:
+        """Stored fields whose data key is wrapped below *version*, and whether the
+        blind-index key is too."""
+        fields = self.store.count_fields(
             encryption_version=EncryptionVersion.KMS_V1.value, key_version_below=version
         )
         stored_text = self.store.get_meta(META_KEY)
+        index_key = False
         if stored_text is not None:
             stored = StoredIndexKey.from_json(stored_text)
-            if (
+            index_key = (
                 stored.encryption_version == EncryptionVersion.KMS_V1.value
                 and stored.wrapped.key_version < version
-            ):
-                count += 1
-        return count
+            )
+        return fields, index_key
 
     def set_min_decryption_version(
         self, version: int, *, caller: Caller, force: bool = False
     ) -> KeyDescription:
         """Raise the decryption floor; refused while fields still depend on lower versions."""
         self.require(caller, Permission.CONFIGURE_KEYS)
-        dependents = self.dependents_below(version)
+        fields, index_key = self.dependents_below(version)
+        dependents = fields + int(index_key)
         operation = f"min_decryption_version={version}"
         if dependents and not force:
+            also = " and the blind-index key" if index_key else ""
             error = LifecycleError(
-                f"{dependents} stored fields still depend on key versions below {version}; "
+                f"{fields} stored fields{also} still depend on key versions below {version}; "
                 "run `heimdall reencrypt` first or pass --force",
                 dependent_fields=dependents,
             )

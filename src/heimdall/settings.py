@@ -17,8 +17,9 @@ from typing import Any, Final
 
 from heimdall.errors import ConfigurationError
 from heimdall.modes import EncryptionMode
+from heimdall.rbac import Role
 
-__all__ = ["Environment", "Settings", "StoreKind"]
+__all__ = ["Environment", "Settings", "StoreKind", "unknown_variables"]
 
 
 class Environment(enum.StrEnum):
@@ -100,11 +101,27 @@ class Settings:
         return _build(values, master_key)
 
 
+# Variables heimdall reads outside Settings, or that its test suite reads.
+_OTHER_VARIABLES: Final = frozenset({"HMD_CONFIG", "HMD_MASTER_KEY", "HMD_DEBUG"})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """HMD_* variables that no setting reads: most likely typos, which would go unnoticed."""
+    known = {f"HMD_{name.upper()}" for name in _FILE_KEYS} | _OTHER_VARIABLES
+    return sorted(
+        name
+        for name in environ
+        if name.startswith("HMD_") and name not in known and not name.startswith("HMD_TEST_")
+    )
+
+
 def _read_file(path: Path) -> dict[str, str]:
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigurationError(f"config file {path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigurationError(f"config file {path} is not valid TOML: {exc}") from None
     if "master_key" in doc:
@@ -114,6 +131,13 @@ def _read_file(path: Path) -> dict[str, str]:
     unknown = sorted(set(doc) - _FILE_KEYS)
     if unknown:
         raise ConfigurationError(f"config file {path} has unknown setting {unknown[0]!r}")
+    for key, value in doc.items():
+        # A table or array would otherwise become its repr, e.g. a data_dir named "{'a': 1}".
+        if not isinstance(value, str | int | float):
+            raise ConfigurationError(
+                f"config file {path}: {key} must be a string, number or boolean, "
+                f"not a {type(value).__name__}"
+            )
     return {
         key: str(value).lower() if isinstance(value, bool) else str(value)
         for key, value in doc.items()
@@ -134,7 +158,9 @@ def _number(name: str, value: str, kind: type[int] | type[float], low: float, hi
     except ValueError:
         raise ConfigurationError(f"HMD_{name.upper()} must be a number, not {value!r}") from None
     if not low <= number <= high:
-        raise ConfigurationError(f"HMD_{name.upper()} must be between {low:g} and {high:g}")
+        # int bounds as ints: "{:g}" would print 2**24 as 1.67772e+07.
+        bounds = (f"{low:g}", f"{high:g}") if kind is float else (f"{low:.0f}", f"{high:.0f}")
+        raise ConfigurationError(f"HMD_{name.upper()} must be between {bounds[0]} and {bounds[1]}")
     return number
 
 
@@ -146,17 +172,22 @@ def _flag(name: str, value: str) -> bool:
     raise ConfigurationError(f"HMD_{name.upper()} must be true or false, not {value!r}")
 
 
+# Settings whose value is one of a closed set. A role stays a str on Settings (Role is a StrEnum).
+_CHOICES: Final[dict[str, type[enum.StrEnum]]] = {
+    "encryption_mode": EncryptionMode,
+    "store": StoreKind,
+    "env": Environment,
+    "role": Role,
+}
+
+
 def _build(values: dict[str, str], master_key: str | None) -> Settings:
     kwargs: dict[str, Any] = {"master_key": master_key}
     for name, value in values.items():
         if name in {"data_dir", "keyring_path", "sqlite_path", "audit_log", "policy"}:
             kwargs[name] = Path(value)
-        elif name == "encryption_mode":
-            kwargs[name] = _choice(name, value, EncryptionMode)
-        elif name == "store":
-            kwargs[name] = _choice(name, value, StoreKind)
-        elif name == "env":
-            kwargs[name] = _choice(name, value, Environment)
+        elif name in _CHOICES:
+            kwargs[name] = _choice(name, value, _CHOICES[name])
         elif name == "kms_provider":
             if value not in KMS_PROVIDERS:
                 raise ConfigurationError(

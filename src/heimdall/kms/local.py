@@ -109,6 +109,9 @@ class LocalKeyring:
             ) from None
         try:
             info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+                raise ConfigurationError(f"keyring file {self._path} is {kind}")
             mode = stat.S_IMODE(info.st_mode)
             if mode & 0o077:
                 raise ConfigurationError(
