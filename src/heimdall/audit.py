@@ -8,7 +8,10 @@ none can reach the trail. Writing is fail-closed: if an event cannot be written 
 records is refused (:class:`heimdall.errors.AuditError`).
 
 The file sink chains its lines: each line's ``hash`` is SHA-256 over the previous line's hash and
-this line's content, so deleting, reordering or editing a line is detected by :meth:`verify`.
+this line's content, and a head record beside the log (``audit.log.head``) holds the size and
+last hash, so :meth:`JsonlAuditLog.verify` detects an edited, reordered or deleted line, the
+last one included. The chain is keyless: it shows accidental damage and naive edits; against
+an attacker who can rewrite the host's files, forward the log to a write-once sink.
 Appends from several processes are serialised with an exclusive lock on the file.
 """
 
@@ -144,6 +147,10 @@ class JsonlAuditLog:
         except OSError as exc:
             raise AuditError(f"audit log {self.path} cannot be opened: {exc.strerror}") from None
 
+    @property
+    def head_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".head")
+
     def write(self, events: Sequence[AuditEvent]) -> None:
         if not events:
             return
@@ -163,8 +170,26 @@ class JsonlAuditLog:
                 raise OSError(0, "short write")
             if self._fsync:
                 os.fsync(fd)
+            self._write_head(os.fstat(fd).st_size, previous)
         except OSError as exc:
             raise AuditError(f"audit log {self.path} cannot be written: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+
+    def _write_head(self, size: int, last_hash: str) -> None:
+        """Record where the chain ends, so truncating the log is detected too.
+
+        Called with the log's lock held. The head lives beside the log; a copy shipped off the
+        host (or the log itself, forwarded to a write-once sink) is what resists an attacker
+        who can write both files.
+        """
+        fd = os.open(self.head_path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            record = orjson.dumps({"size": size, "hash": last_hash})
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)
+            if self._fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -195,23 +220,40 @@ class JsonlAuditLog:
                 yield orjson.loads(line)
 
     def verify(self) -> VerifyReport:
-        """Recompute the hash chain over the whole file."""
+        """Recompute the hash chain over the whole file and check it ends at the head."""
         previous = GENESIS
         number = 0
-        if not self.path.exists():
+        size = 0
+        if self.path.exists():
+            with self.path.open("rb") as handle:
+                for number, raw in enumerate(handle, start=1):
+                    size += len(raw)
+                    line = raw.rstrip(b"\n")
+                    stored = line[-_HASH_SUFFIX_LEN:]
+                    if not (stored.startswith(b',"hash":"') and stored.endswith(b'"}')):
+                        return VerifyReport(number, False, number, "line has no hash")
+                    body = line[:-_HASH_SUFFIX_LEN] + b"}"
+                    digest = hashlib.sha256(previous.encode() + body).hexdigest()
+                    if stored[9:-2].decode() != digest:
+                        return VerifyReport(number, False, number, "hash chain broken")
+                    previous = digest
+        head = self._read_head()
+        if head is None:
+            if number:
+                return VerifyReport(number, False, number, "chain head record is missing")
             return VerifyReport(0, True)
-        with self.path.open("rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                line = raw.rstrip(b"\n")
-                stored = line[-_HASH_SUFFIX_LEN:]
-                if not (stored.startswith(b',"hash":"') and stored.endswith(b'"}')):
-                    return VerifyReport(number, False, number, "line has no hash")
-                body = line[:-_HASH_SUFFIX_LEN] + b"}"
-                digest = hashlib.sha256(previous.encode() + body).hexdigest()
-                if stored[9:-2].decode() != digest:
-                    return VerifyReport(number, False, number, "hash chain broken")
-                previous = digest
+        if head != (size, previous):
+            return VerifyReport(number, False, number + 1, "log ends before its recorded head")
         return VerifyReport(number, True)
+
+    def _read_head(self) -> tuple[int, str] | None:
+        try:
+            doc = orjson.loads(self.head_path.read_bytes())
+            return int(doc["size"]), str(doc["hash"])
+        except FileNotFoundError:
+            return None
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return (-1, "")
 
 
 def _last_hash(fd: int) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from heimdall.audit import AuditEvent, EventType, Result, utc_now_ms
-from heimdall.envelope import EncryptionContext
+from heimdall.envelope import MAX_PLAINTEXT_BYTES, EncryptionContext
 from heimdall.errors import InvalidInput
 from heimdall.normalize import normalize
 from heimdall.policy import RecordError
@@ -26,7 +26,7 @@ from heimdall.store.base import FieldValue, RecordRow, Sighting
 
 __all__ = ["IngestReport", "LineError", "ingest_lines"]
 
-MAX_LINE_BYTES = 1024 * 1024
+MAX_LINE_CHARS = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +57,8 @@ class _Prepared:
 def _prepare(
     heimdall: Heimdall, caller: Caller, *, number: int, line: str, source_name: str, now: str
 ) -> _Prepared:
-    if len(line) > MAX_LINE_BYTES:
-        raise RecordError("line is over the 1 MiB limit")
+    if len(line) > MAX_LINE_CHARS:
+        raise RecordError("line is over the limit of 1,048,576 characters")
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -69,6 +69,9 @@ def _prepare(
     index = heimdall.blind_index(caller)
     values = []
     for name, value, normalizer in classified.encrypt:
+        if len(value.encode("utf-8")) > MAX_PLAINTEXT_BYTES:
+            # Checked here, not left to the envelope, so the record is reported by line number.
+            raise RecordError(f"field {name!r} is over the {MAX_PLAINTEXT_BYTES}-byte limit")
         try:
             normalised = normalize(normalizer, value)
         except ValueError as exc:

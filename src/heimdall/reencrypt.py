@@ -15,13 +15,14 @@ This is the foreground version; the checkpointed multi-worker job builds on it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from heimdall.audit import AuditEvent, EventType, Result
 from heimdall.blind_index import META_KEY, StoredIndexKey
 from heimdall.cipher import FieldCipher
 from heimdall.envelope import EncryptionVersion, Envelope, parse
 from heimdall.errors import HeimdallError, ModeViolation
+from heimdall.kms.base import WrappedKey
 from heimdall.modes import EncryptionMode
 from heimdall.rbac import Caller, Permission
 from heimdall.service import Heimdall, field_context
@@ -31,6 +32,15 @@ __all__ = ["ReencryptReport", "reencrypt"]
 
 KMS_V1 = EncryptionVersion.KMS_V1.value
 LEGACY = EncryptionVersion.LEGACY.value
+# Rewrapped data keys remembered per run, so a data key whose fields fall in several batches is
+# rewrapped once; bounded because with max_uses=1 every field has its own data key.
+_REWRAP_MEMO_MAX = 65_536
+
+_Wrapping = tuple[str, int, str, bytes]
+
+
+def _wrapping(envelope: Envelope) -> _Wrapping:
+    return (envelope.key_identifier, envelope.key_version, envelope.dek_id, envelope.encrypted_dek)
 
 
 @dataclass(slots=True)
@@ -58,6 +68,7 @@ class _Run:
         self.progress = progress
         self.report = ReencryptReport()
         self.retry: list[str] = []
+        self.rewrapped: dict[_Wrapping, WrappedKey] = {}
 
     def event(
         self, kind: EventType, field: FieldValue, version: int | None, error: HeimdallError | None
@@ -90,7 +101,7 @@ class _Run:
             except HeimdallError as exc:
                 envelopes.append(exc)
         valid = [e for e in envelopes if isinstance(e, Envelope)]
-        results = iter(self.cipher.rewrap_many(valid))
+        results = iter(self.rewrap_many(valid))
         events = []
         for field, parsed in zip(fields, envelopes, strict=True):
             result = next(results) if isinstance(parsed, Envelope) else parsed
@@ -103,6 +114,34 @@ class _Run:
                 self.report.rewrapped += 1
                 events.append(self.event(EventType.REWRAP, field, result.key_version, None))
         self.heimdall.record(*events)
+
+    def rewrap_many(self, envelopes: list[Envelope]) -> list[Envelope | HeimdallError]:
+        """cipher.rewrap_many, reusing this run's earlier rewrap of the same data key."""
+        known = [_wrapping(e) in self.rewrapped for e in envelopes]
+        fresh = [e for e, hit in zip(envelopes, known, strict=True) if not hit]
+        results = iter(self.cipher.rewrap_many(fresh) if fresh else [])
+        out: list[Envelope | HeimdallError] = []
+        for envelope, hit in zip(envelopes, known, strict=True):
+            if hit:
+                done = self.rewrapped[_wrapping(envelope)]
+                out.append(
+                    replace(
+                        envelope,
+                        key_identifier=done.key_identifier,
+                        key_version=done.key_version,
+                        encrypted_dek=done.ciphertext,
+                    )
+                )
+                continue
+            result = next(results)
+            if isinstance(result, Envelope):
+                if len(self.rewrapped) >= _REWRAP_MEMO_MAX:
+                    self.rewrapped.clear()
+                self.rewrapped[_wrapping(envelope)] = WrappedKey(
+                    result.key_identifier, result.key_version, result.encrypted_dek
+                )
+            out.append(result)
+        return out
 
     def migrate(
         self, fields: list[FieldValue], legacy: FieldCipher, retrying: bool = False

@@ -170,8 +170,9 @@ class Heimdall:
         plaintexts: dict[str, str] = {}
         events: list[AuditEvent] = []
         for key in canonical_keys:
-            field = self.store.get_field(key)
+            field: FieldValue | None = None
             try:
+                field = self.store.get_field(key)
                 if field is None:
                     raise FieldNotFound("no field has this canonical key")
                 cipher = self.router.reader(field.encryption_version)

@@ -1,0 +1,476 @@
+"""The audit trail: what each operation writes, denials, failures, integrity and fail-closed.
+
+spec: Audit and Compliance, Audit Log Requirements.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from heimdall.audit import AuditEvent, EventType, JsonlAuditLog, Result
+from heimdall.envelope import parse
+from heimdall.errors import (
+    AuditError,
+    DecryptionFailed,
+    FieldNotFound,
+    PermissionDenied,
+    StorageError,
+)
+from heimdall.ingest import IngestReport
+from heimdall.rbac import Caller, Role
+from heimdall.service import Heimdall
+from heimdall.store.base import FieldUpdate
+
+ServiceFactory = Callable[..., Heimdall]
+Ingest = Callable[..., IngestReport]
+AuditReader = Callable[[], list[dict[str, Any]]]
+
+REASON = "support:ticket-1234"
+
+
+def _of_type(events: Sequence[dict[str, Any]], event_type: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["event_type"] == event_type]
+
+
+def _email_key(service: Heimdall, caller: Caller, email: str) -> str:
+    result = service.lookup("email", email, caller=caller)
+    assert result.found
+    return result.canonical_key
+
+
+def _stored_keys(service: Heimdall) -> set[str]:
+    return {f.canonical_key for batch in service.store.iter_fields() for f in batch}
+
+
+def test_ingest_writes_one_encrypt_event_per_stored_field(
+    make_service: ServiceFactory,
+    ingest: Ingest,
+    people: list[dict[str, Any]],
+    caller: Caller,
+    audit_events: AuditReader,
+) -> None:
+    service = make_service()
+
+    report = ingest(service, people[:10])
+
+    encrypts = _of_type(audit_events(), "crypto.encrypt")
+    assert len(encrypts) == report.fields_encrypted > 0
+    identifiers = [e["field_identifier"] for e in encrypts]
+    assert len(set(identifiers)) == len(identifiers)
+    assert set(identifiers) == _stored_keys(service)
+    for event in encrypts:
+        stored = service.store.get_field(event["field_identifier"])
+        assert stored is not None
+        envelope = parse(stored.encrypted_data)
+        assert event["key_identifier"] == envelope.key_identifier == "heimdall-pii-v1"
+        assert event["key_version"] == envelope.key_version == 1
+        assert event["actor"] == caller.actor
+        assert event["request_id"] == caller.request_id
+        assert event["result"] == "success"
+        assert event["timestamp"].endswith("Z")
+
+
+def test_decrypt_writes_decrypt_event_with_reason(
+    make_service: ServiceFactory,
+    ingest: Ingest,
+    people: list[dict[str, Any]],
+    caller: Caller,
+    audit_events: AuditReader,
+) -> None:
+    service = make_service()
+    ingest(service, people[:3])
+    key = _email_key(service, caller, people[1]["email"])
+
+    service.decrypt(key, reason=REASON, caller=caller)
+
+    event = audit_events()[-1]
+    assert event["event_type"] == "crypto.decrypt"
+    assert event["field_identifier"] == key
+    assert event["reason"] == REASON
+    assert event["actor"] == caller.actor
+    assert event["request_id"] == caller.request_id
+    assert event["key_identifier"] == "heimdall-pii-v1"
+    assert event["key_version"] == 1
+    assert event["result"] == "success"
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "",
+        "   ",
+        "\t",
+        "support\nticket",
+        "ticket-1234\n",
+        "\x00",
+        "ticket\x1b[31m",
+        " leading-space",
+        "x" * 201,
+    ],
+)
+def test_decrypt_without_valid_reason_is_denied_and_audited(
+    *,
+    make_service: ServiceFactory,
+    ingest: Ingest,
+    people: list[dict[str, Any]],
+    caller: Caller,
+    audit_events: AuditReader,
+    reason: str,
+) -> None:
+    service = make_service()
+    ingest(service, people[:3])
+    key = _email_key(service, caller, people[0]["email"])
+
+    with pytest.raises(PermissionDenied, match="reason"):
+        service.decrypt(key, reason=reason, caller=caller)
+
+    events = audit_events()
+    assert events[-1]["event_type"] == "access.denied"
+    assert events[-1]["operation"] == "decrypt"
+    assert events[-1]["result"] == "denied"
+    assert events[-1]["actor"] == caller.actor
+    assert _of_type(events, "crypto.decrypt") == []
+
+
+@pytest.mark.parametrize(
+    ("operation", "permission"),
+    [("rotate_keys", "rotate"), ("ingest", "encrypt")],
+)
+def test_worker_is_denied_key_rotation_and_ingest(
+    *,
+    make_service: ServiceFactory,
+    ingest: Ingest,
+    people: list[dict[str, Any]],
+    audit_events: AuditReader,
+    operation: str,
+    permission: str,
+) -> None:
+    service = make_service()
+    worker = Caller(actor="svc:enricher", role=Role.WORKER)
+    stored_before = _stored_keys(service)
+
+    with pytest.raises(PermissionDenied):
+        if operation == "rotate_keys":
+            service.rotate_keys(caller=worker)
+        else:
+            ingest(service, people[:3], caller=worker)
+
+    event = audit_events()[-1]
+    assert event["event_type"] == "access.denied"
+    assert event["operation"] == permission
+    assert event["reason"] == f"role heimdall-worker lacks {permission}"
+    assert event["timestamp"].endswith("Z")
+    assert event["actor"] == worker.actor
+    assert event["request_id"] == worker.request_id
+    assert event["result"] == "denied"
+    assert _stored_keys(service) == stored_before
+    assert service.kms.describe().latest_version == 1
+
+
+def test_worker_may_decrypt(
+    make_service: ServiceFactory,
+    ingest: Ingest,
+    people: list[dict[str, Any]],
+    caller: Caller,
+    audit_events: AuditReader,
+) -> None:
+    service = make_service()
+    ingest(service, people[:3])
+    key = _email_key(service, caller, people[2]["email"])
+    worker = Caller(actor="svc:enricher", role=Role.WORKER)
+
+    assert service.decrypt(key, reason="enrichment:geoip", caller=worker) == people[2]["email"]
+    assert audit_events()[-1]["actor"] == "svc:enricher"
+    assert audit_events()[-1]["event_type"] == "crypto.decrypt"
+
+
+def test_audit_role_is_denied_decrypt(
+    make_service: ServiceFactory,
+    ingest: Ingest,
+    people: list[dict[str, Any]],
+    caller: Caller,
+    audit_events: AuditReader,
+) -> None:
+    service = make_service()
+    ingest(service, people[:3])
+    key = _email_key(service, caller, people[0]["email"])
+    auditor = Caller(actor="oidc:auditor@example.com", role=Role.AUDIT)
+
+    with pytest.raises(PermissionDenied) as info:
+        service.decrypt(key, reason=REASON, caller=auditor)
+
+    assert people[0]["email"] not in str(info.value)
+    event = audit_events()[-1]
+    assert (event["event_type"], event["operation"]) == ("access.denied", "decrypt")
+    assert event["actor"] == auditor.actor
+    assert _of_type(audit_events(), "crypto.decrypt") == []
+
+
+def test_rotate_writes_key_rotate_event(
+    make_service: ServiceFactory, caller: Caller, audit_events: AuditReader
+) -> None:
+    service = make_service()
+
+    service.rotate_keys(caller=caller)
+
+    rotations = _of_type(audit_events(), "key.rotate")
+    assert len(rotations) == 1
+    assert rotations[0]["key_version"] == 2
+    assert rotations[0]["key_identifier"] == "heimdall-pii-v2"
+    assert rotations[0]["actor"] == caller.actor
+    assert rotations[0]["result"] == "success"
+
+
+def test_first_ingest_writes_key_create_for_blind_index_key(
+    make_service: ServiceFactory,
+    ingest: Ingest,
+    people: list[dict[str, Any]],
+    audit_events: AuditReader,
+) -> None:
+    service = make_service()
+    ingest(service, people[:3])
+    ingest(service, people[3:6])
+    service.close()
+    ingest(make_service(), people[6:9])
+
+    events = audit_events()
+    creates = _of_type(events, "key.create")
+    assert len(creates) == 1
+    assert creates[0]["operation"] == "blind_index_key"
+    assert creates[0]["key_identifier"] == "heimdall-pii-v1"
+    assert creates[0]["key_version"] == 1
+    assert events.index(creates[0]) < events.index(_of_type(events, "crypto.encrypt")[0])
+
+
+def test_decrypt_of_unknown_key_is_audited_as_failure(
+    make_service: ServiceFactory,
+    ingest: Ingest,
+    people: list[dict[str, Any]],
+    caller: Caller,
+    audit_events: AuditReader,
+) -> None:
+    service = make_service()
+    ingest(service, people[:3])
+    missing = "email:hash:" + "0" * 64
+
+    with pytest.raises(FieldNotFound):
+        service.decrypt(missing, reason=REASON, caller=caller)
+
+    event = audit_events()[-1]
+    assert event["event_type"] == "crypto.decrypt"
+    assert event["field_identifier"] == missing
+    assert (event["result"], event["error"]) == ("failure", "FieldNotFound")
+
+
+def test_decrypt_of_tampered_envelope_is_audited_as_failure(
+    make_service: ServiceFactory,
+    ingest: Ingest,
+    people: list[dict[str, Any]],
+    caller: Caller,
+    audit_events: AuditReader,
+) -> None:
+    service = make_service()
+    ingest(service, people[:3])
+    key = _email_key(service, caller, people[0]["email"])
+    field = service.store.get_field(key)
+    assert field is not None
+    marker = '"ciphertext":"'
+    at = field.encrypted_data.index(marker) + len(marker)
+    flipped = "B" if field.encrypted_data[at] == "A" else "A"
+    tampered = field.encrypted_data[:at] + flipped + field.encrypted_data[at + 1 :]
+    update = FieldUpdate(tampered, field.key_version, field.encryption_version, field.dek_id)
+    assert service.store.compare_and_swap(key, field.encrypted_data, update)
+
+    with pytest.raises(DecryptionFailed):
+        service.decrypt(key, reason=REASON, caller=caller)
+
+    event = audit_events()[-1]
+    assert event["event_type"] == "crypto.decrypt"
+    assert event["field_identifier"] == key
+    assert event["key_identifier"] == "heimdall-pii-v1"
+    assert (event["result"], event["error"]) == ("failure", "DecryptionFailed")
+
+
+def test_audit_log_file_is_private(
+    make_service: ServiceFactory, ingest: Ingest, people: list[dict[str, Any]], data_dir: Path
+) -> None:
+    ingest(make_service(), people[:2])
+
+    mode = stat.S_IMODE(os.stat(data_dir / "audit.log").st_mode)
+
+    assert mode == 0o600
+
+
+def _write_events(path: Path, count: int, *, padding: int = 0) -> JsonlAuditLog:
+    log = JsonlAuditLog(path, fsync=False)
+    log.write(
+        [
+            AuditEvent(
+                EventType.DECRYPT,
+                f"test:actor-{n}",
+                Result.SUCCESS,
+                f"req-{n}",
+                field_identifier=f"email:hash:{n:064x}",
+                reason="r" * padding or None,
+                count=n,
+            )
+            for n in range(count)
+        ]
+    )
+    return log
+
+
+def test_verify_passes_on_fresh_log(
+    make_service: ServiceFactory, ingest: Ingest, people: list[dict[str, Any]], data_dir: Path
+) -> None:
+    service = make_service()
+    ingest(service, people[:3])
+    service.rotate_keys(caller=Caller(actor="test:admin"))
+
+    report = JsonlAuditLog(data_dir / "audit.log").verify()
+
+    assert report.ok
+    assert report.lines == len(list(JsonlAuditLog(data_dir / "audit.log"))) > 3
+    assert report.first_bad_line is None
+
+
+def _edit_line(lines: list[bytes]) -> list[bytes]:
+    edited = lines[2].replace(b'"result":"success"', b'"result":"failure"')
+    assert edited != lines[2]
+    return [*lines[:2], edited, *lines[3:]]
+
+
+def _delete_line(lines: list[bytes]) -> list[bytes]:
+    return [*lines[:2], *lines[3:]]
+
+
+def _swap_lines(lines: list[bytes]) -> list[bytes]:
+    return [lines[0], lines[2], lines[1], *lines[3:]]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "first_bad_line"),
+    [(_edit_line, 3), (_delete_line, 3), (_swap_lines, 2)],
+    ids=["edited", "deleted", "reordered"],
+)
+def test_verify_detects_tampering(
+    tmp_path: Path, tamper: Callable[[list[bytes]], list[bytes]], first_bad_line: int
+) -> None:
+    path = tmp_path / "audit.log"
+    log = _write_events(path, 6)
+    assert log.verify().ok
+    lines = path.read_bytes().splitlines(keepends=True)
+
+    path.write_bytes(b"".join(tamper(lines)))
+
+    report = log.verify()
+    assert not report.ok
+    assert report.first_bad_line == first_bad_line
+
+
+def test_verify_detects_deleted_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = _write_events(path, 6)
+    lines = path.read_bytes().splitlines(keepends=True)
+
+    path.write_bytes(b"".join(lines[:-1]))
+
+    assert not log.verify().ok
+
+
+@pytest.mark.parametrize("breakage", ["directory", "write_raises"])
+def test_decrypt_fails_closed_when_audit_cannot_be_written(
+    *,
+    make_service: ServiceFactory,
+    ingest: Ingest,
+    people: list[dict[str, Any]],
+    caller: Caller,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    breakage: str,
+) -> None:
+    service = make_service()
+    ingest(service, people[:3])
+    key = _email_key(service, caller, people[0]["email"])
+    if breakage == "directory":
+        (data_dir / "audit.log").unlink()
+        (data_dir / "audit.log").mkdir()
+    else:
+
+        def refuse(events: Sequence[AuditEvent]) -> None:
+            raise AuditError("audit sink is down")
+
+        monkeypatch.setattr(service.audit, "write", refuse)
+    returned: list[str] = []
+
+    with pytest.raises(AuditError) as info:
+        returned.append(service.decrypt(key, reason=REASON, caller=caller))
+
+    assert returned == []
+    assert people[0]["email"] not in repr(info.value)
+
+
+def test_ingest_fails_closed_when_audit_cannot_be_written(
+    make_service: ServiceFactory, ingest: Ingest, people: list[dict[str, Any]], data_dir: Path
+) -> None:
+    service = make_service()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "audit.log").mkdir()
+
+    with pytest.raises(AuditError):
+        ingest(service, people[:3])
+
+    assert _stored_keys(service) == set()
+    assert service.store.get_meta("blind_index_key") is None
+
+
+def test_tail_returns_last_events_across_a_large_log(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = _write_events(path, 1500, padding=150)
+    assert path.stat().st_size > 4 * 65536
+    everything = list(log)
+
+    assert log.tail(1) == everything[-1:]
+    assert log.tail(7) == everything[-7:]
+    # More lines than one 64 KiB block holds.
+    assert log.tail(1000) == everything[-1000:]
+    assert log.tail(5000) == everything
+    assert log.tail(0) == []
+
+
+def test_decrypt_failing_in_the_store_is_audited_as_failure(
+    make_service: ServiceFactory,
+    ingest: Ingest,
+    people: list[dict[str, Any]],
+    caller: Caller,
+    audit_events: AuditReader,
+) -> None:
+    service = make_service()
+    ingest(service, people[:3])
+    key = _email_key(service, caller, people[0]["email"])
+    service.store.close()
+
+    with pytest.raises(StorageError):
+        service.decrypt(key, reason=REASON, caller=caller)
+
+    event = audit_events()[-1]
+    assert (event["event_type"], event["field_identifier"]) == ("crypto.decrypt", key)
+    assert (event["result"], event["error"]) == ("failure", "StorageError")
+
+
+def test_verify_detects_a_missing_chain_head(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = _write_events(path, 3)
+    assert log.verify().ok
+    log.head_path.unlink()
+
+    report = log.verify()
+
+    assert not report.ok
+    assert report.problem == "chain head record is missing"
