@@ -8,7 +8,10 @@ spec: Envelope Encryption Architecture, Storage in Apache AGE. Nodes:
 * ``Sighting``, one per occurrence of a value (record id, source, time), linked to its FieldValue.
 * ``Record``, one per ingested record, holding the fields the policy keeps in the clear.
 
-Every backend passes ``tests/store_contract.py``.
+Every backend passes ``tests/store_contract.py``, which also pins these rules: a FieldValue's
+``updated_at`` is kept when the caller sets it and stamped by the store otherwise; compare-and-swap
+never changes ``is_encrypted``; ``iter_fields`` never yields an empty batch and rejects a batch
+size below one; ``close()`` may be called twice and any later call raises StorageError.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ from heimdall.store.base import FieldCount, FieldUpdate, FieldValue, RecordRow, 
 __all__ = ["SqliteStore"]
 
 _BUSY_TIMEOUT_SECONDS: Final = 10.0
+_CACHE_KIB: Final = 64 * 1024
+_WAL_CHECKPOINT_PAGES: Final = 10_000
 
 # Old SQLite builds cap bound parameters at 999 per statement.
 _IN_CHUNK: Final = 500
@@ -56,10 +58,12 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             updated_at         TEXT NOT NULL
         )
         """,
-        """
-        CREATE INDEX field_values_by_version
-            ON field_values (encryption_version, key_version, canonical_key)
-        """,
+        # Deliberately not (encryption_version, key_version, canonical_key). SQLite appends the
+        # rowid to every index entry, so this index still covers count_fields and field_counts,
+        # and a new row lands at the end of its (encryption_version, key_version) run rather
+        # than at a random hashed canonical_key: ingest of 300k field values wrote a third
+        # fewer bytes and ran 1.6x faster. iter_fields does not use it either way (_field_filter).
+        "CREATE INDEX field_values_by_version ON field_values (encryption_version, key_version)",
         "CREATE INDEX field_values_by_dek ON field_values (dek_id)",
         """
         CREATE TABLE sightings (
@@ -175,6 +179,19 @@ def _where(clauses: list[str]) -> str:
     return " WHERE " + " AND ".join(clauses) if clauses else ""
 
 
+def _page_sql(clauses: list[str], *, resume: bool) -> str:
+    """One keyset page: parameters are the filter values, then (if *resume*) the last key
+    already yielded, then the page size."""
+    if resume:
+        clauses = [*clauses, "canonical_key > ?"]
+    # The clauses are constant SQL from _field_filter; values are bound.
+    return (
+        f"SELECT {_FIELD_COLUMNS} FROM field_values"  # noqa: S608
+        + _where(clauses)
+        + " ORDER BY canonical_key LIMIT ?"
+    )
+
+
 def _applied_versions(conn: sqlite3.Connection) -> set[int]:
     exists = conn.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
@@ -264,6 +281,12 @@ class SqliteStore:
             # power loss can lose the last commits, never corrupt the file.
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
+            # Hashed canonical keys make every index insert land on a random page, so one
+            # ingest batch dirties thousands of pages. A 64 MiB cache keeps them from spilling
+            # mid-transaction, and checkpointing every ~40 MiB of WAL instead of ~4 MiB writes a
+            # page that several batches touched back to the database once, not once per batch.
+            conn.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_CHECKPOINT_PAGES}")
 
     def _migrate(self) -> None:
         with self._session("open") as conn:
@@ -419,10 +442,8 @@ class SqliteStore:
         self, encryption_version: str | None, key_version_below: int | None, batch_size: int
     ) -> Iterator[list[FieldValue]]:
         clauses, params = _field_filter(encryption_version, key_version_below, walk_keys=True)
-        head = f"SELECT {_FIELD_COLUMNS} FROM field_values"  # noqa: S608
-        tail = " ORDER BY canonical_key LIMIT ?"
-        first_sql = head + _where(clauses) + tail
-        next_sql = head + _where([*clauses, "canonical_key > ?"]) + tail
+        first_sql = _page_sql(clauses, resume=False)
+        next_sql = _page_sql(clauses, resume=True)
         with self._session("iter_fields") as conn:
             rows = conn.execute(first_sql, [*params, batch_size]).fetchall()
         while rows:

@@ -1,0 +1,219 @@
+"""SqliteStore: the GraphStore contract, plus what only the SQLite file can show."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from heimdall.errors import StorageError
+from heimdall.store.base import GraphStore, RecordRow
+from heimdall.store.sqlite import _MIGRATIONS, SqliteStore, _field_filter, _page_sql
+from store_contract import (
+    FILTERS,
+    TIMESTAMP,
+    Filter,
+    StoreContract,
+    envelope,
+    field_value,
+    key,
+    rewrap,
+    sighting,
+)
+
+
+def raw_connection(path: Path) -> closing[sqlite3.Connection]:
+    """A second, plain connection to the file, standing in for another process."""
+    return closing(sqlite3.connect(path, isolation_level=None, check_same_thread=False))
+
+
+def sqlite_path(store: GraphStore) -> Path:
+    assert isinstance(store, SqliteStore)
+    return store.path
+
+
+class TestSqliteStoreContract(StoreContract):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[GraphStore]:
+        store = SqliteStore(tmp_path / "graph.db")
+        yield store
+        store.close()
+
+    def stored_record(self, store: GraphStore, record_id: str) -> RecordRow | None:
+        with raw_connection(sqlite_path(store)) as conn:
+            row = conn.execute(
+                "SELECT record_id, source, ingested_at, attributes FROM records"
+                " WHERE record_id = ?",
+                (record_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return RecordRow(row[0], row[1], row[2], json.loads(row[3]))
+
+    def reopen(self, store: GraphStore) -> GraphStore:
+        path = sqlite_path(store)
+        store.close()
+        return SqliteStore(path)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "graph.db"
+
+
+def test_database_and_wal_files_are_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "dir" / "graph.db"
+    store = SqliteStore(path)
+    try:
+        store.write_batch([field_value(1)], [], [])
+
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(Path(f"{path}-wal").stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) & 0o077 == 0
+    finally:
+        store.close()
+
+
+def test_journal_mode_is_wal(path: Path) -> None:
+    SqliteStore(path).close()
+
+    with raw_connection(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_migrations_are_recorded_and_not_reapplied_on_reopen(path: Path) -> None:
+    SqliteStore(path).close()
+    with raw_connection(path) as conn:
+        rows = conn.execute("SELECT version, applied_at FROM schema_migrations").fetchall()
+        assert sorted(version for version, _ in rows) == list(range(1, len(_MIGRATIONS) + 1))
+        assert all(TIMESTAMP.fullmatch(applied_at) for _, applied_at in rows)
+        # A re-applied migration would rewrite its row (or fail on CREATE TABLE).
+        conn.execute("UPDATE schema_migrations SET applied_at = 'first open'")
+
+    SqliteStore(path).close()
+
+    with raw_connection(path) as conn:
+        after = conn.execute("SELECT version, applied_at FROM schema_migrations").fetchall()
+    assert sorted(after) == [(version, "first open") for version, _ in sorted(rows)]
+
+
+def test_database_from_a_newer_schema_is_refused(path: Path) -> None:
+    SqliteStore(path).close()
+    with raw_connection(path) as conn:
+        conn.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?, 'later')",
+            (len(_MIGRATIONS) + 1,),
+        )
+
+    with pytest.raises(StorageError, match="newer"):
+        SqliteStore(path)
+
+
+def test_file_that_is_not_a_database_raises_storage_error(path: Path) -> None:
+    path.write_bytes(b"not a database, just some bytes " * 64)
+
+    with pytest.raises(StorageError):
+        SqliteStore(path)
+
+
+def test_orphan_sighting_error_names_the_cause_and_keeps_sqlite_as_cause(path: Path) -> None:
+    store = SqliteStore(path)
+    try:
+        with pytest.raises(StorageError, match="no FieldValue") as caught:
+            store.write_batch([field_value(1)], [sighting(2)], [])
+        assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)
+    finally:
+        store.close()
+
+
+def test_two_stores_on_one_file_see_each_others_writes_and_cas_conflicts(path: Path) -> None:
+    first, second = SqliteStore(path), SqliteStore(path)
+    try:
+        original = field_value(1)
+        first.write_batch([original], [sighting(1)], [])
+        second.set_meta("a", "1")
+
+        assert second.get_field(key(1)) == original
+        assert second.count_sightings(key(1)) == 1
+        assert first.get_meta("a") == "1"
+
+        assert first.compare_and_swap(
+            key(1), original.encrypted_data, rewrap(original, key_version=2)
+        )
+        assert not second.compare_and_swap(
+            key(1), original.encrypted_data, rewrap(original, key_version=3)
+        )
+        seen = second.get_field(key(1))
+        assert seen is not None
+        assert seen.key_version == 2
+        assert seen.encrypted_data == rewrap(original, key_version=2).encrypted_data
+    finally:
+        first.close()
+        second.close()
+
+
+def test_write_waits_for_another_writer_instead_of_failing(path: Path) -> None:
+    store = SqliteStore(path)
+    try:
+        with raw_connection(path) as other:
+            other.execute("BEGIN IMMEDIATE")
+            release = threading.Timer(0.2, other.execute, ("COMMIT",))
+            started = time.monotonic()
+            release.start()
+            try:
+                inserted = store.write_batch([field_value(1)], [], [])
+            finally:
+                release.join()
+        assert inserted == 1
+        assert time.monotonic() - started >= 0.15
+    finally:
+        store.close()
+
+
+def test_store_can_be_used_from_another_thread(path: Path) -> None:
+    store = SqliteStore(path)
+    try:
+        store.write_batch([field_value(1), field_value(2)], [], [])
+        counts: list[int] = []
+        worker = threading.Thread(target=lambda: counts.append(store.count_fields()))
+        worker.start()
+        worker.join()
+
+        assert counts == [2]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("filters", FILTERS)
+def test_iter_fields_pages_walk_the_primary_key_without_sorting(
+    path: Path, filters: Filter
+) -> None:
+    # A page that sorts all remaining matches makes a full rotation quadratic.
+    SqliteStore(path).close()
+    clauses, params = _field_filter(*filters, walk_keys=True)
+
+    with raw_connection(path) as conn:
+        for sql, args in (
+            (_page_sql(clauses, resume=False), [*params, 500]),
+            (_page_sql(clauses, resume=True), [*params, key(1), 500]),
+        ):
+            plan = " | ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
+            assert "TEMP B-TREE" not in plan
+            assert "field_values_by_version" not in plan
+
+
+def test_repr_shows_only_the_path(path: Path) -> None:
+    store = SqliteStore(path)
+    try:
+        store.write_batch([field_value(1, data=envelope("in-repr?"))], [], [])
+
+        assert repr(store) == f"SqliteStore({str(path)!r})"
+    finally:
+        store.close()
