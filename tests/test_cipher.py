@@ -26,11 +26,12 @@ class Clock:
 
 
 def _cipher(path: Path, clock: Clock | None = None, **policy: float) -> FieldCipher:
+    clock = clock or Clock()
     return FieldCipher(
-        LocalKeyring(path),
+        LocalKeyring(path, monotonic=clock),
         EncryptionVersion.KMS_V1,
         CachePolicy(**policy),  # type: ignore[arg-type]
-        monotonic=clock or Clock(),
+        monotonic=clock,
     )
 
 

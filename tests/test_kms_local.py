@@ -192,3 +192,19 @@ def test_secret_bytes_context_manager_wipes_on_exit() -> None:
         view = secret.view()
         assert any(view)
     assert not any(view)
+
+
+def test_encryption_may_lag_a_rotation_elsewhere_by_one_second_but_decryption_never(
+    tmp_path: Path,
+) -> None:
+    now = [100.0]
+    keyring = LocalKeyring(tmp_path / "keyring.json", monotonic=lambda: now[0])
+    old = keyring.generate_data_key(AD)
+    other = LocalKeyring(tmp_path / "keyring.json")
+    other.rotate()
+    other.set_min_decryption_version(2)
+    assert keyring.generate_data_key(AD).wrapped.key_version == 1
+    with pytest.raises(KeyVersionDisabled):
+        keyring.unwrap(old.wrapped, AD)  # the floor applies at once
+    now[0] += 1.5
+    assert keyring.generate_data_key(AD).wrapped.key_version == 2

@@ -211,13 +211,16 @@ class FieldCipher:
         cache_key = header_key(obj)
         entry = self._unwrapped.get(cache_key)
         if entry is None or entry.expires <= self._monotonic():
-            entry = self._unwrap(from_mapping(obj))
+            parsed = from_mapping(obj)
+            entry = self._unwrap(parsed)
             unwrapped = self._unwrapped
             unwrapped[cache_key] = entry
             if len(unwrapped) > self.cache.max_unwrapped_keys:
                 # Oldest first: dicts keep insertion order.
                 del unwrapped[next(iter(unwrapped))]
-        ciphertext, timestamp = body(obj)
+            ciphertext, timestamp = parsed.ciphertext, parsed.encryption_timestamp
+        else:
+            ciphertext, timestamp = body(obj)
         return entry.aead.decrypt(ciphertext, data_ad(entry.ad_prefix, timestamp, context))
 
     # -- rotation -----------------------------------------------------------------------

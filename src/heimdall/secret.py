@@ -7,7 +7,6 @@ with zeros as soon as the key is no longer needed, and never show in a repr, str
 
 from __future__ import annotations
 
-import ctypes
 import os
 from types import TracebackType
 from typing import NoReturn, Self
@@ -94,5 +93,4 @@ class SecretBytes:
 
 def wipe_buffer(buffer: bytearray) -> None:
     """Overwrite a bytearray in place with zeros."""
-    if buffer:
-        ctypes.memset((ctypes.c_char * len(buffer)).from_buffer(buffer), 0, len(buffer))
+    buffer[:] = bytes(len(buffer))  # in place: same length, so the buffer is not reallocated

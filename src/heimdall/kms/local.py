@@ -14,7 +14,8 @@ import fcntl
 import json
 import os
 import stat
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = ["LocalKeyring"]
 
 FORMAT = "heimdall.keyring.v1"
 _DOMAIN = b"heimdall.local-keyring.v1\x00"
+_WRAP_STALENESS = 1.0  # seconds; see LocalKeyring._current
 
 
 def _now() -> str:
@@ -41,10 +43,19 @@ class LocalKeyring:
 
     provider = "local"
 
-    def __init__(self, path: Path, *, key_name: str = "heimdall-pii", create: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        key_name: str = "heimdall-pii",
+        create: bool = True,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._path = Path(path)
+        self._monotonic = monotonic
         self._key_name = key_name
         self._stamp: tuple[int, int, int] | None = None
+        self._checked = 0.0
         if not self._path.exists():
             if not create:
                 raise ConfigurationError(f"keyring file {self._path} does not exist")
@@ -136,8 +147,16 @@ class LocalKeyring:
         self._stamp = stamp
         return keyset
 
-    def _current(self) -> Keyset:
-        """The keyset, reloaded if another process changed the file since we read it."""
+    def _current(self, max_staleness: float = 0.0) -> Keyset:
+        """The keyset, reloaded if another process changed the file since we read it.
+
+        Decryption (and describe) always check the file, so a raised decryption floor applies
+        at once; encryption may use a keyset up to *max_staleness* seconds old, since wrapping
+        a new data key under the previous version for that long is harmless.
+        """
+        now = self._monotonic()
+        if max_staleness and now - self._checked < max_staleness:
+            return self._keyset
         try:
             info = os.stat(self._path)
         except OSError:
@@ -146,15 +165,16 @@ class LocalKeyring:
             ) from None
         if (info.st_ino, info.st_mtime_ns, info.st_size) != self._stamp:
             self._keyset = self._load()
+        self._checked = now
         return self._keyset
 
     # -- KeyManagementService --------------------------------------------------------------
 
     def generate_data_key(self, associated_data: bytes) -> DataKey:
-        return self._current().generate_data_key(associated_data)
+        return self._current(_WRAP_STALENESS).generate_data_key(associated_data)
 
     def wrap(self, plaintext: SecretBytes, associated_data: bytes) -> WrappedKey:
-        return self._current().wrap(plaintext, associated_data)
+        return self._current(_WRAP_STALENESS).wrap(plaintext, associated_data)
 
     def unwrap(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
         return self._current().unwrap(wrapped, associated_data)
