@@ -136,7 +136,7 @@ def test_rewrap_keeps_ciphertext_timestamp_and_data_key_id(tmp_path: Path) -> No
     cipher = _cipher(tmp_path / "k.json")
     before = parse(cipher.encrypt(b"v", CTX).envelope)
     cipher.kms.rotate()
-    after = cipher.rewrap_many([before])[0]
+    after = cipher.rewrap_many([(before, CTX)])[0]
     assert not isinstance(after, Exception)
     assert after.key_version == 2 and after.key_identifier == "heimdall-pii-v2"
     assert after.ciphertext == before.ciphertext
@@ -162,7 +162,7 @@ def test_rewrap_many_calls_the_kms_once_per_batch(
         return original(items)
 
     monkeypatch.setattr(cipher.kms, "rewrap_many", counting)
-    results = cipher.rewrap_many(envelopes)
+    results = cipher.rewrap_many([(e, CTX) for e in envelopes])
     assert calls == [3]  # 12 fields, 3 distinct data keys, one batch call
     assert all(not isinstance(r, Exception) and r.key_version == 2 for r in results)
 

@@ -17,11 +17,12 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from heimdall.aead import Aead
 from heimdall.envelope import (
     ALGORITHM,
+    KMS_DIRECT,
     EncryptionContext,
     EncryptionVersion,
     Envelope,
@@ -30,6 +31,7 @@ from heimdall.envelope import (
     body,
     data_ad,
     data_ad_prefix,
+    data_associated_data,
     from_mapping,
     header_key,
     load,
@@ -37,6 +39,7 @@ from heimdall.envelope import (
 )
 from heimdall.errors import HeimdallError, InvalidEnvelope
 from heimdall.kms.base import KeyManagementService, WrappedKey
+from heimdall.secret import SecretBytes
 
 __all__ = ["CachePolicy", "FieldCipher", "SealedField"]
 
@@ -110,8 +113,10 @@ class FieldCipher:
         *,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        direct: bool = False,
     ) -> None:
         self.kms = kms
+        self.direct = direct
         self.encryption_version = encryption_version
         self.cache = cache or CachePolicy()
         self._clock = clock
@@ -164,6 +169,8 @@ class FieldCipher:
 
     def encrypt(self, plaintext: bytes, context: EncryptionContext) -> SealedField:
         """Seal *plaintext* bound to *context*; the data key comes from the cache or the KMS."""
+        if self.direct:
+            return self.encrypt_many([(plaintext, context)])[0]
         with self._lock:
             key = self._encryption_key()
             timestamp = self._timestamp()
@@ -175,6 +182,48 @@ class FieldCipher:
             key.header.key_version,
             key.header.dek_id,
         )
+
+    def encrypt_many(self, items: Sequence[tuple[bytes, EncryptionContext]]) -> list[SealedField]:
+        """Seal many values. With ``direct`` (pattern B) the provider encrypts each value
+        itself, in batch calls; otherwise this is :meth:`encrypt` per value."""
+        if not self.direct:
+            return [self.encrypt(plaintext, context) for plaintext, context in items]
+        version = self.encryption_version.value
+        with self._lock:
+            timestamp = self._timestamp()
+        dek_ids = [new_dek_id() for _ in items]
+        secrets_ = [SecretBytes(plaintext) for plaintext, _ in items]
+        try:
+            wrapped = self.kms.wrap_many(
+                [
+                    (secret, data_associated_data(version, KMS_DIRECT, dek_id, timestamp, context))
+                    for secret, dek_id, (_, context) in zip(secrets_, dek_ids, items, strict=True)
+                ]
+            )
+        finally:
+            for secret in secrets_:
+                secret.wipe()
+        self.kms_calls += 1
+        sealed = []
+        for dek_id, result in zip(dek_ids, wrapped, strict=True):
+            if isinstance(result, HeimdallError):
+                raise result
+            envelope = Envelope(
+                encryption_version=self.encryption_version,
+                algorithm=KMS_DIRECT,
+                key_identifier=result.key_identifier,
+                key_version=result.key_version,
+                dek_id=dek_id,
+                encrypted_dek=b"",
+                ciphertext=result.ciphertext,
+                encryption_timestamp=timestamp,
+            )
+            sealed.append(
+                SealedField(
+                    envelope.to_json(), version, result.key_identifier, result.key_version, dek_id
+                )
+            )
+        return sealed
 
     def forget_keys(self) -> None:
         """Drop every cached data key (after a rotation or a version floor change)."""
@@ -208,6 +257,8 @@ class FieldCipher:
         obj = load(envelope)
         if obj["encryption_version"] != self.encryption_version.value:
             raise InvalidEnvelope("envelope belongs to another encryption version")
+        if obj["algorithm"] == KMS_DIRECT:
+            return self._decrypt_direct(from_mapping(obj), context)
         cache_key = header_key(obj)
         entry = self._unwrapped.get(cache_key)
         if entry is None or entry.expires <= self._monotonic():
@@ -223,55 +274,78 @@ class FieldCipher:
             ciphertext, timestamp = body(obj)
         return entry.aead.decrypt(ciphertext, data_ad(entry.ad_prefix, timestamp, context))
 
+    def _decrypt_direct(self, envelope: Envelope, context: EncryptionContext) -> bytes:
+        """Pattern B: the provider decrypts the value itself, bound to the same context."""
+        ad = data_associated_data(
+            envelope.encryption_version.value,
+            KMS_DIRECT,
+            envelope.dek_id,
+            envelope.encryption_timestamp,
+            context,
+        )
+        wrapped = WrappedKey(envelope.key_identifier, envelope.key_version, envelope.ciphertext)
+        self.kms_calls += 1
+        with self.kms.unwrap(wrapped, ad) as plaintext:
+            return bytes(plaintext.view())
+
     # -- rotation -----------------------------------------------------------------------
 
-    def rewrap_many(self, envelopes: Sequence[Envelope]) -> list[Envelope | HeimdallError]:
-        """The envelopes with their data keys wrapped under the provider's latest version.
+    def rewrap_many(
+        self, items: Sequence[tuple[Envelope, EncryptionContext]]
+    ) -> list[Envelope | HeimdallError]:
+        """The envelopes wrapped under the provider's latest version, in one batch call.
 
-        Each distinct data key is rewrapped once, in one batch call; the data ciphertext,
-        context binding and encryption_timestamp are unchanged. Per-item results, in order.
+        Each distinct data key is rewrapped once; the data ciphertext, context binding and
+        encryption_timestamp are unchanged. A KMS-DIRECT value is rewrapped by the provider
+        itself (for Vault, the value never leaves Transit). Per-item results, in order.
         """
-        distinct: dict[tuple[str, int, str, bytes], int] = {}
-        items: list[tuple[WrappedKey, bytes]] = []
-        for envelope in envelopes:
-            key = (
-                envelope.key_identifier,
-                envelope.key_version,
-                envelope.dek_id,
-                envelope.encrypted_dek,
-            )
-            if key not in distinct:
-                distinct[key] = len(items)
-                items.append(
-                    (
-                        WrappedKey(
-                            envelope.key_identifier, envelope.key_version, envelope.encrypted_dek
-                        ),
-                        wrap_associated_data(
-                            envelope.encryption_version.value, envelope.algorithm, envelope.dek_id
-                        ),
-                    )
+        slots: dict[tuple[object, ...], int] = {}
+        requests: list[tuple[WrappedKey, bytes]] = []
+        keys: list[tuple[object, ...]] = []
+        for index, (envelope, context) in enumerate(items):
+            version = envelope.encryption_version.value
+            if envelope.algorithm == KMS_DIRECT:
+                key: tuple[object, ...] = ("direct", index)
+                wrapped = WrappedKey(
+                    envelope.key_identifier, envelope.key_version, envelope.ciphertext
                 )
-        results = self.kms.rewrap_many(items) if items else []
-        self.kms_calls += 1 if items else 0
+                ad = data_associated_data(
+                    version, KMS_DIRECT, envelope.dek_id, envelope.encryption_timestamp, context
+                )
+            else:
+                key = (
+                    envelope.key_identifier,
+                    envelope.key_version,
+                    envelope.dek_id,
+                    envelope.encrypted_dek,
+                )
+                wrapped = WrappedKey(
+                    envelope.key_identifier, envelope.key_version, envelope.encrypted_dek
+                )
+                ad = wrap_associated_data(version, envelope.algorithm, envelope.dek_id)
+            keys.append(key)
+            if key not in slots:
+                slots[key] = len(requests)
+                requests.append((wrapped, ad))
+        results = self.kms.rewrap_many(requests) if requests else []
+        self.kms_calls += 1 if requests else 0
         out: list[Envelope | HeimdallError] = []
-        for envelope in envelopes:
-            key = (
-                envelope.key_identifier,
-                envelope.key_version,
-                envelope.dek_id,
-                envelope.encrypted_dek,
-            )
-            result = results[distinct[key]]
+        for (envelope, _), key in zip(items, keys, strict=True):
+            result = results[slots[key]]
             if isinstance(result, HeimdallError):
                 out.append(result)
             else:
+                direct = envelope.algorithm == KMS_DIRECT
                 out.append(
-                    replace(
-                        envelope,
-                        key_identifier=result.key_identifier,
-                        key_version=result.key_version,
-                        encrypted_dek=result.ciphertext,
+                    Envelope(
+                        envelope.encryption_version,
+                        envelope.algorithm,
+                        result.key_identifier,
+                        result.key_version,
+                        envelope.dek_id,
+                        b"" if direct else result.ciphertext,
+                        result.ciphertext if direct else envelope.ciphertext,
+                        envelope.encryption_timestamp,
                     )
                 )
         return out

@@ -43,6 +43,7 @@ from heimdall.errors import EnvelopeTooLarge, InvalidEnvelope, UnsupportedEnvelo
 
 __all__ = [
     "ALGORITHM",
+    "KMS_DIRECT",
     "MAX_ENVELOPE_CHARS",
     "MAX_PLAINTEXT_BYTES",
     "MAX_WRAPPED_KEY_BYTES",
@@ -73,7 +74,10 @@ class EncryptionVersion(enum.StrEnum):
 
 
 ALGORITHM: Final = "AES-256-GCM"
-_ALGORITHMS: Final = frozenset({ALGORITHM})
+# Pattern B: the key provider encrypted the value itself (Vault Transit ``encrypt``); the
+# ciphertext field holds the provider's ciphertext and there is no data key.
+KMS_DIRECT: Final = "KMS-DIRECT"
+_ALGORITHMS: Final = frozenset({ALGORITHM, KMS_DIRECT})
 _VERSIONS: Final = frozenset(v.value for v in EncryptionVersion)
 
 MAX_PLAINTEXT_BYTES: Final = 64 * 1024
@@ -345,7 +349,10 @@ def from_mapping(obj: dict[str, Any]) -> Envelope:
     if not isinstance(dek_id, str) or not _DEK_ID_RE.match(dek_id):
         raise InvalidEnvelope("envelope dek_id must be 32 lowercase hex digits")
     encrypted_dek = _b64(obj["encrypted_dek"], "encrypted_dek")
-    if not encrypted_dek:
+    if algorithm == KMS_DIRECT:
+        if encrypted_dek:
+            raise InvalidEnvelope("a KMS-DIRECT envelope carries no encrypted_dek")
+    elif not encrypted_dek:
         raise InvalidEnvelope("envelope encrypted_dek is empty")
     if len(encrypted_dek) > MAX_WRAPPED_KEY_BYTES:
         raise EnvelopeTooLarge("envelope encrypted_dek is over the size limit")

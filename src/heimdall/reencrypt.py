@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from heimdall.audit import AuditEvent, EventType, Result
 from heimdall.blind_index import META_KEY, StoredIndexKey
 from heimdall.cipher import FieldCipher
-from heimdall.envelope import EncryptionVersion, Envelope, parse
+from heimdall.envelope import KMS_DIRECT, EncryptionContext, EncryptionVersion, Envelope, parse
 from heimdall.errors import HeimdallError, ModeViolation
 from heimdall.kms.base import WrappedKey
 from heimdall.modes import EncryptionMode
@@ -100,7 +100,11 @@ class _Run:
                 envelopes.append(parse(field.encrypted_data))
             except HeimdallError as exc:
                 envelopes.append(exc)
-        valid = [e for e in envelopes if isinstance(e, Envelope)]
+        valid = [
+            (parsed, field_context(field))
+            for field, parsed in zip(fields, envelopes, strict=True)
+            if isinstance(parsed, Envelope)
+        ]
         results = iter(self.rewrap_many(valid))
         events = []
         for field, parsed in zip(fields, envelopes, strict=True):
@@ -115,13 +119,16 @@ class _Run:
                 events.append(self.event(EventType.REWRAP, field, result.key_version, None))
         self.heimdall.record(*events)
 
-    def rewrap_many(self, envelopes: list[Envelope]) -> list[Envelope | HeimdallError]:
-        """cipher.rewrap_many, reusing this run's earlier rewrap of the same data key."""
-        known = [_wrapping(e) in self.rewrapped for e in envelopes]
-        fresh = [e for e, hit in zip(envelopes, known, strict=True) if not hit]
+    def rewrap_many(
+        self, items: list[tuple[Envelope, EncryptionContext]]
+    ) -> list[Envelope | HeimdallError]:
+        """cipher.rewrap_many, reusing this run's earlier rewrap of the same data key
+        (a KMS-DIRECT value has no data key: each is rewrapped on its own)."""
+        known = [e.algorithm != KMS_DIRECT and _wrapping(e) in self.rewrapped for e, _ in items]
+        fresh = [item for item, hit in zip(items, known, strict=True) if not hit]
         results = iter(self.cipher.rewrap_many(fresh) if fresh else [])
         out: list[Envelope | HeimdallError] = []
-        for envelope, hit in zip(envelopes, known, strict=True):
+        for (envelope, _), hit in zip(items, known, strict=True):
             if hit:
                 done = self.rewrapped[_wrapping(envelope)]
                 out.append(
@@ -134,7 +141,7 @@ class _Run:
                 )
                 continue
             result = next(results)
-            if isinstance(result, Envelope):
+            if isinstance(result, Envelope) and result.algorithm != KMS_DIRECT:
                 if len(self.rewrapped) >= _REWRAP_MEMO_MAX:
                     self.rewrapped.clear()
                 self.rewrapped[_wrapping(envelope)] = WrappedKey(

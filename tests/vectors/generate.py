@@ -92,7 +92,7 @@ def main() -> None:
     v2 = FieldCipher(LocalKeyring(path, create=False), EncryptionVersion.KMS_V1, cache)
     name = v2.encrypt("Zoë Ångström".encode(), context(name_ctx)).envelope
     empty = v2.encrypt(b"", context(ctx("notes:hash:" + "02" * 32, "notes"))).envelope
-    rewrapped = v2.rewrap_many([parse(email)])[0]
+    rewrapped = v2.rewrap_many([(parse(email), context(email_ctx))])[0]
     assert not isinstance(rewrapped, Exception)
     spaced = json.dumps(dict(reversed(list(json.loads(email).items()))), indent=1)
 

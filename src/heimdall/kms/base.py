@@ -103,6 +103,10 @@ class KeyManagementService(Protocol):
         """Wrap an existing data key under the latest encryption version."""
         ...
 
+    def wrap_many(
+        self, items: Sequence[tuple[SecretBytes, bytes]]
+    ) -> list[WrappedKey | HeimdallError]: ...
+
     def unwrap(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
         """The plaintext data key. Raises KeyVersionDisabled below min_decryption_version."""
         ...

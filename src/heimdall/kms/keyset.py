@@ -106,6 +106,17 @@ class Keyset:
         )
         return WrappedKey(key_identifier, version, sealed)
 
+    def wrap_many(
+        self, items: Sequence[tuple[SecretBytes, bytes]]
+    ) -> list[WrappedKey | HeimdallError]:
+        results: list[WrappedKey | HeimdallError] = []
+        for plaintext, ad in items:
+            try:
+                results.append(self.wrap(plaintext, ad))
+            except HeimdallError as exc:
+                results.append(exc)
+        return results
+
     def unwrap(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
         entry = self._versions.get(wrapped.key_version)
         if entry is None or wrapped.key_identifier != self.key_identifier(wrapped.key_version):

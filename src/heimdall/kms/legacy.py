@@ -67,6 +67,11 @@ class LegacyMasterKey:
     def wrap(self, plaintext: SecretBytes, associated_data: bytes) -> WrappedKey:
         return self._keyset.wrap(plaintext, associated_data)
 
+    def wrap_many(
+        self, items: Sequence[tuple[SecretBytes, bytes]]
+    ) -> list[WrappedKey | HeimdallError]:
+        return self._keyset.wrap_many(items)
+
     def unwrap(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
         return self._keyset.unwrap(wrapped, associated_data)
 

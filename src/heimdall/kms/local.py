@@ -176,6 +176,11 @@ class LocalKeyring:
     def wrap(self, plaintext: SecretBytes, associated_data: bytes) -> WrappedKey:
         return self._current(_WRAP_STALENESS).wrap(plaintext, associated_data)
 
+    def wrap_many(
+        self, items: Sequence[tuple[SecretBytes, bytes]]
+    ) -> list[WrappedKey | HeimdallError]:
+        return self._current(_WRAP_STALENESS).wrap_many(items)
+
     def unwrap(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
         return self._current().unwrap(wrapped, associated_data)
 
