@@ -79,6 +79,8 @@ def test_hmd_variables_override_every_default(tmp_path: Path) -> None:
             "HMD_DATA_DIR": str(tmp_path),
             "HMD_ENCRYPTION_MODE": "hybrid",
             "HMD_KMS_PROVIDER": "vault",
+            "HMD_VAULT_ADDR": "http://127.0.0.1:8200",
+            "HMD_VAULT_TOKEN": "t",
             "HMD_KMS_KEY_NAME": "pii-2",
             "HMD_STORE": "sqlite",
             "HMD_AUDIT_FSYNC": "off",
@@ -285,3 +287,47 @@ def test_unknown_hmd_variables_are_reported_as_likely_typos() -> None:
         "HOME": "/root",
     }
     assert unknown_variables(environ) == ["HMD_ENCRYPTON_MODE"]
+
+
+def test_vault_settings_from_variables() -> None:
+    settings = Settings.from_env(
+        {
+            "HMD_KMS_PROVIDER": "vault",
+            "HMD_VAULT_ADDR": "http://127.0.0.1:8200, http://127.0.0.1:8202/",
+            "HMD_VAULT_PATTERN": "transit",
+            "HMD_VAULT_AUTH": "approle",
+            "HMD_VAULT_ROLE_ID": "role-id-value",
+            "HMD_VAULT_SECRET_ID_FILE": "/run/secrets/secret-id",
+            "HMD_VAULT_BATCH_SIZE": "100",
+        }
+    )
+    vault = settings.vault
+    assert vault is not None
+    assert vault.addresses == ("http://127.0.0.1:8200", "http://127.0.0.1:8202")
+    assert settings.vault_pattern.value == "transit"
+    assert vault.auth.value == "approle"
+    assert vault.batch_size == 100
+    assert vault.secret_id_file == Path("/run/secrets/secret-id")
+    assert "role-id-value" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        ({}, "HMD_VAULT_ADDR is not set"),
+        ({"HMD_VAULT_ADDR": "127.0.0.1:8200"}, "must start with http"),
+        ({"HMD_VAULT_ADDR": "http://a", "HMD_VAULT_PATTERN": "x"}, "HMD_VAULT_PATTERN"),
+        ({"HMD_VAULT_ADDR": "http://a", "HMD_VAULT_BATCH_SIZE": "1000"}, "HMD_VAULT_BATCH_SIZE"),
+    ],
+)
+def test_bad_vault_settings_are_refused(variables: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConfigurationError, match=expected):
+        Settings.from_env({"HMD_KMS_PROVIDER": "vault", **variables})
+
+
+def test_vault_secrets_are_refused_in_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "heimdall.toml"
+    config.write_text('kms_provider = "vault"\nvault_token = "s.abc"\n', encoding="utf-8")
+    with pytest.raises(ConfigurationError, match="vault_token") as caught:
+        Settings.from_env({"HMD_CONFIG": str(config)})
+    assert "s.abc" not in str(caught.value)

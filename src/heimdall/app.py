@@ -15,6 +15,7 @@ from heimdall.errors import ConfigurationError
 from heimdall.kms.base import KeyManagementService
 from heimdall.kms.legacy import LegacyMasterKey, parse_master_key
 from heimdall.kms.local import LocalKeyring
+from heimdall.kms.vault_config import VaultPattern
 from heimdall.modes import CipherRouter, EncryptionMode
 from heimdall.policy import default_policy, load_policy
 from heimdall.service import Heimdall
@@ -41,9 +42,22 @@ def _holds_kms_data(store: GraphStore) -> bool:
     )
 
 
+def _vault(settings: Settings) -> KeyManagementService:
+    try:
+        from heimdall.kms.vault import VaultTransit  # noqa: PLC0415 - hvac is an optional extra
+    except ImportError:
+        raise ConfigurationError(
+            "HMD_KMS_PROVIDER=vault needs the vault extra: pip install 'heimdall[vault]'"
+        ) from None
+    assert settings.vault is not None  # Settings.from_env builds it for the vault provider
+    return VaultTransit(settings.vault)
+
+
 def _kms_provider(
     settings: Settings, store: GraphStore, *, create: bool
 ) -> KeyManagementService | None:
+    if settings.kms_provider == "vault":
+        return _vault(settings)
     if settings.kms_provider != "local":
         raise ConfigurationError(
             f"HMD_KMS_PROVIDER={settings.kms_provider} is not available in this version of heimdall"
@@ -85,7 +99,10 @@ def build(settings: Settings, *, warn: Callable[[str], None] = lambda _: None) -
     try:
         # In legacy mode the KMS is only read (rollback), so its keyring is not created there.
         kms = _kms_provider(settings, store, create=mode is not EncryptionMode.LEGACY)
-        kms_cipher = FieldCipher(kms, EncryptionVersion.KMS_V1, cache) if kms else None
+        direct = settings.vault_pattern is VaultPattern.TRANSIT
+        kms_cipher = (
+            FieldCipher(kms, EncryptionVersion.KMS_V1, cache, direct=direct) if kms else None
+        )
         router = CipherRouter(mode, kms=kms_cipher, legacy=legacy_cipher)
     except BaseException:
         store.close()

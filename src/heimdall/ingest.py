@@ -125,40 +125,47 @@ def ingest_lines(
                 report.errors.append(LineError(number, str(exc)))
         wanted = [key for item in prepared for key, _, _ in item.values]
         existing = heimdall.store.existing_keys(wanted) if wanted else set()
-        new_fields: dict[str, FieldValue] = {}
-        events: list[AuditEvent] = []
+        pending: dict[str, tuple[str, str]] = {}
         sightings: list[Sighting] = []
         for item in prepared:
             for key, name, value in item.values:
                 sightings.append(Sighting(key, item.record.record_id, item.record.source, now))
-                if key in existing or key in new_fields:
+                if key in existing or key in pending:
                     report.fields_deduplicated += 1
                     continue
-                sealed = cipher.encrypt(
-                    value.encode("utf-8"), EncryptionContext(FIELD_LABEL, key, name)
-                )
-                new_fields[key] = FieldValue(
-                    canonical_key=key,
-                    field_name=name,
-                    encrypted_data=sealed.envelope,
+                pending[key] = (name, value)
+        # One call for the batch: with pattern B the provider encrypts them in batch requests.
+        sealed_fields = cipher.encrypt_many(
+            [
+                (value.encode("utf-8"), EncryptionContext(FIELD_LABEL, key, name))
+                for key, (name, value) in pending.items()
+            ]
+        )
+        new_fields: dict[str, FieldValue] = {}
+        events: list[AuditEvent] = []
+        for (key, (name, _)), sealed in zip(pending.items(), sealed_fields, strict=True):
+            new_fields[key] = FieldValue(
+                canonical_key=key,
+                field_name=name,
+                encrypted_data=sealed.envelope,
+                key_version=sealed.key_version,
+                encryption_version=sealed.encryption_version,
+                dek_id=sealed.dek_id,
+                updated_at=now,
+            )
+            events.append(
+                AuditEvent(
+                    EventType.ENCRYPT,
+                    caller.actor,
+                    Result.SUCCESS,
+                    caller.request_id,
+                    field_identifier=key,
+                    key_identifier=sealed.key_identifier,
                     key_version=sealed.key_version,
-                    encryption_version=sealed.encryption_version,
-                    dek_id=sealed.dek_id,
-                    updated_at=now,
+                    source_ip=caller.source_ip,
+                    timestamp=now,
                 )
-                events.append(
-                    AuditEvent(
-                        EventType.ENCRYPT,
-                        caller.actor,
-                        Result.SUCCESS,
-                        caller.request_id,
-                        field_identifier=key,
-                        key_identifier=sealed.key_identifier,
-                        key_version=sealed.key_version,
-                        source_ip=caller.source_ip,
-                        timestamp=now,
-                    )
-                )
+            )
         heimdall.record(*events)
         inserted = heimdall.store.write_batch(
             list(new_fields.values()), sightings, [item.record for item in prepared]

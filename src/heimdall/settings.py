@@ -11,11 +11,13 @@ from __future__ import annotations
 import enum
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
 from heimdall.errors import ConfigurationError
+from heimdall.kms import vault_config
+from heimdall.kms.vault_config import VaultPattern, VaultSettings
 from heimdall.modes import EncryptionMode
 from heimdall.rbac import Role
 
@@ -33,26 +35,30 @@ class StoreKind(enum.StrEnum):
 
 KMS_PROVIDERS: Final = ("local", "vault", "aws", "gcp", "azure")
 
-_FILE_KEYS: Final = frozenset(
-    {
-        "data_dir",
-        "encryption_mode",
-        "kms_provider",
-        "kms_key_name",
-        "keyring_path",
-        "store",
-        "sqlite_path",
-        "audit_log",
-        "audit_fsync",
-        "policy",
-        "env",
-        "role",
-        "actor",
-        "dek_max_uses",
-        "dek_max_age_seconds",
-        "ingest_batch_size",
-    }
+_FILE_KEYS: Final = (
+    frozenset(
+        {
+            "data_dir",
+            "encryption_mode",
+            "kms_provider",
+            "kms_key_name",
+            "keyring_path",
+            "store",
+            "sqlite_path",
+            "audit_log",
+            "audit_fsync",
+            "policy",
+            "env",
+            "role",
+            "actor",
+            "dek_max_uses",
+            "dek_max_age_seconds",
+            "ingest_batch_size",
+        }
+    )
+    | vault_config.FILE_KEYS
 )
+_FILE_SECRETS: Final = ("master_key", "vault_token", "vault_role_id", "vault_secret_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +80,8 @@ class Settings:
     dek_max_uses: int = 10_000
     dek_max_age_seconds: float = 300.0
     ingest_batch_size: int = 1000
+    vault: VaultSettings | None = None
+    vault_pattern: VaultPattern = VaultPattern.DATAKEY
 
     @property
     def keyring_file(self) -> Path:
@@ -98,11 +106,18 @@ class Settings:
             if env_value is not None and env_value != "":
                 values[name] = env_value
         master_key = environ.get("HMD_MASTER_KEY") or None
-        return _build(values, master_key)
+        vault_values = {k: values.pop(k) for k in list(values) if k in vault_config.FILE_KEYS}
+        settings = _build(values, master_key)
+        if settings.kms_provider != "vault":
+            return settings
+        vault, pattern = vault_config.vault_settings(vault_values, environ, settings.kms_key_name)
+        return replace(settings, vault=vault, vault_pattern=pattern)
 
 
 # Variables heimdall reads outside Settings, or that its test suite reads.
-_OTHER_VARIABLES: Final = frozenset({"HMD_CONFIG", "HMD_MASTER_KEY", "HMD_DEBUG"})
+_OTHER_VARIABLES: Final = frozenset(
+    {"HMD_CONFIG", "HMD_MASTER_KEY", "HMD_DEBUG", *vault_config.SECRET_VARIABLES}
+)
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
@@ -124,10 +139,12 @@ def _read_file(path: Path) -> dict[str, str]:
         raise ConfigurationError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigurationError(f"config file {path} is not valid TOML: {exc}") from None
-    if "master_key" in doc:
-        raise ConfigurationError(
-            f"config file {path} holds master_key; secrets belong in HMD_MASTER_KEY or a KMS"
-        )
+    for secret in _FILE_SECRETS:
+        if secret in doc:
+            raise ConfigurationError(
+                f"config file {path} holds {secret}; secrets belong in the environment "
+                f"(HMD_{secret.upper()}) or a KMS, never in a file"
+            )
     unknown = sorted(set(doc) - _FILE_KEYS)
     if unknown:
         raise ConfigurationError(f"config file {path} has unknown setting {unknown[0]!r}")

@@ -1,0 +1,317 @@
+"""Vault / OpenBao Transit as a key provider.
+
+spec: KMS Provider Evaluation, HashiCorp Vault (both integration patterns). The Transit key
+(``HMD_VAULT_MOUNT``/``HMD_KMS_KEY_NAME``, default ``transit``/``heimdall-pii``) never leaves
+Vault. Data keys come from ``datakey/plaintext`` and are wrapped, unwrapped and rewrapped by
+Transit; with pattern B the cipher sends field values themselves through :meth:`wrap`.
+
+Binding: heimdall's associated data is sent as Transit's key-derivation ``context``, so Vault
+derives a distinct key per context and decrypting or rewrapping under another context fails.
+(Transit's ``associated_data`` parameter would bind it as well, but ``rewrap`` does not accept
+it, and rewrap is what keeps data keys inside Vault during a rotation.) The key must therefore
+be created with ``derived=true``, as ``heimdall vault bootstrap`` does.
+
+Key identifiers are ``<mount>/<key>-v<version>``; the version must agree with the ``vault:vN:``
+prefix Transit puts on its ciphertext.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from heimdall.errors import (
+    ConfigurationError,
+    HeimdallError,
+    KeyNotFound,
+    KmsError,
+    KmsUnavailable,
+)
+from heimdall.kms.base import (
+    DataKey,
+    Health,
+    KeyDescription,
+    KeyState,
+    KeyVersionInfo,
+    WrappedKey,
+)
+from heimdall.kms.vault_config import VaultSettings
+from heimdall.kms.vault_transport import PROVIDER, VaultTransport, error_for_message
+from heimdall.preflight import Check
+from heimdall.secret import SecretBytes
+
+_SERVING = frozenset({"active", "standby", "performance standby"})
+
+__all__ = ["VaultTransit"]
+
+
+def _b64(data: bytes | bytearray) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _version_of(ciphertext: str) -> int:
+    prefix, _, rest = ciphertext.partition(":")
+    version, _, _ = rest.partition(":")
+    if prefix != "vault" or not version.startswith("v") or not version[1:].isdigit():
+        raise KmsError("vault returned a ciphertext without a version prefix", provider=PROVIDER)
+    return int(version[1:])
+
+
+class VaultTransit:
+    """KeyManagementService over one Transit key. See the module docstring."""
+
+    provider = PROVIDER
+
+    def __init__(self, settings: VaultSettings, transport: VaultTransport | None = None) -> None:
+        self.settings = settings
+        self.transport = transport or VaultTransport(settings)
+        self._base = f"{settings.mount}"
+        self._key = settings.key_name
+
+    def key_identifier(self, version: int) -> str:
+        return f"{self.settings.mount}/{self._key}-v{version}"
+
+    def _path(self, operation: str) -> str:
+        return f"{self._base}/{operation}/{self._key}"
+
+    def _wrapped(self, ciphertext: str) -> WrappedKey:
+        version = _version_of(ciphertext)
+        return WrappedKey(self.key_identifier(version), version, ciphertext.encode())
+
+    def _check(self, wrapped: WrappedKey) -> str:
+        """The Transit ciphertext of *wrapped*, after checking it names a version of this key."""
+        try:
+            text = wrapped.ciphertext.decode("ascii")
+            version = _version_of(text)
+        except (UnicodeDecodeError, KmsError):
+            raise KeyNotFound(
+                "the wrapped key is not a Transit ciphertext",
+                provider=PROVIDER,
+                key_identifier=wrapped.key_identifier,
+            ) from None
+        if version != wrapped.key_version or wrapped.key_identifier != self.key_identifier(
+            wrapped.key_version
+        ):
+            raise KeyNotFound(
+                "the wrapped key does not belong to this Transit key version",
+                provider=PROVIDER,
+                key_identifier=wrapped.key_identifier,
+            )
+        return text
+
+    # -- data keys ------------------------------------------------------------------------
+
+    def generate_data_key(self, associated_data: bytes) -> DataKey:
+        data = self.transport.call(
+            "POST",
+            f"{self._base}/datakey/plaintext/{self._key}",
+            {"context": _b64(associated_data), "bits": 256},
+        )["data"]
+        plaintext = SecretBytes.adopt(bytearray(binascii.a2b_base64(data["plaintext"])))
+        return DataKey(plaintext=plaintext, wrapped=self._wrapped(data["ciphertext"]))
+
+    def wrap(self, plaintext: SecretBytes, associated_data: bytes) -> WrappedKey:
+        result = self.wrap_many([(plaintext, associated_data)])[0]
+        if isinstance(result, HeimdallError):
+            raise result
+        return result
+
+    def wrap_many(
+        self, items: Sequence[tuple[SecretBytes, bytes]]
+    ) -> list[WrappedKey | HeimdallError]:
+        requests = [{"plaintext": _b64(secret.view()), "context": _b64(ad)} for secret, ad in items]
+        return [
+            self._wrapped(r["ciphertext"]) if isinstance(r, dict) else r
+            for r in self._batch("encrypt", requests, "")
+        ]
+
+    def unwrap(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
+        result = self.unwrap_many([(wrapped, associated_data)])[0]
+        if isinstance(result, HeimdallError):
+            raise result
+        return result
+
+    def unwrap_many(
+        self, items: Sequence[tuple[WrappedKey, bytes]]
+    ) -> list[SecretBytes | HeimdallError]:
+        return [
+            SecretBytes.adopt(bytearray(binascii.a2b_base64(a.get("plaintext") or "")))
+            if isinstance(a, dict)
+            else a
+            for a in self._run("decrypt", items)
+        ]
+
+    def _run(
+        self, operation: str, items: Sequence[tuple[WrappedKey, bytes]]
+    ) -> list[dict[str, Any] | HeimdallError]:
+        """Send the items that name a version of this key; the others fail on their own."""
+        out: list[dict[str, Any] | HeimdallError] = []
+        bodies: list[dict[str, str]] = []
+        positions: list[int] = []
+        for index, (wrapped, ad) in enumerate(items):
+            try:
+                bodies.append({"ciphertext": self._check(wrapped), "context": _b64(ad)})
+            except HeimdallError as exc:
+                out.append(exc)
+                continue
+            positions.append(index)
+            out.append({})  # replaced by the answer below
+        for index, answer in zip(positions, self._batch(operation, bodies, ""), strict=True):
+            out[index] = answer
+        return out
+
+    def rewrap(self, wrapped: WrappedKey, associated_data: bytes) -> WrappedKey:
+        result = self.rewrap_many([(wrapped, associated_data)])[0]
+        if isinstance(result, HeimdallError):
+            raise result
+        return result
+
+    def rewrap_many(
+        self, items: Sequence[tuple[WrappedKey, bytes]]
+    ) -> list[WrappedKey | HeimdallError]:
+        return [
+            self._wrapped(a["ciphertext"]) if isinstance(a, dict) else a
+            for a in self._run("rewrap", items)
+        ]
+
+    def _batch(
+        self, operation: str, requests: list[dict[str, str]], key_identifier: str
+    ) -> list[dict[str, Any] | HeimdallError]:
+        """Transit batch_input in chunks the server accepts; one result per request item.
+
+        A chunk that fails as a whole (unreachable, denied) raises: nothing of it was done.
+        An item Vault refuses carries its own translated error.
+        """
+        size = self.settings.batch_size
+        chunks = [requests[start : start + size] for start in range(0, len(requests), size)]
+
+        def send(chunk: list[dict[str, str]]) -> list[dict[str, Any] | HeimdallError]:
+            payload = self.transport.call(
+                "POST",
+                self._path(operation),
+                {"batch_input": chunk},
+                key_identifier=key_identifier,
+                partial_ok=True,
+            )
+            answers = payload.get("data", {}).get("batch_results")
+            if not isinstance(answers, list) or len(answers) != len(chunk):
+                raise KmsError("vault returned a malformed batch answer", provider=PROVIDER)
+            return [
+                error_for_message(str(a.get("error"))) if a.get("error") else a for a in answers
+            ]
+
+        if len(chunks) <= 1 or self.settings.concurrency <= 1:
+            results = [send(chunk) for chunk in chunks]
+        else:
+            # Vault spreads concurrent requests over its cores; the client waits in I/O.
+            with ThreadPoolExecutor(min(self.settings.concurrency, len(chunks))) as pool:
+                results = list(pool.map(send, chunks))
+        return [answer for chunk_results in results for answer in chunk_results]
+
+    # -- the key --------------------------------------------------------------------------
+
+    def describe(self) -> KeyDescription:
+        data = self.transport.call("GET", f"{self._base}/keys/{self._key}")["data"]
+        return self._description(data)
+
+    def _description(self, data: dict[str, Any]) -> KeyDescription:
+        if not data.get("derived"):
+            raise ConfigurationError(
+                f"transit key {self._key} is not derived; heimdall binds each field's context "
+                "through key derivation (create it with `heimdall vault bootstrap`)"
+            )
+        latest = int(data["latest_version"])
+        min_decryption = int(data.get("min_decryption_version") or 1)
+        min_encryption = int(data.get("min_encryption_version") or 0)
+        # Transit lists only versions at or above min_decryption_version; the ones below it
+        # still exist (archived) and are reported as disabled.
+        versions = [
+            KeyVersionInfo(version, KeyState.DISABLED, "") for version in range(1, min_decryption)
+        ]
+        for raw_version, created in sorted(data["keys"].items(), key=lambda kv: int(kv[0])):
+            version = int(raw_version)
+            if version < min_decryption:
+                state = KeyState.DISABLED
+            elif min_encryption and version < min_encryption:
+                state = KeyState.RETIRED
+            else:
+                state = KeyState.ACTIVE
+            stamp = datetime.fromtimestamp(int(created), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            versions.append(KeyVersionInfo(version, state, stamp))
+        return KeyDescription(
+            provider=PROVIDER,
+            key_name=f"{self.settings.mount}/{self._key}",
+            latest_version=latest,
+            min_decryption_version=min_decryption,
+            min_encryption_version=min_encryption,
+            versions=tuple(versions),
+        )
+
+    def rotate(self) -> KeyDescription:
+        """Rotate once. Never retried blindly: after a failure the key is read again, and the
+        rotation is only reported failed if the latest version did not move."""
+        before = self.describe().latest_version
+        try:
+            self.transport.call(
+                "POST", f"{self._base}/keys/{self._key}/rotate", {}, idempotent=False
+            )
+        except KmsUnavailable:
+            after = self.describe()
+            if after.latest_version > before:
+                return after
+            raise
+        return self.describe()
+
+    def set_min_decryption_version(self, version: int) -> KeyDescription:
+        self.transport.call(
+            "POST",
+            f"{self._base}/keys/{self._key}/config",
+            {"min_decryption_version": version},
+        )
+        return self.describe()
+
+    def preflight(self) -> list[Check]:
+        """Connectivity of every address, authentication, and an enabled audit device."""
+        checks = []
+        for address, state in self.transport.node_states():
+            checks.append(Check(f"connectivity {address}", state in _SERVING, state))
+        try:
+            self.transport.call("GET", "auth/token/lookup-self")
+            checks.append(
+                Check("authentication", True, f"{self.settings.auth.value} auth, token valid")
+            )
+        except HeimdallError as exc:
+            checks.append(Check("authentication", False, str(exc)))
+        try:
+            devices = self.transport.call("GET", "sys/audit").get("data") or {}
+            enabled = sorted(str(d.get("type")) for d in devices.values() if isinstance(d, dict))
+            checks.append(
+                Check(
+                    "audit device",
+                    bool(enabled),
+                    f"enabled: {', '.join(enabled)}" if enabled else "no audit device is enabled",
+                )
+            )
+        except HeimdallError as exc:
+            checks.append(Check("audit device", False, f"cannot list audit devices: {exc}"))
+        return checks
+
+    def health(self) -> Health:
+        try:
+            description = self.describe()
+        except HeimdallError as exc:
+            return Health(False, PROVIDER, str(exc))
+        return Health(
+            True,
+            PROVIDER,
+            f"{self.transport.active_address} key {description.key_name} "
+            f"v{description.latest_version}",
+        )
+
+    def __repr__(self) -> str:
+        key = f"{self.settings.mount}/{self._key}"
+        return f"VaultTransit(addresses={self.settings.addresses!r}, key={key!r})"
