@@ -1,0 +1,53 @@
+# heimdall-worker: enrichment workers, which read encrypted fields but never write them.
+#
+# Decrypt only: unwraps the data keys of stored fields under the transit key heimdall-pii. It
+# cannot encrypt, get data keys, read or change the key, rewrap, export, back up or trim it.
+#
+# spec: Access Control Model, Vault Policy Example ("Policy for enrichment workers (read-only
+# decrypt)") and Role-Based Access (heimdall-worker: decrypt only); Integration Points, Worker
+# Processes (Enrichment).
+#
+# Written for the key heimdall-pii on the mount transit/; heimdall's bootstrap writes it with the
+# configured key name and mount substituted (deploy/vault/README.md, "Other mounts and keys").
+
+path "transit/decrypt/heimdall-pii" {
+  capabilities = ["update"]
+}
+
+# Key material never leaves Vault (no export, no plaintext backup) and old versions are never
+# trimmed away (that would strand stored fields). spec: Access Control Model ("Deny direct
+# access to key material"). Across a token's policies Vault applies only the most specific
+# matching path (merging capabilities where several policies name that same path), so a glob
+# deny yields to a more specific grant elsewhere: the key's own paths are denied exactly too,
+# and there a deny wins over a grant from any other policy on the same token.
+path "transit/export/*" {
+  capabilities = ["deny"]
+}
+
+path "transit/export/encryption-key/heimdall-pii" {
+  capabilities = ["deny"]
+}
+
+path "transit/export/encryption-key/heimdall-pii/*" {
+  capabilities = ["deny"]
+}
+
+path "transit/export/hmac-key/heimdall-pii" {
+  capabilities = ["deny"]
+}
+
+path "transit/export/hmac-key/heimdall-pii/*" {
+  capabilities = ["deny"]
+}
+
+path "transit/backup/*" {
+  capabilities = ["deny"]
+}
+
+path "transit/backup/heimdall-pii" {
+  capabilities = ["deny"]
+}
+
+path "transit/keys/heimdall-pii/trim" {
+  capabilities = ["deny"]
+}
