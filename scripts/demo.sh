@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# A tour of heimdall on the embedded default (local keyring + SQLite), from the old static
-# env key to KMS envelope encryption: ingest, migrate, rotate, re-encrypt, look up, decrypt, audit.
+# A tour of heimdall, from the old static env key to KMS envelope encryption: ingest, migrate,
+# rotate, re-encrypt, look up, decrypt, audit. On the embedded default (local keyring + SQLite),
+# or on Vault/OpenBao with HMD_KMS_PROVIDER=vault HMD_VAULT_ADDR=... HMD_VAULT_TOKEN=...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Only HMD_DATA_DIR (where the tour runs) and HMD_AUDIT_FSYNC are taken from the caller: any other
-# inherited HMD_* setting (HMD_KEYRING_PATH, HMD_SQLITE_PATH, HMD_CONFIG, HMD_ROLE, ...) could point
-# the tour at real data or break it.
+# Only HMD_DATA_DIR (where the tour runs), HMD_AUDIT_FSYNC and the key provider's settings
+# (HMD_KMS_PROVIDER, HMD_KMS_KEY_NAME, HMD_VAULT_*) are taken from the caller: any other inherited
+# HMD_* setting (HMD_KEYRING_PATH, HMD_SQLITE_PATH, HMD_CONFIG, HMD_ROLE, ...) could point the tour
+# at real data or break it.
 for name in $(compgen -e); do
     case "$name" in
-        HMD_DATA_DIR | HMD_AUDIT_FSYNC) ;;
+        HMD_DATA_DIR | HMD_AUDIT_FSYNC | HMD_KMS_PROVIDER | HMD_KMS_KEY_NAME | HMD_VAULT_*) ;;
         HMD_*) unset "$name" ;;
     esac
 done
+PROVIDER="${HMD_KMS_PROVIDER:-local}"
 export HMD_DATA_DIR="${HMD_DATA_DIR:-.heimdall-demo}"
 # The tour starts from an empty data dir, so it wipes it first; it only ever wipes the default
 # or a directory it made itself (marked), never a real keyring and database.
@@ -37,6 +40,11 @@ tail -n +121 "$PEOPLE" > "$TMP/new-signups.jsonl"
 step() { printf '\n\033[1m== %s\033[0m\n' "$1"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
 
+if [ "$PROVIDER" != local ]; then
+    step "0. Pre-flight: can heimdall reach and use the $PROVIDER key?"
+    run heimdall kms check || echo "(a check failed; the tour goes on)"
+fi
+
 # A throwaway static master key, standing in for the env key heimdall replaces.
 HMD_MASTER_KEY=$(python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')
 export HMD_MASTER_KEY
@@ -44,7 +52,7 @@ export HMD_MASTER_KEY
 step "1. The old world: fields encrypted under the static HMD_MASTER_KEY (legacy mode)"
 HMD_ENCRYPTION_MODE=legacy run heimdall ingest "$TMP/old-system.jsonl"
 
-step "2. Hybrid mode: new fields go to the KMS (local keyring), legacy fields still read"
+step "2. Hybrid mode: new fields go to the KMS ($PROVIDER), legacy fields still read"
 export HMD_ENCRYPTION_MODE=hybrid
 run heimdall ingest "$TMP/new-signups.jsonl"
 run heimdall status

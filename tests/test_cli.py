@@ -461,7 +461,11 @@ def _unknown_role(cli: Cli) -> BadInput:
 
 
 def _unavailable_kms_provider(cli: Cli) -> BadInput:
-    return BadInput(("status",), {"HMD_KMS_PROVIDER": "vault"}, "HMD_KMS_PROVIDER")
+    return BadInput(("status",), {"HMD_KMS_PROVIDER": "aws"}, "HMD_KMS_PROVIDER")
+
+
+def _vault_without_address(cli: Cli) -> BadInput:
+    return BadInput(("status",), {"HMD_KMS_PROVIDER": "vault"}, "HMD_VAULT_ADDR")
 
 
 def _missing_reason(cli: Cli) -> BadInput:
@@ -502,6 +506,7 @@ BAD_INPUTS: dict[str, Setup] = {
     "unknown-encryption-mode": _unknown_encryption_mode,
     "unknown-role": _unknown_role,
     "unavailable-kms-provider": _unavailable_kms_provider,
+    "vault-without-address": _vault_without_address,
     "missing-reason": _missing_reason,
     "blank-reason": _blank_reason,
     "unknown-option": _unknown_option,

@@ -1,0 +1,177 @@
+"""Commands on stored fields: ingest, decrypt, lookup, reencrypt, status."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+from rich.table import Table
+
+from heimdall.cli.common import (
+    ActorOption,
+    JsonOption,
+    app,
+    caller_for,
+    err,
+    fail,
+    open_service,
+    out,
+    progress_bar,
+    tracked,
+)
+from heimdall.ingest import ingest_lines, read_lines
+from heimdall.rbac import Permission
+from heimdall.reencrypt import pending, reencrypt
+
+
+@app.command()
+def ingest(
+    file: Annotated[Path, typer.Argument(help="JSON Lines file, one record per line.")],
+    actor: ActorOption = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, max=100_000)] = None,
+) -> None:
+    """Encrypt and store the PII fields of every record in FILE."""
+    if not file.is_file():
+        fail(f"{file} is not a readable file")
+    with open_service() as (service, settings):
+        caller = caller_for(settings, actor)
+        with file.open("rb") as handle:
+            total = sum(1 for _ in handle)
+        started = time.monotonic()
+        with progress_bar(total, "ingest") as progress:
+            report = ingest_lines(
+                service,
+                read_lines(str(file)),
+                caller=caller,
+                source_name=file.stem,
+                batch_size=batch_size or settings.ingest_batch_size,
+                progress=tracked(progress, total),
+            )
+        elapsed = time.monotonic() - started
+    for line_error in report.errors[:50]:
+        err.print(f"line {line_error.line}: {line_error.message}", markup=False)
+    if len(report.errors) > 50:
+        err.print(f"... and {len(report.errors) - 50} more rejected lines", markup=False)
+    fields = report.fields_encrypted + report.fields_deduplicated
+    out.print(
+        f"ingested {report.records:,} records in {elapsed:.2f} s: {fields:,} PII fields "
+        f"({report.fields_encrypted:,} new values encrypted, {report.fields_deduplicated:,} "
+        f"already known), {report.dropped_fields:,} fields dropped by policy, "
+        f"{len(report.errors):,} lines rejected",
+        markup=False,
+    )
+    if report.errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+def decrypt(
+    canonical_key: Annotated[str, typer.Argument(help="e.g. email:hash:<hex>")],
+    reason: Annotated[str, typer.Option("--reason", help="Why, for the audit trail.")],
+    actor: ActorOption = None,
+) -> None:
+    """Print the plaintext of one field. Audited with the reason given."""
+    with open_service() as (service, settings):
+        plaintext = service.decrypt(
+            canonical_key, reason=reason, caller=caller_for(settings, actor)
+        )
+    out.print(plaintext, markup=False)
+
+
+@app.command()
+def lookup(
+    field: Annotated[str, typer.Argument(help="Field name, e.g. email")],
+    value: Annotated[str, typer.Argument(help="The value to find")],
+    actor: ActorOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Find a value by its blind index, without decrypting anything."""
+    with open_service() as (service, settings):
+        result = service.lookup(field, value, caller=caller_for(settings, actor))
+    if as_json:
+        out.print_json(
+            orjson.dumps(
+                {
+                    "canonical_key": result.canonical_key,
+                    "found": result.found,
+                    "sightings": result.sightings,
+                }
+            ).decode()
+        )
+    elif result.found:
+        out.print(f"{result.canonical_key}  ({result.sightings} sightings)", markup=False)
+    else:
+        fail(f"no stored {field} has that value")
+
+
+@app.command("reencrypt")
+def reencrypt_command(
+    actor: ActorOption = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=100_000)] = 500,
+) -> None:
+    """Bring every field to the latest key version (in hybrid mode, legacy fields to the KMS)."""
+    with open_service() as (service, settings):
+        caller = caller_for(settings, actor)
+        service.require(caller, Permission.REENCRYPT)
+        total = pending(service, service.kms.describe().latest_version)
+        started = time.monotonic()
+        with progress_bar(total, "reencrypt") as progress:
+            report = reencrypt(
+                service, caller=caller, batch_size=batch_size, progress=tracked(progress, total)
+            )
+        elapsed = time.monotonic() - started
+    out.print(
+        f"reencrypt to version {report.target_version} in {elapsed:.2f} s: "
+        f"{report.rewrapped:,} rewrapped, {report.reencrypted:,} re-encrypted from legacy, "
+        f"{report.failed:,} failed, {report.conflicts:,} concurrent updates retried",
+        markup=False,
+    )
+    if report.legacy_skipped:
+        err.print(
+            f"{report.legacy_skipped:,} legacy fields were left as they are: set "
+            "HMD_ENCRYPTION_MODE=hybrid with HMD_MASTER_KEY to migrate them",
+            markup=False,
+        )
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(as_json: JsonOption = False, actor: ActorOption = None) -> None:
+    """Field counts by encryption_version and key_version."""
+    with open_service() as (service, settings):
+        result = service.status(caller=caller_for(settings, actor))
+    if as_json:
+        out.print_json(
+            orjson.dumps(
+                {
+                    "mode": result.mode,
+                    "provider": result.provider,
+                    "latest_version": result.latest_version,
+                    "total": result.total,
+                    "fields": [
+                        {
+                            "encryption_version": c.encryption_version,
+                            "key_version": c.key_version,
+                            "count": c.count,
+                        }
+                        for c in result.counts
+                    ],
+                }
+            ).decode()
+        )
+        return
+    table = Table(
+        title=f"mode {result.mode}, provider {result.provider}, "
+        f"latest key version {result.latest_version}"
+    )
+    table.add_column("encryption_version")
+    table.add_column("key_version", justify="right")
+    table.add_column("fields", justify="right")
+    for count in result.counts:
+        table.add_row(count.encryption_version, str(count.key_version), f"{count.count:,}")
+    table.add_row("total", "", f"{result.total:,}", style="bold")
+    out.print(table)

@@ -1,0 +1,94 @@
+"""``heimdall keys``: show, rotate, set-min-decryption-version."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.table import Table
+
+from heimdall.cli.common import (
+    ActorOption,
+    JsonOption,
+    caller_for,
+    keys_app,
+    open_service,
+    out,
+)
+from heimdall.kms.base import KeyDescription
+from heimdall.reencrypt import pending
+
+
+def _describe_json(description: KeyDescription) -> dict[str, Any]:
+    return {
+        "provider": description.provider,
+        "key_name": description.key_name,
+        "latest_version": description.latest_version,
+        "min_decryption_version": description.min_decryption_version,
+        "min_encryption_version": description.min_encryption_version,
+        "versions": [
+            {"version": v.version, "state": v.state.value, "created_at": v.created_at}
+            for v in description.versions
+        ],
+    }
+
+
+def _print_description(description: KeyDescription) -> None:
+    table = Table(title=f"{description.provider} key {description.key_name}")
+    for column in ("version", "identifier", "state", "created"):
+        table.add_column(column)
+    for v in description.versions:
+        latest = " (latest)" if v.version == description.latest_version else ""
+        table.add_row(
+            f"{v.version}{latest}",
+            description.key_identifier(v.version),
+            v.state.value,
+            v.created_at,
+        )
+    out.print(table)
+    out.print(
+        f"min_decryption_version={description.min_decryption_version} "
+        f"min_encryption_version={description.min_encryption_version}",
+        markup=False,
+    )
+
+
+@keys_app.command("show")
+def keys_show(as_json: JsonOption = False, actor: ActorOption = None) -> None:
+    """Show the master key's versions and their states."""
+    with open_service() as (service, settings):
+        description = service.describe_keys(caller=caller_for(settings, actor))
+    if as_json:
+        out.print_json(orjson.dumps(_describe_json(description)).decode())
+    else:
+        _print_description(description)
+
+
+@keys_app.command("rotate")
+def keys_rotate(actor: ActorOption = None) -> None:
+    """Create a new master key version; new fields use it, old fields still decrypt."""
+    with open_service() as (service, settings):
+        description = service.rotate_keys(caller=caller_for(settings, actor))
+        waiting = pending(service, description.latest_version)
+    out.print(
+        f"rotated {description.key_name} to version {description.latest_version}; "
+        f"{waiting:,} fields are on older versions (run `heimdall reencrypt`)",
+        markup=False,
+    )
+
+
+@keys_app.command("set-min-decryption-version")
+def keys_set_min_decryption_version(
+    version: Annotated[int, typer.Argument(min=1)],
+    force: Annotated[
+        bool, typer.Option(help="Even if stored fields depend on older versions.")
+    ] = False,
+    actor: ActorOption = None,
+) -> None:
+    """Disable decryption with versions below VERSION (emergency runbook, step 2)."""
+    with open_service() as (service, settings):
+        description = service.set_min_decryption_version(
+            version, caller=caller_for(settings, actor), force=force
+        )
+    out.print(f"min_decryption_version is now {description.min_decryption_version}", markup=False)
