@@ -1,0 +1,405 @@
+"""The Vault / OpenBao Transit provider, against a real OpenBao server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from heimdall.app import build
+from heimdall.cipher import CachePolicy, FieldCipher
+from heimdall.envelope import KMS_DIRECT, EncryptionContext, EncryptionVersion, parse
+from heimdall.errors import (
+    AccessDenied,
+    DecryptionFailed,
+    KeyNotFound,
+    KeyVersionDisabled,
+    KmsUnavailable,
+)
+from heimdall.ingest import ingest_lines
+from heimdall.kms.base import KeyState, WrappedKey
+from heimdall.kms.vault import VaultTransit
+from heimdall.kms.vault_bootstrap import bootstrap
+from heimdall.kms.vault_config import VaultAuthMethod, VaultPattern, VaultSettings
+from heimdall.rbac import Caller
+from heimdall.reencrypt import reencrypt
+from heimdall.service import Heimdall
+from heimdall.settings import Settings
+from vault_server import BaoCluster, BaoServer, K8sAuth, require_bao_binary, start_dev_server
+
+CTX = EncryptionContext("FieldValue", "email:hash:" + "ab" * 32, "email")
+OTHER = EncryptionContext("FieldValue", "email:hash:" + "cd" * 32, "email")
+CALLER = Caller(actor="test:vault")
+
+
+def _provider(server: BaoServer, key: str, **options: Any) -> VaultTransit:
+    settings = VaultSettings(
+        addresses=(server.addr,), token=server.root_token, key_name=key, **options
+    )
+    return VaultTransit(settings)
+
+
+def _service(
+    tmp_path: Path,
+    server: BaoServer,
+    key: str,
+    pattern: VaultPattern = VaultPattern.DATAKEY,
+    dek_max_uses: int = 10_000,
+    **options: Any,
+) -> Heimdall:
+    vault = VaultSettings(
+        addresses=(server.addr,), token=server.root_token, key_name=key, **options
+    )
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        kms_provider="vault",
+        kms_key_name=key,
+        audit_fsync=False,
+        vault=vault,
+        vault_pattern=pattern,
+        dek_max_uses=dek_max_uses,
+    )
+    return build(settings)
+
+
+def _people(count: int, offset: int = 0) -> list[str]:
+    return [
+        json.dumps(
+            {
+                "id": f"p-{i}",
+                "email": f"person{i}@example.com",
+                "phone": f"+1 415 555 {i:04d}",
+                "name": f"Person Number{i}",
+            }
+        )
+        for i in range(offset, offset + count)
+    ]
+
+
+def _values(service: Heimdall) -> dict[str, str]:
+    keys = [f.canonical_key for batch in service.store.iter_fields() for f in batch]
+    return service.decrypt_many(keys, reason="test:verify", caller=CALLER)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["pattern-a-datakey", "pattern-b-transit"])
+def test_round_trip_and_context_binding(bao: BaoServer, transit_key: str, direct: bool) -> None:
+    cipher = FieldCipher(_provider(bao, transit_key), EncryptionVersion.KMS_V1, direct=direct)
+    sealed = cipher.encrypt(b"alice@example.com", CTX)
+    envelope = parse(sealed.envelope)
+    assert envelope.key_identifier == f"transit/{transit_key}-v1"
+    assert (envelope.algorithm == KMS_DIRECT) is direct
+    if direct:
+        assert envelope.ciphertext.startswith(b"vault:v1:")
+    assert cipher.decrypt(sealed.envelope, CTX) == b"alice@example.com"
+    fresh = FieldCipher(_provider(bao, transit_key), EncryptionVersion.KMS_V1)
+    with pytest.raises(DecryptionFailed):
+        fresh.decrypt(sealed.envelope, OTHER)
+
+
+def test_one_store_holds_both_patterns(tmp_path: Path, bao: BaoServer, transit_key: str) -> None:
+    service_a = _service(tmp_path, bao, transit_key, VaultPattern.DATAKEY)
+    ingest_lines(service_a, _people(20), caller=CALLER, source_name="a")
+    service_a.close()
+    service_b = _service(tmp_path, bao, transit_key, VaultPattern.TRANSIT)
+    ingest_lines(service_b, _people(20, offset=20), caller=CALLER, source_name="b")
+    fields = [f for batch in service_b.store.iter_fields() for f in batch]
+    algorithms = {parse(f.encrypted_data).algorithm for f in fields}
+    assert algorithms == {"AES-256-GCM", KMS_DIRECT}
+    values = _values(service_b)
+    assert "person3@example.com" in values.values()
+    assert "person33@example.com" in values.values()
+    service_b.close()
+
+
+@pytest.mark.parametrize("pattern", list(VaultPattern))
+def test_rotation_keeps_old_fields_readable_and_reencrypt_brings_all_to_latest(
+    tmp_path: Path, bao: BaoServer, transit_key: str, pattern: VaultPattern
+) -> None:
+    service = _service(tmp_path, bao, transit_key, pattern)
+    ingest_lines(service, _people(30), caller=CALLER, source_name="old")
+    before = _values(service)
+    assert service.rotate_keys(caller=CALLER).latest_version == 2
+    ingest_lines(service, _people(5, offset=100), caller=CALLER, source_name="new")
+    counts = {(c.key_version, c.count) for c in service.status(caller=CALLER).counts}
+    assert (2, 15) in counts and (1, 90) in counts
+    assert before.items() <= _values(service).items()
+    report = reencrypt(service, caller=CALLER)
+    assert report.failed == 0 and report.rewrapped == 90
+    assert [c.key_version for c in service.status(caller=CALLER).counts] == [2]
+    assert before.items() <= _values(service).items()
+    # Found by the blind index after the rewrap of its key, too.
+    assert service.lookup("email", "person7@example.com", caller=CALLER).found
+    service.close()
+
+
+def test_min_decryption_version_disables_old_fields(
+    tmp_path: Path, bao: BaoServer, transit_key: str
+) -> None:
+    service = _service(tmp_path, bao, transit_key)
+    ingest_lines(service, _people(3), caller=CALLER, source_name="old")
+    key = next(f.canonical_key for batch in service.store.iter_fields() for f in batch)
+    service.rotate_keys(caller=CALLER)
+    description = service.set_min_decryption_version(2, caller=CALLER, force=True)
+    assert [v.state for v in description.versions] == [KeyState.DISABLED, KeyState.ACTIVE]
+    with pytest.raises(KeyVersionDisabled):
+        service.decrypt(key, reason="test:floor", caller=CALLER)
+    service.close()
+
+
+def test_batch_reports_each_bad_item_against_its_own_field(
+    bao: BaoServer, transit_key: str
+) -> None:
+    provider = _provider(bao, transit_key, batch_size=50)
+    items: list[tuple[WrappedKey, bytes]] = []
+    for index in range(120):
+        ad = f"ad-{index}".encode()
+        items.append((provider.generate_data_key(ad).wrapped, ad))
+    wrapped, ad = items[7]
+    items[7] = (wrapped, b"someone else's context")
+    items[60] = (WrappedKey(wrapped.key_identifier, 1, b"vault:v1:AAAA"), ad)
+    items[99] = (WrappedKey(f"transit/{transit_key}-v9", 9, wrapped.ciphertext), ad)
+    results = provider.unwrap_many(items)
+    assert isinstance(results[7], DecryptionFailed)
+    assert isinstance(results[60], DecryptionFailed)
+    assert isinstance(results[99], KeyNotFound)
+    good = [r for i, r in enumerate(results) if i not in {7, 60, 99}]
+    assert len(good) == 117 and all(len(r) == 32 for r in good)  # type: ignore[arg-type]
+
+
+def test_rewrap_of_many_keys_respects_the_request_limit(bao: BaoServer, transit_key: str) -> None:
+    provider = _provider(bao, transit_key)
+    items = [(provider.generate_data_key(b"x").wrapped, b"x") for _ in range(10)] * 200
+    provider.rotate()
+    calls = provider.transport.calls
+    results = provider.rewrap_many(items)  # 2,000 items: 8,000 JSON strings in all
+    assert all(isinstance(r, WrappedKey) and r.key_version == 2 for r in results)
+    assert provider.transport.calls - calls == 10  # chunks of 200 items
+
+
+def _login(server: BaoServer, role: str, approle_mount: str) -> tuple[str, str]:
+    client = server.client()
+    role_id = client.read(f"auth/{approle_mount}/role/{role}/role-id")["data"]["role_id"]
+    secret_id = client.write(f"auth/{approle_mount}/role/{role}/secret-id")["data"]["secret_id"]
+    return str(role_id), str(secret_id)
+
+
+@pytest.fixture
+def roles(bao: BaoServer) -> Iterator[tuple[str, str]]:
+    """A bootstrapped key with its four role policies and AppRole roles."""
+    key = f"roles-{os.urandom(4).hex()}"
+    approle = f"approle-{os.urandom(4).hex()}"
+    bootstrap(bao.client(), key_name=key, approle_mount=approle)
+    yield key, approle
+    bao.client().sys.disable_auth_method(approle)
+
+
+def _role_provider(server: BaoServer, key: str, approle: str, role: str) -> VaultTransit:
+    role_id, secret_id = _login(server, role, approle)
+    settings = VaultSettings(
+        addresses=(server.addr,),
+        key_name=key,
+        auth=VaultAuthMethod.APPROLE,
+        role_id=role_id,
+        secret_id=secret_id,
+        approle_mount=approle,
+    )
+    return VaultTransit(settings)
+
+
+def test_worker_token_is_denied_encrypt_and_rotate(bao: BaoServer, roles: tuple[str, str]) -> None:
+    key, approle = roles
+    app = _role_provider(bao, key, approle, "heimdall-app")
+    worker = _role_provider(bao, key, approle, "heimdall-worker")
+    data_key = app.generate_data_key(b"ctx")
+    with worker.unwrap(data_key.wrapped, b"ctx") as plaintext:
+        assert bytes(plaintext.view()) == bytes(data_key.plaintext.view())
+    with pytest.raises(AccessDenied):
+        worker.generate_data_key(b"ctx")
+    with pytest.raises(AccessDenied):
+        worker.wrap(data_key.plaintext, b"ctx")
+    with pytest.raises(AccessDenied):
+        worker.transport.call("POST", f"transit/keys/{key}/rotate", {}, idempotent=False)
+    with pytest.raises(AccessDenied):
+        app.transport.call("POST", f"transit/keys/{key}/rotate", {}, idempotent=False)
+
+
+@pytest.mark.parametrize(
+    "role", ["heimdall-app", "heimdall-worker", "heimdall-admin", "heimdall-audit"]
+)
+def test_every_role_is_denied_key_export(bao: BaoServer, roles: tuple[str, str], role: str) -> None:
+    key, approle = roles
+    provider = _role_provider(bao, key, approle, role)
+    for path in (f"transit/export/encryption-key/{key}", f"transit/backup/{key}"):
+        with pytest.raises(AccessDenied):
+            provider.transport.call("GET", path)
+
+
+def test_approle_logs_in_again_after_its_token_is_revoked(
+    bao: BaoServer, roles: tuple[str, str]
+) -> None:
+    key, approle = roles
+    app = _role_provider(bao, key, approle, "heimdall-app")
+    app.describe()
+    token = app.transport._token
+    assert token
+    bao.client().write("auth/token/revoke", token=token)
+    assert app.describe().latest_version == 1
+    assert app.transport._token != token
+
+
+def test_role_credentials_from_files(
+    tmp_path: Path, bao: BaoServer, roles: tuple[str, str]
+) -> None:
+    key, approle = roles
+    role_id, secret_id = _login(bao, "heimdall-app", approle)
+    (tmp_path / "role-id").write_text(role_id)
+    (tmp_path / "secret-id").write_text(secret_id + "\n")
+    settings = VaultSettings(
+        addresses=(bao.addr,),
+        key_name=key,
+        auth=VaultAuthMethod.APPROLE,
+        role_id_file=tmp_path / "role-id",
+        secret_id_file=tmp_path / "secret-id",
+        approle_mount=approle,
+    )
+    provider = VaultTransit(settings)
+    assert provider.describe().latest_version == 1
+    assert secret_id not in repr(settings) and secret_id not in repr(provider)
+
+
+def test_kubernetes_auth_logs_in_with_the_service_account_token(
+    bao: BaoServer, roles: tuple[str, str], k8s_auth: K8sAuth
+) -> None:
+    key, _ = roles
+    k8s_auth.set_policies(["heimdall-app"])
+    settings = VaultSettings(
+        addresses=(bao.addr,),
+        key_name=key,
+        auth=VaultAuthMethod.KUBERNETES,
+        kubernetes_role=k8s_auth.role,
+        kubernetes_jwt_path=k8s_auth.jwt_path,
+        kubernetes_mount=k8s_auth.mount,
+    )
+    provider = VaultTransit(settings)
+    data_key = provider.generate_data_key(b"ctx")
+    assert data_key.wrapped.key_version == 1
+    assert k8s_auth.jwt in k8s_auth.reviews  # OpenBao asked the TokenReview stand-in
+    with pytest.raises(AccessDenied):
+        provider.transport.call("POST", f"transit/keys/{key}/rotate", {}, idempotent=False)
+
+
+def test_tokens_never_appear_in_errors_or_reprs(bao: BaoServer, transit_key: str) -> None:
+    provider = _provider(bao, transit_key)
+    wrong = VaultTransit(
+        VaultSettings(addresses=(bao.addr,), token="s.not-a-real-token", key_name=transit_key)
+    )
+    with pytest.raises(AccessDenied) as caught:
+        wrong.describe()
+    for text in (str(caught.value), repr(caught.value), repr(wrong), repr(provider)):
+        assert bao.root_token not in text and "s.not-a-real-token" not in text
+
+
+def test_unreachable_vault_is_retryable_unavailable(transit_key: str) -> None:
+    settings = VaultSettings(
+        addresses=("http://127.0.0.1:9", "http://127.0.0.1:1"),
+        token="t",
+        key_name=transit_key,
+        attempts=2,
+        backoff_seconds=0.01,
+        timeout=1,
+    )
+    with pytest.raises(KmsUnavailable) as caught:
+        VaultTransit(settings).describe()
+    assert caught.value.retryable
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[BaoServer]:
+    binary = require_bao_binary()
+    server = start_dev_server(binary, tmp_path / "own", with_audit=False)
+    try:
+        client = server.client()
+        client.sys.enable_secrets_engine("transit")
+        client.write("transit/keys/heimdall-pii", type="aes256-gcm96", derived=True)
+        yield server
+    finally:
+        server.stop()
+
+
+def test_server_stopped_mid_batch_is_unavailable_and_writes_nothing(
+    tmp_path: Path, own_server: BaoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = _service(
+        tmp_path,
+        own_server,
+        "heimdall-pii",
+        dek_max_uses=1,  # a data key per field, so the rewrap needs several chunks
+        batch_size=20,
+        concurrency=1,
+        attempts=2,
+        backoff_seconds=0.01,
+    )
+    ingest_lines(service, _people(40), caller=CALLER, source_name="x")
+    service.rotate_keys(caller=CALLER)
+    provider = service.kms
+    assert isinstance(provider, VaultTransit)
+    stored = {f.canonical_key: f.encrypted_data for b in service.store.iter_fields() for f in b}
+    transport = provider.transport
+    original = transport.call
+    seen = []
+
+    def call_then_die(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        if "rewrap" in args[1]:
+            seen.append(args[1])
+            if len(seen) == 2:
+                own_server.kill()  # the server dies between two chunks of one batch
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transport, "call", call_then_die)
+    with pytest.raises(KmsUnavailable):
+        reencrypt(service, caller=CALLER, batch_size=500)
+    after = {f.canonical_key: f.encrypted_data for b in service.store.iter_fields() for f in b}
+    assert after == stored  # not one field half-updated
+    service.close()
+
+
+def test_unwrap_fails_over_when_the_raft_leader_dies(bao_cluster: BaoCluster) -> None:
+    leader = bao_cluster.leader()
+    others = [n for n in bao_cluster.nodes if n is not leader]
+    settings = VaultSettings(
+        addresses=(leader.addr, *(n.addr for n in others)),
+        token=bao_cluster.root_token,
+        key_name="heimdall-pii",
+        backoff_seconds=0.2,
+        attempts=6,
+    )
+    provider = VaultTransit(settings)
+    cipher = FieldCipher(provider, EncryptionVersion.KMS_V1, CachePolicy(max_uses=1))
+    envelopes = [cipher.encrypt(f"v{i}".encode(), CTX).envelope for i in range(5)]
+    leader.kill()
+    bao_cluster.wait_for_leader(exclude=leader)
+    reader = FieldCipher(provider, EncryptionVersion.KMS_V1)
+    assert [reader.decrypt(e, CTX) for e in envelopes] == [f"v{i}".encode() for i in range(5)]
+    assert provider.transport.failovers >= 1
+    assert provider.transport.active_address != leader.addr
+
+
+def test_vault_audit_log_holds_none_of_the_plaintexts(
+    tmp_path: Path, bao: BaoServer, transit_key: str
+) -> None:
+    assert bao.audit_log is not None
+    values = [f"secret-value-{os.urandom(6).hex()}@example.com" for _ in range(5)]
+    for direct in (False, True):
+        cipher = FieldCipher(_provider(bao, transit_key), EncryptionVersion.KMS_V1, direct=direct)
+        for value in values:
+            assert cipher.decrypt(cipher.encrypt(value.encode(), CTX).envelope, CTX)
+    audit = bao.audit_log.read_text()
+    assert transit_key in audit  # the requests were logged...
+    for value in values:  # ...with their values HMACed
+        assert value not in audit
+        assert base64.b64encode(value.encode()).decode() not in audit
