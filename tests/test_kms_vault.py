@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from heimdall.app import build
 from heimdall.cipher import CachePolicy, FieldCipher
@@ -403,3 +404,60 @@ def test_vault_audit_log_holds_none_of_the_plaintexts(
     for value in values:  # ...with their values HMACed
         assert value not in audit
         assert base64.b64encode(value.encode()).decode() not in audit
+
+
+class _FlakyRotation:
+    """A transport whose rotate request fails mid-request; the rotation may or may not land."""
+
+    def __init__(self, lands: bool) -> None:
+        self.latest = 1
+        self.lands = lands
+        self.rotations = 0
+
+    def call(self, method: str, path: str, body: Any = None, **_: Any) -> dict[str, Any]:
+        if path.endswith("/rotate"):
+            self.rotations += 1
+            if self.lands:
+                self.latest += 1
+            raise KmsUnavailable("vault connection failed mid-request")
+        keys = {str(v): 1_700_000_000 for v in range(1, self.latest + 1)}
+        return {"data": {"derived": True, "latest_version": self.latest, "keys": keys}}
+
+
+@pytest.mark.parametrize("lands", [True, False])
+def test_rotate_is_never_retried_blindly(lands: bool) -> None:
+    transport = _FlakyRotation(lands)
+    provider = VaultTransit(
+        VaultSettings(addresses=("http://127.0.0.1:1",), token="t"),
+        transport=transport,  # type: ignore[arg-type]
+    )
+    if lands:
+        assert provider.rotate().latest_version == 2  # it happened: reported, not repeated
+    else:
+        with pytest.raises(KmsUnavailable):
+            provider.rotate()
+    assert transport.rotations == 1
+
+
+def test_a_rotate_that_fails_mid_request_is_not_resent_to_another_node(
+    bao: BaoServer, transit_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = VaultTransit(
+        VaultSettings(addresses=(bao.addr, bao.addr), token=bao.root_token, key_name=transit_key)
+    )
+    sent: list[str] = []
+    adapter = provider.transport._clients[0].adapter
+    original = adapter.request
+
+    def reset_after_sending(method: str, url: str, **kwargs: Any) -> Any:
+        sent.append(url)
+        if url.endswith("/rotate"):
+            original(method, url, **kwargs)  # the server rotates...
+            # ...and the answer never arrives.
+            raise requests.exceptions.ConnectionError("connection reset by peer")
+        return original(method, url, **kwargs)
+
+    monkeypatch.setattr(adapter, "request", reset_after_sending)
+    description = provider.rotate()
+    assert description.latest_version == 2  # rotated exactly once
+    assert sum(url.endswith("/rotate") for url in sent) == 1
