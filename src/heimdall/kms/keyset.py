@@ -8,8 +8,9 @@ they came from are wiped once the contexts exist.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from heimdall.aead import KEY_SIZE, Aead
 from heimdall.errors import HeimdallError, KeyNotFound, KeyVersionDisabled
@@ -109,13 +110,7 @@ class Keyset:
     def wrap_many(
         self, items: Sequence[tuple[SecretBytes, bytes]]
     ) -> list[WrappedKey | HeimdallError]:
-        results: list[WrappedKey | HeimdallError] = []
-        for plaintext, ad in items:
-            try:
-                results.append(self.wrap(plaintext, ad))
-            except HeimdallError as exc:
-                results.append(exc)
-        return results
+        return _per_item(self.wrap, items)
 
     def unwrap(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
         entry = self._versions.get(wrapped.key_version)
@@ -143,21 +138,26 @@ class Keyset:
     def unwrap_many(
         self, items: Sequence[tuple[WrappedKey, bytes]]
     ) -> list[SecretBytes | HeimdallError]:
-        results: list[SecretBytes | HeimdallError] = []
-        for wrapped, ad in items:
-            try:
-                results.append(self.unwrap(wrapped, ad))
-            except HeimdallError as exc:
-                results.append(exc)
-        return results
+        return _per_item(self.unwrap, items)
 
     def rewrap_many(
         self, items: Sequence[tuple[WrappedKey, bytes]]
     ) -> list[WrappedKey | HeimdallError]:
-        results: list[WrappedKey | HeimdallError] = []
-        for wrapped, ad in items:
-            try:
-                results.append(self.rewrap(wrapped, ad))
-            except HeimdallError as exc:
-                results.append(exc)
-        return results
+        return _per_item(self.rewrap, items)
+
+
+_A = TypeVar("_A")
+_R = TypeVar("_R")
+
+
+def _per_item(
+    operation: Callable[[_A, bytes], _R], items: Sequence[tuple[_A, bytes]]
+) -> list[_R | HeimdallError]:
+    """Batch semantics for a provider without batch calls: each item fails on its own."""
+    results: list[_R | HeimdallError] = []
+    for item, associated_data in items:
+        try:
+            results.append(operation(item, associated_data))
+        except HeimdallError as exc:
+            results.append(exc)
+    return results
