@@ -55,6 +55,7 @@ class EventType(enum.StrEnum):
     KEY_ROTATE = "key.rotate"
     KEY_CONFIG = "key.config"
     ACCESS_DENIED = "access.denied"
+    REENCRYPT_JOB = "job.reencrypt"
 
 
 class Result(enum.StrEnum):

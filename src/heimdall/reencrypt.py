@@ -28,7 +28,7 @@ from heimdall.rbac import Caller, Permission
 from heimdall.service import Heimdall, field_context
 from heimdall.store.base import FieldUpdate, FieldValue
 
-__all__ = ["ReencryptReport", "reencrypt"]
+__all__ = ["ReencryptReport", "Run", "pending", "reencrypt", "rewrap_index_key"]
 
 KMS_V1 = EncryptionVersion.KMS_V1.value
 LEGACY = EncryptionVersion.LEGACY.value
@@ -54,7 +54,7 @@ class ReencryptReport:
     index_key_rewrapped: bool = False
 
 
-class _Run:
+class Run:
     def __init__(
         self,
         heimdall: Heimdall,
@@ -69,6 +69,9 @@ class _Run:
         self.report = ReencryptReport()
         self.retry: list[str] = []
         self.rewrapped: dict[_Wrapping, WrappedKey] = {}
+        # Where updates and failures go: the store directly (compare-and-swap), or a job's claim.
+        self.apply: Callable[[FieldValue, FieldUpdate], bool] = self._compare_and_swap
+        self.failed: Callable[[FieldValue, HeimdallError], None] = lambda field, error: None
 
     def event(
         self, kind: EventType, field: FieldValue, version: int | None, error: HeimdallError | None
@@ -85,8 +88,12 @@ class _Run:
             error=type(error).__name__ if error else None,
         )
 
+    def _compare_and_swap(self, field: FieldValue, update: FieldUpdate) -> bool:
+        store = self.heimdall.store
+        return store.compare_and_swap(field.canonical_key, field.encrypted_data, update)
+
     def swap(self, field: FieldValue, update: FieldUpdate, retrying: bool) -> bool:
-        if self.heimdall.store.compare_and_swap(field.canonical_key, field.encrypted_data, update):
+        if self.apply(field, update):
             return True
         self.report.conflicts += 1
         if not retrying:
@@ -111,6 +118,7 @@ class _Run:
             result = next(results) if isinstance(parsed, Envelope) else parsed
             if isinstance(result, HeimdallError):
                 self.report.failed += 1
+                self.failed(field, result)
                 events.append(self.event(EventType.REWRAP, field, None, result))
                 continue
             update = FieldUpdate(result.to_json(), result.key_version, KMS_V1, result.dek_id)
@@ -161,6 +169,7 @@ class _Run:
                 sealed = self.cipher.encrypt(plaintext, context)
             except HeimdallError as exc:
                 self.report.failed += 1
+                self.failed(field, exc)
                 events.append(self.event(EventType.REENCRYPT, field, None, exc))
                 continue
             update = FieldUpdate(sealed.envelope, sealed.key_version, KMS_V1, sealed.dek_id)
@@ -194,7 +203,7 @@ def reencrypt(
     cipher = heimdall.router.kms
     if cipher is None:
         raise ModeViolation("reencrypt needs a KMS provider; legacy mode without one has none")
-    run = _Run(heimdall, caller, cipher, progress)
+    run = Run(heimdall, caller, cipher, progress)
     latest = cipher.kms.describe().latest_version
     run.report.target_version = latest
     store = heimdall.store
@@ -222,7 +231,7 @@ def reencrypt(
             and heimdall.router.mode is EncryptionMode.HYBRID
         ):
             run.migrate([field], legacy, retrying=True)
-    run.report.index_key_rewrapped = _rewrap_index_key(heimdall, cipher, latest)
+    run.report.index_key_rewrapped = rewrap_index_key(heimdall, cipher, latest)
     if run.report.index_key_rewrapped:
         heimdall.record(
             AuditEvent(
@@ -238,7 +247,7 @@ def reencrypt(
     return run.report
 
 
-def _rewrap_index_key(heimdall: Heimdall, cipher: FieldCipher, latest: int) -> bool:
+def rewrap_index_key(heimdall: Heimdall, cipher: FieldCipher, latest: int) -> bool:
     """Move the blind-index key's wrapping to the latest KMS version. Its value never changes."""
     text = heimdall.store.get_meta(META_KEY)
     if text is None:

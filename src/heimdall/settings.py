@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
@@ -35,6 +35,17 @@ class StoreKind(enum.StrEnum):
 
 KMS_PROVIDERS: Final = ("local", "vault", "aws", "gcp", "azure")
 
+# The config file may also group these in a [key_rotation] table, as the spec does.
+_ROTATION_KEYS: Final = frozenset(
+    {
+        "rotation_enabled",
+        "rotation_cadence_days",
+        "auto_reencrypt",
+        "reencrypt_batch_size",
+        "reencrypt_interval_seconds",
+        "grace_period_days",
+    }
+)
 _FILE_KEYS: Final = (
     frozenset(
         {
@@ -57,7 +68,9 @@ _FILE_KEYS: Final = (
         }
     )
     | vault_config.FILE_KEYS
+    | _ROTATION_KEYS
 )
+_PATH_SETTINGS: Final = ("data_dir", "keyring_path", "sqlite_path", "audit_log", "policy")
 _FILE_SECRETS: Final = ("master_key", "vault_token", "vault_role_id", "vault_secret_id")
 
 
@@ -80,6 +93,13 @@ class Settings:
     dek_max_uses: int = 10_000
     dek_max_age_seconds: float = 300.0
     ingest_batch_size: int = 1000
+    # spec: Key Rotation Strategy, Configuration Example (the key_rotation table).
+    rotation_enabled: bool = True
+    rotation_cadence_days: float = 90
+    auto_reencrypt: bool = True
+    reencrypt_batch_size: int = 1000
+    reencrypt_interval_seconds: float = 60
+    grace_period_days: float = 30
     vault: VaultSettings | None = None
     vault_pattern: VaultPattern = VaultPattern.DATAKEY
 
@@ -139,6 +159,17 @@ def _read_file(path: Path) -> dict[str, str]:
         raise ConfigurationError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigurationError(f"config file {path} is not valid TOML: {exc}") from None
+    rotation = doc.pop("key_rotation", None)
+    if rotation is not None:
+        if not isinstance(rotation, dict):
+            raise ConfigurationError(f"config file {path}: key_rotation must be a table")
+        for key, value in rotation.items():
+            name = {"enabled": "rotation_enabled", "cadence_days": "rotation_cadence_days"}.get(
+                key, key
+            )
+            if name not in _ROTATION_KEYS:
+                raise ConfigurationError(f"config file {path}: unknown key_rotation.{key}")
+            doc[name] = value
     for secret in _FILE_SECRETS:
         if secret in doc:
             raise ConfigurationError(
@@ -198,27 +229,42 @@ _CHOICES: Final[dict[str, type[enum.StrEnum]]] = {
 }
 
 
+def _kms_provider(name: str, value: str) -> str:
+    if value not in KMS_PROVIDERS:
+        raise ConfigurationError(
+            f"HMD_KMS_PROVIDER={value!r} is not one of {'|'.join(KMS_PROVIDERS)}"
+        )
+    return value
+
+
+def _bounded(kind: type[int] | type[float], low: float, high: float) -> Callable[[str, str], Any]:
+    return lambda name, value: _number(name, value, kind, low, high)
+
+
+# How each non-text setting is read from its string form.
+_PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
+    **{name: lambda _, value: Path(value) for name in _PATH_SETTINGS},
+    "kms_provider": _kms_provider,
+    "dek_max_uses": _bounded(int, 1, 2**24),
+    "dek_max_age_seconds": _bounded(float, 0.001, 86_400),
+    "ingest_batch_size": _bounded(int, 1, 100_000),
+    "reencrypt_batch_size": _bounded(int, 1, 100_000),
+    "reencrypt_interval_seconds": _bounded(float, 0, 86_400),
+    "rotation_cadence_days": _bounded(float, 0, 36_500),
+    "grace_period_days": _bounded(float, 0, 36_500),
+    "audit_fsync": _flag,
+    "rotation_enabled": _flag,
+    "auto_reencrypt": _flag,
+}
+
+
 def _build(values: dict[str, str], master_key: str | None) -> Settings:
     kwargs: dict[str, Any] = {"master_key": master_key}
     for name, value in values.items():
-        if name in {"data_dir", "keyring_path", "sqlite_path", "audit_log", "policy"}:
-            kwargs[name] = Path(value)
-        elif name in _CHOICES:
+        if name in _CHOICES:
             kwargs[name] = _choice(name, value, _CHOICES[name])
-        elif name == "kms_provider":
-            if value not in KMS_PROVIDERS:
-                raise ConfigurationError(
-                    f"HMD_KMS_PROVIDER={value!r} is not one of {'|'.join(KMS_PROVIDERS)}"
-                )
-            kwargs[name] = value
-        elif name == "dek_max_uses":
-            kwargs[name] = _number(name, value, int, 1, 2**24)
-        elif name == "dek_max_age_seconds":
-            kwargs[name] = _number(name, value, float, 0.001, 86_400)
-        elif name == "ingest_batch_size":
-            kwargs[name] = _number(name, value, int, 1, 100_000)
-        elif name == "audit_fsync":
-            kwargs[name] = _flag(name, value)
+        elif name in _PARSERS:
+            kwargs[name] = _PARSERS[name](name, value)
         else:
             kwargs[name] = value
     return Settings(**kwargs)

@@ -23,8 +23,6 @@ from heimdall.cli.common import (
     tracked,
 )
 from heimdall.ingest import ingest_lines, read_lines
-from heimdall.rbac import Permission
-from heimdall.reencrypt import pending, reencrypt
 
 
 @app.command()
@@ -105,38 +103,6 @@ def lookup(
         out.print(f"{result.canonical_key}  ({result.sightings} sightings)", markup=False)
     else:
         fail(f"no stored {field} has that value")
-
-
-@app.command("reencrypt")
-def reencrypt_command(
-    actor: ActorOption = None,
-    batch_size: Annotated[int, typer.Option(min=1, max=100_000)] = 500,
-) -> None:
-    """Bring every field to the latest key version (in hybrid mode, legacy fields to the KMS)."""
-    with open_service() as (service, settings):
-        caller = caller_for(settings, actor)
-        service.require(caller, Permission.REENCRYPT)
-        total = pending(service, service.kms.describe().latest_version)
-        started = time.monotonic()
-        with progress_bar(total, "reencrypt") as progress:
-            report = reencrypt(
-                service, caller=caller, batch_size=batch_size, progress=tracked(progress, total)
-            )
-        elapsed = time.monotonic() - started
-    out.print(
-        f"reencrypt to version {report.target_version} in {elapsed:.2f} s: "
-        f"{report.rewrapped:,} rewrapped, {report.reencrypted:,} re-encrypted from legacy, "
-        f"{report.failed:,} failed, {report.conflicts:,} concurrent updates retried",
-        markup=False,
-    )
-    if report.legacy_skipped:
-        err.print(
-            f"{report.legacy_skipped:,} legacy fields were left as they are: set "
-            "HMD_ENCRYPTION_MODE=hybrid with HMD_MASTER_KEY to migrate them",
-            markup=False,
-        )
-    if report.failed:
-        raise typer.Exit(1)
 
 
 @app.command()

@@ -30,6 +30,7 @@ from typing import Any, Final
 
 from heimdall.errors import StorageError
 from heimdall.store.base import FieldCount, FieldUpdate, FieldValue, RecordRow, Sighting
+from heimdall.store.sqlite_jobs import JOB_TABLES, SqliteJobs
 
 __all__ = ["SqliteStore"]
 
@@ -85,6 +86,7 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
+    JOB_TABLES,
 )
 
 _CREATE_MIGRATIONS_TABLE: Final = """
@@ -210,7 +212,7 @@ def _create_private_file(path: Path) -> None:
         raise StorageError(f"cannot create database file {path}: {exc.strerror}") from exc
 
 
-class SqliteStore:
+class SqliteStore(SqliteJobs):
     """A :class:`~heimdall.store.base.GraphStore` in one SQLite database file."""
 
     def __init__(self, path: Path) -> None:

@@ -1,0 +1,185 @@
+"""``heimdall reencrypt``: start or join the background job, and steer it.
+
+``heimdall reencrypt`` starts a job (or joins the active one) and works it in the foreground
+with a progress bar; more workers join with ``heimdall reencrypt run``, on any machine sharing
+the store. ``status``, ``pause``, ``resume`` and ``cancel`` act on the active job from anywhere.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import orjson
+import typer
+
+from heimdall.cli.common import (
+    ActorOption,
+    JsonOption,
+    caller_for,
+    err,
+    fail,
+    open_service,
+    out,
+    progress_bar,
+    reencrypt_app,
+    tracked,
+)
+from heimdall.reencrypt_job import change_state, job_store, plan, run_job, start_job
+from heimdall.service import Heimdall
+from heimdall.store.jobs import Job, JobState
+
+BatchOption = Annotated[
+    int | None, typer.Option("--batch-size", min=1, max=100_000, help="Fields per batch.")
+]
+IntervalOption = Annotated[
+    float, typer.Option("--interval", min=0, help="Seconds to wait between batches.")
+]
+
+
+def _summary(job: Job, elapsed: float) -> str:
+    return (
+        f"reencrypt to version {job.target_version} in {elapsed:.2f} s: job {job.job_id} "
+        f"{job.state.value}, {job.completed:,} of {job.total:,} fields done, {job.failed:,} failed"
+    )
+
+
+@reencrypt_app.callback()
+def reencrypt_command(
+    ctx: typer.Context,
+    actor: ActorOption = None,
+    batch_size: BatchOption = None,
+    interval: IntervalOption = 0.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would change.")] = False,
+) -> None:
+    """Start (or join) the re-encryption job and work it here until it is done."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with open_service() as (service, settings):
+        caller = caller_for(settings, actor)
+        if dry_run:
+            would = plan(service, caller=caller)
+            out.print(
+                f"dry run, nothing written: to version {would.target_version}, "
+                f"{would.rewrap_fields:,} fields would be rewrapped and "
+                f"{would.reencrypt_fields:,} re-encrypted from legacy",
+                markup=False,
+            )
+            return
+        job = start_job(service, caller=caller)
+        if job is None:
+            out.print(
+                "nothing to re-encrypt: every field is on the latest key version", markup=False
+            )
+            return
+        _run_here(service, job, caller_actor=actor, batch_size=batch_size, interval=interval)
+
+
+def _run_here(
+    service: Heimdall,
+    job: Job,
+    *,
+    caller_actor: str | None,
+    batch_size: int | None,
+    interval: float,
+) -> None:
+    from heimdall.cli.common import load_settings  # noqa: PLC0415 - same settings as the service
+
+    settings = load_settings()
+    caller = caller_for(settings, caller_actor)
+    remaining = job_store(service).count_pending(job)
+    started = time.monotonic()
+    with progress_bar(remaining, "reencrypt") as progress:
+        final = run_job(
+            service,
+            job.job_id,
+            caller=caller,
+            batch_size=batch_size or settings.reencrypt_batch_size,
+            interval_seconds=interval,
+            progress=tracked(progress, remaining),
+        )
+    out.print(_summary(final, time.monotonic() - started), markup=False)
+    legacy_left = plan(service, caller=caller).legacy_left
+    if legacy_left:
+        err.print(
+            f"{legacy_left:,} legacy fields were left as they are: set "
+            "HMD_ENCRYPTION_MODE=hybrid with HMD_MASTER_KEY to migrate them",
+            markup=False,
+        )
+    if final.failed:
+        raise typer.Exit(1)
+
+
+@reencrypt_app.command("run")
+def reencrypt_run(
+    actor: ActorOption = None, batch_size: BatchOption = None, interval: IntervalOption = 0.0
+) -> None:
+    """Join the active job as one more worker."""
+    with open_service() as (service, _):
+        job = job_store(service).active_job()
+        if job is None:
+            fail("there is no active re-encryption job; start one with `heimdall reencrypt`")
+        _run_here(service, job, caller_actor=actor, batch_size=batch_size, interval=interval)
+
+
+def _active(service: Heimdall) -> Job:
+    job = job_store(service).active_job()
+    if job is None:
+        fail("there is no active re-encryption job")
+    return job
+
+
+@reencrypt_app.command("status")
+def reencrypt_status(as_json: JsonOption = False, actor: ActorOption = None) -> None:
+    """Total, completed, failed and pending of the newest job."""
+    with open_service() as (service, settings):
+        caller_for(settings, actor)
+        jobs = job_store(service)
+        job = jobs.latest_job()
+        if job is None:
+            fail("no re-encryption job has run yet")
+        pending = jobs.count_pending(job) if job.state is not JobState.DONE else 0
+    body = {
+        "job_id": job.job_id,
+        "state": job.state.value,
+        "target_version": job.target_version,
+        "total": job.total,
+        "completed": job.completed,
+        "failed": job.failed,
+        "pending": pending,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+    }
+    if as_json:
+        out.print_json(orjson.dumps(body).decode())
+        return
+    out.print(
+        f"job {job.job_id} {job.state.value}: {job.completed:,} of {job.total:,} done, "
+        f"{job.failed:,} failed, {pending:,} pending (target version {job.target_version})",
+        markup=False,
+    )
+
+
+def _steer(state: JobState, actor: str | None) -> None:
+    with open_service() as (service, settings):
+        job = _active(service)
+        changed = change_state(service, job.job_id, state, caller=caller_for(settings, actor))
+    out.print(f"job {changed.job_id} is {changed.state.value}", markup=False)
+
+
+@reencrypt_app.command("pause")
+def reencrypt_pause(actor: ActorOption = None) -> None:
+    """Workers stop after their current batch."""
+    _steer(JobState.PAUSED, actor)
+
+
+@reencrypt_app.command("resume")
+def reencrypt_resume(actor: ActorOption = None) -> None:
+    """Let workers go on (start them with `heimdall reencrypt run`)."""
+    _steer(JobState.RUNNING, actor)
+
+
+@reencrypt_app.command("cancel")
+def reencrypt_cancel(actor: ActorOption = None) -> None:
+    """Stop the job for good; fields already done stay done."""
+    _steer(JobState.CANCELLED, actor)

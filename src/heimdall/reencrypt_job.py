@@ -1,0 +1,204 @@
+"""The background re-encryption job: persisted, resumable, shared by any number of workers.
+
+spec: Migration Strategy, Phase 4; Runbook: Re-encryption After Migration. :func:`start_job`
+records a job (target key version, whether legacy fields migrate, how many fields it must do);
+:func:`run_job` works it in batches claimed from the store (see :mod:`heimdall.store.jobs` for
+why a crash loses nothing and two workers never do the same field). Each batch takes the rewrap
+path for kms_v1 fields (data keys rewrapped inside the KMS, once each) and the re-encrypt path
+for legacy ones. Batch size and the pause between batches keep the job under KMS quotas.
+A job can be paused, resumed and cancelled from any process; workers notice between batches.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from heimdall.audit import AuditEvent, EventType, Result
+from heimdall.errors import HeimdallError, LifecycleError, ModeViolation
+from heimdall.modes import EncryptionMode
+from heimdall.rbac import Caller, Permission
+from heimdall.reencrypt import KMS_V1, LEGACY, Run, rewrap_index_key
+from heimdall.service import Heimdall
+from heimdall.store.base import FieldUpdate, FieldValue
+from heimdall.store.jobs import Job, JobState, JobStore
+
+__all__ = ["JobPlan", "change_state", "job_store", "run_job", "start_job"]
+
+
+@dataclass(frozen=True, slots=True)
+class JobPlan:
+    """What a job would do (``--dry-run``): nothing is written."""
+
+    target_version: int
+    rewrap_fields: int
+    reencrypt_fields: int
+    legacy_left: int
+
+
+def job_store(heimdall: Heimdall) -> JobStore:
+    store = heimdall.store
+    if not hasattr(store, "claim"):
+        raise ModeViolation("this store cannot run background re-encryption jobs")
+    return store  # type: ignore[return-value]
+
+
+def _event(caller: Caller, job: Job, operation: str, *, error: str | None = None) -> AuditEvent:
+    return AuditEvent(
+        EventType.REENCRYPT_JOB,
+        caller.actor,
+        Result.SUCCESS if error is None else Result.FAILURE,
+        caller.request_id,
+        key_version=job.target_version,
+        source_ip=caller.source_ip,
+        operation=f"{operation} {job.job_id}",
+        count=job.total,
+        error=error,
+    )
+
+
+def _target(heimdall: Heimdall) -> tuple[int, bool]:
+    cipher = heimdall.router.kms
+    if cipher is None:
+        raise ModeViolation("re-encryption needs a KMS provider; legacy mode without one has none")
+    include_legacy = (
+        heimdall.router.mode is EncryptionMode.HYBRID and heimdall.router.legacy is not None
+    )
+    return cipher.kms.describe().latest_version, include_legacy
+
+
+def plan(heimdall: Heimdall, *, caller: Caller) -> JobPlan:
+    heimdall.require(caller, Permission.REENCRYPT)
+    target, include_legacy = _target(heimdall)
+    store = heimdall.store
+    legacy = store.count_fields(encryption_version=LEGACY)
+    return JobPlan(
+        target_version=target,
+        rewrap_fields=store.count_fields(encryption_version=KMS_V1, key_version_below=target),
+        reencrypt_fields=legacy if include_legacy else 0,
+        legacy_left=0 if include_legacy else legacy,
+    )
+
+
+def start_job(heimdall: Heimdall, *, caller: Caller, kind: str = "rotation") -> Job | None:
+    """The active job if it already targets the latest version, else a new one; None when no
+    field needs work."""
+    heimdall.require(caller, Permission.REENCRYPT)
+    jobs = job_store(heimdall)
+    target, include_legacy = _target(heimdall)
+    active = jobs.active_job()
+    if active is not None:
+        if active.target_version == target and active.include_legacy == include_legacy:
+            return active
+        # A newer rotation supersedes the job; what it finished stays finished.
+        jobs.set_job_state(active.job_id, JobState.CANCELLED)
+        heimdall.record(_event(caller, active, "superseded"))
+    draft = Job(
+        job_id=f"job-{uuid.uuid4().hex[:12]}",
+        kind=kind,
+        target_version=target,
+        include_legacy=include_legacy,
+        state=JobState.RUNNING,
+        total=0,
+    )
+    job = replace(draft, total=jobs.count_pending(draft))
+    if job.total == 0:
+        return None
+    jobs.create_job(job)
+    heimdall.record(_event(caller, job, "start"))
+    return job
+
+
+def change_state(heimdall: Heimdall, job_id: str, state: JobState, *, caller: Caller) -> Job:
+    """Pause, resume or cancel a job; audited."""
+    heimdall.require(caller, Permission.REENCRYPT)
+    jobs = job_store(heimdall)
+    try:
+        job = jobs.set_job_state(job_id, state)
+    except LifecycleError as exc:
+        current = jobs.get_job(job_id)
+        if current is not None:
+            heimdall.record(_event(caller, current, state.value, error=type(exc).__name__))
+        raise
+    heimdall.record(_event(caller, job, state.value))
+    return job
+
+
+def run_job(
+    heimdall: Heimdall,
+    job_id: str,
+    *,
+    caller: Caller,
+    batch_size: int = 1000,
+    interval_seconds: float = 0.0,
+    progress: Callable[[int], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Job:
+    """Work *job_id* until nothing is pending or it is paused or cancelled; its final state."""
+    heimdall.require(caller, Permission.REENCRYPT)
+    jobs = job_store(heimdall)
+    cipher = heimdall.router.kms
+    if cipher is None:
+        raise ModeViolation("re-encryption needs a KMS provider")
+    run = Run(heimdall, caller, cipher, None)
+    legacy = heimdall.router.legacy
+    while True:
+        job = jobs.get_job(job_id)
+        if job is None:
+            raise LifecycleError(f"no re-encryption job {job_id}")
+        if job.state is not JobState.RUNNING:
+            return job
+        with jobs.claim(job, batch_size) as claim:
+            if not claim.fields:
+                break
+
+            def apply(field: FieldValue, update: FieldUpdate) -> bool:
+                claim.update(field, update)
+                return True
+
+            def failed(field: FieldValue, error: HeimdallError) -> None:
+                claim.fail(field, type(error).__name__)
+
+            run.apply, run.failed = apply, failed
+            kms_fields = [f for f in claim.fields if f.encryption_version == KMS_V1]
+            legacy_fields = [f for f in claim.fields if f.encryption_version == LEGACY]
+            if kms_fields:
+                run.rewrap(kms_fields)
+            if legacy_fields and legacy is not None:
+                run.migrate(legacy_fields, legacy)
+            claimed = len(claim.fields)
+        if progress is not None:
+            progress(claimed)
+        if interval_seconds:
+            sleep(interval_seconds)
+    return _finish(heimdall, jobs, job, caller)
+
+
+def _finish(heimdall: Heimdall, jobs: JobStore, job: Job, caller: Caller) -> Job:
+    cipher = heimdall.router.kms
+    assert cipher is not None
+    if rewrap_index_key(heimdall, cipher, job.target_version):
+        heimdall.record(
+            AuditEvent(
+                EventType.REWRAP,
+                caller.actor,
+                Result.SUCCESS,
+                caller.request_id,
+                key_version=job.target_version,
+                source_ip=caller.source_ip,
+                operation="blind_index_key",
+            )
+        )
+    if jobs.count_pending(job):
+        # Another worker still holds a batch; the last one to finish closes the job.
+        current = jobs.get_job(job.job_id)
+        assert current is not None
+        return current
+    current = jobs.get_job(job.job_id)
+    assert current is not None
+    if current.state is JobState.RUNNING:
+        current = jobs.set_job_state(job.job_id, JobState.DONE)
+        heimdall.record(_event(caller, current, "done"))
+    return current

@@ -1,0 +1,93 @@
+"""The re-encryption job's persistent state, kept by the store beside the fields.
+
+spec: Migration Strategy, Phase 4 and Runbook: Re-encryption After Migration. The fields table is
+the work queue: a field is *pending* for a job while it is kms_v1 below the job's target
+version, or legacy when the job migrates legacy fields, and has not failed in this job.
+
+A worker :meth:`JobStore.claim` s a batch of pending fields inside one transaction that locks
+them (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, the database write lock on SQLite), computes their
+new envelopes, and commits the updates together with the job's counters. So
+
+* a crash at any point loses nothing: an uncommitted batch is rolled back and its fields stay
+  pending, to be claimed again — the database *is* the checkpoint;
+* several workers, in several processes or on several machines, never process the same field:
+  a locked field is skipped, a committed one is no longer pending;
+* ``completed`` counts committed updates, so after any number of crashes it ends equal to the
+  number of fields the job had to do.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from heimdall.store.base import FieldUpdate, FieldValue
+
+__all__ = ["Claim", "Job", "JobState", "JobStore"]
+
+
+class JobState(enum.StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+    DONE = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    job_id: str
+    kind: str  # "rotation", "emergency" or "migration"
+    target_version: int
+    include_legacy: bool
+    state: JobState
+    total: int
+    completed: int = 0
+    failed: int = 0
+    created_at: str = ""
+    updated_at: str = ""
+
+
+class Claim(Protocol):
+    """A locked batch of pending fields. Updates are written when the claim's block exits."""
+
+    fields: list[FieldValue]
+
+    def update(self, field: FieldValue, update: FieldUpdate) -> None:
+        """Replace *field*'s envelope (compare-and-swap against the envelope it was read with)."""
+        ...
+
+    def fail(self, field: FieldValue, error: str) -> None:
+        """Record that *field* failed in this job; it is not claimed again by the job."""
+        ...
+
+
+class JobStore(Protocol):
+    def create_job(self, job: Job) -> None: ...
+
+    def get_job(self, job_id: str) -> Job | None: ...
+
+    def active_job(self) -> Job | None:
+        """The newest job that is running or paused, if any."""
+        ...
+
+    def latest_job(self) -> Job | None:
+        """The newest job in any state, if any."""
+        ...
+
+    def set_job_state(self, job_id: str, state: JobState) -> Job:
+        """Change a job's state. A done or cancelled job cannot change any more."""
+        ...
+
+    def count_pending(self, job: Job) -> int: ...
+
+    def claim(self, job: Job, limit: int) -> AbstractContextManager[Claim]:
+        """Lock up to *limit* pending fields; on a clean exit write the updates, the failures
+        and the counters in the same transaction, else roll everything back."""
+        ...
+
+    def failures(self, job_id: str) -> Iterator[tuple[str, str]]:
+        """(canonical_key, error) of the fields that failed in the job."""
+        ...

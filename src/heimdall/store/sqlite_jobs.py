@@ -1,0 +1,223 @@
+"""The re-encryption job's state on SQLite (see :mod:`heimdall.store.jobs`).
+
+SQLite has one writer at a time, so a claim simply runs inside a ``BEGIN IMMEDIATE``
+transaction: workers in other processes wait for it, and a claimed batch is committed (fields,
+failures and counters together) or rolled back as a whole.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from heimdall.errors import LifecycleError, StorageError
+from heimdall.store.base import FieldUpdate, FieldValue
+from heimdall.store.jobs import Job, JobState
+
+__all__ = ["JOB_TABLES", "SqliteJobs"]
+
+JOB_TABLES: Final = (
+    """
+    CREATE TABLE reencrypt_jobs (
+        job_id         TEXT PRIMARY KEY,
+        kind           TEXT NOT NULL,
+        target_version INTEGER NOT NULL,
+        include_legacy INTEGER NOT NULL CHECK (include_legacy IN (0, 1)),
+        state          TEXT NOT NULL,
+        total          INTEGER NOT NULL,
+        completed      INTEGER NOT NULL DEFAULT 0,
+        failed         INTEGER NOT NULL DEFAULT 0,
+        created_at     TEXT NOT NULL,
+        updated_at     TEXT NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE reencrypt_failures (
+        job_id        TEXT NOT NULL REFERENCES reencrypt_jobs (job_id),
+        canonical_key TEXT NOT NULL,
+        error         TEXT NOT NULL,
+        PRIMARY KEY (job_id, canonical_key)
+    )
+    """,
+)
+
+_JOB_COLUMNS: Final = (
+    "job_id, kind, target_version, include_legacy, state, total, completed, failed,"
+    " created_at, updated_at"
+)
+_PENDING: Final = """
+    ((encryption_version = 'kms_v1' AND key_version < ?)
+     OR (? = 1 AND encryption_version = 'legacy'))
+    AND canonical_key NOT IN (SELECT canonical_key FROM reencrypt_failures WHERE job_id = ?)
+"""
+_FIELDS: Final = (
+    "canonical_key, field_name, encrypted_data, is_encrypted, key_version,"
+    " encryption_version, dek_id, updated_at"
+)
+# Built from the constants above only; every value is a bound parameter.
+_INSERT_JOB: Final = f"INSERT INTO reencrypt_jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 10)})"  # noqa: S608
+_SELECT_JOB: Final = f"SELECT {_JOB_COLUMNS} FROM reencrypt_jobs WHERE job_id = ?"  # noqa: S608
+_ACTIVE_JOB: Final = (
+    f"SELECT {_JOB_COLUMNS} FROM reencrypt_jobs WHERE state IN ('running', 'paused')"  # noqa: S608
+    " ORDER BY created_at DESC, rowid DESC LIMIT 1"
+)
+_LATEST_JOB: Final = (
+    f"SELECT {_JOB_COLUMNS} FROM reencrypt_jobs"  # noqa: S608
+    " ORDER BY created_at DESC, rowid DESC LIMIT 1"
+)
+_COUNT_PENDING: Final = f"SELECT count(*) FROM field_values WHERE {_PENDING}"  # noqa: S608
+_CLAIM: Final = f"SELECT {_FIELDS} FROM field_values WHERE {_PENDING} LIMIT ?"  # noqa: S608
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _job(row: Any) -> Job:
+    return Job(
+        job_id=row[0],
+        kind=row[1],
+        target_version=int(row[2]),
+        include_legacy=bool(row[3]),
+        state=JobState(row[4]),
+        total=int(row[5]),
+        completed=int(row[6]),
+        failed=int(row[7]),
+        created_at=row[8],
+        updated_at=row[9],
+    )
+
+
+def _pending_params(job: Job) -> tuple[int, int, str]:
+    return (job.target_version, int(job.include_legacy), job.job_id)
+
+
+@dataclass
+class _SqliteClaim:
+    fields: list[FieldValue]
+    updates: list[tuple[FieldValue, FieldUpdate]] = field(default_factory=list)
+    failed: list[tuple[FieldValue, str]] = field(default_factory=list)
+
+    def update(self, field: FieldValue, update: FieldUpdate) -> None:
+        self.updates.append((field, update))
+
+    def fail(self, field: FieldValue, error: str) -> None:
+        self.failed.append((field, error))
+
+
+class SqliteJobs:
+    """Mixed into SqliteStore, whose connection plumbing it uses."""
+
+    def _session(self, operation: str) -> AbstractContextManager[sqlite3.Connection]:
+        raise NotImplementedError
+
+    def _transaction(self, operation: str) -> AbstractContextManager[sqlite3.Connection]:
+        raise NotImplementedError
+
+    def create_job(self, job: Job) -> None:
+        now = _now()
+        with self._transaction("create_job") as conn:
+            conn.execute(
+                _INSERT_JOB,
+                (
+                    job.job_id,
+                    job.kind,
+                    job.target_version,
+                    int(job.include_legacy),
+                    job.state.value,
+                    job.total,
+                    job.completed,
+                    job.failed,
+                    job.created_at or now,
+                    now,
+                ),
+            )
+
+    def get_job(self, job_id: str) -> Job | None:
+        with self._session("get_job") as conn:
+            row = conn.execute(_SELECT_JOB, (job_id,)).fetchone()
+        return None if row is None else _job(row)
+
+    def active_job(self) -> Job | None:
+        with self._session("active_job") as conn:
+            row = conn.execute(_ACTIVE_JOB).fetchone()
+        return None if row is None else _job(row)
+
+    def latest_job(self) -> Job | None:
+        with self._session("latest_job") as conn:
+            row = conn.execute(_LATEST_JOB).fetchone()
+        return None if row is None else _job(row)
+
+    def set_job_state(self, job_id: str, state: JobState) -> Job:
+        with self._transaction("set_job_state") as conn:
+            row = conn.execute(_SELECT_JOB, (job_id,)).fetchone()
+            if row is None:
+                raise StorageError(f"no re-encryption job {job_id}")
+            job = _job(row)
+            if job.state in (JobState.DONE, JobState.CANCELLED) and state is not job.state:
+                raise LifecycleError(f"job {job_id} is {job.state.value} and cannot change")
+            conn.execute(
+                "UPDATE reencrypt_jobs SET state = ?, updated_at = ? WHERE job_id = ?",
+                (state.value, _now(), job_id),
+            )
+        updated = self.get_job(job_id)
+        assert updated is not None
+        return updated
+
+    def count_pending(self, job: Job) -> int:
+        with self._session("count_pending") as conn:
+            row = conn.execute(_COUNT_PENDING, _pending_params(job)).fetchone()
+        return int(row[0])
+
+    @contextmanager
+    def claim(self, job: Job, limit: int) -> Iterator[_SqliteClaim]:
+        with self._transaction("claim") as conn:
+            rows = conn.execute(_CLAIM, (*_pending_params(job), limit)).fetchall()
+            claim = _SqliteClaim(
+                [
+                    FieldValue(r[0], r[1], r[2], int(r[4]), r[5], r[6], bool(r[3]), r[7])
+                    for r in rows
+                ]
+            )
+            yield claim
+            now = _now()
+            done = 0
+            for current, update in claim.updates:
+                cursor = conn.execute(
+                    "UPDATE field_values SET encrypted_data = ?, key_version = ?,"
+                    " encryption_version = ?, dek_id = ?, updated_at = ?"
+                    " WHERE canonical_key = ? AND encrypted_data = ?",
+                    (
+                        update.encrypted_data,
+                        update.key_version,
+                        update.encryption_version,
+                        update.dek_id,
+                        now,
+                        current.canonical_key,
+                        current.encrypted_data,
+                    ),
+                )
+                done += cursor.rowcount
+            conn.executemany(
+                "INSERT OR IGNORE INTO reencrypt_failures (job_id, canonical_key, error)"
+                " VALUES (?, ?, ?)",
+                [(job.job_id, f.canonical_key, error) for f, error in claim.failed],
+            )
+            conn.execute(
+                "UPDATE reencrypt_jobs SET completed = completed + ?, failed = failed + ?,"
+                " updated_at = ? WHERE job_id = ?",
+                (done, len(claim.failed), now, job.job_id),
+            )
+
+    def failures(self, job_id: str) -> Iterator[tuple[str, str]]:
+        with self._session("failures") as conn:
+            rows = conn.execute(
+                "SELECT canonical_key, error FROM reencrypt_failures WHERE job_id = ?"
+                " ORDER BY canonical_key",
+                (job_id,),
+            ).fetchall()
+        yield from ((str(a), str(b)) for a, b in rows)

@@ -1,0 +1,220 @@
+"""The background re-encryption job: resumable after crashes, shared by workers, steerable."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from heimdall.app import build
+from heimdall.errors import LifecycleError
+from heimdall.ingest import ingest_lines
+from heimdall.rbac import Caller
+from heimdall.reencrypt import Run
+from heimdall.reencrypt_job import change_state, job_store, plan, run_job, start_job
+from heimdall.service import Heimdall
+from heimdall.settings import Settings
+from heimdall.store.jobs import Job, JobState
+
+CALLER = Caller(actor="test:job")
+BIN = Path(sys.executable).parent
+
+
+def _lines(count: int) -> list[str]:
+    return [
+        json.dumps({"id": f"r{i}", "email": f"user{i}@example.com", "name": f"User Number{i}"})
+        for i in range(count)
+    ]
+
+
+def _service(data_dir: Path, **options: Any) -> Heimdall:
+    return build(Settings(data_dir=data_dir, audit_fsync=False, **options))
+
+
+def _start(service: Heimdall) -> Job:
+    job = start_job(service, caller=CALLER)
+    assert job is not None
+    return job
+
+
+def _values(service: Heimdall) -> dict[str, str]:
+    keys = [f.canonical_key for batch in service.store.iter_fields() for f in batch]
+    return service.decrypt_many(keys, reason="test:verify", caller=CALLER)
+
+
+@pytest.fixture
+def rotated(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A data dir with 400 fields (a data key each) on version 1, the key rotated to 2."""
+    service = _service(tmp_path / "data", dek_max_uses=1)
+    ingest_lines(service, _lines(200), caller=CALLER, source_name="t")
+    values = _values(service)
+    service.rotate_keys(caller=CALLER)
+    service.close()
+    return tmp_path / "data", values
+
+
+def test_job_brings_every_field_to_the_target_and_counts_exactly(
+    rotated: tuple[Path, dict[str, str]],
+) -> None:
+    data_dir, values = rotated
+    service = _service(data_dir)
+    job = _start(service)
+    assert (job.total, job.target_version, job.state) == (400, 2, JobState.RUNNING)
+    done = run_job(service, job.job_id, caller=CALLER, batch_size=64)
+    assert (done.state, done.completed, done.failed) == (JobState.DONE, 400, 0)
+    assert [(c.key_version, c.count) for c in service.status(caller=CALLER).counts] == [(2, 400)]
+    assert _values(service) == values
+    service.close()
+
+
+def test_dry_run_reports_and_writes_nothing(rotated: tuple[Path, dict[str, str]]) -> None:
+    data_dir, _ = rotated
+    service = _service(data_dir)
+    before = [f.encrypted_data for b in service.store.iter_fields() for f in b]
+    would = plan(service, caller=CALLER)
+    assert (would.target_version, would.rewrap_fields, would.reencrypt_fields) == (2, 400, 0)
+    assert [f.encrypted_data for b in service.store.iter_fields() for f in b] == before
+    assert job_store(service).latest_job() is None
+    service.close()
+
+
+def test_a_crash_mid_batch_writes_nothing_of_that_batch_and_the_job_resumes(
+    rotated: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir, values = rotated
+    service = _service(data_dir)
+    job = _start(service)
+    original = Run.rewrap
+    batches = []
+
+    def crash_on_third(self: Run, fields: list[Any], retrying: bool = False) -> None:
+        batches.append(len(fields))
+        original(self, fields, retrying)
+        if len(batches) == 3:
+            raise RuntimeError("worker died")  # after computing, before the commit
+
+    monkeypatch.setattr(Run, "rewrap", crash_on_third)
+    with pytest.raises(RuntimeError):
+        run_job(service, job.job_id, caller=CALLER, batch_size=50)
+    half = job_store(service).get_job(job.job_id)
+    assert half is not None and half.completed == 100  # two batches committed, the third not
+    assert service.store.count_fields(key_version_below=2) == 300
+    monkeypatch.setattr(Run, "rewrap", original)
+    done = run_job(service, job.job_id, caller=CALLER, batch_size=50)
+    assert (done.state, done.completed) == (JobState.DONE, 400)
+    assert _values(service) == values
+    service.close()
+
+
+def test_pause_resume_and_cancel(rotated: tuple[Path, dict[str, str]]) -> None:
+    data_dir, _ = rotated
+    service = _service(data_dir)
+    job = _start(service)
+    assert (
+        change_state(service, job.job_id, JobState.PAUSED, caller=CALLER).state is JobState.PAUSED
+    )
+    paused = run_job(service, job.job_id, caller=CALLER)
+    assert (paused.state, paused.completed) == (JobState.PAUSED, 0)
+    change_state(service, job.job_id, JobState.RUNNING, caller=CALLER)
+    change_state(service, job.job_id, JobState.CANCELLED, caller=CALLER)
+    with pytest.raises(LifecycleError):
+        change_state(service, job.job_id, JobState.RUNNING, caller=CALLER)
+    assert run_job(service, job.job_id, caller=CALLER).completed == 0
+    events = [json.loads(line) for line in (data_dir / "audit.log").read_text().splitlines()]
+    steering = [e["operation"].split()[0] for e in events if e["event_type"] == "job.reencrypt"]
+    assert steering[-4:] == ["paused", "running", "cancelled", "running"]
+    service.close()
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HMD_")}
+    env.update({"HMD_DATA_DIR": str(data_dir), "HMD_AUDIT_FSYNC": "false"})
+    return env
+
+
+def _rewraps(data_dir: Path) -> list[dict[str, Any]]:
+    """The successful crypto.rewrap events of fields, as the audit trail has them."""
+    events = [json.loads(line) for line in (data_dir / "audit.log").read_text().splitlines()]
+    return [
+        e
+        for e in events
+        if e["event_type"] == "crypto.rewrap"
+        and e.get("field_identifier")
+        and e["result"] == "success"
+    ]
+
+
+def test_worker_killed_at_five_random_points_finishes_exactly(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    service = _service(data_dir, dek_max_uses=1)
+    ingest_lines(service, _lines(1500), caller=CALLER, source_name="t")
+    values = _values(service)
+    service.rotate_keys(caller=CALLER)
+    job = _start(service)
+    service.close()
+    worker = [str(BIN / "heimdall"), "reencrypt", "--batch-size", "20", "--interval", "0.05"]
+    rng = random.Random(7)  # noqa: S311 - when to kill, not a secret
+    for _ in range(5):
+        process = subprocess.Popen(
+            worker, env=_env(data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(rng.uniform(0.6, 1.4))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finish = subprocess.run(worker, env=_env(data_dir), capture_output=True, text=True, check=False)
+    assert finish.returncode == 0, finish.stderr
+    service = _service(data_dir)
+    final = job_store(service).get_job(job.job_id)
+    assert final is not None
+    assert (final.state, final.completed, final.total, final.failed) == (
+        JobState.DONE,
+        3000,
+        3000,
+        0,
+    )
+    # Killed workers did part of the work before the last one finished it.
+    assert len({e["request_id"] for e in _rewraps(data_dir)}) > 1
+    assert service.store.count_fields(key_version_below=2) == 0
+    assert _values(service) == values
+    service.close()
+
+
+def test_two_workers_side_by_side_never_do_the_same_field(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    service = _service(data_dir, dek_max_uses=1)
+    ingest_lines(service, _lines(600), caller=CALLER, source_name="t")
+    service.rotate_keys(caller=CALLER)
+    job = _start(service)
+    service.close()
+    worker = [str(BIN / "heimdall"), "reencrypt", "run", "--batch-size", "25", "--interval", "0.05"]
+    processes = [
+        subprocess.Popen(worker, env=_env(data_dir), stdout=subprocess.DEVNULL) for _ in range(2)
+    ]
+    for process in processes:
+        process.wait(timeout=120)
+        assert process.returncode == 0
+    rewraps = _rewraps(data_dir)
+    per_field = Counter(e["field_identifier"] for e in rewraps)
+    assert len(per_field) == 1200 and set(per_field.values()) == {1}  # each field exactly once
+    assert len({e["request_id"] for e in rewraps}) == 2  # and both workers did some of them
+    service = _service(data_dir)
+    final = job_store(service).get_job(job.job_id)
+    assert final is not None and (final.completed, final.state) == (1200, JobState.DONE)
+    service.close()
+
+
+def test_nothing_to_do_starts_no_job(tmp_path: Path) -> None:
+    service = _service(tmp_path / "data")
+    ingest_lines(service, _lines(5), caller=CALLER, source_name="t")
+    assert start_job(service, caller=CALLER) is None
+    assert job_store(service).latest_job() is None
+    service.close()
