@@ -16,6 +16,7 @@ from heimdall.kms.base import KeyManagementService
 from heimdall.kms.legacy import LegacyMasterKey, parse_master_key
 from heimdall.kms.local import LocalKeyring
 from heimdall.kms.vault_config import VaultPattern
+from heimdall.migration import recorded_mode
 from heimdall.modes import CipherRouter, EncryptionMode
 from heimdall.policy import default_policy, load_policy
 from heimdall.service import Heimdall
@@ -81,21 +82,51 @@ def _kms_provider(
         ) from None
 
 
-def build(settings: Settings, *, warn: Callable[[str], None] = lambda _: None) -> Heimdall:
-    """Wire a Heimdall from *settings*. Warnings (one line each) go to *warn*."""
+def _effective_mode(
+    settings: Settings, store: GraphStore, warn: Callable[[str], None]
+) -> EncryptionMode:
+    recorded = recorded_mode(store)
+    if recorded is None:
+        return settings.encryption_mode
+    if recorded is not settings.encryption_mode:
+        warn(
+            f"warning: the store's recorded mode {recorded.value} (set by `heimdall migrate`) "
+            f"overrides HMD_ENCRYPTION_MODE={settings.encryption_mode.value}"
+        )
+    return recorded
+
+
+def build(
+    settings: Settings,
+    *,
+    warn: Callable[[str], None] = lambda _: None,
+    mode: EncryptionMode | None = None,
+) -> Heimdall:
+    """Wire a Heimdall from *settings*. Warnings (one line each) go to *warn*.
+
+    The encryption mode is *mode* if given (the migrate commands), else the mode recorded in
+    the store by `heimdall migrate`, else HMD_ENCRYPTION_MODE.
+    """
     cache = CachePolicy(
         max_uses=settings.dek_max_uses, max_age_seconds=settings.dek_max_age_seconds
     )
-    mode = settings.encryption_mode
-    legacy_cipher = None
-    if settings.master_key:
-        legacy_cipher = FieldCipher(
-            LegacyMasterKey(parse_master_key(settings.master_key)), EncryptionVersion.LEGACY, cache
-        )
-        if mode is EncryptionMode.KMS:
-            warn("warning: HMD_MASTER_KEY is set but kms mode never uses it; remove it")
     policy = load_policy(settings.policy) if settings.policy else default_policy()
     store = SqliteStore(settings.sqlite_file)
+    try:
+        if mode is None:
+            mode = _effective_mode(settings, store, warn)
+        legacy_cipher = None
+        if settings.master_key:
+            legacy_cipher = FieldCipher(
+                LegacyMasterKey(parse_master_key(settings.master_key)),
+                EncryptionVersion.LEGACY,
+                cache,
+            )
+            if mode is EncryptionMode.KMS:
+                warn("warning: HMD_MASTER_KEY is set but kms mode never uses it; remove it")
+    except BaseException:
+        store.close()
+        raise
     try:
         # In legacy mode the KMS is only read (rollback), so its keyring is not created there.
         kms = _kms_provider(settings, store, create=mode is not EncryptionMode.LEGACY)

@@ -56,6 +56,7 @@ class EventType(enum.StrEnum):
     KEY_CONFIG = "key.config"
     ACCESS_DENIED = "access.denied"
     REENCRYPT_JOB = "job.reencrypt"
+    MODE_CHANGE = "config.mode"
 
 
 class Result(enum.StrEnum):

@@ -22,6 +22,7 @@ from rich.progress import (
 )
 
 from heimdall.app import build
+from heimdall.modes import EncryptionMode
 from heimdall.rbac import Caller, parse_role
 from heimdall.service import Heimdall
 from heimdall.settings import Settings, unknown_variables
@@ -46,6 +47,11 @@ reencrypt_app = typer.Typer(
     invoke_without_command=True,
 )
 app.add_typer(reencrypt_app, name="reencrypt")
+migrate_app = typer.Typer(
+    help="Move from the static env key to the KMS (spec: Migration Strategy).",
+    no_args_is_help=True,
+)
+app.add_typer(migrate_app, name="migrate")
 
 
 out = Console(highlight=False, soft_wrap=True)
@@ -74,9 +80,9 @@ def caller_for(settings: Settings, actor: str | None) -> Caller:
 
 
 @contextmanager
-def open_service() -> Iterator[tuple[Heimdall, Settings]]:
+def open_service(mode: EncryptionMode | None = None) -> Iterator[tuple[Heimdall, Settings]]:
     settings = load_settings()
-    service = build(settings, warn=lambda line: err.print(line, markup=False))
+    service = build(settings, warn=lambda line: err.print(line, markup=False), mode=mode)
     try:
         yield service, settings
     finally:

@@ -72,10 +72,10 @@ def reencrypt_command(
                 "nothing to re-encrypt: every field is on the latest key version", markup=False
             )
             return
-        _run_here(service, job, caller_actor=actor, batch_size=batch_size, interval=interval)
+        run_here(service, job, caller_actor=actor, batch_size=batch_size, interval=interval)
 
 
-def _run_here(
+def run_here(
     service: Heimdall,
     job: Job,
     *,
@@ -119,7 +119,7 @@ def reencrypt_run(
         job = job_store(service).active_job()
         if job is None:
             fail("there is no active re-encryption job; start one with `heimdall reencrypt`")
-        _run_here(service, job, caller_actor=actor, batch_size=batch_size, interval=interval)
+        run_here(service, job, caller_actor=actor, batch_size=batch_size, interval=interval)
 
 
 def _active(service: Heimdall) -> Job:

@@ -1,0 +1,107 @@
+"""``heimdall migrate status | start | verify | enforce | rollback`` (spec: Migration Strategy)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import orjson
+import typer
+
+from heimdall.cli.common import ActorOption, JsonOption, caller_for, migrate_app, open_service, out
+from heimdall.cli.jobs import run_here
+from heimdall.envelope import EncryptionVersion
+from heimdall.migration import recorded_mode, require_verified, set_mode, verify
+from heimdall.modes import EncryptionMode
+from heimdall.reencrypt_job import job_store, start_job
+
+SampleOption = Annotated[int, typer.Option("--sample", min=0, max=100_000)]
+
+
+@migrate_app.command("status")
+def migrate_status(as_json: JsonOption = False, actor: ActorOption = None) -> None:
+    """The mode in force, legacy and KMS field counts, and the newest re-encryption job."""
+    with open_service() as (service, settings):
+        caller_for(settings, actor)
+        store = service.store
+        recorded = recorded_mode(store)
+        legacy = store.count_fields(encryption_version=EncryptionVersion.LEGACY.value)
+        kms = store.count_fields(encryption_version=EncryptionVersion.KMS_V1.value)
+        job = job_store(service).latest_job()
+    body = {
+        "mode": service.router.mode.value,
+        "recorded_mode": recorded.value if recorded else None,
+        "legacy_fields": legacy,
+        "kms_fields": kms,
+        "job": None
+        if job is None
+        else {
+            "job_id": job.job_id,
+            "state": job.state.value,
+            "completed": job.completed,
+            "total": job.total,
+        },
+    }
+    if as_json:
+        out.print_json(orjson.dumps(body).decode())
+        return
+    out.print(
+        f"mode {body['mode']} (recorded: {body['recorded_mode'] or 'none'}): "
+        f"{legacy:,} legacy fields, {kms:,} KMS fields",
+        markup=False,
+    )
+
+
+@migrate_app.command("start")
+def migrate_start(actor: ActorOption = None) -> None:
+    """legacy -> hybrid, and re-encrypt every legacy field under the KMS (needs HMD_MASTER_KEY)."""
+    with open_service(mode=EncryptionMode.HYBRID) as (service, settings):
+        caller = caller_for(settings, actor)
+        set_mode(service, EncryptionMode.HYBRID, caller=caller, reason="migrate start")
+        out.print(
+            "mode is now hybrid: new fields go to the KMS, legacy fields still read", markup=False
+        )
+        job = start_job(service, caller=caller, kind="migration")
+        if job is None:
+            out.print("nothing to re-encrypt: no legacy field remains", markup=False)
+            return
+        run_here(service, job, caller_actor=actor, batch_size=None, interval=0.0)
+
+
+@migrate_app.command("verify")
+def migrate_verify(sample: SampleOption = 50, actor: ActorOption = None) -> None:
+    """Prove by query that no legacy field remains, and decrypt a random sample for real."""
+    with open_service() as (service, settings):
+        result = verify(service, caller=caller_for(settings, actor), sample=sample)
+    out.print(
+        f"{result.legacy_fields:,} legacy fields, blind-index key "
+        f"{'legacy' if result.index_key_legacy else 'under the KMS'}, "
+        f"{result.sampled - result.sample_failures}/{result.sampled} sampled fields decrypted",
+        markup=False,
+    )
+    require_verified(result)
+    out.print("verified: every field is KMS-encrypted", markup=False)
+
+
+@migrate_app.command("enforce")
+def migrate_enforce(sample: SampleOption = 50, actor: ActorOption = None) -> None:
+    """hybrid -> kms, only when verify passes; the env key is no longer needed after this."""
+    with open_service() as (service, settings):
+        caller = caller_for(settings, actor)
+        require_verified(verify(service, caller=caller, sample=sample))
+        set_mode(service, EncryptionMode.KMS, caller=caller, reason="migrate enforce")
+    out.print(
+        "mode is now kms: legacy fields are refused; HMD_MASTER_KEY can be removed", markup=False
+    )
+
+
+@migrate_app.command("rollback")
+def migrate_rollback(actor: ActorOption = None) -> None:
+    """Back to hybrid: legacy and KMS fields both stay readable (spec: Rollback Plan)."""
+    with open_service(mode=EncryptionMode.HYBRID) as (service, settings):
+        set_mode(
+            service,
+            EncryptionMode.HYBRID,
+            caller=caller_for(settings, actor),
+            reason="migrate rollback",
+        )
+    out.print("mode is now hybrid: legacy and KMS fields both read", markup=False)
