@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from heimdall import metrics
 from heimdall.audit import AuditEvent, EventType, Result
 from heimdall.errors import HeimdallError, LifecycleError, ModeViolation
 from heimdall.modes import EncryptionMode
@@ -148,8 +149,10 @@ def run_job(
         job = jobs.get_job(job_id)
         if job is None:
             raise LifecycleError(f"no re-encryption job {job_id}")
+        metrics.set_job_progress(job)  # the counters as of the last committed batch
         if job.state is not JobState.RUNNING:
             return job
+        updated = run.report.rewrapped + run.report.reencrypted
         with jobs.claim(job, batch_size) as claim:
             if not claim.fields:
                 break
@@ -164,11 +167,21 @@ def run_job(
             run.apply, run.failed = apply, failed
             kms_fields = [f for f in claim.fields if f.encryption_version == KMS_V1]
             legacy_fields = [f for f in claim.fields if f.encryption_version == LEGACY]
-            if kms_fields:
-                run.rewrap(kms_fields)
+            if kms_fields and job.kind == "emergency":
+                # The compromised master key may have exposed the old data keys: a rewrap would
+                # keep them, so every field gets a new data key.
+                with metrics.CryptoBatch("reencrypt", len(kms_fields), cipher, tally=run.report):
+                    run.migrate(kms_fields, cipher)
+            elif kms_fields:
+                with metrics.CryptoBatch("rewrap", len(kms_fields), cipher, tally=run.report):
+                    run.rewrap(kms_fields)
             if legacy_fields and legacy is not None:
-                run.migrate(legacy_fields, legacy)
+                with metrics.CryptoBatch(
+                    "reencrypt", len(legacy_fields), cipher, legacy, tally=run.report
+                ):
+                    run.migrate(legacy_fields, legacy)
             claimed = len(claim.fields)
+        metrics.add_reencrypted(run.report.rewrapped + run.report.reencrypted - updated)
         if progress is not None:
             progress(claimed)
         if interval_seconds:
@@ -201,4 +214,5 @@ def _finish(heimdall: Heimdall, jobs: JobStore, job: Job, caller: Caller) -> Job
     if current.state is JobState.RUNNING:
         current = jobs.set_job_state(job.job_id, JobState.DONE)
         heimdall.record(_event(caller, current, "done"))
+    metrics.set_job_progress(current)
     return current

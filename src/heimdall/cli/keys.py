@@ -17,6 +17,7 @@ from heimdall.cli.common import (
     out,
 )
 from heimdall.kms.base import KeyDescription
+from heimdall.lifecycle import emergency_rotate, retire
 from heimdall.reencrypt import pending
 
 
@@ -66,8 +67,35 @@ def keys_show(as_json: JsonOption = False, actor: ActorOption = None) -> None:
 
 
 @keys_app.command("rotate")
-def keys_rotate(actor: ActorOption = None) -> None:
+def keys_rotate(
+    emergency: Annotated[
+        bool,
+        typer.Option(
+            "--emergency",
+            help="Key compromise: also stop encrypting with old versions, re-encrypt every "
+            "field under new data keys at full speed, then disable the old versions.",
+        ),
+    ] = False,
+    actor: ActorOption = None,
+) -> None:
     """Create a new master key version; new fields use it, old fields still decrypt."""
+    if emergency:
+        with open_service() as (service, settings):
+            result = emergency_rotate(service, caller=caller_for(settings, actor))
+        done = f"{result.job.completed:,} fields re-encrypted" if result.job else "no fields"
+        disabled = (
+            f"versions below {result.disabled_below} disabled"
+            if result.disabled_below
+            else "old versions NOT disabled yet: fields still depend on them"
+        )
+        out.print(
+            f"emergency rotation to version {result.description.latest_version}: "
+            f"{done}, {disabled}",
+            markup=False,
+        )
+        if not result.disabled_below:
+            raise typer.Exit(1)
+        return
     with open_service() as (service, settings):
         description = service.rotate_keys(caller=caller_for(settings, actor))
         waiting = pending(service, description.latest_version)
@@ -92,3 +120,37 @@ def keys_set_min_decryption_version(
             version, caller=caller_for(settings, actor), force=force
         )
     out.print(f"min_decryption_version is now {description.min_decryption_version}", markup=False)
+
+
+ForceOption = Annotated[
+    bool, typer.Option("--force", help="Even if stored fields depend on these versions.")
+]
+
+
+@keys_app.command("retire")
+def keys_retire(
+    version: Annotated[int, typer.Argument(min=1)],
+    force: ForceOption = False,
+    actor: ActorOption = None,
+) -> None:
+    """Retire versions up to VERSION: they still decrypt but never encrypt again."""
+    with open_service() as (service, settings):
+        description = retire(service, version, caller=caller_for(settings, actor), force=force)
+    out.print(
+        f"versions below {description.min_encryption_version} are retired (decrypt-only)",
+        markup=False,
+    )
+
+
+@keys_app.command("disable")
+def keys_disable(
+    version: Annotated[int, typer.Argument(min=1)],
+    force: ForceOption = False,
+    actor: ActorOption = None,
+) -> None:
+    """Disable versions up to VERSION: fields still under them can no longer be decrypted."""
+    with open_service() as (service, settings):
+        description = service.set_min_decryption_version(
+            version + 1, caller=caller_for(settings, actor), force=force
+        )
+    out.print(f"versions below {description.min_decryption_version} are disabled", markup=False)

@@ -69,6 +69,8 @@ class Keyset:
         stored = self._versions[version].state
         if version < self._min_decryption:
             return KeyState.DISABLED
+        if version < self._min_encryption:
+            return KeyState.RETIRED
         return stored
 
     def describe(self) -> KeyDescription:

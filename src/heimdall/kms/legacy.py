@@ -94,6 +94,9 @@ class LegacyMasterKey:
     def set_min_decryption_version(self, version: int) -> KeyDescription:
         raise LifecycleError(_NOT_ROTATABLE)
 
+    def set_min_encryption_version(self, version: int) -> KeyDescription:
+        raise LifecycleError(_NOT_ROTATABLE)
+
     def describe(self) -> KeyDescription:
         return self._keyset.describe()
 

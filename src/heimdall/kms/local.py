@@ -223,6 +223,19 @@ class LocalKeyring:
             self._write(doc)
         return self._current().describe()
 
+    def set_min_encryption_version(self, version: int) -> KeyDescription:
+        """Retire every version below *version*: they still decrypt but no longer encrypt."""
+        with self._locked():
+            doc, _ = self._read_doc()
+            latest = max(v["version"] for v in doc["versions"])
+            if not 1 <= version <= latest:
+                raise LifecycleError(
+                    f"min_encryption_version must be between 1 and the latest version {latest}"
+                )
+            doc["min_encryption_version"] = max(version, doc["min_decryption_version"])
+            self._write(doc)
+        return self._current().describe()
+
     def health(self) -> Health:
         try:
             description = self._current().describe()

@@ -274,6 +274,12 @@ class VaultTransit:
         )
         return self.describe()
 
+    def set_min_encryption_version(self, version: int) -> KeyDescription:
+        self.transport.call(
+            "POST", f"{self._base}/keys/{self._key}/config", {"min_encryption_version": version}
+        )
+        return self.describe()
+
     def preflight(self) -> list[Check]:
         """Connectivity of every address, authentication, and an enabled audit device."""
         checks = []
