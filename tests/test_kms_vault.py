@@ -461,3 +461,23 @@ def test_a_rotate_that_fails_mid_request_is_not_resent_to_another_node(
     description = provider.rotate()
     assert description.latest_version == 2  # rotated exactly once
     assert sum(url.endswith("/rotate") for url in sent) == 1
+
+
+def test_pattern_b_values_decrypt_in_batches_with_per_item_errors(
+    bao: BaoServer, transit_key: str
+) -> None:
+    provider = _provider(bao, transit_key, batch_size=40)
+    cipher = FieldCipher(provider, EncryptionVersion.KMS_V1, direct=True)
+    contexts = [
+        EncryptionContext("FieldValue", f"email:hash:{i:064x}", "email") for i in range(100)
+    ]
+    sealed = cipher.encrypt_many([(f"v{i}".encode(), c) for i, c in enumerate(contexts)])
+    items = [(s.envelope, c) for s, c in zip(sealed, contexts, strict=True)]
+    items[5] = (items[5][0], contexts[6])  # moved to another node
+    calls = provider.transport.calls
+    results = cipher.decrypt_many(items)
+    assert provider.transport.calls - calls == 3  # 100 values in chunks of 40
+    assert isinstance(results[5], DecryptionFailed)
+    assert [r for i, r in enumerate(results) if i != 5] == [
+        f"v{i}".encode() for i in range(100) if i != 5
+    ]

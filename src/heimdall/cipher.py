@@ -274,6 +274,48 @@ class FieldCipher:
             ciphertext, timestamp = body(obj)
         return entry.aead.decrypt(ciphertext, data_ad(entry.ad_prefix, timestamp, context))
 
+    def decrypt_many(
+        self, items: Sequence[tuple[str, EncryptionContext]]
+    ) -> list[bytes | HeimdallError]:
+        """Per-item results. KMS-DIRECT values go to the provider in batch calls; the others
+        are decrypted locally under their (cached) data keys."""
+        out: list[bytes | HeimdallError] = []
+        direct: list[tuple[int, Envelope, EncryptionContext]] = []
+        for index, (envelope, context) in enumerate(items):
+            try:
+                obj = load(envelope)
+                if obj["algorithm"] == KMS_DIRECT and obj["encryption_version"] == (
+                    self.encryption_version.value
+                ):
+                    direct.append((index, from_mapping(obj), context))
+                    out.append(b"")  # replaced below
+                else:
+                    out.append(self.decrypt(envelope, context))
+            except HeimdallError as exc:
+                out.append(exc)
+        if direct:
+            requests = [
+                (
+                    WrappedKey(e.key_identifier, e.key_version, e.ciphertext),
+                    data_associated_data(
+                        e.encryption_version.value,
+                        KMS_DIRECT,
+                        e.dek_id,
+                        e.encryption_timestamp,
+                        context,
+                    ),
+                )
+                for _, e, context in direct
+            ]
+            self.kms_calls += 1
+            for (index, _, _), result in zip(direct, self.kms.unwrap_many(requests), strict=True):
+                if isinstance(result, HeimdallError):
+                    out[index] = result
+                else:
+                    with result as plaintext:
+                        out[index] = bytes(plaintext.view())
+        return out
+
     def _decrypt_direct(self, envelope: Envelope, context: EncryptionContext) -> bytes:
         """Pattern B: the provider decrypts the value itself, bound to the same context."""
         ad = data_associated_data(
