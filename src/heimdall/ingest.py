@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from heimdall import metrics
 from heimdall.audit import AuditEvent, EventType, Result, utc_now_ms
 from heimdall.envelope import MAX_PLAINTEXT_BYTES, EncryptionContext
 from heimdall.errors import InvalidInput
@@ -135,12 +136,13 @@ def ingest_lines(
                     continue
                 pending[key] = (name, value)
         # One call for the batch: with pattern B the provider encrypts them in batch requests.
-        sealed_fields = cipher.encrypt_many(
-            [
-                (value.encode("utf-8"), EncryptionContext(FIELD_LABEL, key, name))
-                for key, (name, value) in pending.items()
-            ]
-        )
+        with metrics.CryptoBatch("encrypt", len(pending), cipher):
+            sealed_fields = cipher.encrypt_many(
+                [
+                    (value.encode("utf-8"), EncryptionContext(FIELD_LABEL, key, name))
+                    for key, (name, value) in pending.items()
+                ]
+            )
         new_fields: dict[str, FieldValue] = {}
         events: list[AuditEvent] = []
         for (key, (name, _)), sealed in zip(pending.items(), sealed_fields, strict=True):

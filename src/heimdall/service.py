@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from heimdall import metrics
 from heimdall.audit import AuditEvent, AuditSink, EventType, Result, utc_now_ms
 from heimdall.blind_index import META_KEY, BlindIndex, StoredIndexKey
 from heimdall.envelope import EncryptionContext, EncryptionVersion, load
@@ -169,6 +170,8 @@ class Heimdall:
             )
         plaintexts: dict[str, str] = {}
         events: list[AuditEvent] = []
+        router = self.router
+        batch = metrics.CryptoBatch("decrypt", len(canonical_keys), router.writer, router.kms)
         for key in canonical_keys:
             field: FieldValue | None = None
             try:
@@ -180,12 +183,14 @@ class Heimdall:
                     field.encrypted_data, field_context(field)
                 ).decode()
             except (HeimdallError, UnicodeDecodeError) as exc:
+                batch.finish(failed=len(canonical_keys), raised=True)
                 events.append(self._decrypt_event(caller, key, field, reason, exc))
                 self.record(*events)
                 if isinstance(exc, UnicodeDecodeError):
                     raise InvalidInput("the decrypted value is not UTF-8 text") from None
                 raise
             events.append(self._decrypt_event(caller, key, field, reason, None))
+        batch.finish()
         self.record(*events)
         return plaintexts
 

@@ -25,6 +25,7 @@ import hvac
 import orjson
 import requests
 
+from heimdall import metrics
 from heimdall.errors import (
     AccessDenied,
     ConfigurationError,
@@ -224,6 +225,7 @@ class VaultTransport:
         """One request, failing over across addresses. Returns any non-retryable answer."""
         last: str = "no address answered"
         count = len(self._clients)
+        operation = metrics.vault_operation(path)  # a closed set of words: never a key name
         for attempt in range(self.settings.attempts):
             start = self._active
             for offset in range(count):
@@ -240,6 +242,7 @@ class VaultTransport:
                         raise_exception=False,
                     )
                 except requests.exceptions.RequestException as exc:
+                    metrics.record_kms_call(PROVIDER, operation, "unreachable")
                     never_sent = isinstance(exc, requests.exceptions.ConnectTimeout) or (
                         isinstance(exc, requests.exceptions.ConnectionError)
                         and "NewConnectionError" in repr(exc)
@@ -252,6 +255,7 @@ class VaultTransport:
                         ) from None
                     last = f"{type(exc).__name__} from {self.settings.addresses[index]}"
                     continue
+                metrics.record_kms_call(PROVIDER, operation, f"{response.status_code // 100}xx")
                 if response.status_code in _RETRYABLE_STATUS:
                     last = f"HTTP {response.status_code} from {self.settings.addresses[index]}"
                     # A standby/sealed answer means the request was not carried out.
