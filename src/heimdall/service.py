@@ -15,6 +15,7 @@ from typing import Final
 from heimdall import metrics
 from heimdall.audit import AuditEvent, AuditSink, EventType, Result, utc_now_ms
 from heimdall.blind_index import META_KEY, BlindIndex, StoredIndexKey
+from heimdall.cipher import FieldCipher
 from heimdall.envelope import EncryptionContext, EncryptionVersion, load
 from heimdall.errors import (
     FieldNotFound,
@@ -168,20 +169,16 @@ class Heimdall:
                 "decrypt requires a reason: 1-200 printable ASCII characters, "
                 "e.g. 'support:ticket-1234'"
             )
-        plaintexts: dict[str, str] = {}
-        events: list[AuditEvent] = []
         router = self.router
         batch = metrics.CryptoBatch("decrypt", len(canonical_keys), router.writer, router.kms)
-        for key in canonical_keys:
-            field: FieldValue | None = None
+        results = self._decrypt_fields(canonical_keys)
+        plaintexts: dict[str, str] = {}
+        events: list[AuditEvent] = []
+        for key, field, result in results:
             try:
-                field = self.store.get_field(key)
-                if field is None:
-                    raise FieldNotFound("no field has this canonical key")
-                cipher = self.router.reader(field.encryption_version)
-                plaintexts[key] = cipher.decrypt(
-                    field.encrypted_data, field_context(field)
-                ).decode()
+                if isinstance(result, BaseException):
+                    raise result
+                plaintexts[key] = result.decode()
             except (HeimdallError, UnicodeDecodeError) as exc:
                 batch.finish(failed=len(canonical_keys), raised=True)
                 events.append(self._decrypt_event(caller, key, field, reason, exc))
@@ -193,6 +190,42 @@ class Heimdall:
         batch.finish()
         self.record(*events)
         return plaintexts
+
+    def _decrypt_fields(
+        self, canonical_keys: Sequence[str]
+    ) -> list[tuple[str, FieldValue | None, bytes | HeimdallError]]:
+        """Each key's field and plaintext (or error), in order, up to the first key that cannot
+        even be looked up. Fields are decrypted in one batch per cipher, so values the KMS
+        encrypted itself (pattern B) go to it in batch calls."""
+        looked_up: list[tuple[str, FieldValue | None, FieldCipher | HeimdallError]] = []
+        for key in canonical_keys:
+            field: FieldValue | None = None
+            try:
+                field = self.store.get_field(key)
+                if field is None:
+                    raise FieldNotFound("no field has this canonical key")
+                looked_up.append((key, field, self.router.reader(field.encryption_version)))
+            except HeimdallError as exc:
+                looked_up.append((key, field, exc))
+                break
+        by_cipher: dict[int, list[int]] = {}
+        for index, (_, _, cipher) in enumerate(looked_up):
+            if isinstance(cipher, FieldCipher):
+                by_cipher.setdefault(id(cipher), []).append(index)
+        plaintexts: dict[int, bytes | HeimdallError] = {}
+        for indexes in by_cipher.values():
+            cipher = looked_up[indexes[0]][2]
+            assert isinstance(cipher, FieldCipher)
+            items = []
+            for index in indexes:
+                field = looked_up[index][1]
+                assert field is not None
+                items.append((field.encrypted_data, field_context(field)))
+            plaintexts.update(zip(indexes, cipher.decrypt_many(items), strict=True))
+        return [
+            (key, field, plaintexts[i] if isinstance(cipher, FieldCipher) else cipher)
+            for i, (key, field, cipher) in enumerate(looked_up)
+        ]
 
     def _decrypt_event(
         self,
