@@ -1,0 +1,581 @@
+"""The GraphStore on PostgreSQL, with psycopg 3 and a psycopg_pool connection pool.
+
+spec: Envelope Encryption Architecture, Storage in Apache AGE. The node model as plain tables:
+``field_values`` keeps each FieldValue's properties in one ``jsonb`` column, ``properties``;
+``sightings`` (linked to their FieldValue by a foreign key), ``records`` and ``meta`` beside it.
+
+Invariants:
+
+* ``properties`` is the only copy of a FieldValue's properties. ``encryption_version``,
+  ``key_version`` and ``dek_id`` are STORED generated columns derived from it, so the indexes on
+  them can never disagree with it.
+* ``encrypted_data`` is a JSON *string* inside ``properties``. jsonb keeps a string's characters
+  exactly, so ``get_field`` returns, and ``compare_and_swap`` compares, the very text written
+  (the envelope as a parsed object would lose its key order and spacing).
+* ``records.attributes`` is jsonb too. jsonb keeps JSON types, but prints numbers in plain
+  notation: a float with an integral value of 1e16 or more (``1e+16``) reads back as an int.
+* Keys and versions sort bytewise (``COLLATE "C"``) whatever the database's locale: pages come in
+  the same order as on SQLite, and comparisons are plain memcmp.
+* Every write is one transaction. ``write_batch`` is all or nothing: a sighting whose
+  canonical_key has no FieldValue fails the foreign key and rolls the whole batch back. It
+  inserts field values and records in key order, so concurrent batches sharing keys wait for
+  each other instead of deadlocking.
+* The schema only moves forward: ``_MIGRATIONS`` is append-only, each applied version is recorded
+  in ``schema_migrations``, all under a transaction-scoped advisory lock so that processes
+  starting together migrate one after the other; a newer schema than this module knows is refused.
+* No psycopg exception leaves this module. Each becomes a one-line :class:`StorageError` naming
+  the operation and the SQLSTATE; the server's own text is never copied into it (a constraint
+  violation's DETAIL can quote a whole row). The psycopg exception is kept as ``__cause__``.
+  Only a connection that fails at open is described by libpq's reason, which holds no data.
+* Thread-safe: each call borrows a connection from the pool for its own duration only, so no
+  lock or transaction is held between two calls, nor between two pages of ``iter_fields``.
+  Pooled connections are not pinged before use (a round trip per call): after a server restart
+  each stale connection fails the one call that meets it, and the pool replaces it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Final
+
+try:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+    from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        "heimdall.store.postgres needs the postgres extra: pip install 'heimdall[postgres]'"
+    ) from exc
+
+from heimdall.errors import StorageError
+from heimdall.store.base import FieldCount, FieldUpdate, FieldValue, RecordRow, Sighting
+
+__all__ = ["PostgresStore"]
+
+_CONNECT_TIMEOUT_SECONDS: Final = 10
+_POOL_TIMEOUT_SECONDS: Final = 30.0
+# pg_advisory_xact_lock key serialising migrations: the bytes of "heimdall" as a bigint.
+_MIGRATION_LOCK: Final = int.from_bytes(b"heimdall", "big")
+
+# Append only: never edit or reorder an entry once released. Version n is _MIGRATIONS[n - 1].
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """
+        CREATE TABLE field_values (
+            canonical_key      text COLLATE "C" PRIMARY KEY,
+            field_name         text NOT NULL,
+            properties         jsonb NOT NULL CONSTRAINT field_values_properties_types CHECK (
+                jsonb_typeof(properties -> 'encrypted_data') = 'string'
+                AND jsonb_typeof(properties -> 'is_encrypted') = 'boolean'
+                AND jsonb_typeof(properties -> 'key_version') = 'number'
+                AND jsonb_typeof(properties -> 'encryption_version') = 'string'
+                AND jsonb_typeof(properties -> 'dek_id') = 'string'
+                AND jsonb_typeof(properties -> 'created_at') = 'string'
+                AND jsonb_typeof(properties -> 'updated_at') = 'string'
+            ),
+            encryption_version text COLLATE "C" NOT NULL
+                GENERATED ALWAYS AS (properties ->> 'encryption_version') STORED,
+            key_version        bigint NOT NULL
+                GENERATED ALWAYS AS ((properties ->> 'key_version')::bigint) STORED,
+            dek_id             text COLLATE "C" NOT NULL
+                GENERATED ALWAYS AS (properties ->> 'dek_id') STORED
+        )
+        """,
+        # Counts by version (count_fields, field_counts). B-tree deduplication makes this index
+        # tiny: a few distinct keys, each with a list of row pointers.
+        "CREATE INDEX field_values_by_version ON field_values (encryption_version, key_version)",
+        # iter_fields pages for one encryption_version. canonical_key second, not last: with
+        # encryption_version fixed the index hands out rows in canonical_key order and tests
+        # key_version < N inside the index, so a page reads from its cursor to its last row and
+        # sorts nothing. Ordered (encryption_version, key_version, canonical_key), a page under
+        # a key_version range would have to read and sort every remaining match.
+        """
+        CREATE INDEX field_values_by_version_and_key
+            ON field_values (encryption_version, canonical_key, key_version)
+        """,
+        "CREATE INDEX field_values_by_dek ON field_values (dek_id)",
+        """
+        CREATE TABLE sightings (
+            id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            canonical_key text COLLATE "C" NOT NULL REFERENCES field_values (canonical_key),
+            record_id     text NOT NULL,
+            source        text NOT NULL,
+            seen_at       text NOT NULL
+        )
+        """,
+        "CREATE INDEX sightings_by_key ON sightings (canonical_key)",
+        """
+        CREATE TABLE records (
+            record_id   text PRIMARY KEY,
+            source      text NOT NULL,
+            ingested_at text NOT NULL,
+            attributes  jsonb NOT NULL
+        )
+        """,
+        "CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL)",
+    ),
+)
+
+_CREATE_MIGRATIONS_TABLE: Final = """
+    CREATE TABLE schema_migrations (
+        version    integer PRIMARY KEY,
+        applied_at timestamptz NOT NULL DEFAULT now()
+    )
+"""
+
+_FIELD_COLUMNS: Final = (
+    "canonical_key, field_name, properties ->> 'encrypted_data',"
+    " (properties -> 'is_encrypted')::boolean, key_version, encryption_version, dek_id,"
+    " properties ->> 'updated_at'"
+)
+
+# A batch's FieldValues are COPied here, then inserted with one INSERT ... SELECT: COPY is the
+# fastest way in, and only INSERT has ON CONFLICT. Created on first use in each session (a
+# transaction-pooling proxy may hand each batch another one); ON COMMIT DELETE ROWS empties it.
+_CREATE_INCOMING: Final = """
+    CREATE TEMPORARY TABLE IF NOT EXISTS heimdall_incoming_fields (
+        canonical_key text, field_name text, encrypted_data text, is_encrypted boolean,
+        key_version bigint, encryption_version text, dek_id text, written_at text
+    ) ON COMMIT DELETE ROWS
+"""
+_COPY_INCOMING: Final = "COPY pg_temp.heimdall_incoming_fields FROM STDIN"
+# ON CONFLICT (canonical_key) DO NOTHING: first writer wins, but a NOT NULL or CHECK violation
+# still fails the batch instead of silently dropping the row. Duplicates within the batch are
+# removed before the COPY, so the row count is the number of FieldValues this batch created.
+# ORDER BY: an insert waits for another transaction's uncommitted row with the same key, so two
+# batches sharing keys must take them in one order, or each waits for the other (deadlock).
+_INSERT_INCOMING: Final = """
+    INSERT INTO field_values (canonical_key, field_name, properties)
+    SELECT canonical_key, field_name, jsonb_build_object(
+        'encrypted_data', encrypted_data, 'is_encrypted', is_encrypted,
+        'key_version', key_version, 'encryption_version', encryption_version, 'dek_id', dek_id,
+        'created_at', written_at, 'updated_at', written_at)
+    FROM pg_temp.heimdall_incoming_fields
+    ORDER BY canonical_key COLLATE "C"
+    ON CONFLICT (canonical_key) DO NOTHING
+"""
+_COPY_SIGHTINGS: Final = "COPY sightings (canonical_key, record_id, source, seen_at) FROM STDIN"
+# In record_id order, for the same reason as _INSERT_INCOMING: an upsert locks the row it replaces.
+_UPSERT_RECORDS: Final = """
+    INSERT INTO records (record_id, source, ingested_at, attributes)
+    SELECT record_id, source, ingested_at, attributes::jsonb
+    FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[])
+        AS incoming (record_id, source, ingested_at, attributes)
+    ORDER BY record_id COLLATE "C"
+    ON CONFLICT (record_id) DO UPDATE SET
+        source = excluded.source, ingested_at = excluded.ingested_at,
+        attributes = excluded.attributes
+"""
+_COMPARE_AND_SWAP_FIELD: Final = """
+    UPDATE field_values
+    SET properties = properties || jsonb_build_object(
+        'encrypted_data', %s::text, 'key_version', %s::bigint,
+        'encryption_version', %s::text, 'dek_id', %s::text, 'updated_at', %s::text)
+    WHERE canonical_key = %s AND properties ->> 'encrypted_data' = %s
+"""
+
+# Readable causes for the SQLSTATEs a caller can provoke; the rest are reported by name and code.
+_EXPLANATIONS: Final = {
+    "23503": "a sighting names a canonical_key that has no FieldValue",
+    "40P01": "deadlock with another transaction",
+    "42501": "the database user lacks a privilege this store needs",
+    "53300": "the server has no free connection slot",
+    "57014": "the statement was cancelled or timed out",
+}
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _storage_error(operation: str, exc: psycopg.Error) -> StorageError:
+    if isinstance(exc, PoolClosed):
+        reason = "the store is closed"
+    elif isinstance(exc, PoolTimeout):
+        reason = "no pooled connection became free in time"
+    elif exc.sqlstate:
+        reason = _EXPLANATIONS.get(exc.sqlstate, f"{type(exc).__name__} (SQLSTATE {exc.sqlstate})")
+    elif isinstance(exc, psycopg.OperationalError):
+        reason = "the connection to the server failed or was lost"
+    elif isinstance(exc, psycopg.DataError):
+        # Raised by psycopg before sending: its own text, not the value.
+        reason = "a value cannot be sent to PostgreSQL (text holding a NUL character?)"
+    else:
+        reason = type(exc).__name__
+    return StorageError(f"postgres {operation} failed: {reason}")
+
+
+def _connect_error(exc: psycopg.OperationalError) -> StorageError:
+    # A failed connection has sent no data, and libpq's reason (refused, no such database,
+    # authentication failed) is what an operator needs; it never repeats the password.
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return StorageError(f"postgres open failed: {reason}")
+
+
+def _field_from_row(row: tuple[Any, ...]) -> FieldValue:
+    key, name, data, is_encrypted, key_version, encryption_version, dek_id, updated_at = row
+    return FieldValue(
+        canonical_key=key,
+        field_name=name,
+        encrypted_data=data,
+        key_version=key_version,
+        encryption_version=encryption_version,
+        dek_id=dek_id,
+        is_encrypted=is_encrypted,
+        updated_at=updated_at,
+    )
+
+
+def _field_filter(
+    encryption_version: str | None, key_version_below: int | None
+) -> tuple[list[str], list[object]]:
+    """WHERE clauses (constant SQL) and their bound parameters for the optional filters."""
+    clauses: list[str] = []
+    params: list[object] = []
+    if encryption_version is not None:
+        clauses.append("encryption_version = %s")
+        params.append(encryption_version)
+    if key_version_below is not None:
+        clauses.append("key_version < %s")
+        params.append(key_version_below)
+    return clauses, params
+
+
+def _where(clauses: list[str]) -> str:
+    return " WHERE " + " AND ".join(clauses) if clauses else ""
+
+
+def _page_sql(clauses: list[str], *, resume: bool) -> str:
+    """One keyset page: parameters are the filter values, then (if *resume*) the last key
+    already yielded, then the page size."""
+    if resume:
+        clauses = [*clauses, "canonical_key > %s"]
+    # The clauses are constant SQL from _field_filter; values are bound.
+    return (
+        f"SELECT {_FIELD_COLUMNS} FROM field_values"  # noqa: S608
+        + _where(clauses)
+        + " ORDER BY canonical_key LIMIT %s"
+    )
+
+
+def _migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+    with conn.transaction():
+        # Held to the end of this transaction: a second process waits here, then finds the
+        # migrations recorded and applies nothing.
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+        if exists is None or not exists[0]:
+            conn.execute(_CREATE_MIGRATIONS_TABLE)
+        applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        newest = max(applied, default=0)
+        if newest > len(_MIGRATIONS):
+            raise StorageError(
+                f"postgres open failed: schema version {newest} is newer than this heimdall"
+                f" supports ({len(_MIGRATIONS)})"
+            )
+        for version, statements in enumerate(_MIGRATIONS, start=1):
+            if version in applied:
+                continue
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+
+
+def _connect_options(params: dict[str, Any]) -> dict[str, Any]:
+    """Options every connection gets: autocommit (transactions here are explicit), and a
+    connect timeout unless the DSN sets one."""
+    options: dict[str, Any] = {"autocommit": True, "application_name": "heimdall"}
+    if "connect_timeout" not in params:
+        options["connect_timeout"] = _CONNECT_TIMEOUT_SECONDS
+    if "application_name" in params:
+        del options["application_name"]
+    return options
+
+
+class PostgresStore:
+    """A :class:`~heimdall.store.base.GraphStore` in one PostgreSQL database.
+
+    ``dsn`` is a libpq connection string or URI; ``pool_size`` caps the connections this store
+    holds open (at least one is kept). Construction connects, applies any pending migration and
+    fills the pool, raising :class:`StorageError` if any of it fails.
+    """
+
+    def __init__(self, dsn: str, *, pool_size: int = 8) -> None:
+        if pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
+        try:
+            params = conninfo_to_dict(dsn)
+        except psycopg.Error:
+            # libpq's parse error can quote the DSN, password included: neither it nor its
+            # text goes on (so no __cause__ here).
+            raise StorageError(
+                "postgres open failed: the DSN is not a valid connection string"
+            ) from None
+        # For repr: where the data lives, never the password or other options.
+        self._target = {
+            k: str(params[k]) for k in ("host", "port", "dbname", "user") if k in params
+        }
+        self._lock = threading.Lock()
+        self._closed = False
+        options = _connect_options(params)
+        try:
+            with psycopg.connect(dsn, **options) as conn:
+                _migrate(conn)
+        except psycopg.OperationalError as exc:
+            if exc.sqlstate is None:
+                raise _connect_error(exc) from exc
+            raise _storage_error("open", exc) from exc
+        except psycopg.Error as exc:
+            raise _storage_error("open", exc) from exc
+        self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=pool_size,
+            kwargs=options,
+            open=False,
+            name="heimdall-store",
+            timeout=_POOL_TIMEOUT_SECONDS,
+        )
+        try:
+            self._pool.open(wait=True, timeout=_CONNECT_TIMEOUT_SECONDS)
+        except psycopg.Error as exc:
+            self._pool.close()
+            raise StorageError(
+                f"postgres open failed: the pool made no connection in {_CONNECT_TIMEOUT_SECONDS} s"
+            ) from exc
+
+    def __repr__(self) -> str:
+        target = ", ".join(f"{k}={v!r}" for k, v in self._target.items())
+        return f"{type(self).__name__}({target})"
+
+    # -- connection plumbing -------------------------------------------------------------------
+
+    @contextmanager
+    def _connection(self, operation: str) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+        """A pooled connection for one call, with psycopg errors translated."""
+        if self._closed:
+            raise StorageError(f"postgres {operation} failed: the store is closed")
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except psycopg.Error as exc:
+            raise _storage_error(operation, exc) from exc
+        except UnicodeEncodeError as exc:
+            # A str with a lone surrogate cannot be sent. Its message gives only a position.
+            raise StorageError(
+                f"postgres {operation} failed: a value is not encodable as UTF-8"
+            ) from exc
+
+    @contextmanager
+    def _transaction(self, operation: str) -> Iterator[psycopg.Cursor[tuple[Any, ...]]]:
+        """A cursor in a transaction: committed if the block completes, rolled back otherwise."""
+        with self._connection(operation) as conn, conn.transaction(), conn.cursor() as cursor:
+            yield cursor
+
+    def _fetch_one(self, operation: str, query: str, params: Sequence[object]) -> Any:
+        with self._connection(operation) as conn:
+            return conn.execute(query, params).fetchone()
+
+    def _rowcount(self, operation: str, query: str, params: Sequence[object]) -> int:
+        with self._connection(operation) as conn:
+            return conn.execute(query, params).rowcount
+
+    # -- GraphStore ----------------------------------------------------------------------------
+
+    def existing_keys(self, canonical_keys: Sequence[str]) -> set[str]:
+        unique = list(dict.fromkeys(canonical_keys))
+        if not unique:
+            return set()
+        with self._connection("existing_keys") as conn:
+            rows = conn.execute(
+                "SELECT canonical_key FROM field_values WHERE canonical_key = ANY(%s::text[])",
+                (unique,),
+            ).fetchall()
+        return {row[0] for row in rows}
+
+    def write_batch(
+        self,
+        field_values: Sequence[FieldValue],
+        sightings: Sequence[Sighting],
+        records: Sequence[RecordRow],
+    ) -> int:
+        """Write all three in one transaction; returns the number of FieldValues inserted.
+
+        A FieldValue's created_at and updated_at are its own updated_at when set (a copy from
+        another store keeps its history), otherwise the time of this write. Of two FieldValues
+        with one canonical_key in a batch the first is kept; of two records, the last.
+        """
+        now = _utc_now()
+        firsts: dict[str, FieldValue] = {}
+        for f in field_values:
+            firsts.setdefault(f.canonical_key, f)
+        field_rows = [
+            (
+                f.canonical_key,
+                f.field_name,
+                f.encrypted_data,
+                f.is_encrypted,
+                f.key_version,
+                f.encryption_version,
+                f.dek_id,
+                f.updated_at or now,
+            )
+            for f in firsts.values()
+        ]
+        sighting_rows = [(s.canonical_key, s.record_id, s.source, s.seen_at) for s in sightings]
+        record_columns = _record_columns(records)
+        inserted = 0
+        with self._transaction("write_batch") as cursor:
+            if field_rows:
+                cursor.execute(_CREATE_INCOMING)
+                with cursor.copy(_COPY_INCOMING) as copy:
+                    for field_row in field_rows:
+                        copy.write_row(field_row)
+                inserted = cursor.execute(_INSERT_INCOMING).rowcount
+            if sighting_rows:
+                with cursor.copy(_COPY_SIGHTINGS) as copy:
+                    for sighting_row in sighting_rows:
+                        copy.write_row(sighting_row)
+            if record_columns:
+                cursor.execute(_UPSERT_RECORDS, record_columns)
+        return inserted
+
+    def get_field(self, canonical_key: str) -> FieldValue | None:
+        row = self._fetch_one(
+            "get_field",
+            f"SELECT {_FIELD_COLUMNS} FROM field_values WHERE canonical_key = %s",  # noqa: S608
+            (canonical_key,),
+        )
+        return None if row is None else _field_from_row(row)
+
+    def count_sightings(self, canonical_key: str) -> int:
+        row = self._fetch_one(
+            "count_sightings",
+            "SELECT count(*) FROM sightings WHERE canonical_key = %s",
+            (canonical_key,),
+        )
+        return int(row[0])
+
+    def field_counts(self) -> list[FieldCount]:
+        with self._connection("field_counts") as conn:
+            rows = conn.execute(
+                "SELECT encryption_version, key_version, count(*) FROM field_values"
+                " GROUP BY encryption_version, key_version"
+                " ORDER BY encryption_version, key_version"
+            ).fetchall()
+        return [FieldCount(encryption_version=e, key_version=k, count=n) for e, k, n in rows]
+
+    def count_fields(
+        self,
+        *,
+        encryption_version: str | None = None,
+        key_version_below: int | None = None,
+    ) -> int:
+        clauses, params = _field_filter(encryption_version, key_version_below)
+        # The clauses are constant SQL from _field_filter; values are bound.
+        sql = "SELECT count(*) FROM field_values" + _where(clauses)  # noqa: S608
+        return int(self._fetch_one("count_fields", sql, params)[0])
+
+    def iter_fields(
+        self,
+        *,
+        encryption_version: str | None = None,
+        key_version_below: int | None = None,
+        batch_size: int = 500,
+    ) -> Iterator[list[FieldValue]]:
+        """Non-empty batches of matching FieldValues in canonical_key (byte) order.
+
+        Each batch is one query resuming after the last key yielded (keyset pagination), and no
+        connection or transaction is held between batches, so the caller may update the yielded
+        fields, even out of the filter, without a field being skipped or yielded twice.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        return self._pages(encryption_version, key_version_below, batch_size)
+
+    def _pages(
+        self, encryption_version: str | None, key_version_below: int | None, batch_size: int
+    ) -> Iterator[list[FieldValue]]:
+        clauses, params = _field_filter(encryption_version, key_version_below)
+        first_sql = _page_sql(clauses, resume=False)
+        next_sql = _page_sql(clauses, resume=True)
+        with self._connection("iter_fields") as conn:
+            rows = conn.execute(first_sql, [*params, batch_size]).fetchall()
+        while rows:
+            batch = [_field_from_row(row) for row in rows]
+            yield batch
+            if len(rows) < batch_size:
+                return
+            after = batch[-1].canonical_key
+            with self._connection("iter_fields") as conn:
+                rows = conn.execute(next_sql, [*params, after, batch_size]).fetchall()
+
+    def compare_and_swap(
+        self, canonical_key: str, expected_encrypted_data: str, update: FieldUpdate
+    ) -> bool:
+        """One conditional UPDATE; is_encrypted is not touched (FieldUpdate does not carry it)."""
+        params = (
+            update.encrypted_data,
+            update.key_version,
+            update.encryption_version,
+            update.dek_id,
+            _utc_now(),
+            canonical_key,
+            expected_encrypted_data,
+        )
+        return self._rowcount("compare_and_swap", _COMPARE_AND_SWAP_FIELD, params) == 1
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._fetch_one("get_meta", "SELECT value FROM meta WHERE key = %s", (key,))
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._rowcount(
+            "set_meta",
+            "INSERT INTO meta (key, value) VALUES (%s, %s)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def insert_meta_if_absent(self, key: str, value: str) -> bool:
+        query = "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING"
+        return self._rowcount("insert_meta_if_absent", query, (key, value)) == 1
+
+    def compare_and_swap_meta(self, key: str, expected: str, value: str) -> bool:
+        query = "UPDATE meta SET value = %s WHERE key = %s AND value = %s"
+        return self._rowcount("compare_and_swap_meta", query, (value, key, expected)) == 1
+
+    def close(self) -> None:
+        """Close the pool. Idempotent; any later call raises StorageError."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._pool.close()
+
+
+def _record_columns(records: Sequence[RecordRow]) -> list[list[str]]:
+    """The records as four parallel columns for unnest; the last of a repeated record_id wins
+    (one INSERT ... ON CONFLICT DO UPDATE may not touch a row twice)."""
+    lasts = {r.record_id: r for r in records}
+    try:
+        attributes = [
+            # Strict JSON (no NaN, which jsonb rejects), as the SQLite store writes it.
+            json.dumps(dict(r.attributes), separators=(",", ":"), allow_nan=False)
+            for r in lasts.values()
+        ]
+    except (TypeError, ValueError) as exc:
+        raise StorageError(
+            "postgres write_batch failed: record attributes are not finite JSON values"
+        ) from exc
+    if not lasts:
+        return []
+    return [
+        [r.record_id for r in lasts.values()],
+        [r.source for r in lasts.values()],
+        [r.ingested_at for r in lasts.values()],
+        attributes,
+    ]
