@@ -20,7 +20,7 @@ from heimdall.migration import recorded_mode
 from heimdall.modes import CipherRouter, EncryptionMode
 from heimdall.policy import default_policy, load_policy
 from heimdall.service import Heimdall
-from heimdall.settings import Environment, Settings
+from heimdall.settings import Environment, Settings, StoreKind
 from heimdall.store.base import GraphStore
 from heimdall.store.sqlite import SqliteStore
 
@@ -82,6 +82,20 @@ def _kms_provider(
         ) from None
 
 
+def _store(settings: Settings) -> GraphStore:
+    if settings.store is StoreKind.SQLITE:
+        return SqliteStore(settings.sqlite_file)
+    if not settings.postgres_dsn:
+        raise ConfigurationError("HMD_STORE=postgres needs HMD_POSTGRES_DSN")
+    try:
+        from heimdall.store.postgres import PostgresStore  # noqa: PLC0415 - optional extra
+    except ImportError:
+        raise ConfigurationError(
+            "HMD_STORE=postgres needs the postgres extra: pip install 'heimdall[postgres]'"
+        ) from None
+    return PostgresStore(settings.postgres_dsn, pool_size=settings.postgres_pool_size)
+
+
 def _effective_mode(
     settings: Settings, store: GraphStore, warn: Callable[[str], None]
 ) -> EncryptionMode:
@@ -111,7 +125,7 @@ def build(
         max_uses=settings.dek_max_uses, max_age_seconds=settings.dek_max_age_seconds
     )
     policy = load_policy(settings.policy) if settings.policy else default_policy()
-    store = SqliteStore(settings.sqlite_file)
+    store = _store(settings)
     try:
         if mode is None:
             mode = _effective_mode(settings, store, warn)

@@ -31,6 +31,7 @@ class Environment(enum.StrEnum):
 
 class StoreKind(enum.StrEnum):
     SQLITE = "sqlite"
+    POSTGRES = "postgres"
 
 
 KMS_PROVIDERS: Final = ("local", "vault", "aws", "gcp", "azure")
@@ -65,13 +66,20 @@ _FILE_KEYS: Final = (
             "dek_max_uses",
             "dek_max_age_seconds",
             "ingest_batch_size",
+            "postgres_pool_size",
         }
     )
     | vault_config.FILE_KEYS
     | _ROTATION_KEYS
 )
 _PATH_SETTINGS: Final = ("data_dir", "keyring_path", "sqlite_path", "audit_log", "policy")
-_FILE_SECRETS: Final = ("master_key", "vault_token", "vault_role_id", "vault_secret_id")
+_FILE_SECRETS: Final = (
+    "master_key",
+    "vault_token",
+    "vault_role_id",
+    "vault_secret_id",
+    "postgres_dsn",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +108,8 @@ class Settings:
     reencrypt_batch_size: int = 1000
     reencrypt_interval_seconds: float = 60
     grace_period_days: float = 30
+    postgres_dsn: str | None = field(default=None, repr=False)  # may hold a password
+    postgres_pool_size: int = 8
     vault: VaultSettings | None = None
     vault_pattern: VaultPattern = VaultPattern.DATAKEY
 
@@ -126,6 +136,8 @@ class Settings:
             if env_value is not None and env_value != "":
                 values[name] = env_value
         master_key = environ.get("HMD_MASTER_KEY") or None
+        if environ.get("HMD_POSTGRES_DSN"):
+            values["postgres_dsn"] = environ["HMD_POSTGRES_DSN"]
         vault_values = {k: values.pop(k) for k in list(values) if k in vault_config.FILE_KEYS}
         settings = _build(values, master_key)
         if settings.kms_provider != "vault":
@@ -136,7 +148,13 @@ class Settings:
 
 # Variables heimdall reads outside Settings, or that its test suite reads.
 _OTHER_VARIABLES: Final = frozenset(
-    {"HMD_CONFIG", "HMD_MASTER_KEY", "HMD_DEBUG", *vault_config.SECRET_VARIABLES}
+    {
+        "HMD_CONFIG",
+        "HMD_MASTER_KEY",
+        "HMD_DEBUG",
+        "HMD_POSTGRES_DSN",
+        *vault_config.SECRET_VARIABLES,
+    }
 )
 
 
@@ -248,6 +266,7 @@ _PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
     "dek_max_uses": _bounded(int, 1, 2**24),
     "dek_max_age_seconds": _bounded(float, 0.001, 86_400),
     "ingest_batch_size": _bounded(int, 1, 100_000),
+    "postgres_pool_size": _bounded(int, 1, 256),
     "reencrypt_batch_size": _bounded(int, 1, 100_000),
     "reencrypt_interval_seconds": _bounded(float, 0, 86_400),
     "rotation_cadence_days": _bounded(float, 0, 36_500),
