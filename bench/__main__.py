@@ -1,30 +1,41 @@
 """``python -m bench [--quick] [--json PATH]``: heimdall throughput on one core. See README.md.
 
-Exits 0 whenever every benchmark ran, targets met or not (a missed target is printed as MISSED);
-non-zero only if something crashed.
+The Vault rows run against a throwaway OpenBao dev server on 127.0.0.1 that the bench starts and
+stops itself (bench/vault.py); without the ``bao`` binary they are skipped, with the reason
+printed.
+
+Exits 0 whenever every benchmark ran (or was skipped for want of ``bao``), targets met or not (a
+missed target is printed as MISSED); non-zero if something crashed or the dev server did not
+start.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bench import envelopes, ingest
 from bench.machine import contention, machine_info
 from bench.report import Result, Row, format_report, write_json
-from bench.timing import measure
+from bench.timing import Measurement, measure
 from heimdall.cipher import CachePolicy
+from heimdall.kms.vault_config import VaultPattern
+
+if TYPE_CHECKING:
+    from bench.vault import DevServer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -76,6 +87,52 @@ INGEST = Row(
     INGEST_TARGET,
 )
 
+# Vault / OpenBao Transit rows (bench/vault.py): a throwaway dev server on 127.0.0.1.
+VAULT_DECRYPT_TARGET, VAULT_REWRAP_TARGET = 20_000, 50_000
+# The figures these rows are set against. They are not Tink figures, so they are printed in the
+# notes under the table (and in the JSON), not in the table's reference column.
+VAULT_DECRYPT_TRANSIT_REFERENCE = (
+    1_000,
+    "one Transit call per field reaches about 1,000 fields/s here",
+)
+VAULT_REWRAP_REFERENCE = (
+    96_000,
+    "Vault encrypt with batch_input of 250, about 96,000/s (as the issue states it)",
+)
+
+VAULT_INGEST_DATAKEY = Row(
+    "vault/ingest-datakey",
+    "as ingest/sqlite (same synthetic records, fresh data dir per run) with build(Settings("
+    "kms_provider='vault', vault_pattern=datakey)): pattern A, data keys from Transit "
+    "datakey/plaintext, values sealed locally, default cache (one data key per 10,000 fields)",
+)
+VAULT_INGEST_TRANSIT = Row(
+    "vault/ingest-transit",
+    "as vault/ingest-datakey with vault_pattern=transit: pattern B, Transit encrypts every "
+    "value itself; each ingest batch goes to Transit encrypt as batch_input requests of 200, "
+    "4 in flight",
+)
+VAULT_DECRYPT_DATAKEY = Row(
+    "vault/decrypt-datakey",
+    "FieldCipher.decrypt (default CachePolicy, fresh cipher per run) of pattern A envelopes "
+    "sealed through Vault with the default cache, new EncryptionContext per field: the fields "
+    "share a data key, unwrapped once through Transit decrypt",
+    VAULT_DECRYPT_TARGET,
+)
+VAULT_DECRYPT_TRANSIT = Row(
+    "vault/decrypt-transit",
+    "FieldCipher.decrypt_many of pattern B envelopes (what Heimdall.decrypt_many uses): the "
+    "values go to Transit decrypt in batch_input requests of 200, 4 in flight",
+)
+VAULT_REWRAP = Row(
+    "vault/rewrap-2000",
+    "VaultTransit.rewrap_many of 2,000 wrapped data keys (each from Transit datakey with its "
+    "own associated data, made before timing); the key is rotated before every run (untimed) "
+    "and each run rewraps the previous run's keys, so every key moves to a new version; "
+    "batch_input of 200, 4 in flight. Figures are keys/s",
+    VAULT_REWRAP_TARGET,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Sizes:
@@ -85,10 +142,26 @@ class Sizes:
     ingest_records: int  # per ingest run
     ingest_repetitions: int
     ingest_warmup_records: int  # one discarded ingest run of this many records
+    # Vault rows. vault/ingest-* use the ingest sizes above; vault/decrypt-datakey the crypto ones.
+    vault_transit_fields: int  # vault/decrypt-transit: fields per run
+    vault_transit_repetitions: int
+    vault_transit_warmup_fields: int  # one discarded run of this many fields
+    vault_rewrap_keys: int  # vault/rewrap-2000: keys per run
 
 
-FULL = Sizes(20_000, 7, 1, 20_000, 3, 1_000)
-QUICK = Sizes(2_000, 3, 1, 300, 1, 100)
+FULL = Sizes(20_000, 7, 1, 20_000, 3, 1_000, 20_000, 3, 2_000, 2_000)
+QUICK = Sizes(2_000, 3, 1, 300, 1, 100, 100, 1, 20, 200)
+
+
+@dataclass
+class VaultOutcome:
+    """What the Vault rows produced: results, lines for under the table, and whether they ran
+    (a missing ``bao`` is a skip, not a failure; a server that does not start is a failure)."""
+
+    results: list[Result] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    server: str = "not run"
+    failed: bool = False
 
 
 def run_crypto(sizes: Sizes) -> list[Result]:
@@ -156,6 +229,122 @@ def run_ingest(sizes: Sizes) -> Result:
     return Result(INGEST, m)
 
 
+def _vault_skipped(outcome: VaultOutcome, reason: str, *, failed: bool = False) -> VaultOutcome:
+    message = f"vault rows {'failed' if failed else 'skipped'}: {reason}"
+    print(message, file=sys.stderr, flush=True)
+    outcome.notes.append(message)
+    outcome.failed = failed
+    return outcome
+
+
+def run_vault(sizes: Sizes) -> VaultOutcome:
+    """The Vault rows against a throwaway OpenBao dev server, started and stopped here."""
+    outcome = VaultOutcome()
+    try:
+        from bench import vault  # noqa: PLC0415 - needs hvac, the optional vault extra
+    except ImportError as exc:
+        return _vault_skipped(outcome, f"cannot import the Vault provider ({exc})")
+    binary = vault.bao_binary()
+    if binary is None:
+        return _vault_skipped(outcome, "bao not found")
+    print(f"  starting an OpenBao dev server ({binary}) ...", file=sys.stderr, flush=True)
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(vault.dev_server(binary))
+        except vault.ServerStartError as exc:
+            return _vault_skipped(
+                outcome, f"the OpenBao dev server did not start: {exc}", failed=True
+            )
+        outcome.server = f"OpenBao {server.version()} dev server (bao server -dev, in memory)"
+        outcome.results = _vault_rows(server, sizes)
+    outcome.notes = vault.notes(outcome.results, outcome.server)
+    return outcome
+
+
+def _vault_rows(server: DevServer, sizes: Sizes) -> list[Result]:
+    from bench import vault  # noqa: PLC0415 - see run_vault
+
+    def result(
+        row: Row, m: Measurement, reference: tuple[int, str] | None = None, unit: str = "fields"
+    ) -> Result:
+        number, label = reference or (None, None)
+        return vault.VaultResult(row, m, reference=number, reference_label=label, unit=unit)
+
+    results: list[Result] = []
+    transit = vault.new_transit(server)
+    records = sizes.ingest_records
+    lines = ingest.synthetic_lines(records)
+    warmup_lines = ingest.synthetic_lines(sizes.ingest_warmup_records)
+    for row, pattern in (
+        (VAULT_INGEST_DATAKEY, VaultPattern.DATAKEY),
+        (VAULT_INGEST_TRANSIT, VaultPattern.TRANSIT),
+    ):
+        m = measure(
+            row.id,
+            partial(vault.ingest_run, server, pattern, lines),
+            fields_per_run=records * len(ingest.ENCRYPT_FIELDS),
+            repetitions=sizes.ingest_repetitions,
+            warmups=1,
+            warmup=partial(vault.ingest_run, server, pattern, warmup_lines),
+        )
+        results.append(result(row, m))
+
+    corpus = envelopes.make_corpus(sizes.fields)
+    sealed = vault.seal_datakey(transit, corpus)
+    m = measure(
+        VAULT_DECRYPT_DATAKEY.id,
+        partial(vault.decrypt_run, server, transit, corpus, sealed, direct=False),
+        fields_per_run=sizes.fields,
+        repetitions=sizes.repetitions,
+        warmups=sizes.warmups,
+    )
+    results.append(result(VAULT_DECRYPT_DATAKEY, m))
+
+    n, w = sizes.vault_transit_fields, sizes.vault_transit_warmup_fields
+    corpus = envelopes.make_corpus(n)
+    sealed = vault.seal_transit(transit, corpus)
+    warm = envelopes.Corpus(corpus.values[:w], corpus.canonical_keys[:w], corpus.floor_ads[:w])
+    m = measure(
+        VAULT_DECRYPT_TRANSIT.id,
+        partial(vault.decrypt_run, server, transit, corpus, sealed, direct=True),
+        fields_per_run=n,
+        repetitions=sizes.vault_transit_repetitions,
+        warmups=1,
+        warmup=partial(vault.decrypt_run, server, transit, warm, sealed[:w], direct=True),
+    )
+    results.append(result(VAULT_DECRYPT_TRANSIT, m, VAULT_DECRYPT_TRANSIT_REFERENCE))
+
+    # Last, because it rotates the Transit key before every run.
+    keys = sizes.vault_rewrap_keys
+    print(f"  making {keys:,} wrapped data keys through Transit ...", file=sys.stderr, flush=True)
+    rewrapper = vault.Rewrapper(server, transit, vault.wrapped_data_keys(transit, keys))
+    m = measure(
+        VAULT_REWRAP.id,
+        rewrapper,
+        fields_per_run=keys,
+        repetitions=sizes.repetitions,
+        warmups=sizes.warmups,
+    )
+    results.append(result(VAULT_REWRAP, m, VAULT_REWRAP_REFERENCE, "keys"))
+    return results
+
+
+def _insert_notes(report: str, notes: Sequence[str]) -> str:
+    """*notes* as a paragraph of their own just before the report's targets line."""
+    if not notes:
+        return report
+    lines = report.split("\n")
+    at = next(
+        (
+            i
+            for i, line in enumerate(lines)
+            if line.startswith(("targets missed", "all targets met"))
+        ),
+        len(lines),
+    )
+    return "\n".join([*lines[:at], *notes, "", *lines[at:]])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
@@ -182,6 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     busy = {"at start": contention()}
     print(f"running heimdall bench{' (--quick)' if quick else ''} ...", file=sys.stderr)
     results = [*run_crypto(sizes), run_ingest(sizes)]
+    vault_outcome = run_vault(sizes)
+    results.extend(vault_outcome.results)
+    machine["openbao"] = vault_outcome.server
     busy["at end"] = contention()
     duration = time.perf_counter() - start
 
@@ -191,9 +383,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = format_report(
         results, machine, busy, quick=quick, duration_s=duration, json_path=json_path
     )
-    print(report, flush=True)
-    return 0
+    print(_insert_notes(report, vault_outcome.notes), flush=True)
+    return 1 if vault_outcome.failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # The OpenBao dev server, if running, was stopped on the way out.
+        print("bench interrupted", file=sys.stderr)
+        sys.exit(130)
