@@ -53,6 +53,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from heimdall.errors import StorageError
 from heimdall.store.base import FieldCount, FieldUpdate, FieldValue, RecordRow, Sighting
+from heimdall.store.postgres_jobs import JOB_TABLES, PostgresJobs
 
 __all__ = ["PostgresStore"]
 
@@ -118,6 +119,7 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
         "CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL)",
     ),
+    JOB_TABLES,
 )
 
 _CREATE_MIGRATIONS_TABLE: Final = """
@@ -296,7 +298,7 @@ def _connect_options(params: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-class PostgresStore:
+class PostgresStore(PostgresJobs):
     """A :class:`~heimdall.store.base.GraphStore` in one PostgreSQL database.
 
     ``dsn`` is a libpq connection string or URI; ``pool_size`` caps the connections this store

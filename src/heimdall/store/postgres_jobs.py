@@ -1,0 +1,299 @@
+"""The re-encryption job's state on PostgreSQL (see :mod:`heimdall.store.jobs`).
+
+A claim is one transaction on one pooled connection. Its ``SELECT ... FOR UPDATE SKIP LOCKED``
+locks the batch row by row as it reads it, and passes over rows another worker's claim has
+locked, so concurrent workers take disjoint batches without waiting for each other. On a clean
+exit the field updates, the failures and the job's counters are written and committed together;
+on an exception the transaction, and with it every lock, is rolled back.
+
+Each kind of pending field is claimed by its own query, with ``encryption_version`` a constant,
+in ``key_version`` order: the index ``field_values_by_version (encryption_version, key_version)``
+then hands out exactly the pending rows, lowest version first, so a claim reads its batch (plus
+rows other workers hold and fields that failed in the job) and nothing else, however far the job
+has got. Ordered by canonical_key instead, a claim must pass every field already done: claims
+take the lowest keys first, so done fields pile up just where each claim starts reading, and
+PostgreSQL plans the query as a walk of the primary key testing each row in the heap. Measured
+on 100,000 fields in batches of 500, that SELECT took 2.4 ms for the first claim and 50 ms for
+the last (5.4 s over the job, against 0.6 s and a flat 2.7 ms in key_version order): quadratic
+in the number of fields. No claim needs its batch in key order, only batches that never overlap;
+within one key_version the order is the index's own (physical) one. A single query over
+``kms_v1 OR legacy`` would have no index in any useful order at all.
+
+Timestamps are text in the store's ``YYYY-MM-DDTHH:MM:SSZ`` form, as on SQLite. ``seq`` stands
+in for SQLite's rowid: it orders jobs created within the same second.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import psycopg
+
+from heimdall.errors import LifecycleError, StorageError
+from heimdall.store.base import FieldUpdate, FieldValue
+from heimdall.store.jobs import Job, JobState
+
+__all__ = ["JOB_TABLES", "PostgresJobs"]
+
+Cursor = psycopg.Cursor[tuple[Any, ...]]
+
+JOB_TABLES: Final = (
+    """
+    CREATE TABLE reencrypt_jobs (
+        job_id         text COLLATE "C" PRIMARY KEY,
+        kind           text NOT NULL,
+        target_version bigint NOT NULL,
+        include_legacy boolean NOT NULL,
+        state          text NOT NULL,
+        total          bigint NOT NULL,
+        completed      bigint NOT NULL DEFAULT 0,
+        failed         bigint NOT NULL DEFAULT 0,
+        created_at     text NOT NULL,
+        updated_at     text NOT NULL,
+        seq            bigint GENERATED ALWAYS AS IDENTITY UNIQUE
+    )
+    """,
+    # COLLATE "C" like field_values.canonical_key, so the anti-join compares plain bytes and
+    # can probe this primary key.
+    """
+    CREATE TABLE reencrypt_failures (
+        job_id        text COLLATE "C" NOT NULL REFERENCES reencrypt_jobs (job_id),
+        canonical_key text COLLATE "C" NOT NULL,
+        error         text NOT NULL,
+        PRIMARY KEY (job_id, canonical_key)
+    )
+    """,
+)
+
+_JOB_COLUMNS: Final = (
+    "job_id, kind, target_version, include_legacy, state, total, completed, failed,"
+    " created_at, updated_at"
+)
+# As PostgresStore reads a FieldValue: the envelope is the JSON string's exact text.
+_FIELD_COLUMNS: Final = (
+    "canonical_key, field_name, properties ->> 'encrypted_data',"
+    " (properties -> 'is_encrypted')::boolean, key_version, encryption_version, dek_id,"
+    " properties ->> 'updated_at'"
+)
+_NOT_FAILED: Final = (
+    "NOT EXISTS (SELECT FROM reencrypt_failures AS failure WHERE failure.job_id = %(job_id)s"
+    " AND failure.canonical_key = field_values.canonical_key)"
+)
+# The two kinds of pending field (spec: Migration Strategy, Phase 4). Constant SQL; values bound.
+_PENDING_KMS: Final = (
+    f"encryption_version = 'kms_v1' AND key_version < %(target)s AND {_NOT_FAILED}"
+)
+_PENDING_LEGACY: Final = f"encryption_version = 'legacy' AND {_NOT_FAILED}"
+
+# Built from the constants above only; every value is a bound parameter.
+_INSERT_JOB: Final = (
+    f"INSERT INTO reencrypt_jobs ({_JOB_COLUMNS})"  # noqa: S608
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+_SELECT_JOB: Final = f"SELECT {_JOB_COLUMNS} FROM reencrypt_jobs WHERE job_id = %s"  # noqa: S608
+_ACTIVE_JOB: Final = (
+    f"SELECT {_JOB_COLUMNS} FROM reencrypt_jobs WHERE state IN ('running', 'paused')"  # noqa: S608
+    " ORDER BY created_at DESC, seq DESC LIMIT 1"
+)
+_LATEST_JOB: Final = (
+    f"SELECT {_JOB_COLUMNS} FROM reencrypt_jobs"  # noqa: S608
+    " ORDER BY created_at DESC, seq DESC LIMIT 1"
+)
+_SET_STATE: Final = (
+    "UPDATE reencrypt_jobs SET state = %s, updated_at = %s WHERE job_id = %s"  # noqa: S608
+    f" RETURNING {_JOB_COLUMNS}"
+)
+_COUNT_KMS: Final = f"SELECT count(*) FROM field_values WHERE {_PENDING_KMS}"  # noqa: S608
+_COUNT_LEGACY: Final = f"SELECT count(*) FROM field_values WHERE {_PENDING_LEGACY}"  # noqa: S608
+# ORDER BY key_version: see the module docstring. SKIP LOCKED: rows another claim holds are
+# passed over, not waited for.
+_CLAIM_KMS: Final = (
+    f"SELECT {_FIELD_COLUMNS} FROM field_values WHERE {_PENDING_KMS}"  # noqa: S608
+    " ORDER BY key_version LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+)
+_CLAIM_LEGACY: Final = (
+    f"SELECT {_FIELD_COLUMNS} FROM field_values WHERE {_PENDING_LEGACY}"  # noqa: S608
+    " ORDER BY key_version LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+)
+# PostgresStore.compare_and_swap's statement: the whole properties object is rewritten, so the
+# generated encryption_version, key_version and dek_id columns follow it.
+_UPDATE_FIELD: Final = """
+    UPDATE field_values
+    SET properties = properties || jsonb_build_object(
+        'encrypted_data', %s::text, 'key_version', %s::bigint,
+        'encryption_version', %s::text, 'dek_id', %s::text, 'updated_at', %s::text)
+    WHERE canonical_key = %s AND properties ->> 'encrypted_data' = %s
+"""
+_INSERT_FAILURE: Final = (
+    "INSERT INTO reencrypt_failures (job_id, canonical_key, error) VALUES (%s, %s, %s)"
+    " ON CONFLICT (job_id, canonical_key) DO NOTHING"
+)
+_ADD_COUNTS: Final = (
+    "UPDATE reencrypt_jobs SET completed = completed + %s, failed = failed + %s,"
+    " updated_at = %s WHERE job_id = %s"
+)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    job_id, kind, target, include_legacy, state, total, completed, failed, created, updated = row
+    return Job(
+        job_id=job_id,
+        kind=kind,
+        target_version=target,
+        include_legacy=include_legacy,
+        state=JobState(state),
+        total=total,
+        completed=completed,
+        failed=failed,
+        created_at=created,
+        updated_at=updated,
+    )
+
+
+def _field(row: tuple[Any, ...]) -> FieldValue:
+    key, name, data, is_encrypted, key_version, encryption_version, dek_id, updated_at = row
+    return FieldValue(
+        key, name, data, key_version, encryption_version, dek_id, is_encrypted, updated_at
+    )
+
+
+def _missing_job(job_id: str) -> StorageError:
+    return StorageError(f"postgres claim failed: no re-encryption job {job_id}")
+
+
+@dataclass
+class _PostgresClaim:
+    fields: list[FieldValue]
+    updates: list[tuple[FieldValue, FieldUpdate]] = field(default_factory=list)
+    failed: list[tuple[FieldValue, str]] = field(default_factory=list)
+
+    def update(self, field: FieldValue, update: FieldUpdate) -> None:
+        self.updates.append((field, update))
+
+    def fail(self, field: FieldValue, error: str) -> None:
+        self.failed.append((field, error))
+
+    def write(self, cursor: Cursor, job_id: str) -> None:
+        """The batch's updates (each a compare-and-swap), failures and counters."""
+        if not self.updates and not self.failed:
+            return
+        now = _now()
+        done = failed = 0
+        if self.updates:
+            cursor.executemany(
+                _UPDATE_FIELD,
+                [
+                    (
+                        *(u.encrypted_data, u.key_version, u.encryption_version, u.dek_id, now),
+                        *(f.canonical_key, f.encrypted_data),  # the compare-and-swap's match
+                    )
+                    for f, u in self.updates
+                ],
+            )
+            done = cursor.rowcount  # the sum over the statements: the swaps that matched
+        if self.failed:
+            try:
+                cursor.executemany(
+                    _INSERT_FAILURE, [(job_id, f.canonical_key, e) for f, e in self.failed]
+                )
+            except psycopg.errors.ForeignKeyViolation as exc:
+                raise _missing_job(job_id) from exc
+            failed = cursor.rowcount  # a field failed twice counts once
+        if cursor.execute(_ADD_COUNTS, (done, failed, now, job_id)).rowcount != 1:
+            raise _missing_job(job_id)
+
+
+class PostgresJobs:
+    """Mixed into PostgresStore, whose connection plumbing (and error translation) it uses."""
+
+    def _connection(self, operation: str) -> AbstractContextManager[psycopg.Connection[Any]]:
+        raise NotImplementedError
+
+    def _transaction(self, operation: str) -> AbstractContextManager[Cursor]:
+        raise NotImplementedError
+
+    def _job_row(self, operation: str, query: str, params: tuple[Any, ...] = ()) -> Job | None:
+        with self._connection(operation) as conn:
+            row = conn.execute(query, params).fetchone()
+        return None if row is None else _job(row)
+
+    def create_job(self, job: Job) -> None:
+        now = _now()
+        with self._transaction("create_job") as cursor:
+            cursor.execute(
+                _INSERT_JOB,
+                (
+                    job.job_id,
+                    job.kind,
+                    job.target_version,
+                    job.include_legacy,
+                    job.state.value,
+                    job.total,
+                    job.completed,
+                    job.failed,
+                    job.created_at or now,
+                    now,
+                ),
+            )
+
+    def get_job(self, job_id: str) -> Job | None:
+        return self._job_row("get_job", _SELECT_JOB, (job_id,))
+
+    def active_job(self) -> Job | None:
+        return self._job_row("active_job", _ACTIVE_JOB)
+
+    def latest_job(self) -> Job | None:
+        return self._job_row("latest_job", _LATEST_JOB)
+
+    def set_job_state(self, job_id: str, state: JobState) -> Job:
+        with self._transaction("set_job_state") as cursor:
+            # FOR UPDATE: a concurrent change (a worker closing the job, an operator cancelling
+            # it) waits, then sees this one's result, so a finished job is never reopened.
+            row = cursor.execute(_SELECT_JOB + " FOR UPDATE", (job_id,)).fetchone()
+            if row is None:
+                raise StorageError(f"postgres set_job_state failed: no re-encryption job {job_id}")
+            job = _job(row)
+            if job.state in (JobState.DONE, JobState.CANCELLED) and state is not job.state:
+                raise LifecycleError(f"job {job_id} is {job.state.value} and cannot change")
+            updated = cursor.execute(_SET_STATE, (state.value, _now(), job_id)).fetchone()
+        assert updated is not None
+        return _job(updated)
+
+    def count_pending(self, job: Job) -> int:
+        params = {"job_id": job.job_id, "target": job.target_version}
+        with self._connection("count_pending") as conn:
+            row = conn.execute(_COUNT_KMS, params).fetchone()
+            pending = 0 if row is None else int(row[0])
+            if job.include_legacy:
+                row = conn.execute(_COUNT_LEGACY, params).fetchone()
+                pending += 0 if row is None else int(row[0])
+        return pending
+
+    @contextmanager
+    def claim(self, job: Job, limit: int) -> Iterator[_PostgresClaim]:
+        params = {"job_id": job.job_id, "target": job.target_version, "limit": limit}
+        with self._transaction("claim") as cursor:
+            rows = cursor.execute(_CLAIM_KMS, params).fetchall()
+            if job.include_legacy and len(rows) < limit:
+                params["limit"] = limit - len(rows)
+                rows += cursor.execute(_CLAIM_LEGACY, params).fetchall()
+            claim = _PostgresClaim([_field(row) for row in rows])
+            yield claim
+            claim.write(cursor, job.job_id)
+
+    def failures(self, job_id: str) -> Iterator[tuple[str, str]]:
+        with self._connection("failures") as conn:
+            rows = conn.execute(
+                "SELECT canonical_key, error FROM reencrypt_failures WHERE job_id = %s"
+                " ORDER BY canonical_key",
+                (job_id,),
+            ).fetchall()
+        yield from ((str(key), str(error)) for key, error in rows)
