@@ -37,6 +37,7 @@ LEGACY = EncryptionVersion.LEGACY.value
 _REWRAP_MEMO_MAX = 65_536
 
 _Wrapping = tuple[str, int, str, bytes]
+_ANY_CONTEXT = EncryptionContext("FieldValue", "prefetch", "prefetch")
 
 
 def _wrapping(envelope: Envelope) -> _Wrapping:
@@ -157,6 +158,20 @@ class Run:
                 )
             out.append(result)
         return out
+
+    def prefetch(self, envelopes: list[str]) -> None:
+        """Rewrap these data keys now, in batch calls, so later batches need no KMS call."""
+        parsed = []
+        for text in envelopes:
+            try:
+                envelope = parse(text)
+            except HeimdallError:
+                continue  # the field itself will fail, and be reported, when it is claimed
+            if envelope.algorithm != KMS_DIRECT:
+                # The data key's wrapping does not depend on the field, so any context will do;
+                # the results only fill the memo (the envelope itself is not written).
+                parsed.append((envelope, _ANY_CONTEXT))
+        self.rewrap_many(parsed)
 
     def migrate(
         self, fields: list[FieldValue], legacy: FieldCipher, retrying: bool = False

@@ -26,6 +26,8 @@ from heimdall.service import Heimdall
 from heimdall.store.base import FieldUpdate, FieldValue
 from heimdall.store.jobs import Job, JobState, JobStore
 
+_PREFETCH_MAX = 60_000  # below Run's memo bound; beyond it, keys are rewrapped batch by batch
+
 __all__ = ["JobPlan", "change_state", "job_store", "run_job", "start_job"]
 
 
@@ -145,6 +147,11 @@ def run_job(
         raise ModeViolation("re-encryption needs a KMS provider")
     run = Run(heimdall, caller, cipher, None)
     legacy = heimdall.router.legacy
+    first = jobs.get_job(job_id)
+    if first is not None and first.kind != "emergency":
+        # Rewrap every distinct data key up front, in batch calls: KMS calls then number
+        # (distinct data keys / KMS batch size), whatever the field batches look like.
+        run.prefetch(jobs.data_key_envelopes(first, _PREFETCH_MAX))
     while True:
         job = jobs.get_job(job_id)
         if job is None:

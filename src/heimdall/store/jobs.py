@@ -83,6 +83,11 @@ class JobStore(Protocol):
 
     def count_pending(self, job: Job) -> int: ...
 
+    def data_key_envelopes(self, job: Job, limit: int) -> list[str]:
+        """One envelope per distinct data key among the job's pending kms_v1 fields (at most
+        *limit*), so a worker can rewrap every data key up front, in batches."""
+        ...
+
     def claim(self, job: Job, limit: int) -> AbstractContextManager[Claim]:
         """Lock up to *limit* pending fields; on a clean exit write the updates, the failures
         and the counters in the same transaction, else roll everything back."""

@@ -107,6 +107,11 @@ _SET_STATE: Final = (
     "UPDATE reencrypt_jobs SET state = %s, updated_at = %s WHERE job_id = %s"  # noqa: S608
     f" RETURNING {_JOB_COLUMNS}"
 )
+_DATA_KEYS: Final = (
+    "SELECT DISTINCT ON (dek_id) properties ->> 'encrypted_data' FROM field_values"
+    " WHERE encryption_version = 'kms_v1' AND key_version < %(target)s"
+    " ORDER BY dek_id LIMIT %(limit)s"
+)
 _COUNT_KMS: Final = f"SELECT count(*) FROM field_values WHERE {_PENDING_KMS}"  # noqa: S608
 _COUNT_LEGACY: Final = f"SELECT count(*) FROM field_values WHERE {_PENDING_LEGACY}"  # noqa: S608
 # ORDER BY key_version: see the module docstring. SKIP LOCKED: rows another claim holds are
@@ -276,6 +281,12 @@ class PostgresJobs:
                 row = conn.execute(_COUNT_LEGACY, params).fetchone()
                 pending += 0 if row is None else int(row[0])
         return pending
+
+    def data_key_envelopes(self, job: Job, limit: int) -> list[str]:
+        params = {"target": job.target_version, "limit": limit}
+        with self._connection("data_key_envelopes") as conn:
+            rows = conn.execute(_DATA_KEYS, params).fetchall()
+        return [str(row[0]) for row in rows]
 
     @contextmanager
     def claim(self, job: Job, limit: int) -> Iterator[_PostgresClaim]:

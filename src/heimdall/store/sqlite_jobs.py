@@ -69,6 +69,11 @@ _LATEST_JOB: Final = (
     f"SELECT {_JOB_COLUMNS} FROM reencrypt_jobs"  # noqa: S608
     " ORDER BY created_at DESC, rowid DESC LIMIT 1"
 )
+# SQLite returns the bare column from one row of each group: one envelope per data key.
+_DATA_KEYS: Final = (
+    "SELECT encrypted_data FROM field_values WHERE encryption_version = 'kms_v1'"
+    " AND key_version < ? GROUP BY dek_id LIMIT ?"
+)
 _COUNT_PENDING: Final = f"SELECT count(*) FROM field_values WHERE {_PENDING}"  # noqa: S608
 _CLAIM: Final = f"SELECT {_FIELDS} FROM field_values WHERE {_PENDING} LIMIT ?"  # noqa: S608
 
@@ -172,6 +177,11 @@ class SqliteJobs:
         with self._session("count_pending") as conn:
             row = conn.execute(_COUNT_PENDING, _pending_params(job)).fetchone()
         return int(row[0])
+
+    def data_key_envelopes(self, job: Job, limit: int) -> list[str]:
+        with self._session("data_key_envelopes") as conn:
+            rows = conn.execute(_DATA_KEYS, (job.target_version, limit)).fetchall()
+        return [str(row[0]) for row in rows]
 
     @contextmanager
     def claim(self, job: Job, limit: int) -> Iterator[_SqliteClaim]:
