@@ -218,3 +218,32 @@ def test_nothing_to_do_starts_no_job(tmp_path: Path) -> None:
     assert start_job(service, caller=CALLER) is None
     assert job_store(service).latest_job() is None
     service.close()
+
+
+def test_status_shows_total_completed_failed_and_rate(
+    rotated: tuple[Path, dict[str, str]],
+) -> None:
+    data_dir, _ = rotated
+    worker = subprocess.run(
+        [str(BIN / "heimdall"), "reencrypt"],
+        env=_env(data_dir),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert worker.returncode == 0, worker.stderr
+    status = subprocess.run(
+        [str(BIN / "heimdall"), "reencrypt", "status", "--json"],
+        env=_env(data_dir),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    body = json.loads(status.stdout)
+    assert (body["state"], body["total"], body["completed"], body["failed"]) == (
+        "done",
+        400,
+        400,
+        0,
+    )
+    assert body["rate_per_second"] > 0

@@ -8,6 +8,7 @@ the store. ``status``, ``pause``, ``resume`` and ``cancel`` act on the active jo
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Annotated
 
 import orjson
@@ -139,7 +140,9 @@ def reencrypt_status(as_json: JsonOption = False, actor: ActorOption = None) -> 
         if job is None:
             fail("no re-encryption job has run yet")
         pending = jobs.count_pending(job) if job.state is not JobState.DONE else 0
+    rate = _rate(job)
     body = {
+        "rate_per_second": rate,
         "job_id": job.job_id,
         "state": job.state.value,
         "target_version": job.target_version,
@@ -155,9 +158,20 @@ def reencrypt_status(as_json: JsonOption = False, actor: ActorOption = None) -> 
         return
     out.print(
         f"job {job.job_id} {job.state.value}: {job.completed:,} of {job.total:,} done, "
-        f"{job.failed:,} failed, {pending:,} pending (target version {job.target_version})",
+        f"{job.failed:,} failed, {pending:,} pending, {rate:,.0f} fields/s "
+        f"(target version {job.target_version})",
         markup=False,
     )
+
+
+def _rate(job: Job) -> float:
+    """Fields per second between the job's creation and its last committed batch."""
+    try:
+        started = datetime.strptime(job.created_at, "%Y-%m-%dT%H:%M:%SZ")
+        last = datetime.strptime(job.updated_at, "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return 0.0
+    return job.completed / max((last - started).total_seconds(), 1.0)
 
 
 def _steer(state: JobState, actor: str | None) -> None:
