@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from heimdall.audit import AuditEvent, EventType, Result
+from heimdall.audit import EventType
 from heimdall.errors import HeimdallError, LifecycleError
 from heimdall.kms.base import KeyDescription, KeyState
 from heimdall.rbac import Caller, Permission
@@ -58,21 +58,7 @@ def _audit(
     description: KeyDescription | None,
     error: HeimdallError | None = None,
 ) -> None:
-    heimdall.record(
-        AuditEvent(
-            EventType.KEY_CONFIG,
-            caller.actor,
-            Result.SUCCESS if error is None else Result.FAILURE,
-            caller.request_id,
-            key_identifier=(
-                description.key_identifier(description.latest_version) if description else None
-            ),
-            key_version=description.latest_version if description else None,
-            source_ip=caller.source_ip,
-            operation=operation,
-            error=type(error).__name__ if error else None,
-        )
-    )
+    heimdall.key_event(EventType.KEY_CONFIG, caller, description, error, operation=operation)
 
 
 def retire(

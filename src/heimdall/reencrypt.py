@@ -246,8 +246,17 @@ def reencrypt(
             and heimdall.router.mode is EncryptionMode.HYBRID
         ):
             run.migrate([field], legacy, retrying=True)
-    run.report.index_key_rewrapped = rewrap_index_key(heimdall, cipher, latest)
-    if run.report.index_key_rewrapped:
+    run.report.index_key_rewrapped = rewrap_index_key(heimdall, cipher, latest, caller=caller)
+    return run.report
+
+
+def rewrap_index_key(
+    heimdall: Heimdall, cipher: FieldCipher, latest: int, *, caller: Caller
+) -> bool:
+    """Move the blind-index key's wrapping to the latest KMS version (audited). Its value never
+    changes: canonical keys depend on it."""
+    moved = _rewrap_index_key(heimdall, cipher, latest)
+    if moved:
         heimdall.record(
             AuditEvent(
                 EventType.REWRAP,
@@ -259,11 +268,10 @@ def reencrypt(
                 operation="blind_index_key",
             )
         )
-    return run.report
+    return moved
 
 
-def rewrap_index_key(heimdall: Heimdall, cipher: FieldCipher, latest: int) -> bool:
-    """Move the blind-index key's wrapping to the latest KMS version. Its value never changes."""
+def _rewrap_index_key(heimdall: Heimdall, cipher: FieldCipher, latest: int) -> bool:
     text = heimdall.store.get_meta(META_KEY)
     if text is None:
         return False

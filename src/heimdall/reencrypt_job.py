@@ -199,18 +199,7 @@ def run_job(
 def _finish(heimdall: Heimdall, jobs: JobStore, job: Job, caller: Caller) -> Job:
     cipher = heimdall.router.kms
     assert cipher is not None
-    if rewrap_index_key(heimdall, cipher, job.target_version):
-        heimdall.record(
-            AuditEvent(
-                EventType.REWRAP,
-                caller.actor,
-                Result.SUCCESS,
-                caller.request_id,
-                key_version=job.target_version,
-                source_ip=caller.source_ip,
-                operation="blind_index_key",
-            )
-        )
+    rewrap_index_key(heimdall, cipher, job.target_version, caller=caller)
     if jobs.count_pending(job):
         # Another worker still holds a batch; the last one to finish closes the job.
         current = jobs.get_job(job.job_id)

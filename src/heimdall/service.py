@@ -296,10 +296,10 @@ class Heimdall:
         try:
             description = self.kms.rotate()
         except HeimdallError as exc:
-            self._key_event(EventType.KEY_ROTATE, caller, None, exc, operation="rotate")
+            self.key_event(EventType.KEY_ROTATE, caller, None, exc, operation="rotate")
             raise
         self.router.forget_keys()
-        self._key_event(EventType.KEY_ROTATE, caller, description, None, operation="rotate")
+        self.key_event(EventType.KEY_ROTATE, caller, description, None, operation="rotate")
         return description
 
     def dependents_below(self, version: int) -> tuple[int, bool]:
@@ -333,18 +333,18 @@ class Heimdall:
                 "run `heimdall reencrypt` first or pass --force",
                 dependent_fields=dependents,
             )
-            self._key_event(EventType.KEY_CONFIG, caller, None, error, operation=operation)
+            self.key_event(EventType.KEY_CONFIG, caller, None, error, operation=operation)
             raise error
         try:
             description = self.kms.set_min_decryption_version(version)
         except HeimdallError as exc:
-            self._key_event(EventType.KEY_CONFIG, caller, None, exc, operation=operation)
+            self.key_event(EventType.KEY_CONFIG, caller, None, exc, operation=operation)
             raise
         self.router.forget_keys()
-        self._key_event(EventType.KEY_CONFIG, caller, description, None, operation=operation)
+        self.key_event(EventType.KEY_CONFIG, caller, description, None, operation=operation)
         return description
 
-    def _key_event(
+    def key_event(
         self,
         event_type: EventType,
         caller: Caller,
