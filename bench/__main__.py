@@ -1,12 +1,15 @@
-"""``python -m bench [--quick] [--json PATH]``: heimdall throughput on one core. See README.md.
+"""``python -m bench [--quick | --large] [--only SECTION] [--json PATH]``: heimdall throughput.
+See README.md.
 
 The Vault rows run against a throwaway OpenBao dev server on 127.0.0.1 that the bench starts and
 stops itself (bench/vault.py); without the ``bao`` binary they are skipped, with the reason
-printed.
+printed. The re-encryption rows run the background job on a throwaway PostgreSQL cluster the
+bench starts and stops itself (bench/reencrypt.py); without the PostgreSQL server programs they
+are skipped, with the reason printed.
 
-Exits 0 whenever every benchmark ran (or was skipped for want of ``bao``), targets met or not (a
-missed target is printed as MISSED); non-zero if something crashed or the dev server did not
-start.
+Exits 0 whenever every benchmark ran (or was skipped for want of ``bao`` or PostgreSQL), targets
+met or not (a missed target is printed as MISSED); non-zero if something crashed or a server did
+not start.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from bench import envelopes, ingest
+from bench import envelopes, ingest, reencrypt
 from bench.machine import contention, machine_info
 from bench.report import Result, Row, format_report, write_json
 from bench.timing import Measurement, measure
@@ -147,10 +150,18 @@ class Sizes:
     vault_transit_repetitions: int
     vault_transit_warmup_fields: int  # one discarded run of this many fields
     vault_rewrap_keys: int  # vault/rewrap-2000: keys per run
+    # reencrypt/* rows: fields per row, timed runs of each rewrap row (a legacy row has one: a
+    # field migrates once), and run_job's batch size.
+    reencrypt_fields: int
+    reencrypt_runs: int
+    reencrypt_batch: int
 
 
-FULL = Sizes(20_000, 7, 1, 20_000, 3, 1_000, 20_000, 3, 2_000, 2_000)
-QUICK = Sizes(2_000, 3, 1, 300, 1, 100, 100, 1, 20, 200)
+FULL = Sizes(20_000, 7, 1, 20_000, 3, 1_000, 20_000, 3, 2_000, 2_000, 100_000, 3, 5_000)
+QUICK = Sizes(2_000, 3, 1, 300, 1, 100, 100, 1, 20, 200, 2_000, 1, 500)
+# --large: the re-encryption rows once more at 1,000,000 fields, one timed run each.
+LARGE_REENCRYPT = (1_000_000, 1)
+SECTIONS = ("crypto", "ingest", "vault", "reencrypt")
 
 
 @dataclass
@@ -237,28 +248,52 @@ def _vault_skipped(outcome: VaultOutcome, reason: str, *, failed: bool = False) 
     return outcome
 
 
-def run_vault(sizes: Sizes) -> VaultOutcome:
-    """The Vault rows against a throwaway OpenBao dev server, started and stopped here."""
-    outcome = VaultOutcome()
+def _start_vault(stack: contextlib.ExitStack, outcome: VaultOutcome) -> DevServer | None:
+    """A throwaway OpenBao dev server, stopped when *stack* closes; None (and a note in
+    *outcome*) when it cannot run."""
     try:
         from bench import vault  # noqa: PLC0415 - needs hvac, the optional vault extra
     except ImportError as exc:
-        return _vault_skipped(outcome, f"cannot import the Vault provider ({exc})")
+        _vault_skipped(outcome, f"cannot import the Vault provider ({exc})")
+        return None
     binary = vault.bao_binary()
     if binary is None:
-        return _vault_skipped(outcome, "bao not found")
+        _vault_skipped(outcome, "bao not found")
+        return None
     print(f"  starting an OpenBao dev server ({binary}) ...", file=sys.stderr, flush=True)
+    try:
+        server = stack.enter_context(vault.dev_server(binary))
+    except vault.ServerStartError as exc:
+        _vault_skipped(outcome, f"the OpenBao dev server did not start: {exc}", failed=True)
+        return None
+    outcome.server = f"OpenBao {server.version()} dev server (bao server -dev, in memory)"
+    return server
+
+
+def run_servers(
+    sizes: Sizes, sections: Sequence[str], reencrypt_sizes: Sequence[tuple[int, int]]
+) -> tuple[VaultOutcome, reencrypt.ReencryptOutcome | None]:
+    """The Vault rows against a throwaway OpenBao dev server, then the re-encryption rows on a
+    throwaway PostgreSQL cluster (their Vault rows on the same OpenBao server); both servers
+    are started and stopped here."""
+    outcome = VaultOutcome()
+    reencrypt_outcome = None
     with contextlib.ExitStack() as stack:
-        try:
-            server = stack.enter_context(vault.dev_server(binary))
-        except vault.ServerStartError as exc:
-            return _vault_skipped(
-                outcome, f"the OpenBao dev server did not start: {exc}", failed=True
+        server = _start_vault(stack, outcome)
+        if server is not None and "vault" in sections:
+            outcome.results = _vault_rows(server, sizes)
+        if "reencrypt" in sections:
+            reencrypt_outcome = reencrypt.run_rows(
+                reencrypt_sizes,
+                batch_size=sizes.reencrypt_batch,
+                server=server,
+                vault_unavailable=outcome.notes[-1] if outcome.notes else None,
             )
-        outcome.server = f"OpenBao {server.version()} dev server (bao server -dev, in memory)"
-        outcome.results = _vault_rows(server, sizes)
-    outcome.notes = vault.notes(outcome.results, outcome.server)
-    return outcome
+    if outcome.results:
+        from bench import vault  # noqa: PLC0415 - see _start_vault
+
+        outcome.notes = vault.notes(outcome.results, outcome.server)
+    return outcome, reencrypt_outcome
 
 
 def _vault_rows(server: DevServer, sizes: Sizes) -> list[Result]:
@@ -346,34 +381,74 @@ def _insert_notes(report: str, notes: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument(
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
         "--quick", action="store_true", help="small runs for the smoke test (a few seconds)"
+    )
+    size.add_argument(
+        "--large",
+        action="store_true",
+        help="also run the re-encryption rows at 1,000,000 fields each (many minutes, mostly "
+        "loading the fields)",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        default=None,
+        help="run only this section of rows (repeatable; default: all)",
     )
     parser.add_argument(
         "--json",
         type=Path,
         default=None,
         help="where to write the results (default bench/results/latest.json, "
-        "or bench/results/quick.json with --quick)",
+        "bench/results/quick.json with --quick, bench/results/large.json with --large)",
     )
     args = parser.parse_args(argv)
     if isinstance(sys.stdout, io.TextIOWrapper):
         # The table has a µ and dashes; never crash on a terminal that cannot show them.
         sys.stdout.reconfigure(errors="replace")
     quick: bool = args.quick
-    json_path: Path = args.json or RESULTS_DIR / ("quick.json" if quick else "latest.json")
+    large: bool = args.large
+    sections: list[str] = args.only or list(SECTIONS)
+    default_json = "quick.json" if quick else "large.json" if large else "latest.json"
+    json_path: Path = args.json or RESULTS_DIR / default_json
     sizes = QUICK if quick else FULL
+    reencrypt_sizes = [(sizes.reencrypt_fields, sizes.reencrypt_runs)]
+    if large:
+        reencrypt_sizes.append(LARGE_REENCRYPT)
 
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     start = time.perf_counter()
     machine = machine_info()
     busy = {"at start": contention()}
-    print(f"running heimdall bench{' (--quick)' if quick else ''} ...", file=sys.stderr)
-    results = [*run_crypto(sizes), run_ingest(sizes)]
-    vault_outcome = run_vault(sizes)
-    results.extend(vault_outcome.results)
-    machine["openbao"] = vault_outcome.server
+    flag = " (--quick)" if quick else " (--large)" if large else ""
+    print(f"running heimdall bench{flag} ...", file=sys.stderr)
+    results: list[Result] = []
+    if "crypto" in sections:
+        results.extend(run_crypto(sizes))
+    if "ingest" in sections:
+        results.append(run_ingest(sizes))
+    notes: list[str] = []
+    failed = False
+    if "vault" in sections or "reencrypt" in sections:
+        vault_outcome, reencrypt_outcome = run_servers(sizes, sections, reencrypt_sizes)
+        results.extend(vault_outcome.results)
+        machine["openbao"] = vault_outcome.server
+        if "vault" in sections:
+            notes.extend(vault_outcome.notes)
+        failed = vault_outcome.failed  # a dev server that does not start fails the run
+        if reencrypt_outcome is not None:
+            results.extend(reencrypt_outcome.results)
+            machine["postgres"] = reencrypt_outcome.server
+            notes.extend(["", *reencrypt_outcome.notes] if notes else reencrypt_outcome.notes)
+            failed = failed or reencrypt_outcome.failed
     busy["at end"] = contention()
     duration = time.perf_counter() - start
 
@@ -383,14 +458,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = format_report(
         results, machine, busy, quick=quick, duration_s=duration, json_path=json_path
     )
-    print(_insert_notes(report, vault_outcome.notes), flush=True)
-    return 1 if vault_outcome.failed else 0
+    print(_insert_notes(report, notes), flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:
-        # The OpenBao dev server, if running, was stopped on the way out.
+        # The OpenBao dev server and the PostgreSQL cluster, if running, were stopped on the
+        # way out.
         print("bench interrupted", file=sys.stderr)
         sys.exit(130)

@@ -4,6 +4,9 @@ Only that it runs and reports; the figures themselves are not checked (a missed 
 failure, and a quick run on a busy CI machine says little about throughput). The Vault rows run
 against a throwaway OpenBao dev server the bench starts itself; they must be there whenever
 ``.venv/bin/bao`` exists, and may only be skipped, with the reason printed, when it does not.
+The re-encryption rows run on a throwaway PostgreSQL cluster the bench starts itself; they must
+be there whenever the PostgreSQL server programs exist (their Vault rows whenever the Vault rows
+ran), and may only be skipped, with the reason printed, when they do not.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from postgres_server import postgres_bindir
 
 ROOT = Path(__file__).resolve().parent.parent
 BAO = ROOT / ".venv" / "bin" / "bao"
@@ -32,6 +37,13 @@ VAULT_ROWS = (
     "vault/decrypt-datakey",
     "vault/decrypt-transit",
     "vault/rewrap-2000",
+)
+# --quick runs them on 2,000 fields.
+REENCRYPT_ROWS = (
+    "reencrypt/rewrap-local-2k",
+    "reencrypt/rewrap-vault-2k",
+    "reencrypt/legacy-local-2k",
+    "reencrypt/legacy-vault-2k",
 )
 
 
@@ -53,7 +65,19 @@ def test_quick_bench_exits_0_and_prints_every_row(tmp_path: Path) -> None:
         assert vault_ran, proc.stdout
     else:
         assert vault_ran or "vault rows skipped: bao not found" in proc.stdout, proc.stdout
-    expected = ROWS + VAULT_ROWS if vault_ran else ROWS
+    expected: tuple[str, ...] = ROWS + VAULT_ROWS if vault_ran else ROWS
+
+    reencrypt_ran = "reencrypt rows skipped" not in proc.stdout
+    if postgres_bindir() is not None:
+        assert reencrypt_ran, proc.stdout
+    else:
+        assert reencrypt_ran or "reencrypt rows skipped: PostgreSQL server programs" in (
+            proc.stdout
+        ), proc.stdout
+    reencrypt_rows = tuple(
+        row for row in REENCRYPT_ROWS if reencrypt_ran and (vault_ran or "-vault-" not in row)
+    )
+    expected += reencrypt_rows
 
     table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in table[0].strip("|").split("|")]
@@ -79,3 +103,14 @@ def test_quick_bench_exits_0_and_prints_every_row(tmp_path: Path) -> None:
                 line.startswith(f"- {row}: KMS calls per 1,000 ")
                 for line in proc.stdout.splitlines()
             ), proc.stdout
+
+    by_id = {result["id"]: result for result in doc["results"]}
+    for row in reencrypt_rows:
+        # The worker process measured its peak memory, and the notes report it with the KMS
+        # calls and the projection to 1,000,000 fields.
+        assert by_id[row]["peak_rss_mib"] > 0, by_id[row]
+        assert by_id[row]["projected_seconds_for_1m_fields"] > 0, by_id[row]
+        assert any(
+            line.startswith(f"- {row}: peak memory ") and "KMS calls per run" in line
+            for line in proc.stdout.splitlines()
+        ), proc.stdout
