@@ -71,9 +71,15 @@ class VaultTransit:
         self.transport = transport or VaultTransport(settings)
         self._base = f"{settings.mount}"
         self._key = settings.key_name
+        self._identifiers: dict[int, str] = {}  # per version: built once, batches are hot paths
 
     def key_identifier(self, version: int) -> str:
-        return f"{self.settings.mount}/{self._key}-v{version}"
+        identifier = self._identifiers.get(version)
+        if identifier is None:
+            identifier = self._identifiers[version] = (
+                f"{self.settings.mount}/{self._key}-v{version}"
+            )
+        return identifier
 
     def _path(self, operation: str) -> str:
         return f"{self._base}/{operation}/{self._key}"
@@ -152,9 +158,12 @@ class VaultTransit:
         out: list[dict[str, Any] | HeimdallError] = []
         bodies: list[dict[str, str]] = []
         positions: list[int] = []
+        b64 = binascii.b2a_base64
         for index, (wrapped, ad) in enumerate(items):
             try:
-                bodies.append({"ciphertext": self._check(wrapped), "context": _b64(ad)})
+                bodies.append(
+                    {"ciphertext": self._check(wrapped), "context": b64(ad, newline=False).decode()}
+                )
             except HeimdallError as exc:
                 out.append(exc)
                 continue
