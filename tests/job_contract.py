@@ -319,6 +319,61 @@ class JobStoreContract:
         assert store.get_field(key(1)) == field_value(1)
         assert store.count_pending(job) == 1
 
+    def test_create_unless_active_creates_when_no_job_is_active(self, store: JobGraphStore) -> None:
+        store.create_job(new_job("finished", state=JobState.DONE))
+
+        created = store.create_job_unless_active(new_job("fresh", total=3))
+
+        assert (created.job_id, created.total) == ("fresh", 3)
+        active = store.active_job()
+        assert active is not None and active.job_id == "fresh"
+
+    @pytest.mark.parametrize("state", [JobState.RUNNING, JobState.PAUSED])
+    def test_create_unless_active_returns_the_active_job_and_creates_nothing(
+        self, store: JobGraphStore, state: JobState
+    ) -> None:
+        store.create_job(new_job("first", state=state))
+
+        got = store.create_job_unless_active(new_job("second"))
+
+        assert (got.job_id, got.state) == ("first", state)
+        assert store.get_job("second") is None
+
+    def test_two_stores_creating_at_once_end_with_one_job(self, store: JobGraphStore) -> None:
+        second = self.open_again(store)
+        rounds = 10
+        got: list[tuple[str, str]] = []
+        errors: list[BaseException] = []
+        start = threading.Barrier(2, timeout=BARRIER_TIMEOUT)
+
+        def create(worker: int, jobs: JobGraphStore, round_: int, answers: dict[int, str]) -> None:
+            try:
+                start.wait()
+                job = jobs.create_job_unless_active(new_job(f"job-{round_}-{worker}"))
+                answers[worker] = job.job_id
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        try:
+            for round_ in range(rounds):
+                answers: dict[int, str] = {}
+                threads = [
+                    threading.Thread(target=create, args=(i, s, round_, answers))
+                    for i, s in enumerate([store, second])
+                ]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                assert errors == []
+                got.append((answers[0], answers[1]))
+                store.set_job_state(answers[0], JobState.CANCELLED)
+        finally:
+            second.close()
+
+        assert [pair for pair in got if pair[0] != pair[1]] == []
+        assert store.active_job() is None
+
     def test_claims_from_two_stores_at_once_never_share_a_field(self, store: JobGraphStore) -> None:
         fields = kms_fields(range(200))
         job = self.with_job(store, fields)

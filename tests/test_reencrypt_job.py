@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -210,6 +211,32 @@ def test_two_workers_side_by_side_never_do_the_same_field(tmp_path: Path) -> Non
     final = job_store(service).get_job(job.job_id)
     assert final is not None and (final.completed, final.state) == (1200, JobState.DONE)
     service.close()
+
+
+def test_workers_started_together_join_one_job(
+    rotated: tuple[Path, dict[str, str]],
+) -> None:
+    data_dir, _ = rotated
+    services = [_service(data_dir), _service(data_dir)]
+    start = threading.Barrier(2, timeout=30)
+    got: dict[int, str] = {}
+
+    def begin(index: int) -> None:
+        start.wait()
+        got[index] = _start(services[index]).job_id
+
+    threads = [threading.Thread(target=begin, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for service in services:
+        service.close()
+
+    assert len(got) == 2 and got[0] == got[1]
+    lines = (data_dir / "audit.log").read_text().splitlines()
+    starts = [e for e in map(json.loads, lines) if e.get("operation") == f"start {got[0]}"]
+    assert len(starts) == 1
 
 
 def test_nothing_to_do_starts_no_job(tmp_path: Path) -> None:

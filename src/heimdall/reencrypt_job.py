@@ -26,6 +26,7 @@ from heimdall.service import Heimdall
 from heimdall.store.base import FieldUpdate, FieldValue
 from heimdall.store.jobs import Job, JobState, JobStore
 
+_START_ATTEMPTS = 3
 _PREFETCH_MAX = 60_000  # below Run's memo bound; beyond it, keys are rewrapped batch by batch
 
 __all__ = ["JobPlan", "change_state", "job_store", "run_job", "start_job"]
@@ -87,31 +88,35 @@ def plan(heimdall: Heimdall, *, caller: Caller) -> JobPlan:
 
 def start_job(heimdall: Heimdall, *, caller: Caller, kind: str = "rotation") -> Job | None:
     """The active job if it already targets the latest version, else a new one; None when no
-    field needs work."""
+    field needs work. Workers started together all get the same job."""
     heimdall.require(caller, Permission.REENCRYPT)
     jobs = job_store(heimdall)
     target, include_legacy = _target(heimdall)
-    active = jobs.active_job()
-    if active is not None:
-        if active.target_version == target and active.include_legacy == include_legacy:
-            return active
-        # A newer rotation supersedes the job; what it finished stays finished.
-        jobs.set_job_state(active.job_id, JobState.CANCELLED)
-        heimdall.record(_event(caller, active, "superseded"))
-    draft = Job(
-        job_id=f"job-{uuid.uuid4().hex[:12]}",
-        kind=kind,
-        target_version=target,
-        include_legacy=include_legacy,
-        state=JobState.RUNNING,
-        total=0,
-    )
-    job = replace(draft, total=jobs.count_pending(draft))
-    if job.total == 0:
-        return None
-    jobs.create_job(job)
-    heimdall.record(_event(caller, job, "start"))
-    return job
+    for _ in range(_START_ATTEMPTS):
+        active = jobs.active_job()
+        if active is not None:
+            if active.target_version == target and active.include_legacy == include_legacy:
+                return active
+            # A newer rotation supersedes the job; what it finished stays finished.
+            jobs.set_job_state(active.job_id, JobState.CANCELLED)
+            heimdall.record(_event(caller, active, "superseded"))
+        draft = Job(
+            job_id=f"job-{uuid.uuid4().hex[:12]}",
+            kind=kind,
+            target_version=target,
+            include_legacy=include_legacy,
+            state=JobState.RUNNING,
+            total=0,
+        )
+        job = replace(draft, total=jobs.count_pending(draft))
+        if job.total == 0:
+            return None
+        created = jobs.create_job_unless_active(job)
+        if created.job_id == job.job_id:
+            heimdall.record(_event(caller, job, "start"))
+            return job
+        # Another process started a job in the meantime: join it, or supersede it next pass.
+    raise LifecycleError("other processes keep starting re-encryption jobs; try again")
 
 
 def change_state(heimdall: Heimdall, job_id: str, state: JobState, *, caller: Caller) -> Job:

@@ -67,6 +67,13 @@ class Claim(Protocol):
 class JobStore(Protocol):
     def create_job(self, job: Job) -> None: ...
 
+    def create_job_unless_active(self, job: Job) -> Job:
+        """Create *job* unless a job is already running or paused; the active job afterwards.
+
+        Check and insert are one step for every process on the store, so workers started
+        together join one job instead of each creating its own."""
+        ...
+
     def get_job(self, job_id: str) -> Job | None: ...
 
     def active_job(self) -> Job | None:

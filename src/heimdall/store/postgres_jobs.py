@@ -69,6 +69,9 @@ JOB_TABLES: Final = (
     """,
 )
 
+# The advisory lock that makes "create a job unless one is active" one step across processes.
+_CREATE_JOB_LOCK: Final = int.from_bytes(b"hmd-jobs", "big")
+
 _JOB_COLUMNS: Final = (
     "job_id, kind, target_version, include_legacy, state, total, completed, failed,"
     " created_at, updated_at"
@@ -235,23 +238,39 @@ class PostgresJobs:
         return None if row is None else _job(row)
 
     def create_job(self, job: Job) -> None:
-        now = _now()
         with self._transaction("create_job") as cursor:
-            cursor.execute(
-                _INSERT_JOB,
-                (
-                    job.job_id,
-                    job.kind,
-                    job.target_version,
-                    job.include_legacy,
-                    job.state.value,
-                    job.total,
-                    job.completed,
-                    job.failed,
-                    job.created_at or now,
-                    now,
-                ),
-            )
+            self._insert_job(cursor, job)
+
+    def create_job_unless_active(self, job: Job) -> Job:
+        with self._transaction("create_job") as cursor:
+            # Held to the end of the transaction, so a second caller's check runs after the
+            # first one's insert is committed, and sees it.
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_CREATE_JOB_LOCK,))
+            row = cursor.execute(_ACTIVE_JOB).fetchone()
+            if row is not None:
+                return _job(row)
+            self._insert_job(cursor, job)
+            created = cursor.execute(_SELECT_JOB, (job.job_id,)).fetchone()
+        assert created is not None
+        return _job(created)
+
+    def _insert_job(self, cursor: Cursor, job: Job) -> None:
+        now = _now()
+        cursor.execute(
+            _INSERT_JOB,
+            (
+                job.job_id,
+                job.kind,
+                job.target_version,
+                job.include_legacy,
+                job.state.value,
+                job.total,
+                job.completed,
+                job.failed,
+                job.created_at or now,
+                now,
+            ),
+        )
 
     def get_job(self, job_id: str) -> Job | None:
         return self._job_row("get_job", _SELECT_JOB, (job_id,))

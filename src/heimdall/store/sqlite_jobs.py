@@ -124,23 +124,36 @@ class SqliteJobs:
         raise NotImplementedError
 
     def create_job(self, job: Job) -> None:
-        now = _now()
         with self._transaction("create_job") as conn:
-            conn.execute(
-                _INSERT_JOB,
-                (
-                    job.job_id,
-                    job.kind,
-                    job.target_version,
-                    int(job.include_legacy),
-                    job.state.value,
-                    job.total,
-                    job.completed,
-                    job.failed,
-                    job.created_at or now,
-                    now,
-                ),
-            )
+            self._insert_job(conn, job)
+
+    def create_job_unless_active(self, job: Job) -> Job:
+        # The transaction is IMMEDIATE: it holds the database's write lock from its start.
+        with self._transaction("create_job") as conn:
+            row = conn.execute(_ACTIVE_JOB).fetchone()
+            if row is not None:
+                return _job(row)
+            self._insert_job(conn, job)
+            created = conn.execute(_SELECT_JOB, (job.job_id,)).fetchone()
+        return _job(created)
+
+    def _insert_job(self, conn: sqlite3.Connection, job: Job) -> None:
+        now = _now()
+        conn.execute(
+            _INSERT_JOB,
+            (
+                job.job_id,
+                job.kind,
+                job.target_version,
+                int(job.include_legacy),
+                job.state.value,
+                job.total,
+                job.completed,
+                job.failed,
+                job.created_at or now,
+                now,
+            ),
+        )
 
     def get_job(self, job_id: str) -> Job | None:
         with self._session("get_job") as conn:
