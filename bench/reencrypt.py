@@ -49,7 +49,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -454,13 +454,15 @@ def record_lines(records: int) -> Iterator[str]:
 class RowKind:
     name: str  # "rewrap" or "legacy"
     provider: str  # "local" or "vault"
+    workers: int = 1  # run_job's threads (HMD_REENCRYPT_WORKERS)
 
     def row(self, fields: int, batch_size: int) -> Row:
-        label = size_label(fields)
+        label = size_label(fields) + ("" if self.workers == 1 else f"-{self.workers}threads")
         store = "PostgreSQL (fresh database, fields loaded before timing)"
         if self.name == "rewrap":
             what = (
-                f"after a rotate (untimed), start_job + run_job(batch_size {batch_size:,}) of "
+                f"after a rotate (untimed), start_job + run_job(batch_size {batch_size:,}, "
+                f"workers {self.workers}) of "
                 f"{fields:,} kms_v1 fields on {store}, {self._provider_text()}: every data key "
                 "rewrapped inside the KMS, ciphertexts unchanged; worker in its own process"
             )
@@ -481,9 +483,12 @@ class RowKind:
         return "the Vault provider (pattern A, Transit on the bench's OpenBao dev server)"
 
 
+# The rewrap rows of one provider share a load: each run rotates again and rewraps everything.
 KINDS: Final = (
     RowKind("rewrap", "local"),
+    RowKind("rewrap", "local", 2),
     RowKind("rewrap", "vault"),
+    RowKind("rewrap", "vault", 2),
     RowKind("legacy", "local"),
     RowKind("legacy", "vault"),
 )
@@ -593,6 +598,7 @@ class _Worker:
     batch_size: int
     expected: int
     postmaster_pid: int
+    workers: int = 1  # run_job's threads
     vault_addr: str | None = None
     vault_token: str | None = None
     vault_key: str | None = None
@@ -716,18 +722,26 @@ def _run_from_report(report: dict[str, Any]) -> ReencryptRun:
     )
 
 
-def _row(
+def _rows(
     cluster: PostgresCluster,
     server: DevServer | None,
-    kind: RowKind,
+    kinds: Sequence[RowKind],
     fields: int,
     *,
     runs: int,
     batch_size: int,
-) -> ReencryptResult:
+) -> list[ReencryptResult]:
+    """The rows of *kinds* (one name and provider; several only for rewrap, which can run
+    again after another rotation) on one database loaded once."""
     if fields % len(ENCRYPT_FIELDS):
         raise ValueError(f"fields must be a multiple of {len(ENCRYPT_FIELDS)}")
+    kind = kinds[0]
+    if len({(k.name, k.provider) for k in kinds}) != 1 or (
+        len(kinds) > 1 and kind.name != "rewrap"
+    ):
+        raise ValueError("only rewrap rows of one provider can share a database")
     row = kind.row(fields, batch_size)
+    results: list[ReencryptResult] = []
     database = f"bench_{uuid.uuid4().hex[:12]}"
     cluster.execute(f'CREATE DATABASE "{database}"')
     try:
@@ -768,27 +782,43 @@ def _row(
                 flush=True,
             )
 
-            def one_run() -> ReencryptRun:
-                if kind.name == "rewrap":
-                    _rotate(worker)
-                # Every run starts from the same state: a vacuumed, analysed table and no
-                # dirty buffers left over from the load or the previous run (untimed).
-                cluster.execute("VACUUM (ANALYZE)", database)
-                cluster.execute("CHECKPOINT", database)
-                return _run_from_report(_spawn_worker(worker))
+            for each in kinds:
+                job_worker = dataclasses.replace(worker, workers=each.workers)
 
-            # A legacy field migrates once: one run. A rewrap run can be repeated after
-            # another rotation, each moving every field to the new version.
-            m = measure(
-                row.id,
-                one_run,
-                fields_per_run=fields,
-                repetitions=runs if kind.name == "rewrap" else 1,
-                warmups=0,
-            )
+                def one_run(job_worker: _Worker = job_worker) -> ReencryptRun:
+                    if kind.name == "rewrap":
+                        _rotate(job_worker)
+                    # Every run starts from the same state: a vacuumed, analysed table and no
+                    # dirty buffers left over from the load or the previous run (untimed).
+                    cluster.execute("VACUUM (ANALYZE)", database)
+                    cluster.execute("CHECKPOINT", database)
+                    return _run_from_report(_spawn_worker(job_worker))
+
+                # A legacy field migrates once: one run. A rewrap run can be repeated after
+                # another rotation, each moving every field to the new version.
+                row = each.row(fields, batch_size)
+                m = measure(
+                    row.id,
+                    one_run,
+                    fields_per_run=fields,
+                    repetitions=runs if kind.name == "rewrap" else 1,
+                    warmups=0,
+                )
+                results.append(
+                    ReencryptResult(row, m, kind=each, fields=fields, batch_size=batch_size)
+                )
     finally:
         cluster.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-    return ReencryptResult(row, m, kind=kind, fields=fields, batch_size=batch_size)
+    return results
+
+
+def _groups(kinds: Iterable[RowKind]) -> list[list[RowKind]]:
+    """Rewrap rows of one provider together (they share a load); every legacy row alone."""
+    groups: dict[tuple[str, str, int], list[RowKind]] = {}
+    for kind in kinds:
+        key = (kind.name, kind.provider, 0 if kind.name == "rewrap" else kind.workers)
+        groups.setdefault(key, []).append(kind)
+    return list(groups.values())
 
 
 def _skipped(outcome: ReencryptOutcome, reason: str, *, failed: bool = False) -> ReencryptOutcome:
@@ -829,11 +859,9 @@ def run_rows(
                 f"PostgreSQL {cluster.version} (throwaway cluster, 127.0.0.1 over TCP; {settings})"
             )
             for fields, runs in sizes:
-                for kind in KINDS:
-                    if kind.provider == "vault" and server is None:
-                        continue
-                    outcome.results.append(
-                        _row(cluster, server, kind, fields, runs=runs, batch_size=batch_size)
+                for group in _groups(kind for kind in KINDS if server or kind.provider != "vault"):
+                    outcome.results.extend(
+                        _rows(cluster, server, group, fields, runs=runs, batch_size=batch_size)
                     )
     except ClusterStartError as exc:
         return _skipped(outcome, f"the PostgreSQL cluster did not start: {exc}", failed=True)
@@ -866,7 +894,9 @@ def notes(results: Sequence[Result], server: str, batch_size: int) -> list[str]:
     lines = [
         f"Re-encryption rows: {server}, a fresh database per row, VACUUM (ANALYZE) and "
         "CHECKPOINT before each run (untimed). Each run is one worker process (python -m "
-        f"bench.reencrypt) timing start_job + run_job(batch_size {batch_size:,}); memory = the "
+        f"bench.reencrypt) timing start_job + run_job(batch_size {batch_size:,}), with one "
+        "thread claiming batches or, in the -Nthreads rows, N (HMD_REENCRYPT_WORKERS); the "
+        "rewrap rows of one provider share one loaded database; memory = the "
         "worker's peak RSS (VmHWM). Targets: rewrap >= 16,667 fields/s (1,000,000 in 60 s), "
         "legacy >= 5,556 fields/s (1,000,000 in 180 s), peak memory <= 200 MiB. 'projected' "
         "figures are 1,000,000 / the measured median rate, not measurements.",
@@ -917,7 +947,9 @@ def notes(results: Sequence[Result], server: str, batch_size: int) -> list[str]:
         lines.append(
             "Peak worker memory by number of fields (max VmHWM over the runs), side by side: "
             + "; ".join(
-                f"{kind.name}-{kind.provider}: "
+                f"{kind.name}-{kind.provider}"
+                + ("" if kind.workers == 1 else f"-{kind.workers}threads")
+                + ": "
                 + ", ".join(
                     f"{size_label(r.fields)} {r.peak_rss_mib:.1f} MiB"
                     for r in rows
@@ -1083,6 +1115,7 @@ def _work(service: Heimdall, worker: _Worker) -> dict[str, Any]:
         job.job_id,
         caller=caller,
         batch_size=worker.batch_size,
+        workers=worker.workers,
         progress=lambda _: marks.append(time.perf_counter()),
     )
     end = time.perf_counter()

@@ -225,6 +225,8 @@ def test_two_worker_processes_on_postgres_never_do_the_same_field(
     assert job is not None
     env = _cli_env(tmp_path, postgres_store_dsn, bao, transit_key)
     worker = [str(BIN / "heimdall"), "reencrypt", "run", "--batch-size", "40", "--interval", "0.05"]
+    # Two processes of two threads each: four claimers side by side.
+    worker += ["--workers", "2"]
     processes = [subprocess.Popen(worker, env=env, stdout=subprocess.DEVNULL) for _ in range(2)]
     for process in processes:
         assert process.wait(timeout=180) == 0

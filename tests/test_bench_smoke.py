@@ -41,7 +41,9 @@ VAULT_ROWS = (
 # --quick runs them on 2,000 fields.
 REENCRYPT_ROWS = (
     "reencrypt/rewrap-local-2k",
+    "reencrypt/rewrap-local-2k-2threads",
     "reencrypt/rewrap-vault-2k",
+    "reencrypt/rewrap-vault-2k-2threads",
     "reencrypt/legacy-local-2k",
     "reencrypt/legacy-vault-2k",
 )

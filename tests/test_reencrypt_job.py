@@ -213,6 +213,44 @@ def test_two_workers_side_by_side_never_do_the_same_field(tmp_path: Path) -> Non
     service.close()
 
 
+def test_threads_of_one_run_do_each_field_once(rotated: tuple[Path, dict[str, str]]) -> None:
+    data_dir, values = rotated
+    service = _service(data_dir)
+    job = _start(service)
+    done = run_job(service, job.job_id, caller=CALLER, batch_size=16, workers=3)
+    assert (done.state, done.completed, done.failed) == (JobState.DONE, 400, 0)
+    per_field = Counter(e["field_identifier"] for e in _rewraps(data_dir))
+    assert len(per_field) == 400 and set(per_field.values()) == {1}
+    assert _values(service) == values
+    service.close()
+
+
+def test_an_error_in_one_thread_stops_the_others_and_is_raised(
+    rotated: tuple[Path, dict[str, str]],
+) -> None:
+    data_dir, values = rotated
+    service = _service(data_dir)
+    job = _start(service)
+    batches: list[int] = []
+
+    def progress(claimed: int) -> None:
+        batches.append(claimed)
+        if len(batches) == 2:
+            raise RuntimeError("worker interrupted")
+
+    with pytest.raises(RuntimeError, match="worker interrupted"):
+        run_job(service, job.job_id, caller=CALLER, batch_size=16, workers=3, progress=progress)
+    stopped = job_store(service).get_job(job.job_id)
+    assert stopped is not None and stopped.state is JobState.RUNNING
+    assert stopped.completed == 16 * len(batches) < 400  # each thread ends its batch, no more
+    done = run_job(service, job.job_id, caller=CALLER, batch_size=16, workers=3)
+    assert (done.state, done.completed) == (JobState.DONE, 400)
+    per_field = Counter(e["field_identifier"] for e in _rewraps(data_dir))
+    assert len(per_field) == 400 and set(per_field.values()) == {1}
+    assert _values(service) == values
+    service.close()
+
+
 def test_workers_started_together_join_one_job(
     rotated: tuple[Path, dict[str, str]],
 ) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import binascii
 import enum
-import json
 import re
 import struct
 from dataclasses import dataclass, field
@@ -147,7 +146,9 @@ class Envelope:
     encryption_timestamp: str = ""
 
     def to_json(self) -> str:
-        return json.dumps(
+        # Every value is ASCII (the parser's rules), so orjson's bytes equal json.dumps's with
+        # compact separators; the frozen vectors pin them.
+        return orjson.dumps(
             {
                 "encryption_version": self.encryption_version.value,
                 "algorithm": self.algorithm,
@@ -157,8 +158,20 @@ class Envelope:
                 "encrypted_dek": binascii.b2a_base64(self.encrypted_dek, newline=False).decode(),
                 "ciphertext": binascii.b2a_base64(self.ciphertext, newline=False).decode(),
                 "encryption_timestamp": self.encryption_timestamp,
-            },
-            separators=(",", ":"),
+            }
+        ).decode()
+
+    def rewrapped(self, key_identifier: str, key_version: int, encrypted_dek: bytes) -> Envelope:
+        """This envelope with its data key wrapped anew (same data key, same ciphertext)."""
+        return Envelope(
+            self.encryption_version,
+            self.algorithm,
+            key_identifier,
+            key_version,
+            self.dek_id,
+            encrypted_dek,
+            self.ciphertext,
+            self.encryption_timestamp,
         )
 
 

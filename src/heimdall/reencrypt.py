@@ -15,7 +15,7 @@ This is the foreground version; the checkpointed multi-worker job builds on it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from heimdall.audit import AuditEvent, EventType, Result
 from heimdall.blind_index import META_KEY, StoredIndexKey
@@ -73,6 +73,12 @@ class Run:
         # Where updates and failures go: the store directly (compare-and-swap), or a job's claim.
         self.apply: Callable[[FieldValue, FieldUpdate], bool] = self._compare_and_swap
         self.failed: Callable[[FieldValue, HeimdallError], None] = lambda field, error: None
+
+    def sibling(self) -> Run:
+        """Another Run for a second thread of the same job, sharing this one's rewrap memo."""
+        other = Run(self.heimdall, self.caller, self.cipher, self.progress)
+        other.rewrapped = self.rewrapped
+        return other
 
     def event(
         self, kind: EventType, field: FieldValue, version: int | None, error: HeimdallError | None
@@ -141,12 +147,7 @@ class Run:
             if hit:
                 done = self.rewrapped[_wrapping(envelope)]
                 out.append(
-                    replace(
-                        envelope,
-                        key_identifier=done.key_identifier,
-                        key_version=done.key_version,
-                        encrypted_dek=done.ciphertext,
-                    )
+                    envelope.rewrapped(done.key_identifier, done.key_version, done.ciphertext)
                 )
                 continue
             result = next(results)

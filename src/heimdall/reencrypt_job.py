@@ -11,6 +11,7 @@ A job can be paused, resumed and cancelled from any process; workers notice betw
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -141,64 +142,148 @@ def run_job(
     caller: Caller,
     batch_size: int = 1000,
     interval_seconds: float = 0.0,
+    workers: int = 1,
     progress: Callable[[int], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Job:
-    """Work *job_id* until nothing is pending or it is paused or cancelled; its final state."""
+    """Work *job_id* until nothing is pending or it is paused or cancelled; its final state.
+
+    *workers* threads claim batches side by side, as separate worker processes would (each
+    pausing *interval_seconds* after its own batch): while one waits for the store or the KMS,
+    another computes. The first error stops them all after their current batch, and is raised.
+    """
     heimdall.require(caller, Permission.REENCRYPT)
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
     jobs = job_store(heimdall)
     cipher = heimdall.router.kms
     if cipher is None:
         raise ModeViolation("re-encryption needs a KMS provider")
     run = Run(heimdall, caller, cipher, None)
-    legacy = heimdall.router.legacy
     first = jobs.get_job(job_id)
     if first is not None and first.kind != "emergency":
         # Rewrap every distinct data key up front, in batch calls: KMS calls then number
         # (distinct data keys / KMS batch size), whatever the field batches look like.
         run.prefetch(jobs.data_key_envelopes(first, _PREFETCH_MAX))
-    while True:
-        job = jobs.get_job(job_id)
-        if job is None:
-            raise LifecycleError(f"no re-encryption job {job_id}")
-        metrics.set_job_progress(job)  # the counters as of the last committed batch
-        if job.state is not JobState.RUNNING:
-            return job
-        updated = run.report.rewrapped + run.report.reencrypted
-        with jobs.claim(job, batch_size) as claim:
-            if not claim.fields:
-                break
+    batches = _Batches(
+        heimdall,
+        jobs,
+        job_id,
+        batch_size=batch_size,
+        interval_seconds=interval_seconds,
+        progress=progress,
+        sleep=sleep,
+    )
+    if workers == 1:
+        stopped = batches.work(run)
+    else:
+        stopped = batches.work_together([run, *(run.sibling() for _ in range(workers - 1))])
+    if stopped is not None:
+        return stopped
+    final = jobs.get_job(job_id)
+    if final is None:
+        raise LifecycleError(f"no re-encryption job {job_id}")
+    return _finish(heimdall, jobs, final, caller)
 
-            def apply(field: FieldValue, update: FieldUpdate) -> bool:
-                claim.update(field, update)
-                return True
 
-            def failed(field: FieldValue, error: HeimdallError) -> None:
-                claim.fail(field, type(error).__name__)
+class _Batches:
+    """The batch loop of :func:`run_job`, for one thread or several."""
 
-            run.apply, run.failed = apply, failed
-            kms_fields = [f for f in claim.fields if f.encryption_version == KMS_V1]
-            legacy_fields = [f for f in claim.fields if f.encryption_version == LEGACY]
-            if kms_fields and job.kind == "emergency":
-                # The compromised master key may have exposed the old data keys: a rewrap would
-                # keep them, so every field gets a new data key.
-                with metrics.CryptoBatch("reencrypt", len(kms_fields), cipher, tally=run.report):
-                    run.migrate(kms_fields, cipher)
-            elif kms_fields:
-                with metrics.CryptoBatch("rewrap", len(kms_fields), cipher, tally=run.report):
-                    run.rewrap(kms_fields)
-            if legacy_fields and legacy is not None:
-                with metrics.CryptoBatch(
-                    "reencrypt", len(legacy_fields), cipher, legacy, tally=run.report
-                ):
-                    run.migrate(legacy_fields, legacy)
-            claimed = len(claim.fields)
-        metrics.add_reencrypted(run.report.rewrapped + run.report.reencrypted - updated)
-        if progress is not None:
-            progress(claimed)
-        if interval_seconds:
-            sleep(interval_seconds)
-    return _finish(heimdall, jobs, job, caller)
+    def __init__(
+        self,
+        heimdall: Heimdall,
+        jobs: JobStore,
+        job_id: str,
+        *,
+        batch_size: int,
+        interval_seconds: float,
+        progress: Callable[[int], None] | None,
+        sleep: Callable[[float], None],
+    ) -> None:
+        self.heimdall = heimdall
+        self.jobs = jobs
+        self.job_id = job_id
+        self.batch_size = batch_size
+        self.interval_seconds = interval_seconds
+        self.progress = progress
+        self.sleep = sleep
+        self.halt = threading.Event()
+        self._progress_lock = threading.Lock()
+
+    def work_together(self, runs: list[Run]) -> Job | None:
+        stopped: list[Job] = []
+        errors: list[BaseException] = []
+
+        def work(run: Run) -> None:
+            try:
+                job = self.work(run)
+            except BaseException as exc:  # raised again below, in the caller's thread
+                errors.append(exc)
+                self.halt.set()
+                return
+            if job is not None:
+                stopped.append(job)
+
+        threads = [
+            threading.Thread(target=work, args=(run,), name=f"heimdall-reencrypt-{index}")
+            for index, run in enumerate(runs)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return stopped[0] if stopped else None
+
+    def work(self, run: Run) -> Job | None:
+        """Claim and do batches until none is left (None) or the job stops running (the job)."""
+        jobs, cipher, legacy = self.jobs, run.cipher, self.heimdall.router.legacy
+        while not self.halt.is_set():
+            job = jobs.get_job(self.job_id)
+            if job is None:
+                raise LifecycleError(f"no re-encryption job {self.job_id}")
+            metrics.set_job_progress(job)  # the counters as of the last committed batch
+            if job.state is not JobState.RUNNING:
+                return job
+            updated = run.report.rewrapped + run.report.reencrypted
+            with jobs.claim(job, self.batch_size) as claim:
+                if not claim.fields:
+                    return None
+
+                def apply(field: FieldValue, update: FieldUpdate) -> bool:
+                    claim.update(field, update)
+                    return True
+
+                def failed(field: FieldValue, error: HeimdallError) -> None:
+                    claim.fail(field, type(error).__name__)
+
+                run.apply, run.failed = apply, failed
+                kms_fields = [f for f in claim.fields if f.encryption_version == KMS_V1]
+                legacy_fields = [f for f in claim.fields if f.encryption_version == LEGACY]
+                if kms_fields and job.kind == "emergency":
+                    # The compromised master key may have exposed the old data keys: a rewrap
+                    # would keep them, so every field gets a new data key.
+                    with metrics.CryptoBatch(
+                        "reencrypt", len(kms_fields), cipher, tally=run.report
+                    ):
+                        run.migrate(kms_fields, cipher)
+                elif kms_fields:
+                    with metrics.CryptoBatch("rewrap", len(kms_fields), cipher, tally=run.report):
+                        run.rewrap(kms_fields)
+                if legacy_fields and legacy is not None:
+                    with metrics.CryptoBatch(
+                        "reencrypt", len(legacy_fields), cipher, legacy, tally=run.report
+                    ):
+                        run.migrate(legacy_fields, legacy)
+                claimed = len(claim.fields)
+            metrics.add_reencrypted(run.report.rewrapped + run.report.reencrypted - updated)
+            if self.progress is not None:
+                with self._progress_lock:
+                    self.progress(claimed)
+            if self.interval_seconds:
+                self.sleep(self.interval_seconds)
+        return None
 
 
 def _finish(heimdall: Heimdall, jobs: JobStore, job: Job, caller: Caller) -> Job:

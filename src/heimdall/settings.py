@@ -44,6 +44,7 @@ _ROTATION_KEYS: Final = frozenset(
         "auto_reencrypt",
         "reencrypt_batch_size",
         "reencrypt_interval_seconds",
+        "reencrypt_workers",
         "grace_period_days",
     }
 )
@@ -107,6 +108,7 @@ class Settings:
     auto_reencrypt: bool = True
     reencrypt_batch_size: int = 1000
     reencrypt_interval_seconds: float = 60
+    reencrypt_workers: int = 1  # threads claiming batches side by side in one process
     grace_period_days: float = 30
     postgres_dsn: str | None = field(default=None, repr=False)  # may hold a password
     postgres_pool_size: int = 8
@@ -269,6 +271,7 @@ _PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
     "postgres_pool_size": _bounded(int, 1, 256),
     "reencrypt_batch_size": _bounded(int, 1, 100_000),
     "reencrypt_interval_seconds": _bounded(float, 0, 86_400),
+    "reencrypt_workers": _bounded(int, 1, 64),
     "rotation_cadence_days": _bounded(float, 0, 36_500),
     "grace_period_days": _bounded(float, 0, 36_500),
     "audit_fsync": _flag,

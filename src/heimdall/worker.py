@@ -215,6 +215,7 @@ class Worker:
                 caller=self.caller,
                 batch_size=self.settings.reencrypt_batch_size,
                 interval_seconds=self.settings.reencrypt_interval_seconds,
+                workers=self.settings.reencrypt_workers,
                 progress=self._after_batch,
                 sleep=self._pause,
             )

@@ -36,6 +36,12 @@ BatchOption = Annotated[
 IntervalOption = Annotated[
     float, typer.Option("--interval", min=0, help="Seconds to wait between batches.")
 ]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(
+        "--workers", min=1, max=64, help="Batches worked side by side (threads) in this process."
+    ),
+]
 
 
 def _summary(job: Job, elapsed: float) -> str:
@@ -48,9 +54,11 @@ def _summary(job: Job, elapsed: float) -> str:
 @reencrypt_app.callback()
 def reencrypt_command(
     ctx: typer.Context,
+    *,
     actor: ActorOption = None,
     batch_size: BatchOption = None,
     interval: IntervalOption = 0.0,
+    workers: WorkersOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would change.")] = False,
 ) -> None:
     """Start (or join) the re-encryption job and work it here until it is done."""
@@ -73,7 +81,14 @@ def reencrypt_command(
                 "nothing to re-encrypt: every field is on the latest key version", markup=False
             )
             return
-        run_here(service, job, caller_actor=actor, batch_size=batch_size, interval=interval)
+        run_here(
+            service,
+            job,
+            caller_actor=actor,
+            batch_size=batch_size,
+            interval=interval,
+            workers=workers,
+        )
 
 
 def run_here(
@@ -83,6 +98,7 @@ def run_here(
     caller_actor: str | None,
     batch_size: int | None,
     interval: float,
+    workers: int | None,
 ) -> None:
     from heimdall.cli.common import load_settings  # noqa: PLC0415 - same settings as the service
 
@@ -97,6 +113,7 @@ def run_here(
             caller=caller,
             batch_size=batch_size or settings.reencrypt_batch_size,
             interval_seconds=interval,
+            workers=workers or settings.reencrypt_workers,
             progress=tracked(progress, remaining),
         )
     out.print(_summary(final, time.monotonic() - started), markup=False)
@@ -113,14 +130,24 @@ def run_here(
 
 @reencrypt_app.command("run")
 def reencrypt_run(
-    actor: ActorOption = None, batch_size: BatchOption = None, interval: IntervalOption = 0.0
+    actor: ActorOption = None,
+    batch_size: BatchOption = None,
+    interval: IntervalOption = 0.0,
+    workers: WorkersOption = None,
 ) -> None:
     """Join the active job as one more worker."""
     with open_service() as (service, _):
         job = job_store(service).active_job()
         if job is None:
             fail("there is no active re-encryption job; start one with `heimdall reencrypt`")
-        run_here(service, job, caller_actor=actor, batch_size=batch_size, interval=interval)
+        run_here(
+            service,
+            job,
+            caller_actor=actor,
+            batch_size=batch_size,
+            interval=interval,
+            workers=workers,
+        )
 
 
 def _active(service: Heimdall) -> Job:

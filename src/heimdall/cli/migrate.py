@@ -64,7 +64,7 @@ def migrate_start(actor: ActorOption = None) -> None:
         if job is None:
             out.print("nothing to re-encrypt: no legacy field remains", markup=False)
             return
-        run_here(service, job, caller_actor=actor, batch_size=None, interval=0.0)
+        run_here(service, job, caller_actor=actor, batch_size=None, interval=0.0, workers=None)
 
 
 @migrate_app.command("verify")
