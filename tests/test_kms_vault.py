@@ -319,6 +319,23 @@ def test_unreachable_vault_is_retryable_unavailable(transit_key: str) -> None:
     assert caught.value.retryable
 
 
+@pytest.mark.parametrize("no_proxy", ["", "127.0.0.1"])
+def test_the_environments_proxy_settings_still_apply(
+    bao: BaoServer, transit_key: str, monkeypatch: pytest.MonkeyPatch, no_proxy: str
+) -> None:
+    # The proxy is a closed loopback port: going through it fails, bypassing it works.
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, no_proxy)
+    provider = _provider(bao, transit_key, attempts=1, timeout=2)
+    if no_proxy:
+        assert provider.describe().latest_version >= 1
+    else:
+        with pytest.raises(KmsUnavailable):
+            provider.describe()
+
+
 @pytest.fixture
 def own_server(tmp_path: Path) -> Iterator[BaoServer]:
     binary = require_bao_binary()

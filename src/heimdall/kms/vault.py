@@ -71,7 +71,9 @@ class VaultTransit:
         self.transport = transport or VaultTransport(settings)
         self._base = f"{settings.mount}"
         self._key = settings.key_name
-        self._identifiers: dict[int, str] = {}  # per version: built once, batches are hot paths
+        # Per version, built once: batches are hot paths.
+        self._identifiers: dict[int, str] = {}
+        self._prefixes: dict[int, str] = {}
 
     def key_identifier(self, version: int) -> str:
         identifier = self._identifiers.get(version)
@@ -88,19 +90,27 @@ class VaultTransit:
         version = _version_of(ciphertext)
         return WrappedKey(self.key_identifier(version), version, ciphertext.encode())
 
+    def _prefix(self, version: int) -> str:
+        prefix = self._prefixes.get(version)
+        if prefix is None:
+            prefix = self._prefixes[version] = f"vault:v{version}:"
+        return prefix
+
     def _check(self, wrapped: WrappedKey) -> str:
         """The Transit ciphertext of *wrapped*, after checking it names a version of this key."""
         try:
             text = wrapped.ciphertext.decode("ascii")
-            version = _version_of(text)
-        except (UnicodeDecodeError, KmsError):
+        except UnicodeDecodeError:
+            text = ""
+        if not text.startswith("vault:v"):
             raise KeyNotFound(
                 "the wrapped key is not a Transit ciphertext",
                 provider=PROVIDER,
                 key_identifier=wrapped.key_identifier,
-            ) from None
-        if version != wrapped.key_version or wrapped.key_identifier != self.key_identifier(
-            wrapped.key_version
+            )
+        version = wrapped.key_version
+        if not text.startswith(self._prefix(version)) or (
+            wrapped.key_identifier != self.key_identifier(version)
         ):
             raise KeyNotFound(
                 "the wrapped key does not belong to this Transit key version",
