@@ -331,3 +331,40 @@ def test_vault_secrets_are_refused_in_the_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="vault_token") as caught:
         Settings.from_env({"HMD_CONFIG": str(config)})
     assert "s.abc" not in str(caught.value)
+
+
+def test_key_rotation_table_sets_the_spec_settings(tmp_path: Path) -> None:
+    config = _config(
+        tmp_path,
+        "[key_rotation]\nenabled = false\ncadence_days = 30\nauto_reencrypt = false\n"
+        "reencrypt_batch_size = 500\nreencrypt_interval_seconds = 5\nreencrypt_workers = 3\n"
+        "grace_period_days = 7\n",
+    )
+
+    settings = Settings.from_env({"HMD_CONFIG": str(config)})
+
+    assert (settings.rotation_enabled, settings.rotation_cadence_days) == (False, 30)
+    assert settings.auto_reencrypt is False
+    assert (settings.reencrypt_batch_size, settings.reencrypt_interval_seconds) == (500, 5)
+    assert (settings.reencrypt_workers, settings.grace_period_days) == (3, 7)
+
+
+def test_key_rotation_defaults_and_the_environment() -> None:
+    defaults = Settings.from_env({})
+    assert (defaults.rotation_cadence_days, defaults.grace_period_days) == (90, 30)
+    assert (defaults.reencrypt_batch_size, defaults.reencrypt_workers) == (1000, 2)
+
+    assert Settings.from_env({"HMD_REENCRYPT_WORKERS": "4"}).reencrypt_workers == 4
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two"])
+def test_reencrypt_workers_out_of_range_is_refused(value: str) -> None:
+    message = _refusal({"HMD_REENCRYPT_WORKERS": value})
+
+    assert "HMD_REENCRYPT_WORKERS" in message
+
+
+def test_unknown_key_rotation_key_is_refused(tmp_path: Path) -> None:
+    config = _config(tmp_path, "[key_rotation]\ncadense_days = 30\n")
+
+    assert "key_rotation.cadense_days" in _refusal({"HMD_CONFIG": str(config)})

@@ -108,7 +108,7 @@ class Settings:
     auto_reencrypt: bool = True
     reencrypt_batch_size: int = 1000
     reencrypt_interval_seconds: float = 60
-    reencrypt_workers: int = 1  # threads claiming batches side by side in one process
+    reencrypt_workers: int = 2  # threads claiming batches side by side in one process
     grace_period_days: float = 30
     postgres_dsn: str | None = field(default=None, repr=False)  # may hold a password
     postgres_pool_size: int = 8
