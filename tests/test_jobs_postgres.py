@@ -16,6 +16,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from heimdall import metrics
 from heimdall.audit import JsonlAuditLog
 from heimdall.cipher import FieldCipher
 from heimdall.envelope import EncryptionVersion
@@ -356,6 +357,9 @@ def test_two_workers_on_one_database_finish_a_rotation_exactly_once_per_field(
         job = start_job(services[0], caller=caller)
         assert job is not None and job.total == 2 * RECORDS
         services.append(_service(postgres_store_dsn, tmp_path))
+        registry = metrics.REGISTRY
+        assert registry is not None, "prometheus-client is installed in the dev environment"
+        counted = registry.get_sample_value("heimdall_reencrypted_fields_total") or 0.0
         finals: list[Job] = []
         errors: list[BaseException] = []
         start = threading.Barrier(2, timeout=BARRIER_TIMEOUT)
@@ -387,6 +391,9 @@ def test_two_workers_on_one_database_finish_a_rotation_exactly_once_per_field(
             0,
         )
         assert services[0].store.field_counts() == [FieldCount("kms_v1", 2, 2 * RECORDS)]
+        # Both workers count into this process's metrics: every field counted once in all.
+        after = registry.get_sample_value("heimdall_reencrypted_fields_total") or 0.0
+        assert after - counted == 2 * RECORDS
         assert _values(services[1], caller) == values
         events = list(JsonlAuditLog(tmp_path / "audit.log"))
         rewraps = [

@@ -116,14 +116,19 @@ def test_ingest_counts_fields_encrypted_and_data_keys_generated(
     assert kms_calls(rise, "local", "datakey", "success") == fields
 
 
+@pytest.mark.parametrize("workers", [1, 3])
 def test_a_job_run_shows_progress_and_counts_every_field_once(
-    make_service: ServiceFactory, ingest: Ingest, caller: Caller, people: list[dict[str, Any]]
+    make_service: ServiceFactory,
+    ingest: Ingest,
+    caller: Caller,
+    people: list[dict[str, Any]],
+    workers: int,
 ) -> None:
     service, fields = _ingest_and_rotate(make_service, ingest, caller, people)
     rise = Rise()
     job = start_job(service, caller=caller)
     assert job is not None and job.total == fields
-    done = run_job(service, job.job_id, caller=caller, batch_size=BATCH)
+    done = run_job(service, job.job_id, caller=caller, batch_size=BATCH, workers=workers)
     assert done.completed == fields
 
     assert value("heimdall_reencryption_progress", status="total") == fields
