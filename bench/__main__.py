@@ -100,7 +100,7 @@ VAULT_DECRYPT_TRANSIT_REFERENCE = (
 )
 VAULT_REWRAP_REFERENCE = (
     96_000,
-    "Vault encrypt with batch_input of 250, about 96,000/s (as the issue states it)",
+    "Vault encrypt with batch_input of 250, about 96,000/s (the product's stated reference)",
 )
 
 VAULT_INGEST_DATAKEY = Row(
