@@ -14,7 +14,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from heimdall.errors import StorageError
 from heimdall.store.base import FieldUpdate, FieldValue, GraphStore, RecordRow, Sighting
-from heimdall.store.postgres import _MIGRATIONS, PostgresStore, _field_filter, _page_sql
+from heimdall.store.postgres import PostgresStore, _field_filter, _page_sql
+from heimdall.store.postgres_schema import MIGRATIONS
 from postgres_server import free_port, temporary_database
 from store_contract import (
     FILTERS,
@@ -153,7 +154,7 @@ def test_migrations_are_recorded_and_not_reapplied_on_reopen(dsn: str) -> None:
     PostgresStore(dsn).close()
     with connect(dsn) as conn:
         rows = conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
-        assert [version for (version,) in rows] == list(range(1, len(_MIGRATIONS) + 1))
+        assert [version for (version,) in rows] == list(range(1, len(MIGRATIONS) + 1))
         # A re-applied migration would rewrite its row (or fail on CREATE TABLE).
         conn.execute("UPDATE schema_migrations SET applied_at = '2001-02-03T04:05:06Z'")
 
@@ -167,7 +168,7 @@ def test_migrations_are_recorded_and_not_reapplied_on_reopen(dsn: str) -> None:
 def test_database_from_a_newer_schema_is_refused(dsn: str) -> None:
     PostgresStore(dsn).close()
     with connect(dsn) as conn:
-        conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (len(_MIGRATIONS) + 1,))
+        conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (len(MIGRATIONS) + 1,))
 
     with pytest.raises(StorageError, match="newer"):
         PostgresStore(dsn)
@@ -201,7 +202,7 @@ def test_stores_opening_a_fresh_database_at_once_all_migrate_it_once(dsn: str) -
             s.close()
     with connect(dsn) as conn:
         rows = conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
-    assert [version for (version,) in rows] == list(range(1, len(_MIGRATIONS) + 1))
+    assert [version for (version,) in rows] == list(range(1, len(MIGRATIONS) + 1))
 
 
 # -- query plans -------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import pytest
 
 from heimdall.errors import StorageError
 from heimdall.store.base import GraphStore, RecordRow
-from heimdall.store.sqlite import _MIGRATIONS, SqliteStore, _field_filter, _page_sql
+from heimdall.store.sqlite import SqliteStore, _field_filter, _page_sql
+from heimdall.store.sqlite_schema import MIGRATIONS
 from store_contract import (
     FILTERS,
     TIMESTAMP,
@@ -92,7 +93,7 @@ def test_migrations_are_recorded_and_not_reapplied_on_reopen(path: Path) -> None
     SqliteStore(path).close()
     with raw_connection(path) as conn:
         rows = conn.execute("SELECT version, applied_at FROM schema_migrations").fetchall()
-        assert sorted(version for version, _ in rows) == list(range(1, len(_MIGRATIONS) + 1))
+        assert sorted(version for version, _ in rows) == list(range(1, len(MIGRATIONS) + 1))
         assert all(TIMESTAMP.fullmatch(applied_at) for _, applied_at in rows)
         # A re-applied migration would rewrite its row (or fail on CREATE TABLE).
         conn.execute("UPDATE schema_migrations SET applied_at = 'first open'")
@@ -109,7 +110,7 @@ def test_database_from_a_newer_schema_is_refused(path: Path) -> None:
     with raw_connection(path) as conn:
         conn.execute(
             "INSERT INTO schema_migrations (version, applied_at) VALUES (?, 'later')",
-            (len(_MIGRATIONS) + 1,),
+            (len(MIGRATIONS) + 1,),
         )
 
     with pytest.raises(StorageError, match="newer"):

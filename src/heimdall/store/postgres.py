@@ -20,9 +20,9 @@ Invariants:
   canonical_key has no FieldValue fails the foreign key and rolls the whole batch back. It
   inserts field values and records in key order, so concurrent batches sharing keys wait for
   each other instead of deadlocking.
-* The schema only moves forward: ``_MIGRATIONS`` is append-only, each applied version is recorded
-  in ``schema_migrations``, all under a transaction-scoped advisory lock so that processes
-  starting together migrate one after the other; a newer schema than this module knows is refused.
+* The schema only moves forward (:mod:`heimdall.store.postgres_schema`): migrations are
+  append-only and recorded in ``schema_migrations``, applied on open under an advisory lock;
+  a newer schema than this module knows is refused.
 * No psycopg exception leaves this module. Each becomes a one-line :class:`StorageError` naming
   the operation and the SQLSTATE; the server's own text is never copied into it (a constraint
   violation's DETAIL can quote a whole row). The psycopg exception is kept as ``__cause__``.
@@ -53,82 +53,13 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from heimdall.errors import StorageError
 from heimdall.store.base import FieldCount, FieldUpdate, FieldValue, RecordRow, Sighting
-from heimdall.store.postgres_jobs import JOB_TABLES, PostgresJobs
+from heimdall.store.postgres_jobs import PostgresJobs
+from heimdall.store.postgres_schema import migrate
 
 __all__ = ["PostgresStore"]
 
 _CONNECT_TIMEOUT_SECONDS: Final = 10
 _POOL_TIMEOUT_SECONDS: Final = 30.0
-# pg_advisory_xact_lock key serialising migrations: the bytes of "heimdall" as a bigint.
-_MIGRATION_LOCK: Final = int.from_bytes(b"heimdall", "big")
-
-# Append only: never edit or reorder an entry once released. Version n is _MIGRATIONS[n - 1].
-_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
-    (
-        """
-        CREATE TABLE field_values (
-            canonical_key      text COLLATE "C" PRIMARY KEY,
-            field_name         text NOT NULL,
-            properties         jsonb NOT NULL CONSTRAINT field_values_properties_types CHECK (
-                jsonb_typeof(properties -> 'encrypted_data') = 'string'
-                AND jsonb_typeof(properties -> 'is_encrypted') = 'boolean'
-                AND jsonb_typeof(properties -> 'key_version') = 'number'
-                AND jsonb_typeof(properties -> 'encryption_version') = 'string'
-                AND jsonb_typeof(properties -> 'dek_id') = 'string'
-                AND jsonb_typeof(properties -> 'created_at') = 'string'
-                AND jsonb_typeof(properties -> 'updated_at') = 'string'
-            ),
-            encryption_version text COLLATE "C" NOT NULL
-                GENERATED ALWAYS AS (properties ->> 'encryption_version') STORED,
-            key_version        bigint NOT NULL
-                GENERATED ALWAYS AS ((properties ->> 'key_version')::bigint) STORED,
-            dek_id             text COLLATE "C" NOT NULL
-                GENERATED ALWAYS AS (properties ->> 'dek_id') STORED
-        )
-        """,
-        # Counts by version (count_fields, field_counts). B-tree deduplication makes this index
-        # tiny: a few distinct keys, each with a list of row pointers.
-        "CREATE INDEX field_values_by_version ON field_values (encryption_version, key_version)",
-        # iter_fields pages for one encryption_version. canonical_key second, not last: with
-        # encryption_version fixed the index hands out rows in canonical_key order and tests
-        # key_version < N inside the index, so a page reads from its cursor to its last row and
-        # sorts nothing. Ordered (encryption_version, key_version, canonical_key), a page under
-        # a key_version range would have to read and sort every remaining match.
-        """
-        CREATE INDEX field_values_by_version_and_key
-            ON field_values (encryption_version, canonical_key, key_version)
-        """,
-        "CREATE INDEX field_values_by_dek ON field_values (dek_id)",
-        """
-        CREATE TABLE sightings (
-            id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            canonical_key text COLLATE "C" NOT NULL REFERENCES field_values (canonical_key),
-            record_id     text NOT NULL,
-            source        text NOT NULL,
-            seen_at       text NOT NULL
-        )
-        """,
-        "CREATE INDEX sightings_by_key ON sightings (canonical_key)",
-        """
-        CREATE TABLE records (
-            record_id   text PRIMARY KEY,
-            source      text NOT NULL,
-            ingested_at text NOT NULL,
-            attributes  jsonb NOT NULL
-        )
-        """,
-        "CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL)",
-    ),
-    JOB_TABLES,
-)
-
-_CREATE_MIGRATIONS_TABLE: Final = """
-    CREATE TABLE schema_migrations (
-        version    integer PRIMARY KEY,
-        applied_at timestamptz NOT NULL DEFAULT now()
-    )
-"""
-
 _FIELD_COLUMNS: Final = (
     "canonical_key, field_name, properties ->> 'encrypted_data',"
     " (properties -> 'is_encrypted')::boolean, key_version, encryption_version, dek_id,"
@@ -264,29 +195,6 @@ def _page_sql(clauses: list[str], *, resume: bool) -> str:
     )
 
 
-def _migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
-    with conn.transaction():
-        # Held to the end of this transaction: a second process waits here, then finds the
-        # migrations recorded and applies nothing.
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-        exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
-        if exists is None or not exists[0]:
-            conn.execute(_CREATE_MIGRATIONS_TABLE)
-        applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
-        newest = max(applied, default=0)
-        if newest > len(_MIGRATIONS):
-            raise StorageError(
-                f"postgres open failed: schema version {newest} is newer than this heimdall"
-                f" supports ({len(_MIGRATIONS)})"
-            )
-        for version, statements in enumerate(_MIGRATIONS, start=1):
-            if version in applied:
-                continue
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
-
-
 def _connect_options(params: dict[str, Any]) -> dict[str, Any]:
     """Options every connection gets: autocommit (transactions here are explicit), and a
     connect timeout unless the DSN sets one."""
@@ -326,7 +234,7 @@ class PostgresStore(PostgresJobs):
         options = _connect_options(params)
         try:
             with psycopg.connect(dsn, **options) as conn:
-                _migrate(conn)
+                migrate(conn)
         except psycopg.OperationalError as exc:
             if exc.sqlstate is None:
                 raise _connect_error(exc) from exc

@@ -6,9 +6,9 @@ Invariants:
   canonical_key has no FieldValue fails the foreign key and rolls the whole batch back.
 * The database file is created with mode 0600 (SQLite gives its ``-wal`` and ``-shm`` files the
   mode of the database file), in a parent directory created 0700 if it did not exist.
-* The schema only moves forward: ``_MIGRATIONS`` is append-only, each applied version is recorded
-  in ``schema_migrations``, and a database recorded at a newer version than this module knows is
-  refused rather than written with an older idea of the schema.
+* The schema only moves forward (:mod:`heimdall.store.sqlite_schema`): migrations are
+  append-only and recorded in ``schema_migrations``, and a database recorded at a newer version
+  than this module knows is refused rather than written with an older idea of the schema.
 * No ``sqlite3`` exception leaves this module. Each becomes a one-line :class:`StorageError`
   naming the operation and SQLite's error code; values are always bound parameters, so neither
   that message nor SQLite's own (kept as ``__cause__``) can contain an envelope.
@@ -30,7 +30,8 @@ from typing import Any, Final
 
 from heimdall.errors import StorageError
 from heimdall.store.base import FieldCount, FieldUpdate, FieldValue, RecordRow, Sighting
-from heimdall.store.sqlite_jobs import JOB_TABLES, SqliteJobs
+from heimdall.store.sqlite_jobs import SqliteJobs
+from heimdall.store.sqlite_schema import is_current, migrate
 
 __all__ = ["SqliteStore"]
 
@@ -40,61 +41,6 @@ _WAL_CHECKPOINT_PAGES: Final = 10_000
 
 # Old SQLite builds cap bound parameters at 999 per statement.
 _IN_CHUNK: Final = 500
-
-# Each migration is a sequence of single statements rather than one script, because
-# Connection.executescript commits first and so cannot run inside the migration transaction.
-# Append only: never edit or reorder an entry once released. Version n is _MIGRATIONS[n - 1].
-_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
-    (
-        """
-        CREATE TABLE field_values (
-            canonical_key      TEXT PRIMARY KEY,
-            field_name         TEXT NOT NULL,
-            encrypted_data     TEXT NOT NULL,
-            is_encrypted       INTEGER NOT NULL CHECK (is_encrypted IN (0, 1)),
-            key_version        INTEGER NOT NULL,
-            encryption_version TEXT NOT NULL,
-            dek_id             TEXT NOT NULL,
-            created_at         TEXT NOT NULL,
-            updated_at         TEXT NOT NULL
-        )
-        """,
-        # Deliberately not (encryption_version, key_version, canonical_key). SQLite appends the
-        # rowid to every index entry, so this index still covers count_fields and field_counts,
-        # and a new row lands at the end of its (encryption_version, key_version) run rather
-        # than at a random hashed canonical_key: ingest of 300k field values wrote a third
-        # fewer bytes and ran 1.6x faster. iter_fields does not use it either way (_field_filter).
-        "CREATE INDEX field_values_by_version ON field_values (encryption_version, key_version)",
-        "CREATE INDEX field_values_by_dek ON field_values (dek_id)",
-        """
-        CREATE TABLE sightings (
-            id            INTEGER PRIMARY KEY,
-            canonical_key TEXT NOT NULL REFERENCES field_values (canonical_key),
-            record_id     TEXT NOT NULL,
-            source        TEXT NOT NULL,
-            seen_at       TEXT NOT NULL
-        )
-        """,
-        "CREATE INDEX sightings_by_key ON sightings (canonical_key)",
-        """
-        CREATE TABLE records (
-            record_id   TEXT PRIMARY KEY,
-            source      TEXT NOT NULL,
-            ingested_at TEXT NOT NULL,
-            attributes  TEXT NOT NULL
-        )
-        """,
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    ),
-    JOB_TABLES,
-)
-
-_CREATE_MIGRATIONS_TABLE: Final = """
-    CREATE TABLE IF NOT EXISTS schema_migrations (
-        version    INTEGER PRIMARY KEY,
-        applied_at TEXT NOT NULL
-    )
-"""
 
 _FIELD_COLUMNS: Final = (
     "canonical_key, field_name, encrypted_data, is_encrypted, key_version,"
@@ -194,15 +140,6 @@ def _page_sql(clauses: list[str], *, resume: bool) -> str:
     )
 
 
-def _applied_versions(conn: sqlite3.Connection) -> set[int]:
-    exists = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
-    ).fetchone()
-    if exists is None:
-        return set()
-    return {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
-
-
 def _create_private_file(path: Path) -> None:
     """Create *path* with mode 0600 unless it exists, before SQLite would create it 0644."""
     try:
@@ -292,30 +229,12 @@ class SqliteStore(SqliteJobs):
 
     def _migrate(self) -> None:
         with self._session("open") as conn:
-            applied = _applied_versions(conn)
-        if applied == set(range(1, len(_MIGRATIONS) + 1)):
-            # Up to date: skip the write lock, which a busy writer elsewhere may be holding.
-            return
+            if is_current(conn):
+                # Up to date: skip the write lock, which a busy writer elsewhere may be holding.
+                return
         with self._transaction("migrate") as conn:
             # Re-read under the write lock: another process may have migrated meanwhile.
-            applied = _applied_versions(conn)
-            newest = max(applied, default=0)
-            if newest > len(_MIGRATIONS):
-                raise StorageError(
-                    f"sqlite open failed: schema version {newest} is newer than this heimdall"
-                    f" supports ({len(_MIGRATIONS)})"
-                )
-            conn.execute(_CREATE_MIGRATIONS_TABLE)
-            now = _utc_now()
-            for version, statements in enumerate(_MIGRATIONS, start=1):
-                if version in applied:
-                    continue
-                for statement in statements:
-                    conn.execute(statement)
-                conn.execute(
-                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
-                    (version, now),
-                )
+            migrate(conn, _utc_now())
 
     # -- GraphStore ----------------------------------------------------------------------------
 

@@ -1,0 +1,111 @@
+"""The PostgreSQL store's schema, and the forward-only migrations that build it.
+
+``MIGRATIONS`` is append-only: version n is ``MIGRATIONS[n - 1]``, each applied version is
+recorded in ``schema_migrations``, and :func:`migrate` applies the missing ones in one
+transaction under a transaction-scoped advisory lock, so processes starting together migrate
+one after the other. A database at a newer version than this module knows is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import psycopg
+
+from heimdall.errors import StorageError
+from heimdall.store.postgres_jobs import JOB_TABLES
+
+__all__ = ["MIGRATIONS", "migrate"]
+
+# pg_advisory_xact_lock key serialising migrations: the bytes of "heimdall" as a bigint.
+_MIGRATION_LOCK: Final = int.from_bytes(b"heimdall", "big")
+
+# Append only: never edit or reorder an entry once released. Version n is MIGRATIONS[n - 1].
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """
+        CREATE TABLE field_values (
+            canonical_key      text COLLATE "C" PRIMARY KEY,
+            field_name         text NOT NULL,
+            properties         jsonb NOT NULL CONSTRAINT field_values_properties_types CHECK (
+                jsonb_typeof(properties -> 'encrypted_data') = 'string'
+                AND jsonb_typeof(properties -> 'is_encrypted') = 'boolean'
+                AND jsonb_typeof(properties -> 'key_version') = 'number'
+                AND jsonb_typeof(properties -> 'encryption_version') = 'string'
+                AND jsonb_typeof(properties -> 'dek_id') = 'string'
+                AND jsonb_typeof(properties -> 'created_at') = 'string'
+                AND jsonb_typeof(properties -> 'updated_at') = 'string'
+            ),
+            encryption_version text COLLATE "C" NOT NULL
+                GENERATED ALWAYS AS (properties ->> 'encryption_version') STORED,
+            key_version        bigint NOT NULL
+                GENERATED ALWAYS AS ((properties ->> 'key_version')::bigint) STORED,
+            dek_id             text COLLATE "C" NOT NULL
+                GENERATED ALWAYS AS (properties ->> 'dek_id') STORED
+        )
+        """,
+        # Counts by version (count_fields, field_counts). B-tree deduplication makes this index
+        # tiny: a few distinct keys, each with a list of row pointers.
+        "CREATE INDEX field_values_by_version ON field_values (encryption_version, key_version)",
+        # iter_fields pages for one encryption_version. canonical_key second, not last: with
+        # encryption_version fixed the index hands out rows in canonical_key order and tests
+        # key_version < N inside the index, so a page reads from its cursor to its last row and
+        # sorts nothing. Ordered (encryption_version, key_version, canonical_key), a page under
+        # a key_version range would have to read and sort every remaining match.
+        """
+        CREATE INDEX field_values_by_version_and_key
+            ON field_values (encryption_version, canonical_key, key_version)
+        """,
+        "CREATE INDEX field_values_by_dek ON field_values (dek_id)",
+        """
+        CREATE TABLE sightings (
+            id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            canonical_key text COLLATE "C" NOT NULL REFERENCES field_values (canonical_key),
+            record_id     text NOT NULL,
+            source        text NOT NULL,
+            seen_at       text NOT NULL
+        )
+        """,
+        "CREATE INDEX sightings_by_key ON sightings (canonical_key)",
+        """
+        CREATE TABLE records (
+            record_id   text PRIMARY KEY,
+            source      text NOT NULL,
+            ingested_at text NOT NULL,
+            attributes  jsonb NOT NULL
+        )
+        """,
+        "CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL)",
+    ),
+    JOB_TABLES,
+)
+
+_CREATE_MIGRATIONS_TABLE: Final = """
+    CREATE TABLE schema_migrations (
+        version    integer PRIMARY KEY,
+        applied_at timestamptz NOT NULL DEFAULT now()
+    )
+"""
+
+
+def migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+    with conn.transaction():
+        # Held to the end of this transaction: a second process waits here, then finds the
+        # migrations recorded and applies nothing.
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+        if exists is None or not exists[0]:
+            conn.execute(_CREATE_MIGRATIONS_TABLE)
+        applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        newest = max(applied, default=0)
+        if newest > len(MIGRATIONS):
+            raise StorageError(
+                f"postgres open failed: schema version {newest} is newer than this heimdall"
+                f" supports ({len(MIGRATIONS)})"
+            )
+        for version, statements in enumerate(MIGRATIONS, start=1):
+            if version in applied:
+                continue
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))

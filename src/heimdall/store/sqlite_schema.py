@@ -1,0 +1,106 @@
+"""The SQLite store's schema, and the forward-only migrations that build it.
+
+``MIGRATIONS`` is append-only: version n is ``MIGRATIONS[n - 1]``, and each applied version is
+recorded in ``schema_migrations``. :func:`migrate` runs inside the store's write transaction
+(``BEGIN IMMEDIATE``), so processes opening one file together migrate it once; a database at a
+newer version than this module knows is refused.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Final
+
+from heimdall.errors import StorageError
+from heimdall.store.sqlite_jobs import JOB_TABLES
+
+__all__ = ["MIGRATIONS", "is_current", "migrate"]
+
+# Each migration is a sequence of single statements rather than one script, because
+# Connection.executescript commits first and so cannot run inside the migration transaction.
+# Append only: never edit or reorder an entry once released. Version n is MIGRATIONS[n - 1].
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """
+        CREATE TABLE field_values (
+            canonical_key      TEXT PRIMARY KEY,
+            field_name         TEXT NOT NULL,
+            encrypted_data     TEXT NOT NULL,
+            is_encrypted       INTEGER NOT NULL CHECK (is_encrypted IN (0, 1)),
+            key_version        INTEGER NOT NULL,
+            encryption_version TEXT NOT NULL,
+            dek_id             TEXT NOT NULL,
+            created_at         TEXT NOT NULL,
+            updated_at         TEXT NOT NULL
+        )
+        """,
+        # Deliberately not (encryption_version, key_version, canonical_key). SQLite appends the
+        # rowid to every index entry, so this index still covers count_fields and field_counts,
+        # and a new row lands at the end of its (encryption_version, key_version) run rather
+        # than at a random hashed canonical_key: ingest of 300k field values wrote a third
+        # fewer bytes and ran 1.6x faster. iter_fields does not use it either way (_field_filter).
+        "CREATE INDEX field_values_by_version ON field_values (encryption_version, key_version)",
+        "CREATE INDEX field_values_by_dek ON field_values (dek_id)",
+        """
+        CREATE TABLE sightings (
+            id            INTEGER PRIMARY KEY,
+            canonical_key TEXT NOT NULL REFERENCES field_values (canonical_key),
+            record_id     TEXT NOT NULL,
+            source        TEXT NOT NULL,
+            seen_at       TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX sightings_by_key ON sightings (canonical_key)",
+        """
+        CREATE TABLE records (
+            record_id   TEXT PRIMARY KEY,
+            source      TEXT NOT NULL,
+            ingested_at TEXT NOT NULL,
+            attributes  TEXT NOT NULL
+        )
+        """,
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ),
+    JOB_TABLES,
+)
+
+_CREATE_MIGRATIONS_TABLE: Final = """
+    CREATE TABLE IF NOT EXISTS schema_migrations (
+        version    INTEGER PRIMARY KEY,
+        applied_at TEXT NOT NULL
+    )
+"""
+
+
+def _applied_versions(conn: sqlite3.Connection) -> set[int]:
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone()
+    if exists is None:
+        return set()
+    return {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+
+
+def is_current(conn: sqlite3.Connection) -> bool:
+    """Whether every migration is applied (read without taking the write lock)."""
+    return _applied_versions(conn) == set(range(1, len(MIGRATIONS) + 1))
+
+
+def migrate(conn: sqlite3.Connection, now: str) -> None:
+    """Apply the missing migrations; *conn* is in a write transaction."""
+    applied = _applied_versions(conn)
+    newest = max(applied, default=0)
+    if newest > len(MIGRATIONS):
+        raise StorageError(
+            f"sqlite open failed: schema version {newest} is newer than this heimdall"
+            f" supports ({len(MIGRATIONS)})"
+        )
+    conn.execute(_CREATE_MIGRATIONS_TABLE)
+    for version, statements in enumerate(MIGRATIONS, start=1):
+        if version in applied:
+            continue
+        for statement in statements:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", (version, now)
+        )
