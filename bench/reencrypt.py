@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import itertools
 import json
@@ -40,21 +38,19 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
+from bench import processes
 from bench.report import Result, Row
 from bench.timing import Run, measure
 from heimdall.app import build
@@ -102,7 +98,6 @@ STARTUP_TIMEOUT: Final = 30.0
 STOP_GRACE: Final = 10.0
 PORT_ATTEMPTS: Final = 3
 LOG_TAIL_LINES: Final = 20
-_LOOPBACK: Final = "127.0.0.1"
 _PROGRAMS: Final = ("initdb", "postgres")
 _VERSION_DIR: Final = re.compile(r"\d+")
 _REPO: Final = Path(__file__).resolve().parent.parent
@@ -166,75 +161,6 @@ def _server_account() -> pwd.struct_passwd | None:
         ) from None
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to SIGKILL the child when the bench dies (even by SIGKILL).
-    It runs after the child's setuid (which would clear the setting), just before exec."""
-    if not sys.platform.startswith("linux"):
-        return None
-    if threading.current_thread() is not threading.main_thread():
-        return None  # the signal fires when the spawning *thread* exits, not the process
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return None
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-
-    return preexec
-
-
-def _has_exited(proc: subprocess.Popen[bytes]) -> bool:
-    """Whether the process exited, without reaping it (a zombie keeps its pid reserved)."""
-    if proc.returncode is not None:
-        return True
-    try:
-        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return True
-    return info is not None
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
-
-
-def _cpu_seconds(pid: int, *, children: bool = False) -> float:
-    """utime + stime of *pid* (with *children*, plus those of its reaped children)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
-    except OSError:
-        return 0.0
-    fields = stat.rpartition(")")[2].split()
-    # utime, stime, cutime, cstime are fields 14-17 of the line, 12-15 after the name.
-    ticks = int(fields[11]) + int(fields[12])
-    if children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU time of a server and its child processes, reaped ones included: for PostgreSQL,
-    the postmaster, every backend, autovacuum, the checkpointer and the WAL writer."""
-    total = _cpu_seconds(pid, children=True)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text(encoding="ascii")
-        except OSError:
-            continue
-        after = stat.rpartition(")")[2].split()
-        if after and int(after[1]) == pid:  # field 4, the parent pid
-            total += (int(after[11]) + int(after[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
 @dataclass
 class PostgresCluster:
     """One running cluster; ``base`` holds its data dir, socket dir and log."""
@@ -263,7 +189,7 @@ class PostgresCluster:
         return self.proc.pid if self.proc is not None else 0
 
     def dsn(self, database: str = "postgres") -> str:
-        return f"postgresql://{SUPERUSER}@{_LOOPBACK}:{self.port}/{database}"
+        return f"postgresql://{SUPERUSER}@{processes.LOOPBACK}:{self.port}/{database}"
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -287,7 +213,7 @@ class PostgresCluster:
             group=account.pw_gid if account else None,
             extra_groups=[] if account else None,
             start_new_session=True,  # own process group: Ctrl-C reaches the bench only
-            preexec_fn=_die_with_parent(),  # noqa: PLW1509 - the child only calls prctl
+            preexec_fn=processes.die_with_parent(),  # noqa: PLW1509 - the child only calls prctl
         )
 
     def initdb(self) -> None:
@@ -303,7 +229,7 @@ class PostgresCluster:
                 code = proc.wait(timeout=STARTUP_TIMEOUT + 30)
             finally:
                 if proc.returncode is None:
-                    _signal_group(proc.pid, signal.SIGKILL)
+                    processes.signal_group(proc.pid, signal.SIGKILL)
                     proc.wait()
         if code != 0:
             text = (self.base / "initdb.log").read_text(errors="replace")
@@ -311,18 +237,18 @@ class PostgresCluster:
 
     def start(self) -> bool:
         """Start the server on a port that was free a moment ago; False if it was taken."""
-        self.port = _free_port()
+        self.port = processes.free_port()
         args = [
             str(self.bindir / "postgres"),
             *("-D", str(self.data_dir), "-k", str(self.socket_dir), "-p", str(self.port)),
-            *("-c", f"listen_addresses={_LOOPBACK}"),
+            *("-c", f"listen_addresses={processes.LOOPBACK}"),
             *(arg for setting in SERVER_SETTINGS for arg in ("-c", setting)),
         ]
         with self.log_path.open("ab") as log:
             self.proc = self._popen(args, log)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while not self._accepts_connections():
-            if _has_exited(self.proc):
+            if processes.has_exited(self.proc):
                 self.stop()
                 if "already in use" in self.log_tail():
                     return False
@@ -367,50 +293,15 @@ class PostgresCluster:
     def stop(self) -> None:
         """SIGQUIT (immediate shutdown: the data is thrown away) to the server's process
         group, SIGKILL after a grace period, reap. Idempotent."""
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        if not _has_exited(proc):
-            _signal_group(proc.pid, signal.SIGQUIT)
-            deadline = time.monotonic() + STOP_GRACE
-            while not _has_exited(proc) and time.monotonic() < deadline:
-                time.sleep(0.02)
-        # Before reaping, while the pid is still ours: whatever is left of the group dies too.
-        _signal_group(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def _raise_system_exit(signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """While the cluster runs, SIGTERM unwinds the stack (so the cluster is stopped) instead of
-    killing the bench outright. Ctrl-C already does (KeyboardInterrupt)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_system_exit)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        if self.proc is not None:
+            processes.stop(self.proc, signal.SIGQUIT, STOP_GRACE)
 
 
 @contextlib.contextmanager
 def postgres_cluster(bindir: Path) -> Iterator[PostgresCluster]:
     """A running throwaway cluster (trust auth for ``heimdall`` on 127.0.0.1); stopped and
     removed on exit, also on an exception, Ctrl-C or SIGTERM."""
-    with _sigterm_unwinds():
+    with processes.sigterm_unwinds():
         account = _server_account()
         base = Path(tempfile.mkdtemp(prefix="heimdall-bench-pg-"))
         cluster = PostgresCluster(bindir=bindir, base=base, account=account)
@@ -673,7 +564,7 @@ def _spawn_worker(worker: _Worker) -> dict[str, Any]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=_REPO,
-        preexec_fn=_die_with_parent(),  # noqa: PLW1509 - the child only calls prctl
+        preexec_fn=processes.die_with_parent(),  # noqa: PLW1509 - the child only calls prctl
     )
     try:
         out, err = proc.communicate(json.dumps(dataclasses.asdict(worker)).encode())
@@ -1102,8 +993,8 @@ def _work(service: Heimdall, worker: _Worker) -> dict[str, Any]:
     legacy_before = legacy.kms_calls if legacy is not None else 0
     marks: list[float] = []
     setup_rss = _status_mib("VmRSS")
-    pg_before = tree_cpu_seconds(worker.postmaster_pid)
-    bao_before = _cpu_seconds(worker.openbao_pid) if worker.openbao_pid else 0.0
+    pg_before = processes.tree_cpu_seconds(worker.postmaster_pid)
+    bao_before = processes.cpu_seconds(worker.openbao_pid) if worker.openbao_pid else 0.0
     http_before = http()
     cpu_start = time.process_time()
     start = time.perf_counter()
@@ -1121,8 +1012,10 @@ def _work(service: Heimdall, worker: _Worker) -> dict[str, Any]:
     end = time.perf_counter()
     cpu_seconds = time.process_time() - cpu_start
     http_requests = http() - http_before
-    pg_cpu = tree_cpu_seconds(worker.postmaster_pid) - pg_before
-    bao_cpu = (_cpu_seconds(worker.openbao_pid) - bao_before) if worker.openbao_pid else 0.0
+    pg_cpu = processes.tree_cpu_seconds(worker.postmaster_pid) - pg_before
+    bao_cpu = (
+        (processes.cpu_seconds(worker.openbao_pid) - bao_before) if worker.openbao_pid else 0.0
+    )
     peak_rss = _status_mib("VmHWM")
     provider_calls = [(m, counting.calls[m], counting.items[m]) for m in sorted(counting.calls)]
     kms_calls = http_requests if worker.provider == "vault" else sum(counting.calls.values())

@@ -19,8 +19,6 @@ and the CPU time the OpenBao server used meanwhile.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import os
 import secrets
@@ -30,17 +28,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from bench import ingest
+from bench import ingest, processes
 from bench.envelopes import FIELD_NAME, VERSION, Corpus
 from bench.report import Result
 from bench.timing import Run, Stopwatch
@@ -81,7 +77,6 @@ STARTUP_TIMEOUT = 20.0
 STOP_GRACE = 5.0
 PORT_ATTEMPTS = 3
 LOG_TAIL_LINES = 20
-_LOOPBACK = "127.0.0.1"
 _REPO = Path(__file__).resolve().parent.parent
 # Variables that could point the server (or its token helper) somewhere else.
 _SCRUBBED_ENV_PREFIXES = ("BAO_", "VAULT_")
@@ -118,72 +113,17 @@ def _free_port_pair() -> int:
     """A free loopback port whose successor is free too (a dev server's cluster port)."""
     for _ in range(100):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((_LOOPBACK, 0))
+            sock.bind((processes.LOOPBACK, 0))
             port: int = sock.getsockname()[1]
         if port >= 65535:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
-                sock.bind((_LOOPBACK, port + 1))
+                sock.bind((processes.LOOPBACK, port + 1))
             except OSError:
                 continue
         return port
     raise ServerStartError("no pair of adjacent free loopback ports found")
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to SIGKILL the server when the bench dies (even by
-    SIGKILL), so a killed bench never leaves it behind."""
-    if not sys.platform.startswith("linux"):
-        return None
-    if threading.current_thread() is not threading.main_thread():
-        return None  # the signal fires when the spawning *thread* exits, not the process
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return None
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-
-    return preexec
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    """``sig`` to the process group led by *pid* (only while *pid* is not yet reaped, so it
-    cannot have been reused)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
-
-
-def _has_exited(proc: subprocess.Popen[bytes]) -> bool:
-    """Whether the process exited, without reaping it (a zombie keeps its pid reserved)."""
-    if proc.returncode is not None:
-        return True
-    try:
-        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return True
-    return info is not None
-
-
-def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM the server's process group, SIGKILL it after *grace* seconds, reap it."""
-    if proc.returncode is not None:
-        return
-    if not _has_exited(proc):
-        _signal_group(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while not _has_exited(proc) and time.monotonic() < deadline:
-            time.sleep(0.02)
-    # Before reaping, while the pid is still ours: whatever is left of the group dies too.
-    _signal_group(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
 
 
 @dataclass
@@ -227,17 +167,11 @@ class DevServer:
 
     @property
     def running(self) -> bool:
-        return not _has_exited(self.proc)
+        return not processes.has_exited(self.proc)
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the server process has used so far (0.0 if unreadable)."""
-        try:
-            stat = Path(f"/proc/{self.pid}/stat").read_text(encoding="ascii")
-        except OSError:
-            return 0.0
-        fields = stat.rpartition(")")[2].split()
-        # utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return processes.cpu_seconds(self.pid)
 
     def version(self) -> str:
         status, payload = self.api("GET", "sys/health", token=False)
@@ -251,7 +185,7 @@ class DevServer:
         return "\n".join(text.splitlines()[-lines:]) or "(the server log is empty)"
 
     def stop(self) -> None:
-        _stop(self.proc, STOP_GRACE)
+        processes.stop(self.proc, signal.SIGTERM, STOP_GRACE)
 
 
 def _spawn(binary: Path, workdir: Path, token: str, port: int) -> DevServer:
@@ -263,7 +197,7 @@ def _spawn(binary: Path, workdir: Path, token: str, port: int) -> DevServer:
         "server",
         "-dev",
         f"-dev-root-token-id={token}",
-        f"-dev-listen-address={_LOOPBACK}:{port}",
+        f"-dev-listen-address={processes.LOOPBACK}:{port}",
         "-dev-no-store-token",
     ]
     with log_path.open("wb") as log:
@@ -275,9 +209,9 @@ def _spawn(binary: Path, workdir: Path, token: str, port: int) -> DevServer:
             cwd=workdir,
             env=env,
             start_new_session=True,  # own process group: Ctrl-C reaches the bench, not bao
-            preexec_fn=_die_with_parent(),  # noqa: PLW1509 - the child only calls prctl
+            preexec_fn=processes.die_with_parent(),  # noqa: PLW1509 - the child only calls prctl
         )
-    return DevServer(f"http://{_LOOPBACK}:{port}", token, proc.pid, log_path, proc)
+    return DevServer(f"http://{processes.LOOPBACK}:{port}", token, proc.pid, log_path, proc)
 
 
 def _wait_until_serving(server: DevServer, deadline: float) -> None:
@@ -296,29 +230,11 @@ def _wait_until_serving(server: DevServer, deadline: float) -> None:
             time.sleep(0.05)
 
 
-def _raise_system_exit(signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """While the server runs, SIGTERM unwinds the stack (so the server is stopped) instead of
-    killing the bench outright. Ctrl-C already does (KeyboardInterrupt)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_system_exit)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @contextlib.contextmanager
 def dev_server(binary: Path) -> Iterator[DevServer]:
     """A running dev server with transit and the key ``heimdall-pii``; stopped on exit."""
     with (
-        _sigterm_unwinds(),
+        processes.sigterm_unwinds(),
         tempfile.TemporaryDirectory(prefix="heimdall-bench-bao-") as tmp,
     ):
         workdir = Path(tmp)
