@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import psycopg
@@ -249,28 +249,28 @@ class PostgresJobs:
             row = cursor.execute(_ACTIVE_JOB).fetchone()
             if row is not None:
                 return _job(row)
-            self._insert_job(cursor, job)
-            created = cursor.execute(_SELECT_JOB, (job.job_id,)).fetchone()
-        assert created is not None
-        return _job(created)
+            return self._insert_job(cursor, job)
 
-    def _insert_job(self, cursor: Cursor, job: Job) -> None:
+    def _insert_job(self, cursor: Cursor, job: Job) -> Job:
+        """Insert *job*; the job as stored (its timestamps set)."""
         now = _now()
+        stored = replace(job, created_at=job.created_at or now, updated_at=now)
         cursor.execute(
             _INSERT_JOB,
             (
-                job.job_id,
-                job.kind,
-                job.target_version,
-                job.include_legacy,
-                job.state.value,
-                job.total,
-                job.completed,
-                job.failed,
-                job.created_at or now,
-                now,
+                stored.job_id,
+                stored.kind,
+                stored.target_version,
+                stored.include_legacy,
+                stored.state.value,
+                stored.total,
+                stored.completed,
+                stored.failed,
+                stored.created_at,
+                stored.updated_at,
             ),
         )
+        return stored
 
     def get_job(self, job_id: str) -> Job | None:
         return self._job_row("get_job", _SELECT_JOB, (job_id,))

@@ -11,7 +11,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from heimdall.errors import LifecycleError, StorageError
@@ -133,27 +133,28 @@ class SqliteJobs:
             row = conn.execute(_ACTIVE_JOB).fetchone()
             if row is not None:
                 return _job(row)
-            self._insert_job(conn, job)
-            created = conn.execute(_SELECT_JOB, (job.job_id,)).fetchone()
-        return _job(created)
+            return self._insert_job(conn, job)
 
-    def _insert_job(self, conn: sqlite3.Connection, job: Job) -> None:
+    def _insert_job(self, conn: sqlite3.Connection, job: Job) -> Job:
+        """Insert *job*; the job as stored (its timestamps set)."""
         now = _now()
+        stored = replace(job, created_at=job.created_at or now, updated_at=now)
         conn.execute(
             _INSERT_JOB,
             (
-                job.job_id,
-                job.kind,
-                job.target_version,
-                int(job.include_legacy),
-                job.state.value,
-                job.total,
-                job.completed,
-                job.failed,
-                job.created_at or now,
-                now,
+                stored.job_id,
+                stored.kind,
+                stored.target_version,
+                int(stored.include_legacy),
+                stored.state.value,
+                stored.total,
+                stored.completed,
+                stored.failed,
+                stored.created_at,
+                stored.updated_at,
             ),
         )
+        return stored
 
     def get_job(self, job_id: str) -> Job | None:
         with self._session("get_job") as conn:
