@@ -17,12 +17,11 @@ prefix Transit puts on its ciphertext.
 
 from __future__ import annotations
 
-import base64
 import binascii
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from heimdall.errors import (
     ConfigurationError,
@@ -49,8 +48,16 @@ _SERVING = frozenset({"active", "standby", "performance standby"})
 __all__ = ["VaultTransit"]
 
 
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
 def _b64(data: bytes | bytearray) -> str:
-    return base64.b64encode(data).decode()
+    return binascii.b2a_base64(data, newline=False).decode()
+
+
+def _plaintext_answer(answer: dict[str, Any]) -> SecretBytes:
+    return SecretBytes.adopt(bytearray(binascii.a2b_base64(answer.get("plaintext") or "")))
 
 
 def _version_of(ciphertext: str) -> int:
@@ -74,6 +81,7 @@ class VaultTransit:
         # Per version, built once: batches are hot paths.
         self._identifiers: dict[int, str] = {}
         self._prefixes: dict[int, str] = {}
+        self._by_prefix: dict[str, tuple[int, str]] = {}
 
     def key_identifier(self, version: int) -> str:
         identifier = self._identifiers.get(version)
@@ -87,8 +95,13 @@ class VaultTransit:
         return f"{self._base}/{operation}/{self._key}"
 
     def _wrapped(self, ciphertext: str) -> WrappedKey:
-        version = _version_of(ciphertext)
-        return WrappedKey(self.key_identifier(version), version, ciphertext.encode())
+        # Batches answer with a handful of versions: look each ``vault:vN:`` prefix up once.
+        prefix = ciphertext[: ciphertext.find(":", 6) + 1]
+        known = self._by_prefix.get(prefix)
+        if known is None:
+            version = _version_of(ciphertext)
+            known = self._by_prefix[prefix] = (version, self.key_identifier(version))
+        return WrappedKey(known[1], known[0], ciphertext.encode())
 
     def _prefix(self, version: int) -> str:
         prefix = self._prefixes.get(version)
@@ -139,11 +152,7 @@ class VaultTransit:
     def wrap_many(
         self, items: Sequence[tuple[SecretBytes, bytes]]
     ) -> list[WrappedKey | HeimdallError]:
-        requests = [{"plaintext": _b64(secret.view()), "context": _b64(ad)} for secret, ad in items]
-        return [
-            self._wrapped(r["ciphertext"]) if isinstance(r, dict) else r
-            for r in self._batch("encrypt", requests, "")
-        ]
+        return self._batch("encrypt", items, self._plaintext_item, self._wrapped_answer)
 
     def unwrap(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
         result = self.unwrap_many([(wrapped, associated_data)])[0]
@@ -154,34 +163,7 @@ class VaultTransit:
     def unwrap_many(
         self, items: Sequence[tuple[WrappedKey, bytes]]
     ) -> list[SecretBytes | HeimdallError]:
-        return [
-            SecretBytes.adopt(bytearray(binascii.a2b_base64(a.get("plaintext") or "")))
-            if isinstance(a, dict)
-            else a
-            for a in self._run("decrypt", items)
-        ]
-
-    def _run(
-        self, operation: str, items: Sequence[tuple[WrappedKey, bytes]]
-    ) -> list[dict[str, Any] | HeimdallError]:
-        """Send the items that name a version of this key; the others fail on their own."""
-        out: list[dict[str, Any] | HeimdallError] = []
-        bodies: list[dict[str, str]] = []
-        positions: list[int] = []
-        b64 = binascii.b2a_base64
-        for index, (wrapped, ad) in enumerate(items):
-            try:
-                bodies.append(
-                    {"ciphertext": self._check(wrapped), "context": b64(ad, newline=False).decode()}
-                )
-            except HeimdallError as exc:
-                out.append(exc)
-                continue
-            positions.append(index)
-            out.append({})  # replaced by the answer below
-        for index, answer in zip(positions, self._batch(operation, bodies, ""), strict=True):
-            out[index] = answer
-        return out
+        return self._batch("decrypt", items, self._ciphertext_item, _plaintext_answer)
 
     def rewrap(self, wrapped: WrappedKey, associated_data: bytes) -> WrappedKey:
         result = self.rewrap_many([(wrapped, associated_data)])[0]
@@ -192,44 +174,71 @@ class VaultTransit:
     def rewrap_many(
         self, items: Sequence[tuple[WrappedKey, bytes]]
     ) -> list[WrappedKey | HeimdallError]:
-        return [
-            self._wrapped(a["ciphertext"]) if isinstance(a, dict) else a
-            for a in self._run("rewrap", items)
-        ]
+        return self._batch("rewrap", items, self._ciphertext_item, self._wrapped_answer)
+
+    # -- batches --------------------------------------------------------------------------
+
+    @staticmethod
+    def _plaintext_item(item: tuple[SecretBytes, bytes]) -> dict[str, str]:
+        secret, ad = item
+        return {"plaintext": _b64(secret.view()), "context": _b64(ad)}
+
+    def _ciphertext_item(self, item: tuple[WrappedKey, bytes]) -> dict[str, str]:
+        """Raises for a key that does not name a version of this key: it fails on its own."""
+        wrapped, ad = item
+        return {"ciphertext": self._check(wrapped), "context": _b64(ad)}
+
+    def _wrapped_answer(self, answer: dict[str, Any]) -> WrappedKey:
+        return self._wrapped(answer["ciphertext"])
 
     def _batch(
-        self, operation: str, requests: list[dict[str, str]], key_identifier: str
-    ) -> list[dict[str, Any] | HeimdallError]:
-        """Transit batch_input in chunks the server accepts; one result per request item.
+        self,
+        operation: str,
+        items: Sequence[_Item],
+        request: Callable[[_Item], dict[str, str]],
+        result: Callable[[dict[str, Any]], _Result],
+    ) -> list[_Result | HeimdallError]:
+        """Transit batch_input in chunks the server accepts; one result per item, in order.
 
-        A chunk that fails as a whole (unreachable, denied) raises: nothing of it was done.
-        An item Vault refuses carries its own translated error.
+        Each chunk is built, sent and read by one thread, so the client prepares and reads
+        some chunks while Vault works on others. A chunk that fails as a whole (unreachable,
+        denied) raises: nothing of it was done. An item Vault refuses, or that *request*
+        refuses, carries its own error.
         """
         size = self.settings.batch_size
-        chunks = [requests[start : start + size] for start in range(0, len(requests), size)]
+        path = self._path(operation)
 
-        def send(chunk: list[dict[str, str]]) -> list[dict[str, Any] | HeimdallError]:
-            payload = self.transport.call(
-                "POST",
-                self._path(operation),
-                {"batch_input": chunk},
-                key_identifier=key_identifier,
-                partial_ok=True,
-            )
+        def run(start: int) -> list[_Result | HeimdallError]:
+            out: list[_Result | HeimdallError | None] = []
+            bodies: list[dict[str, str]] = []
+            sent: list[int] = []  # positions in *out* whose answer comes from Vault
+            for item in items[start : start + size]:
+                try:
+                    bodies.append(request(item))
+                except HeimdallError as exc:
+                    out.append(exc)
+                    continue
+                sent.append(len(out))
+                out.append(None)
+            if not bodies:
+                return cast("list[_Result | HeimdallError]", out)
+            payload = self.transport.call("POST", path, {"batch_input": bodies}, partial_ok=True)
             answers = payload.get("data", {}).get("batch_results")
-            if not isinstance(answers, list) or len(answers) != len(chunk):
+            if not isinstance(answers, list) or len(answers) != len(bodies):
                 raise KmsError("vault returned a malformed batch answer", provider=PROVIDER)
-            return [
-                error_for_message(str(a.get("error"))) if a.get("error") else a for a in answers
-            ]
+            for position, answer in zip(sent, answers, strict=True):
+                error = answer.get("error")
+                out[position] = error_for_message(str(error)) if error else result(answer)
+            return cast("list[_Result | HeimdallError]", out)
 
-        if len(chunks) <= 1 or self.settings.concurrency <= 1:
-            results = [send(chunk) for chunk in chunks]
+        starts = range(0, len(items), size)
+        if len(starts) <= 1 or self.settings.concurrency <= 1:
+            chunks = [run(start) for start in starts]
         else:
             # Vault spreads concurrent requests over its cores; the client waits in I/O.
-            with ThreadPoolExecutor(min(self.settings.concurrency, len(chunks))) as pool:
-                results = list(pool.map(send, chunks))
-        return [answer for chunk_results in results for answer in chunk_results]
+            with ThreadPoolExecutor(min(self.settings.concurrency, len(starts))) as pool:
+                chunks = list(pool.map(run, starts))
+        return [outcome for chunk in chunks for outcome in chunk]
 
     # -- the key --------------------------------------------------------------------------
 
