@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
+import urllib3
 
 from heimdall.app import build
 from heimdall.cipher import CachePolicy, FieldCipher
@@ -337,6 +337,32 @@ def test_the_environments_proxy_settings_still_apply(
 
 
 @pytest.fixture
+def https_server(tmp_path: Path) -> Iterator[BaoServer]:
+    """A dev server on https, its certificate from a CA of its own (``ca_file``)."""
+    server = start_dev_server(require_bao_binary(), tmp_path / "https", with_audit=False, tls=True)
+    try:
+        assert server.api("POST", "sys/mounts/transit", {"type": "transit"})[0] == 204
+        key = {"type": "aes256-gcm96", "derived": True}
+        assert server.api("POST", "transit/keys/heimdall-pii", key)[0] in (200, 204)
+        yield server
+    finally:
+        server.stop()
+
+
+def test_https_is_verified_against_the_configured_ca(https_server: BaoServer) -> None:
+    assert https_server.addr.startswith("https://") and https_server.ca_file is not None
+    trusting = _provider(https_server, "heimdall-pii", verify=str(https_server.ca_file))
+    cipher = FieldCipher(trusting, EncryptionVersion.KMS_V1, direct=True)
+    sealed = cipher.encrypt(b"alice@example.com", CTX)
+    assert cipher.decrypt(sealed.envelope, CTX) == b"alice@example.com"
+    # The system's trust store does not know the server's CA: refused, naming TLS.
+    untrusting = _provider(https_server, "heimdall-pii", attempts=1)
+    with pytest.raises(KmsUnavailable, match="SSLError") as caught:
+        untrusting.describe()
+    assert https_server.root_token not in str(caught.value)
+
+
+@pytest.fixture
 def own_server(tmp_path: Path) -> Iterator[BaoServer]:
     binary = require_bao_binary()
     server = start_dev_server(binary, tmp_path / "own", with_audit=False)
@@ -463,18 +489,20 @@ def test_a_rotate_that_fails_mid_request_is_not_resent_to_another_node(
         VaultSettings(addresses=(bao.addr, bao.addr), token=bao.root_token, key_name=transit_key)
     )
     sent: list[str] = []
-    adapter = provider.transport._clients[0].adapter
-    original = adapter.request
+    pool = provider.transport._pools[0]
+    original = pool.urlopen
 
     def reset_after_sending(method: str, url: str, **kwargs: Any) -> Any:
         sent.append(url)
         if url.endswith("/rotate"):
             original(method, url, **kwargs)  # the server rotates...
             # ...and the answer never arrives.
-            raise requests.exceptions.ConnectionError("connection reset by peer")
+            raise urllib3.exceptions.ProtocolError(
+                "Connection aborted.", ConnectionResetError("connection reset by peer")
+            )
         return original(method, url, **kwargs)
 
-    monkeypatch.setattr(adapter, "request", reset_after_sending)
+    monkeypatch.setattr(pool, "urlopen", reset_after_sending)
     description = provider.rotate()
     assert description.latest_version == 2  # rotated exactly once
     assert sum(url.endswith("/rotate") for url in sent) == 1

@@ -41,6 +41,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -267,15 +268,23 @@ def _api(
     token: str | None = None,
     body: dict[str, Any] | None = None,
     timeout: float = 3.0,
+    ca_file: Path | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """One request to the OpenBao API; (status, JSON body). Status 0: no answer at all."""
+    """One request to the OpenBao API; (status, JSON body). Status 0: no answer at all.
+    ``ca_file``: the CA to verify an https server against."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(f"{addr}/v1/{path}", data=data, method=method)  # noqa: S310
     request.add_header("Content-Type", "application/json")
     if token is not None:
         request.add_header("X-Vault-Token", token)
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
+        opener = _OPENER
+        if ca_file is not None:  # written by the server as it starts: OSError until then
+            tls = ssl.create_default_context(cafile=str(ca_file))
+            opener = urllib.request.build_opener(
+                urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=tls)
+            )
+        with opener.open(request, timeout=timeout) as response:
             status, raw = response.status, response.read()
     except urllib.error.HTTPError as error:
         status, raw = error.code, error.read()
@@ -301,6 +310,7 @@ class BaoServer:
     pid: int
     log_path: Path | None = None
     name: str = "bao"
+    ca_file: Path | None = None  # the CA of an https (-dev-tls) server
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     def client(self, token: str | None = None) -> hvac.Client:
@@ -337,7 +347,9 @@ class BaoServer:
     ) -> tuple[int, dict[str, Any]]:
         """A raw API call (``token=""``: the root token; ``None``: none)."""
         use = self.root_token if token == "" else token
-        return _api(self.addr, method, path, token=use, body=body, timeout=timeout)
+        return _api(
+            self.addr, method, path, token=use, body=body, timeout=timeout, ca_file=self.ca_file
+        )
 
     def log_tail(self) -> str:
         return _log_tail(self.log_path)
@@ -406,13 +418,20 @@ audit "file" "file" {{
 
 
 def start_dev_server(
-    binary: Path, workdir: Path, *, with_audit: bool = True, extra_config: str = ""
+    binary: Path,
+    workdir: Path,
+    *,
+    with_audit: bool = True,
+    extra_config: str = "",
+    tls: bool = False,
 ) -> BaoServer:
     """A dev server (in-memory, unsealed, random root token) on a free loopback port.
 
     ``with_audit`` declares the file audit device ``file/`` writing ``workdir/audit.log``;
-    ``extra_config`` is more HCL for the same ``-config`` file. Fails the test (with the tail of
-    the server's log) if the server does not come up within ``STARTUP_TIMEOUT``.
+    ``extra_config`` is more HCL for the same ``-config`` file; ``tls`` serves https with a CA
+    and certificate the server generates into ``workdir/tls`` (``ca_file``). Fails the test
+    (with the tail of the server's log) if the server does not come up within
+    ``STARTUP_TIMEOUT``.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     root_token = f"hmd-root-{secrets.token_hex(16)}"
@@ -425,6 +444,11 @@ def start_dev_server(
         config = workdir / "config.hcl"
         config.write_text(hcl)
         config_args.append(f"-config={config}")
+
+    tls_dir = workdir / "tls"
+    if tls:
+        tls_dir.mkdir(exist_ok=True)
+        config_args += ["-dev-tls", f"-dev-tls-cert-dir={tls_dir}"]
 
     for attempt in range(1, PORT_ATTEMPTS + 1):
         port = _free_port_pair()
@@ -439,12 +463,13 @@ def start_dev_server(
         log_path = workdir / "server.log"
         proc = _spawn(binary, args, workdir, log_path)
         server = BaoServer(
-            addr=f"http://{_LOOPBACK}:{port}",
+            addr=f"{'https' if tls else 'http'}://{_LOOPBACK}:{port}",
             root_token=root_token,
             audit_log=audit_log,
             pid=proc.pid,
             log_path=log_path,
             name="bao dev server",
+            ca_file=tls_dir / "vault-ca.pem" if tls else None,
             _proc=proc,
         )
         try:
