@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -334,6 +336,21 @@ def test_the_environments_proxy_settings_still_apply(
     else:
         with pytest.raises(KmsUnavailable):
             provider.describe()
+
+
+def test_threads_sharing_a_provider_reuse_connections_without_warnings(
+    bao: BaoServer, transit_key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    provider = _provider(bao, transit_key, batch_size=10, concurrency=8)
+    items = []
+    for n in range(80):
+        ad = f"dek-{n}".encode()
+        items.append((provider.generate_data_key(ad).wrapped, ad))
+    provider.rotate()
+    with caplog.at_level(logging.WARNING), ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(provider.rewrap_many, [items] * 3))  # 24 requests at once
+    assert all(isinstance(r, WrappedKey) and r.key_version == 2 for rs in results for r in rs)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("urllib3")] == []
 
 
 @pytest.fixture

@@ -122,6 +122,11 @@ _NO_RETRIES = urllib3.Retry(
 )
 
 
+# Connections are opened as needed; this bounds how many stay open for reuse. Several job
+# threads, each with HMD_VAULT_CONCURRENCY requests in flight, share one transport.
+_KEPT_CONNECTIONS = 32
+
+
 def _pool(address: str, settings: VaultSettings) -> urllib3.PoolManager:
     """Connections to one address: through the environment's proxy for it, if any, read once
     here; TLS verified against ``HMD_VAULT_CACERT`` or the system's trust store."""
@@ -131,8 +136,8 @@ def _pool(address: str, settings: VaultSettings) -> urllib3.PoolManager:
     if proxy and urllib.request.proxy_bypass(url.netloc or ""):
         proxy = None
     options: dict[str, Any] = {
-        "num_pools": 2,
-        "maxsize": max(settings.concurrency, 4),
+        "num_pools": 4,  # the address and the nodes a standby may redirect to
+        "maxsize": _KEPT_CONNECTIONS,
         "timeout": urllib3.Timeout(connect=settings.timeout, read=settings.timeout),
         "retries": _NO_RETRIES,
     }
