@@ -252,7 +252,7 @@ def _start_vault(stack: contextlib.ExitStack, outcome: VaultOutcome) -> DevServe
     """A throwaway OpenBao dev server, stopped when *stack* closes; None (and a note in
     *outcome*) when it cannot run."""
     try:
-        from bench import vault  # noqa: PLC0415 - needs hvac, the optional vault extra
+        from bench import vault  # noqa: PLC0415 - needs the optional vault extra
     except ImportError as exc:
         _vault_skipped(outcome, f"cannot import the Vault provider ({exc})")
         return None

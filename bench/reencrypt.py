@@ -583,7 +583,7 @@ def _spawn_worker(worker: _Worker) -> dict[str, Any]:
 
 def _new_transit_key(server: DevServer) -> str:
     """A fresh derived Transit key for one row, so no other row's rotations show in it."""
-    from bench import vault  # noqa: PLC0415 - needs hvac, the optional vault extra
+    from bench import vault  # noqa: PLC0415 - needs the optional vault extra
 
     name = f"heimdall-bench-reencrypt-{secrets.token_hex(4)}"
     server.require(

@@ -45,7 +45,7 @@ def _holds_kms_data(store: GraphStore) -> bool:
 
 def _vault(settings: Settings) -> KeyManagementService:
     try:
-        from heimdall.kms.vault import VaultTransit  # noqa: PLC0415 - hvac is an optional extra
+        from heimdall.kms.vault import VaultTransit  # noqa: PLC0415 - the vault extra (urllib3)
     except ImportError:
         raise ConfigurationError(
             "HMD_KMS_PROVIDER=vault needs the vault extra: pip install 'heimdall[vault]'"

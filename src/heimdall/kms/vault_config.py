@@ -1,4 +1,4 @@
-"""Vault provider settings: plain data, importable without hvac.
+"""Vault provider settings: plain data, importable without the vault extra.
 
 Settings come from ``HMD_VAULT_*`` variables (or the config file, without the secrets):
 
