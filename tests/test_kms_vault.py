@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import multiprocessing
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -351,6 +352,34 @@ def test_threads_sharing_a_provider_reuse_connections_without_warnings(
         results = list(pool.map(provider.rewrap_many, [items] * 3))  # 24 requests at once
     assert all(isinstance(r, WrappedKey) and r.key_version == 2 for rs in results for r in rs)
     assert [r.getMessage() for r in caplog.records if r.name.startswith("urllib3")] == []
+
+
+def _rewrap_in_child(provider: VaultTransit, items: list[tuple[WrappedKey, bytes]]) -> None:
+    parents = provider.transport._pools[0]
+    results = provider.rewrap_many(items)
+    if provider.transport._pools[0] is parents:
+        os._exit(2)  # the parent's connections: two processes on one socket
+    os._exit(0 if all(isinstance(r, WrappedKey) for r in results) else 1)
+
+
+def test_a_forked_child_sends_batches_on_threads_and_connections_of_its_own(
+    bao: BaoServer, transit_key: str
+) -> None:
+    provider = _provider(bao, transit_key, batch_size=5, concurrency=4)
+    items = []
+    for n in range(20):
+        ad = f"dek-{n}".encode()
+        items.append((provider.generate_data_key(ad).wrapped, ad))
+    assert len(provider.rewrap_many(items)) == 20  # the parent's sender threads exist now
+    child = multiprocessing.get_context("fork").Process(
+        target=_rewrap_in_child, args=(provider, items)
+    )
+    child.start()
+    child.join(timeout=30)
+    hung = child.exitcode is None
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0
 
 
 @pytest.fixture

@@ -18,8 +18,10 @@ prefix Transit puts on its ciphertext.
 from __future__ import annotations
 
 import binascii
+import os
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
@@ -82,6 +84,9 @@ class VaultTransit:
         self._identifiers: dict[int, str] = {}
         self._prefixes: dict[int, str] = {}
         self._by_prefix: dict[str, tuple[int, str]] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_pid = 0
+        self._senders_lock = threading.Lock()
 
     def key_identifier(self, version: int) -> str:
         identifier = self._identifiers.get(version)
@@ -236,9 +241,22 @@ class VaultTransit:
             chunks = [run(start) for start in starts]
         else:
             # Vault spreads concurrent requests over its cores; the client waits in I/O.
-            with ThreadPoolExecutor(min(self.settings.concurrency, len(starts))) as pool:
-                chunks = list(pool.map(run, starts))
+            futures = [self._senders().submit(run, start) for start in starts]
+            wait(futures)  # every chunk has finished before any error is raised
+            chunks = [future.result() for future in futures]
         return [outcome for chunk in chunks for outcome in chunk]
+
+    def _senders(self) -> ThreadPoolExecutor:
+        """The threads that send batch requests: HMD_VAULT_CONCURRENCY of them, started once
+        per process and shared by every caller of this provider."""
+        with self._senders_lock:
+            if self._executor is None or self._executor_pid != os.getpid():
+                # A forked child has the parent's executor but none of its threads.
+                self._executor = ThreadPoolExecutor(
+                    self.settings.concurrency, thread_name_prefix="heimdall-vault"
+                )
+                self._executor_pid = os.getpid()
+            return self._executor
 
     # -- the key --------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ Settings come from ``HMD_VAULT_*`` variables (or the config file, without the se
 ``HMD_VAULT_CACERT``           CA bundle for https addresses
 ``HMD_VAULT_TIMEOUT``          seconds per request, default 5
 ``HMD_VAULT_BATCH_SIZE``       items per Transit batch request, default 200 (max 240)
-``HMD_VAULT_CONCURRENCY``      batch requests in flight at once, default 4
+``HMD_VAULT_CONCURRENCY``      batch requests in flight at once per process, default 4
 =============================  ==========================================================
 """
 

@@ -21,6 +21,7 @@ bootstrap``).
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.request
 from collections.abc import Callable
@@ -122,8 +123,8 @@ _NO_RETRIES = urllib3.Retry(
 )
 
 
-# Connections are opened as needed; this bounds how many stay open for reuse. Several job
-# threads, each with HMD_VAULT_CONCURRENCY requests in flight, share one transport.
+# Connections are opened as needed; this bounds how many stay open for reuse: the batch
+# senders (HMD_VAULT_CONCURRENCY) and every thread that calls the provider itself.
 _KEPT_CONNECTIONS = 32
 
 
@@ -173,6 +174,7 @@ class VaultTransport:
         self.settings = settings
         self._sleep = sleep
         self._pools = [_pool(address, settings) for address in settings.addresses]
+        self._pid = os.getpid()
         self._bases = [address.rstrip("/") for address in settings.addresses]
         self._headers: dict[str, str] = {
             "Content-Type": "application/json",
@@ -291,6 +293,9 @@ class VaultTransport:
         authenticated: bool = True,
     ) -> _Answer:
         """One request, failing over across addresses. Returns any non-retryable answer."""
+        if self._pid != os.getpid():  # a forked child must not share the parent's sockets
+            self._pools = [_pool(address, self.settings) for address in self.settings.addresses]
+            self._pid = os.getpid()
         last: str = "no address answered"
         count = len(self._pools)
         operation = metrics.vault_operation(path)  # a closed set of words: never a key name
