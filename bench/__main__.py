@@ -35,7 +35,7 @@ from bench.machine import contention, machine_info
 from bench.report import Result, Row, format_report, write_json
 from bench.timing import Measurement, measure
 from heimdall.cipher import CachePolicy
-from heimdall.kms.vault_config import VaultPattern
+from heimdall.kms.vault_config import DEFAULT_BATCH_SIZE, DEFAULT_CONCURRENCY, VaultPattern
 
 if TYPE_CHECKING:
     from bench.vault import DevServer
@@ -112,8 +112,8 @@ VAULT_INGEST_DATAKEY = Row(
 VAULT_INGEST_TRANSIT = Row(
     "vault/ingest-transit",
     "as vault/ingest-datakey with vault_pattern=transit: pattern B, Transit encrypts every "
-    "value itself; each ingest batch goes to Transit encrypt as batch_input requests of 200, "
-    "4 in flight",
+    "value itself; each ingest batch goes to Transit encrypt as batch_input requests of "
+    f"{DEFAULT_BATCH_SIZE}, {DEFAULT_CONCURRENCY} in flight",
 )
 VAULT_DECRYPT_DATAKEY = Row(
     "vault/decrypt-datakey",
@@ -125,14 +125,15 @@ VAULT_DECRYPT_DATAKEY = Row(
 VAULT_DECRYPT_TRANSIT = Row(
     "vault/decrypt-transit",
     "FieldCipher.decrypt_many of pattern B envelopes (what Heimdall.decrypt_many uses): the "
-    "values go to Transit decrypt in batch_input requests of 200, 4 in flight",
+    f"values go to Transit decrypt in batch_input requests of {DEFAULT_BATCH_SIZE}, "
+    f"{DEFAULT_CONCURRENCY} in flight",
 )
 VAULT_REWRAP = Row(
     "vault/rewrap-2000",
     "VaultTransit.rewrap_many of 2,000 wrapped data keys (each from Transit datakey with its "
     "own associated data, made before timing); the key is rotated before every run (untimed) "
     "and each run rewraps the previous run's keys, so every key moves to a new version; "
-    "batch_input of 200, 4 in flight. Figures are keys/s",
+    f"batch_input of {DEFAULT_BATCH_SIZE}, {DEFAULT_CONCURRENCY} in flight. Figures are keys/s",
     VAULT_REWRAP_TARGET,
 )
 

@@ -9,7 +9,7 @@ on an exception, Ctrl-C or SIGTERM; on Linux the kernel kills it if the bench it
 
 The server shares this machine's CPUs with the bench, over loopback HTTP: every figure is
 heimdall plus OpenBao on the same cores. The provider is built the way the application builds
-it (``VaultSettings`` defaults: batches of 200, 4 batch requests in flight, token auth).
+it (``VaultSettings`` defaults for batch size and requests in flight, token auth).
 
 Each run reports, besides its time, the HTTP requests ``VaultTransport`` sent inside the timed
 block (the "KMS calls" of these rows), ``FieldCipher.kms_calls`` where a cipher is involved,
@@ -47,7 +47,12 @@ from heimdall.errors import HeimdallError
 from heimdall.ingest import IngestReport, ingest_lines
 from heimdall.kms.base import WrappedKey
 from heimdall.kms.vault import VaultTransit
-from heimdall.kms.vault_config import VaultPattern, VaultSettings
+from heimdall.kms.vault_config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CONCURRENCY,
+    VaultPattern,
+    VaultSettings,
+)
 from heimdall.rbac import Caller
 from heimdall.service import FIELD_LABEL
 from heimdall.settings import Settings
@@ -534,9 +539,10 @@ def notes(results: Sequence[Result], server: str) -> list[str]:
         return []
     lines = [
         f"Vault rows: {server}, on 127.0.0.1 and the same CPUs as the bench; the provider as "
-        "the application builds it (VaultSettings defaults: batch_input of 200, 4 requests in "
-        "flight). KMS calls = HTTP requests sent to OpenBao inside the timed block. CPU time / "
-        "wall time above is the bench process only; OpenBao's own share is below.",
+        "the application builds it (VaultSettings defaults: batch_input of "
+        f"{DEFAULT_BATCH_SIZE}, {DEFAULT_CONCURRENCY} requests in flight). KMS calls = HTTP "
+        "requests sent to OpenBao inside the timed block. CPU time / wall time above is the "
+        "bench process only; OpenBao's own share is below.",
         "",
     ]
     for r in vault_results:

@@ -70,7 +70,7 @@ def test_hundred_thousand_fields_rewrap_with_kms_calls_bounded_by_data_keys(
     done = run_job(service, job.job_id, caller=CALLER, batch_size=5000)
     kms_calls = provider.transport.calls - calls
     assert (done.state, done.completed, done.failed) == (JobState.DONE, 100_000, 0)
-    # One rewrap per distinct data key, in batches of 200; the blind-index key and a describe
+    # One rewrap per distinct data key, in batches; the blind-index key and a describe
     # are the small constant.
     bound = -(-len(distinct_keys) // provider.settings.batch_size) + 3
     assert kms_calls <= bound, (kms_calls, len(distinct_keys))

@@ -29,7 +29,12 @@ from heimdall.ingest import ingest_lines
 from heimdall.kms.base import KeyState, WrappedKey
 from heimdall.kms.vault import VaultTransit
 from heimdall.kms.vault_bootstrap import bootstrap
-from heimdall.kms.vault_config import VaultAuthMethod, VaultPattern, VaultSettings
+from heimdall.kms.vault_config import (
+    MAX_BATCH_SIZE,
+    VaultAuthMethod,
+    VaultPattern,
+    VaultSettings,
+)
 from heimdall.rbac import Caller
 from heimdall.reencrypt import reencrypt
 from heimdall.service import Heimdall
@@ -177,12 +182,13 @@ def test_batch_reports_each_bad_item_against_its_own_field(
 
 def test_rewrap_of_many_keys_respects_the_request_limit(bao: BaoServer, transit_key: str) -> None:
     provider = _provider(bao, transit_key)
+    assert provider.settings.batch_size == MAX_BATCH_SIZE  # the default: the largest accepted
     items = [(provider.generate_data_key(b"x").wrapped, b"x") for _ in range(10)] * 200
     provider.rotate()
     calls = provider.transport.calls
     results = provider.rewrap_many(items)  # 2,000 items: 8,000 JSON strings in all
     assert all(isinstance(r, WrappedKey) and r.key_version == 2 for r in results)
-    assert provider.transport.calls - calls == 10  # chunks of 200 items
+    assert provider.transport.calls - calls == 9  # 8 chunks of 240 items and one of 80
 
 
 def _login(server: BaoServer, role: str, approle_mount: str) -> tuple[str, str]:

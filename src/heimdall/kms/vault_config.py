@@ -17,7 +17,7 @@ Settings come from ``HMD_VAULT_*`` variables (or the config file, without the se
 ``HMD_VAULT_NAMESPACE``        Vault Enterprise / OpenBao namespace
 ``HMD_VAULT_CACERT``           CA bundle for https addresses
 ``HMD_VAULT_TIMEOUT``          seconds per request, default 5
-``HMD_VAULT_BATCH_SIZE``       items per Transit batch request, default 200 (max 240)
+``HMD_VAULT_BATCH_SIZE``       items per Transit batch request, default and max 240
 ``HMD_VAULT_CONCURRENCY``      batch requests in flight at once per process, default 4
 =============================  ==========================================================
 """
@@ -33,7 +33,10 @@ from typing import Final
 from heimdall.errors import ConfigurationError
 
 __all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_CONCURRENCY",
     "FILE_KEYS",
+    "MAX_BATCH_SIZE",
     "SECRET_VARIABLES",
     "VaultAuthMethod",
     "VaultPattern",
@@ -42,6 +45,13 @@ __all__ = [
 ]
 
 K8S_JWT_PATH = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+# Each batch item carries 4 JSON strings (two names, two values) and OpenBao's listener refuses
+# requests of over 1,000 (max_request_json_strings). The largest batch is also the fastest:
+# fewer requests for the same items (bench row vault/rewrap-2000).
+MAX_BATCH_SIZE: Final = 240
+DEFAULT_BATCH_SIZE: Final = MAX_BATCH_SIZE
+DEFAULT_CONCURRENCY: Final = 4
 
 
 class VaultPattern(enum.StrEnum):
@@ -77,8 +87,8 @@ class VaultSettings:
     timeout: float = 5.0
     attempts: int = 3
     backoff_seconds: float = 0.05
-    batch_size: int = 200
-    concurrency: int = 4
+    batch_size: int = DEFAULT_BATCH_SIZE
+    concurrency: int = DEFAULT_CONCURRENCY
 
     def __post_init__(self) -> None:
         if not self.addresses:
@@ -88,9 +98,8 @@ class VaultSettings:
                 raise ConfigurationError(
                     f"HMD_VAULT_ADDR entry {address!r} must start with http:// or https://"
                 )
-        if not 1 <= self.batch_size <= 240:
-            # Each batch item carries 4 JSON strings; OpenBao refuses requests over 1000.
-            raise ConfigurationError("HMD_VAULT_BATCH_SIZE must be between 1 and 240")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ConfigurationError(f"HMD_VAULT_BATCH_SIZE must be between 1 and {MAX_BATCH_SIZE}")
 
 
 FILE_KEYS: Final = frozenset(
@@ -171,10 +180,22 @@ def vault_settings(
         verify=values.get("vault_cacert", True),
         timeout=_number("vault_timeout", values.get("vault_timeout", "5"), 0.1, 300, float),
         batch_size=int(
-            _number("vault_batch_size", values.get("vault_batch_size", "200"), 1, 240, int)
+            _number(
+                "vault_batch_size",
+                values.get("vault_batch_size", str(DEFAULT_BATCH_SIZE)),
+                1,
+                MAX_BATCH_SIZE,
+                int,
+            )
         ),
         concurrency=int(
-            _number("vault_concurrency", values.get("vault_concurrency", "4"), 1, 32, int)
+            _number(
+                "vault_concurrency",
+                values.get("vault_concurrency", str(DEFAULT_CONCURRENCY)),
+                1,
+                32,
+                int,
+            )
         ),
     )
     return settings, pattern
