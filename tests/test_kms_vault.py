@@ -37,6 +37,7 @@ from heimdall.kms.vault_config import (
 )
 from heimdall.rbac import Caller
 from heimdall.reencrypt import reencrypt
+from heimdall.secret import SecretBytes
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
 from vault_server import BaoCluster, BaoServer, K8sAuth, require_bao_binary, start_dev_server
@@ -189,6 +190,20 @@ def test_rewrap_of_many_keys_respects_the_request_limit(bao: BaoServer, transit_
     results = provider.rewrap_many(items)  # 2,000 items: 8,000 JSON strings in all
     assert all(isinstance(r, WrappedKey) and r.key_version == 2 for r in results)
     assert provider.transport.calls - calls == 9  # 8 chunks of 240 items and one of 80
+
+
+def test_encrypt_and_decrypt_batches_of_the_largest_size_are_accepted(
+    bao: BaoServer, transit_key: str
+) -> None:
+    provider = _provider(bao, transit_key)
+    values = [f"value-{n:04d}".encode() for n in range(2 * MAX_BATCH_SIZE)]
+    calls = provider.transport.calls
+    wrapped = provider.wrap_many([(SecretBytes(v), b"ctx") for v in values])
+    keys = [w for w in wrapped if isinstance(w, WrappedKey)]
+    assert len(keys) == len(values)
+    opened = provider.unwrap_many([(key, b"ctx") for key in keys])
+    assert [bytes(o.view()) if isinstance(o, SecretBytes) else o for o in opened] == values
+    assert provider.transport.calls - calls == 4  # two full chunks each way
 
 
 def _login(server: BaoServer, role: str, approle_mount: str) -> tuple[str, str]:
