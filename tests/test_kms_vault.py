@@ -7,8 +7,10 @@ import json
 import logging
 import multiprocessing
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from heimdall.errors import (
     DecryptionFailed,
     KeyNotFound,
     KeyVersionDisabled,
+    KmsError,
     KmsUnavailable,
 )
 from heimdall.ingest import ingest_lines
@@ -401,6 +404,36 @@ def test_a_forked_child_sends_batches_on_threads_and_connections_of_its_own(
     if hung:
         child.kill()
     assert not hung and child.exitcode == 0
+
+
+class _NotVault(BaseHTTPRequestHandler):
+    """Answers every request 200 with a page, as a captive portal or a misrouted proxy does."""
+
+    def do_GET(self) -> None:
+        body = b"<html>sign in to continue</html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_an_answer_that_is_not_json_is_a_kms_error() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotVault)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        address = f"http://127.0.0.1:{server.server_address[1]}"
+        provider = VaultTransit(VaultSettings(addresses=(address,), token="t", key_name="k"))
+        with pytest.raises(KmsError, match="without a JSON object"):
+            provider.describe()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 @pytest.fixture

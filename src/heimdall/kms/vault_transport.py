@@ -96,16 +96,17 @@ class _Answer(NamedTuple):
     status: int
     body: bytes
 
-    def json(self) -> Any:
-        return orjson.loads(self.body)
+    def object(self) -> dict[str, Any] | None:
+        """The body as a JSON object; None if it is not one."""
+        try:
+            value = orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            return None
+        return value if isinstance(value, dict) else None
 
 
 def _messages(answer: _Answer) -> list[str]:
-    try:
-        body = answer.json()
-    except orjson.JSONDecodeError:
-        return []
-    errors = body.get("errors") if isinstance(body, dict) else None
+    errors = (answer.object() or {}).get("errors")
     return [str(e) for e in errors] if isinstance(errors, list) else []
 
 
@@ -219,7 +220,13 @@ class VaultTransport:
                 f"vault {self.settings.auth.value} login was refused",
                 provider=PROVIDER,
             )
-        self._token = str(response.json()["auth"]["client_token"])
+        token = ((response.object() or {}).get("auth") or {}).get("client_token")
+        if not isinstance(token, str) or not token:
+            raise AccessDenied(
+                f"vault {self.settings.auth.value} login answered without a token",
+                provider=PROVIDER,
+            )
+        self._token = token
 
     def _token_is_valid(self) -> bool:
         response = self._send("GET", "auth/token/lookup-self", None, idempotent=True)
@@ -259,14 +266,13 @@ class VaultTransport:
         if status == 204:
             return {}
         if status == 200:
-            payload: dict[str, Any] = response.json()
+            payload = response.object()
+            if payload is None:
+                raise KmsError("vault answered HTTP 200 without a JSON object", provider=PROVIDER)
             return payload
         messages = _messages(response)
         if status == 400 and partial_ok:
-            try:
-                payload = response.json()
-            except orjson.JSONDecodeError:
-                payload = {}
+            payload = response.object() or {}
             if isinstance(payload.get("data"), dict) and "batch_results" in payload["data"]:
                 return payload
         if status == 403:
