@@ -363,14 +363,17 @@ def test_the_environments_proxy_settings_still_apply(
             provider.describe()
 
 
+def _wrapped_keys(provider: VaultTransit, count: int) -> list[tuple[WrappedKey, bytes]]:
+    """*count* data keys from Transit, each wrapped under associated data of its own."""
+    ads = [f"dek-{n}".encode() for n in range(count)]
+    return [(provider.generate_data_key(ad).wrapped, ad) for ad in ads]
+
+
 def test_threads_sharing_a_provider_reuse_connections_without_warnings(
     bao: BaoServer, transit_key: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     provider = _provider(bao, transit_key, batch_size=10, concurrency=8)
-    items = []
-    for n in range(80):
-        ad = f"dek-{n}".encode()
-        items.append((provider.generate_data_key(ad).wrapped, ad))
+    items = _wrapped_keys(provider, 80)
     provider.rotate()
     with caplog.at_level(logging.WARNING), ThreadPoolExecutor(3) as pool:
         results = list(pool.map(provider.rewrap_many, [items] * 3))  # 24 requests at once
@@ -390,10 +393,7 @@ def test_a_forked_child_sends_batches_on_threads_and_connections_of_its_own(
     bao: BaoServer, transit_key: str
 ) -> None:
     provider = _provider(bao, transit_key, batch_size=5, concurrency=4)
-    items = []
-    for n in range(20):
-        ad = f"dek-{n}".encode()
-        items.append((provider.generate_data_key(ad).wrapped, ad))
+    items = _wrapped_keys(provider, 20)
     assert len(provider.rewrap_many(items)) == 20  # the parent's sender threads exist now
     child = multiprocessing.get_context("fork").Process(
         target=_rewrap_in_child, args=(provider, items)
