@@ -11,31 +11,18 @@ Every request goes through :meth:`VaultTransport.call`, which
 * translates every failure into :mod:`heimdall.errors`. Tokens, role ids, secret ids and
   JWTs never appear in a message.
 
-Requests go out through urllib3 connection pools, one per address, with the environment's
-proxy settings (``HTTP(S)_PROXY``/``NO_PROXY``) read once per address and the CA bundle of
-``HMD_VAULT_CACERT``. Not through hvac: its requests session costs about twice urllib3's
-client CPU per call, and Transit batches are thousands of calls during a rotation (measured
-in the ``vault/rewrap-2000`` bench row). hvac remains the admin client (``heimdall vault
-bootstrap``).
+The connections themselves (proxies, TLS, pools) are :mod:`heimdall.kms.vault_http`'s.
 """
 
 from __future__ import annotations
 
 import os
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
-import urllib3
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    HTTPError,
-    MaxRetryError,
-    ProxyError,
-)
 
 from heimdall import metrics
 from heimdall.errors import (
@@ -49,6 +36,7 @@ from heimdall.errors import (
     KmsUnavailable,
 )
 from heimdall.kms.vault_config import VaultAuthMethod, VaultSettings
+from heimdall.kms.vault_http import UNREACHABLE, Answer, cause, connections, never_sent
 
 __all__ = ["VaultTransport", "error_for_message"]
 
@@ -92,75 +80,9 @@ def error_for_message(message: str, key_identifier: str = "") -> HeimdallError:
     return KmsError("vault refused the operation", provider=PROVIDER, key_identifier=key_identifier)
 
 
-class _Answer(NamedTuple):
-    status: int
-    body: bytes
-
-    def object(self) -> dict[str, Any] | None:
-        """The body as a JSON object; None if it is not one."""
-        try:
-            value = orjson.loads(self.body)
-        except orjson.JSONDecodeError:
-            return None
-        return value if isinstance(value, dict) else None
-
-
-def _messages(answer: _Answer) -> list[str]:
+def _messages(answer: Answer) -> list[str]:
     errors = (answer.object() or {}).get("errors")
     return [str(e) for e in errors] if isinstance(errors, list) else []
-
-
-# Redirects followed (a standby may send a client to the active node); nothing retried here:
-# failover and its backoff are the transport's, and only for idempotent calls.
-_NO_RETRIES = urllib3.Retry(
-    total=None,
-    connect=0,
-    read=0,
-    status=0,
-    other=0,
-    redirect=2,
-    raise_on_redirect=False,
-    raise_on_status=False,
-)
-
-
-# Connections are opened as needed; this bounds how many stay open for reuse: the batch
-# senders (HMD_VAULT_CONCURRENCY) and every thread that calls the provider itself.
-_KEPT_CONNECTIONS = 32
-
-
-def _pool(address: str, settings: VaultSettings) -> urllib3.PoolManager:
-    """Connections to one address: through the environment's proxy for it, if any, read once
-    here; TLS verified against ``HMD_VAULT_CACERT`` or the system's trust store."""
-    url = urllib3.util.parse_url(address)
-    proxies = urllib.request.getproxies_environment()
-    proxy = proxies.get(url.scheme or "") or proxies.get("all")
-    if proxy and urllib.request.proxy_bypass(url.netloc or ""):
-        proxy = None
-    options: dict[str, Any] = {
-        "num_pools": 4,  # the address and the nodes a standby may redirect to
-        "maxsize": _KEPT_CONNECTIONS,
-        "timeout": urllib3.Timeout(connect=settings.timeout, read=settings.timeout),
-        "retries": _NO_RETRIES,
-    }
-    if url.scheme == "https":
-        if settings.verify is False:
-            options["cert_reqs"] = "CERT_NONE"
-        else:
-            options["cert_reqs"] = "CERT_REQUIRED"
-            if isinstance(settings.verify, str):
-                options["ca_certs"] = settings.verify
-    if proxy:
-        return urllib3.ProxyManager(proxy, **options)
-    return urllib3.PoolManager(**options)
-
-
-def _never_sent(error: BaseException) -> bool:
-    """Whether the request certainly did not reach a server: no connection was made (to the
-    server or to the proxy in front of it)."""
-    if isinstance(error, ProxyError):
-        error = error.original_error
-    return isinstance(error, ConnectTimeoutError)
 
 
 class VaultTransport:
@@ -174,8 +96,7 @@ class VaultTransport:
     ) -> None:
         self.settings = settings
         self._sleep = sleep
-        self._pools = [_pool(address, settings) for address in settings.addresses]
-        self._pid = os.getpid()
+        self._connect()
         self._bases = [address.rstrip("/") for address in settings.addresses]
         self._headers: dict[str, str] = {
             "Content-Type": "application/json",
@@ -191,6 +112,11 @@ class VaultTransport:
             )
         self.calls = 0
         self.failovers = 0
+
+    def _connect(self) -> None:
+        """Connections to every address, for this process."""
+        self._pools = [connections(address, self.settings) for address in self.settings.addresses]
+        self._pid = os.getpid()
 
     @property
     def active_address(self) -> str:
@@ -261,7 +187,7 @@ class VaultTransport:
             response = self._send(method, path, body, idempotent=idempotent)
         return self._result(response, key_identifier, partial_ok)
 
-    def _result(self, response: _Answer, key_identifier: str, partial_ok: bool) -> dict[str, Any]:
+    def _result(self, response: Answer, key_identifier: str, partial_ok: bool) -> dict[str, Any]:
         status = response.status
         if status == 204:
             return {}
@@ -297,11 +223,10 @@ class VaultTransport:
         *,
         idempotent: bool,
         authenticated: bool = True,
-    ) -> _Answer:
+    ) -> Answer:
         """One request, failing over across addresses. Returns any non-retryable answer."""
         if self._pid != os.getpid():  # a forked child must not share the parent's sockets
-            self._pools = [_pool(address, self.settings) for address in self.settings.addresses]
-            self._pid = os.getpid()
+            self._connect()
         last: str = "no address answered"
         count = len(self._pools)
         operation = metrics.vault_operation(path)  # a closed set of words: never a key name
@@ -319,11 +244,11 @@ class VaultTransport:
                     raw = self._pools[index].urlopen(
                         method, f"{self._bases[index]}/v1/{path}", body=data, headers=headers
                     )
-                    response = _Answer(raw.status, raw.data)
-                except (HTTPError, OSError) as exc:
+                    response = Answer(raw.status, raw.data)
+                except UNREACHABLE as exc:
                     metrics.record_kms_call(PROVIDER, operation, "unreachable")
-                    error = exc.reason if isinstance(exc, MaxRetryError) and exc.reason else exc
-                    if not idempotent and not _never_sent(error):
+                    error = cause(exc)
+                    if not idempotent and not never_sent(error):
                         raise KmsUnavailable(
                             "vault connection failed mid-request; the operation may or may "
                             "not have happened",
@@ -360,7 +285,7 @@ class VaultTransport:
                     f"{base}/v1/sys/health?standbyok=true&perfstandbyok=true",
                     headers=self._headers,
                 )
-            except (HTTPError, OSError):
+            except UNREACHABLE:
                 states.append((address, "unreachable"))
                 continue
             try:
