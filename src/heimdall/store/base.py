@@ -16,9 +16,10 @@ size below one; ``close()`` may be called twice and any later call raises Storag
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = [
     "FieldCount",
@@ -144,3 +145,53 @@ class GraphStore(Protocol):
     def compare_and_swap_meta(self, key: str, expected: str, value: str) -> bool: ...
 
     def close(self) -> None: ...
+
+
+# -- shared by the stores ------------------------------------------------------------------
+
+
+def utc_now() -> str:
+    """The time stamps the stores write: UTC, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def field_from_row(row: Sequence[Any]) -> FieldValue:
+    """A FieldValue from a row of the stores' field columns, in this order: canonical_key,
+    field_name, encrypted_data, is_encrypted, key_version, encryption_version, dek_id,
+    updated_at."""
+    key, name, data, is_encrypted, key_version, encryption_version, dek_id, updated_at = row
+    return FieldValue(
+        canonical_key=key,
+        field_name=name,
+        encrypted_data=data,
+        key_version=key_version,
+        encryption_version=encryption_version,
+        dek_id=dek_id,
+        is_encrypted=bool(is_encrypted),
+        updated_at=updated_at,
+    )
+
+
+def keyset_pages(
+    page: Callable[[str | None], list[FieldValue]], batch_size: int
+) -> Iterator[list[FieldValue]]:
+    """Non-empty batches from *page*, called with None for the first and then with the last
+    canonical_key yielded, until a page comes back shorter than *batch_size*.
+
+    Raises ValueError at once (not on the first ``next``) for a batch_size below 1, which
+    SQL's LIMIT would otherwise read as "no limit" or refuse late.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    return _keyset_pages(page, batch_size)
+
+
+def _keyset_pages(
+    page: Callable[[str | None], list[FieldValue]], batch_size: int
+) -> Iterator[list[FieldValue]]:
+    batch = page(None)
+    while batch:
+        yield batch
+        if len(batch) < batch_size:
+            return
+        batch = page(batch[-1].canonical_key)

@@ -19,14 +19,14 @@ new envelopes, and commits the updates together with the job's counters. So
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Final, Protocol
 
 from heimdall.store.base import FieldUpdate, FieldValue
 
-__all__ = ["Claim", "Job", "JobState", "JobStore"]
+__all__ = ["JOB_COLUMNS", "Claim", "Job", "JobState", "JobStore", "job_from_row"]
 
 
 class JobState(enum.StrEnum):
@@ -48,6 +48,30 @@ class Job:
     failed: int = 0
     created_at: str = ""
     updated_at: str = ""
+
+
+# The reencrypt_jobs columns both stores select, in job_from_row's order.
+JOB_COLUMNS: Final = (
+    "job_id, kind, target_version, include_legacy, state, total, completed, failed,"
+    " created_at, updated_at"
+)
+
+
+def job_from_row(row: Sequence[Any]) -> Job:
+    """A Job from a row of JOB_COLUMNS."""
+    job_id, kind, target, include_legacy, state, total, completed, failed, created, updated = row
+    return Job(
+        job_id=job_id,
+        kind=kind,
+        target_version=int(target),
+        include_legacy=bool(include_legacy),
+        state=JobState(state),
+        total=int(total),
+        completed=int(completed),
+        failed=int(failed),
+        created_at=created,
+        updated_at=updated,
+    )
 
 
 class Claim(Protocol):

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Final
@@ -52,19 +51,23 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 from heimdall.errors import StorageError
-from heimdall.store.base import FieldCount, FieldUpdate, FieldValue, RecordRow, Sighting
-from heimdall.store.postgres_jobs import PostgresJobs
+from heimdall.store.base import (
+    FieldCount,
+    FieldUpdate,
+    FieldValue,
+    RecordRow,
+    Sighting,
+    field_from_row,
+    keyset_pages,
+    utc_now,
+)
+from heimdall.store.postgres_jobs import FIELD_COLUMNS, PostgresJobs
 from heimdall.store.postgres_schema import migrate
 
 __all__ = ["PostgresStore"]
 
 _CONNECT_TIMEOUT_SECONDS: Final = 10
 _POOL_TIMEOUT_SECONDS: Final = 30.0
-_FIELD_COLUMNS: Final = (
-    "canonical_key, field_name, properties ->> 'encrypted_data',"
-    " (properties -> 'is_encrypted')::boolean, key_version, encryption_version, dek_id,"
-    " properties ->> 'updated_at'"
-)
 
 # A batch's FieldValues are COPied here, then inserted with one INSERT ... SELECT: COPY is the
 # fastest way in, and only INSERT has ON CONFLICT. Created on first use in each session (a
@@ -121,10 +124,6 @@ _EXPLANATIONS: Final = {
 }
 
 
-def _utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def _storage_error(operation: str, exc: psycopg.Error) -> StorageError:
     if isinstance(exc, PoolClosed):
         reason = "the store is closed"
@@ -147,20 +146,6 @@ def _connect_error(exc: psycopg.OperationalError) -> StorageError:
     # authentication failed) is what an operator needs; it never repeats the password.
     reason = " ".join(str(exc).split()) or type(exc).__name__
     return StorageError(f"postgres open failed: {reason}")
-
-
-def _field_from_row(row: tuple[Any, ...]) -> FieldValue:
-    key, name, data, is_encrypted, key_version, encryption_version, dek_id, updated_at = row
-    return FieldValue(
-        canonical_key=key,
-        field_name=name,
-        encrypted_data=data,
-        key_version=key_version,
-        encryption_version=encryption_version,
-        dek_id=dek_id,
-        is_encrypted=is_encrypted,
-        updated_at=updated_at,
-    )
 
 
 def _field_filter(
@@ -189,7 +174,7 @@ def _page_sql(clauses: list[str], *, resume: bool) -> str:
         clauses = [*clauses, "canonical_key > %s"]
     # The clauses are constant SQL from _field_filter; values are bound.
     return (
-        f"SELECT {_FIELD_COLUMNS} FROM field_values"  # noqa: S608
+        f"SELECT {FIELD_COLUMNS} FROM field_values"  # noqa: S608
         + _where(clauses)
         + " ORDER BY canonical_key LIMIT %s"
     )
@@ -319,7 +304,7 @@ class PostgresStore(PostgresJobs):
         another store keeps its history), otherwise the time of this write. Of two FieldValues
         with one canonical_key in a batch the first is kept; of two records, the last.
         """
-        now = _utc_now()
+        now = utc_now()
         firsts: dict[str, FieldValue] = {}
         for f in field_values:
             firsts.setdefault(f.canonical_key, f)
@@ -357,10 +342,10 @@ class PostgresStore(PostgresJobs):
     def get_field(self, canonical_key: str) -> FieldValue | None:
         row = self._fetch_one(
             "get_field",
-            f"SELECT {_FIELD_COLUMNS} FROM field_values WHERE canonical_key = %s",  # noqa: S608
+            f"SELECT {FIELD_COLUMNS} FROM field_values WHERE canonical_key = %s",  # noqa: S608
             (canonical_key,),
         )
-        return None if row is None else _field_from_row(row)
+        return None if row is None else field_from_row(row)
 
     def count_sightings(self, canonical_key: str) -> int:
         row = self._fetch_one(
@@ -403,26 +388,17 @@ class PostgresStore(PostgresJobs):
         connection or transaction is held between batches, so the caller may update the yielded
         fields, even out of the filter, without a field being skipped or yielded twice.
         """
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        return self._pages(encryption_version, key_version_below, batch_size)
-
-    def _pages(
-        self, encryption_version: str | None, key_version_below: int | None, batch_size: int
-    ) -> Iterator[list[FieldValue]]:
         clauses, params = _field_filter(encryption_version, key_version_below)
         first_sql = _page_sql(clauses, resume=False)
         next_sql = _page_sql(clauses, resume=True)
-        with self._connection("iter_fields") as conn:
-            rows = conn.execute(first_sql, [*params, batch_size]).fetchall()
-        while rows:
-            batch = [_field_from_row(row) for row in rows]
-            yield batch
-            if len(rows) < batch_size:
-                return
-            after = batch[-1].canonical_key
+
+        def page(after: str | None) -> list[FieldValue]:
+            sql, values = (first_sql, params) if after is None else (next_sql, [*params, after])
             with self._connection("iter_fields") as conn:
-                rows = conn.execute(next_sql, [*params, after, batch_size]).fetchall()
+                rows = conn.execute(sql, [*values, batch_size]).fetchall()
+            return [field_from_row(row) for row in rows]
+
+        return keyset_pages(page, batch_size)
 
     def compare_and_swap(
         self, canonical_key: str, expected_encrypted_data: str, update: FieldUpdate
@@ -433,7 +409,7 @@ class PostgresStore(PostgresJobs):
             update.key_version,
             update.encryption_version,
             update.dek_id,
-            _utc_now(),
+            utc_now(),
             canonical_key,
             expected_encrypted_data,
         )

@@ -25,7 +25,6 @@ in for SQLite's rowid: it orders jobs created within the same second.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
@@ -34,8 +33,8 @@ from typing import Any, Final
 import psycopg
 
 from heimdall.errors import LifecycleError, StorageError
-from heimdall.store.base import FieldUpdate, FieldValue
-from heimdall.store.jobs import Job, JobState
+from heimdall.store.base import FieldUpdate, FieldValue, field_from_row, utc_now
+from heimdall.store.jobs import JOB_COLUMNS, Job, JobState, job_from_row
 
 __all__ = ["JOB_TABLES", "PostgresJobs"]
 
@@ -72,12 +71,8 @@ JOB_TABLES: Final = (
 # The advisory lock that makes "create a job unless one is active" one step across processes.
 _CREATE_JOB_LOCK: Final = int.from_bytes(b"hmd-jobs", "big")
 
-_JOB_COLUMNS: Final = (
-    "job_id, kind, target_version, include_legacy, state, total, completed, failed,"
-    " created_at, updated_at"
-)
 # As PostgresStore reads a FieldValue: the envelope is the JSON string's exact text.
-_FIELD_COLUMNS: Final = (
+FIELD_COLUMNS: Final = (
     "canonical_key, field_name, properties ->> 'encrypted_data',"
     " (properties -> 'is_encrypted')::boolean, key_version, encryption_version, dek_id,"
     " properties ->> 'updated_at'"
@@ -94,21 +89,21 @@ _PENDING_LEGACY: Final = f"encryption_version = 'legacy' AND {_NOT_FAILED}"
 
 # Built from the constants above only; every value is a bound parameter.
 _INSERT_JOB: Final = (
-    f"INSERT INTO reencrypt_jobs ({_JOB_COLUMNS})"  # noqa: S608
+    f"INSERT INTO reencrypt_jobs ({JOB_COLUMNS})"  # noqa: S608
     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
-_SELECT_JOB: Final = f"SELECT {_JOB_COLUMNS} FROM reencrypt_jobs WHERE job_id = %s"  # noqa: S608
+_SELECT_JOB: Final = f"SELECT {JOB_COLUMNS} FROM reencrypt_jobs WHERE job_id = %s"  # noqa: S608
 _ACTIVE_JOB: Final = (
-    f"SELECT {_JOB_COLUMNS} FROM reencrypt_jobs WHERE state IN ('running', 'paused')"  # noqa: S608
+    f"SELECT {JOB_COLUMNS} FROM reencrypt_jobs WHERE state IN ('running', 'paused')"  # noqa: S608
     " ORDER BY created_at DESC, seq DESC LIMIT 1"
 )
 _LATEST_JOB: Final = (
-    f"SELECT {_JOB_COLUMNS} FROM reencrypt_jobs"  # noqa: S608
+    f"SELECT {JOB_COLUMNS} FROM reencrypt_jobs"  # noqa: S608
     " ORDER BY created_at DESC, seq DESC LIMIT 1"
 )
 _SET_STATE: Final = (
     "UPDATE reencrypt_jobs SET state = %s, updated_at = %s WHERE job_id = %s"  # noqa: S608
-    f" RETURNING {_JOB_COLUMNS}"
+    f" RETURNING {JOB_COLUMNS}"
 )
 _DATA_KEYS: Final = (
     "SELECT DISTINCT ON (dek_id) properties ->> 'encrypted_data' FROM field_values"
@@ -120,11 +115,11 @@ _COUNT_LEGACY: Final = f"SELECT count(*) FROM field_values WHERE {_PENDING_LEGAC
 # ORDER BY key_version: see the module docstring. SKIP LOCKED: rows another claim holds are
 # passed over, not waited for.
 _CLAIM_KMS: Final = (
-    f"SELECT {_FIELD_COLUMNS} FROM field_values WHERE {_PENDING_KMS}"  # noqa: S608
+    f"SELECT {FIELD_COLUMNS} FROM field_values WHERE {_PENDING_KMS}"  # noqa: S608
     " ORDER BY key_version LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
 )
 _CLAIM_LEGACY: Final = (
-    f"SELECT {_FIELD_COLUMNS} FROM field_values WHERE {_PENDING_LEGACY}"  # noqa: S608
+    f"SELECT {FIELD_COLUMNS} FROM field_values WHERE {_PENDING_LEGACY}"  # noqa: S608
     " ORDER BY key_version LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
 )
 # The whole batch in one statement: a row per field, each still a compare-and-swap on the
@@ -148,33 +143,6 @@ _ADD_COUNTS: Final = (
 )
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _job(row: tuple[Any, ...]) -> Job:
-    job_id, kind, target, include_legacy, state, total, completed, failed, created, updated = row
-    return Job(
-        job_id=job_id,
-        kind=kind,
-        target_version=target,
-        include_legacy=include_legacy,
-        state=JobState(state),
-        total=total,
-        completed=completed,
-        failed=failed,
-        created_at=created,
-        updated_at=updated,
-    )
-
-
-def _field(row: tuple[Any, ...]) -> FieldValue:
-    key, name, data, is_encrypted, key_version, encryption_version, dek_id, updated_at = row
-    return FieldValue(
-        key, name, data, key_version, encryption_version, dek_id, is_encrypted, updated_at
-    )
-
-
 def _missing_job(job_id: str) -> StorageError:
     return StorageError(f"postgres claim failed: no re-encryption job {job_id}")
 
@@ -195,7 +163,7 @@ class _PostgresClaim:
         """The batch's updates (each a compare-and-swap), failures and counters."""
         if not self.updates and not self.failed:
             return
-        now = _now()
+        now = utc_now()
         done = failed = 0
         if self.updates:
             cursor.execute(
@@ -235,7 +203,7 @@ class PostgresJobs:
     def _job_row(self, operation: str, query: str, params: tuple[Any, ...] = ()) -> Job | None:
         with self._connection(operation) as conn:
             row = conn.execute(query, params).fetchone()
-        return None if row is None else _job(row)
+        return None if row is None else job_from_row(row)
 
     def create_job(self, job: Job) -> None:
         with self._transaction("create_job") as cursor:
@@ -248,12 +216,12 @@ class PostgresJobs:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_CREATE_JOB_LOCK,))
             row = cursor.execute(_ACTIVE_JOB).fetchone()
             if row is not None:
-                return _job(row)
+                return job_from_row(row)
             return self._insert_job(cursor, job)
 
     def _insert_job(self, cursor: Cursor, job: Job) -> Job:
         """Insert *job*; the job as stored (its timestamps set)."""
-        now = _now()
+        now = utc_now()
         stored = replace(job, created_at=job.created_at or now, updated_at=now)
         cursor.execute(
             _INSERT_JOB,
@@ -288,12 +256,12 @@ class PostgresJobs:
             row = cursor.execute(_SELECT_JOB + " FOR UPDATE", (job_id,)).fetchone()
             if row is None:
                 raise StorageError(f"postgres set_job_state failed: no re-encryption job {job_id}")
-            job = _job(row)
+            job = job_from_row(row)
             if job.state in (JobState.DONE, JobState.CANCELLED) and state is not job.state:
                 raise LifecycleError(f"job {job_id} is {job.state.value} and cannot change")
-            updated = cursor.execute(_SET_STATE, (state.value, _now(), job_id)).fetchone()
+            updated = cursor.execute(_SET_STATE, (state.value, utc_now(), job_id)).fetchone()
         assert updated is not None
-        return _job(updated)
+        return job_from_row(updated)
 
     def count_pending(self, job: Job) -> int:
         params = {"job_id": job.job_id, "target": job.target_version}
@@ -319,7 +287,7 @@ class PostgresJobs:
             if job.include_legacy and len(rows) < limit:
                 params["limit"] = limit - len(rows)
                 rows += cursor.execute(_CLAIM_LEGACY, params).fetchall()
-            claim = _PostgresClaim([_field(row) for row in rows])
+            claim = _PostgresClaim([field_from_row(row) for row in rows])
             yield claim
             claim.write(cursor, job.job_id)
 

@@ -22,15 +22,23 @@ import json
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from heimdall.errors import StorageError
-from heimdall.store.base import FieldCount, FieldUpdate, FieldValue, RecordRow, Sighting
-from heimdall.store.sqlite_jobs import SqliteJobs
+from heimdall.store.base import (
+    FieldCount,
+    FieldUpdate,
+    FieldValue,
+    RecordRow,
+    Sighting,
+    field_from_row,
+    keyset_pages,
+    utc_now,
+)
+from heimdall.store.sqlite_jobs import FIELD_COLUMNS, SqliteJobs
 from heimdall.store.sqlite_schema import is_current, migrate
 
 __all__ = ["SqliteStore"]
@@ -42,10 +50,6 @@ _WAL_CHECKPOINT_PAGES: Final = 10_000
 # Old SQLite builds cap bound parameters at 999 per statement.
 _IN_CHUNK: Final = 500
 
-_FIELD_COLUMNS: Final = (
-    "canonical_key, field_name, encrypted_data, is_encrypted, key_version,"
-    " encryption_version, dek_id, updated_at"
-)
 
 # ON CONFLICT (canonical_key) DO NOTHING is INSERT OR IGNORE narrowed to the key conflict:
 # first writer wins, but a NOT NULL or CHECK violation still fails the batch instead of
@@ -77,28 +81,10 @@ _EXPLANATIONS: Final = {
 }
 
 
-def _utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def _storage_error(operation: str, exc: sqlite3.Error) -> StorageError:
     # sqlite_errorname is None for errors the sqlite3 module raises itself.
     code = exc.sqlite_errorname or type(exc).__name__
     return StorageError(f"sqlite {operation} failed: {_EXPLANATIONS.get(code, code)}")
-
-
-def _field_from_row(row: Any) -> FieldValue:
-    key, name, data, is_encrypted, key_version, encryption_version, dek_id, updated_at = row
-    return FieldValue(
-        canonical_key=key,
-        field_name=name,
-        encrypted_data=data,
-        key_version=key_version,
-        encryption_version=encryption_version,
-        dek_id=dek_id,
-        is_encrypted=bool(is_encrypted),
-        updated_at=updated_at,
-    )
 
 
 def _field_filter(
@@ -134,7 +120,7 @@ def _page_sql(clauses: list[str], *, resume: bool) -> str:
         clauses = [*clauses, "canonical_key > ?"]
     # The clauses are constant SQL from _field_filter; values are bound.
     return (
-        f"SELECT {_FIELD_COLUMNS} FROM field_values"  # noqa: S608
+        f"SELECT {FIELD_COLUMNS} FROM field_values"  # noqa: S608
         + _where(clauses)
         + " ORDER BY canonical_key LIMIT ?"
     )
@@ -234,7 +220,7 @@ class SqliteStore(SqliteJobs):
                 return
         with self._transaction("migrate") as conn:
             # Re-read under the write lock: another process may have migrated meanwhile.
-            migrate(conn, _utc_now())
+            migrate(conn, utc_now())
 
     # -- GraphStore ----------------------------------------------------------------------------
 
@@ -264,7 +250,7 @@ class SqliteStore(SqliteJobs):
         A FieldValue's created_at and updated_at are its own updated_at when set (a copy from
         another store keeps its history), otherwise the time of this write.
         """
-        now = _utc_now()
+        now = utc_now()
         # Build every row before taking the lock, so the write lock is held for SQL only.
         field_rows = [
             (
@@ -307,10 +293,10 @@ class SqliteStore(SqliteJobs):
     def get_field(self, canonical_key: str) -> FieldValue | None:
         with self._session("get_field") as conn:
             row = conn.execute(
-                f"SELECT {_FIELD_COLUMNS} FROM field_values WHERE canonical_key = ?",  # noqa: S608
+                f"SELECT {FIELD_COLUMNS} FROM field_values WHERE canonical_key = ?",  # noqa: S608
                 (canonical_key,),
             ).fetchone()
-        return None if row is None else _field_from_row(row)
+        return None if row is None else field_from_row(row)
 
     def count_sightings(self, canonical_key: str) -> int:
         with self._session("count_sightings") as conn:
@@ -354,27 +340,17 @@ class SqliteStore(SqliteJobs):
         lock or transaction is held between batches, so the caller may update the yielded
         fields, even out of the filter, without a field being skipped or yielded twice.
         """
-        if batch_size < 1:
-            # LIMIT -1 means "no limit" to SQLite, so reject it here rather than misbehave.
-            raise ValueError("batch_size must be at least 1")
-        return self._pages(encryption_version, key_version_below, batch_size)
-
-    def _pages(
-        self, encryption_version: str | None, key_version_below: int | None, batch_size: int
-    ) -> Iterator[list[FieldValue]]:
         clauses, params = _field_filter(encryption_version, key_version_below, walk_keys=True)
         first_sql = _page_sql(clauses, resume=False)
         next_sql = _page_sql(clauses, resume=True)
-        with self._session("iter_fields") as conn:
-            rows = conn.execute(first_sql, [*params, batch_size]).fetchall()
-        while rows:
-            batch = [_field_from_row(row) for row in rows]
-            yield batch
-            if len(rows) < batch_size:
-                return
-            after = batch[-1].canonical_key
+
+        def page(after: str | None) -> list[FieldValue]:
+            sql, values = (first_sql, params) if after is None else (next_sql, [*params, after])
             with self._session("iter_fields") as conn:
-                rows = conn.execute(next_sql, [*params, after, batch_size]).fetchall()
+                rows = conn.execute(sql, [*values, batch_size]).fetchall()
+            return [field_from_row(row) for row in rows]
+
+        return keyset_pages(page, batch_size)
 
     def compare_and_swap(
         self, canonical_key: str, expected_encrypted_data: str, update: FieldUpdate
@@ -388,7 +364,7 @@ class SqliteStore(SqliteJobs):
                     update.key_version,
                     update.encryption_version,
                     update.dek_id,
-                    _utc_now(),
+                    utc_now(),
                     canonical_key,
                     expected_encrypted_data,
                 ),

@@ -8,15 +8,14 @@ failures and counters together) or rolled back as a whole.
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from typing import Final
 
 from heimdall.errors import LifecycleError, StorageError
-from heimdall.store.base import FieldUpdate, FieldValue
-from heimdall.store.jobs import Job, JobState
+from heimdall.store.base import FieldUpdate, FieldValue, field_from_row, utc_now
+from heimdall.store.jobs import JOB_COLUMNS, Job, JobState, job_from_row
 
 __all__ = ["JOB_TABLES", "SqliteJobs"]
 
@@ -45,28 +44,24 @@ JOB_TABLES: Final = (
     """,
 )
 
-_JOB_COLUMNS: Final = (
-    "job_id, kind, target_version, include_legacy, state, total, completed, failed,"
-    " created_at, updated_at"
-)
 _PENDING: Final = """
     ((encryption_version = 'kms_v1' AND key_version < ?)
      OR (? = 1 AND encryption_version = 'legacy'))
     AND canonical_key NOT IN (SELECT canonical_key FROM reencrypt_failures WHERE job_id = ?)
 """
-_FIELDS: Final = (
+FIELD_COLUMNS: Final = (
     "canonical_key, field_name, encrypted_data, is_encrypted, key_version,"
     " encryption_version, dek_id, updated_at"
 )
 # Built from the constants above only; every value is a bound parameter.
-_INSERT_JOB: Final = f"INSERT INTO reencrypt_jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 10)})"  # noqa: S608
-_SELECT_JOB: Final = f"SELECT {_JOB_COLUMNS} FROM reencrypt_jobs WHERE job_id = ?"  # noqa: S608
+_INSERT_JOB: Final = f"INSERT INTO reencrypt_jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 10)})"  # noqa: S608
+_SELECT_JOB: Final = f"SELECT {JOB_COLUMNS} FROM reencrypt_jobs WHERE job_id = ?"  # noqa: S608
 _ACTIVE_JOB: Final = (
-    f"SELECT {_JOB_COLUMNS} FROM reencrypt_jobs WHERE state IN ('running', 'paused')"  # noqa: S608
+    f"SELECT {JOB_COLUMNS} FROM reencrypt_jobs WHERE state IN ('running', 'paused')"  # noqa: S608
     " ORDER BY created_at DESC, rowid DESC LIMIT 1"
 )
 _LATEST_JOB: Final = (
-    f"SELECT {_JOB_COLUMNS} FROM reencrypt_jobs"  # noqa: S608
+    f"SELECT {JOB_COLUMNS} FROM reencrypt_jobs"  # noqa: S608
     " ORDER BY created_at DESC, rowid DESC LIMIT 1"
 )
 # SQLite returns the bare column from one row of each group: one envelope per data key.
@@ -75,26 +70,7 @@ _DATA_KEYS: Final = (
     " AND key_version < ? GROUP BY dek_id LIMIT ?"
 )
 _COUNT_PENDING: Final = f"SELECT count(*) FROM field_values WHERE {_PENDING}"  # noqa: S608
-_CLAIM: Final = f"SELECT {_FIELDS} FROM field_values WHERE {_PENDING} LIMIT ?"  # noqa: S608
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _job(row: Any) -> Job:
-    return Job(
-        job_id=row[0],
-        kind=row[1],
-        target_version=int(row[2]),
-        include_legacy=bool(row[3]),
-        state=JobState(row[4]),
-        total=int(row[5]),
-        completed=int(row[6]),
-        failed=int(row[7]),
-        created_at=row[8],
-        updated_at=row[9],
-    )
+_CLAIM: Final = f"SELECT {FIELD_COLUMNS} FROM field_values WHERE {_PENDING} LIMIT ?"  # noqa: S608
 
 
 def _pending_params(job: Job) -> tuple[int, int, str]:
@@ -132,12 +108,12 @@ class SqliteJobs:
         with self._transaction("create_job") as conn:
             row = conn.execute(_ACTIVE_JOB).fetchone()
             if row is not None:
-                return _job(row)
+                return job_from_row(row)
             return self._insert_job(conn, job)
 
     def _insert_job(self, conn: sqlite3.Connection, job: Job) -> Job:
         """Insert *job*; the job as stored (its timestamps set)."""
-        now = _now()
+        now = utc_now()
         stored = replace(job, created_at=job.created_at or now, updated_at=now)
         conn.execute(
             _INSERT_JOB,
@@ -159,29 +135,29 @@ class SqliteJobs:
     def get_job(self, job_id: str) -> Job | None:
         with self._session("get_job") as conn:
             row = conn.execute(_SELECT_JOB, (job_id,)).fetchone()
-        return None if row is None else _job(row)
+        return None if row is None else job_from_row(row)
 
     def active_job(self) -> Job | None:
         with self._session("active_job") as conn:
             row = conn.execute(_ACTIVE_JOB).fetchone()
-        return None if row is None else _job(row)
+        return None if row is None else job_from_row(row)
 
     def latest_job(self) -> Job | None:
         with self._session("latest_job") as conn:
             row = conn.execute(_LATEST_JOB).fetchone()
-        return None if row is None else _job(row)
+        return None if row is None else job_from_row(row)
 
     def set_job_state(self, job_id: str, state: JobState) -> Job:
         with self._transaction("set_job_state") as conn:
             row = conn.execute(_SELECT_JOB, (job_id,)).fetchone()
             if row is None:
                 raise StorageError(f"no re-encryption job {job_id}")
-            job = _job(row)
+            job = job_from_row(row)
             if job.state in (JobState.DONE, JobState.CANCELLED) and state is not job.state:
                 raise LifecycleError(f"job {job_id} is {job.state.value} and cannot change")
             conn.execute(
                 "UPDATE reencrypt_jobs SET state = ?, updated_at = ? WHERE job_id = ?",
-                (state.value, _now(), job_id),
+                (state.value, utc_now(), job_id),
             )
         updated = self.get_job(job_id)
         assert updated is not None
@@ -201,14 +177,9 @@ class SqliteJobs:
     def claim(self, job: Job, limit: int) -> Iterator[_SqliteClaim]:
         with self._transaction("claim") as conn:
             rows = conn.execute(_CLAIM, (*_pending_params(job), limit)).fetchall()
-            claim = _SqliteClaim(
-                [
-                    FieldValue(r[0], r[1], r[2], int(r[4]), r[5], r[6], bool(r[3]), r[7])
-                    for r in rows
-                ]
-            )
+            claim = _SqliteClaim([field_from_row(row) for row in rows])
             yield claim
-            now = _now()
+            now = utc_now()
             done = 0
             for current, update in claim.updates:
                 cursor = conn.execute(
