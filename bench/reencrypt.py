@@ -586,12 +586,7 @@ def _new_transit_key(server: DevServer) -> str:
     from bench import vault  # noqa: PLC0415 - needs the optional vault extra
 
     name = f"heimdall-bench-reencrypt-{secrets.token_hex(4)}"
-    server.require(
-        "POST",
-        f"{vault.MOUNT}/keys/{name}",
-        {"type": "aes256-gcm96", "derived": True},
-        f"creating transit key {name}",
-    )
+    vault.create_key(server, name)
     return name
 
 

@@ -235,6 +235,16 @@ def _wait_until_serving(server: DevServer, deadline: float) -> None:
             time.sleep(0.05)
 
 
+def create_key(server: DevServer, name: str) -> None:
+    """A derived Transit key, as ``heimdall vault bootstrap`` creates it."""
+    server.require(
+        "POST",
+        f"{MOUNT}/keys/{name}",
+        {"type": "aes256-gcm96", "derived": True},
+        f"creating transit key {name}",
+    )
+
+
 @contextlib.contextmanager
 def dev_server(binary: Path) -> Iterator[DevServer]:
     """A running dev server with transit and the key ``heimdall-pii``; stopped on exit."""
@@ -261,12 +271,7 @@ def dev_server(binary: Path) -> Iterator[DevServer]:
                     ) from None
             assert server is not None
             server.require("POST", f"sys/mounts/{MOUNT}", {"type": "transit"}, "enabling transit")
-            server.require(
-                "POST",
-                f"{MOUNT}/keys/{KEY_NAME}",
-                {"type": "aes256-gcm96", "derived": True},
-                f"creating transit key {KEY_NAME}",
-            )
+            create_key(server, KEY_NAME)
             yield server
         finally:
             if server is not None:
