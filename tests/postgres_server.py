@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import psycopg
 import pytest
@@ -58,6 +58,11 @@ _VERSION_DIR = re.compile(r"\d+")
 # Postmaster pids started by this process and not yet stopped, with their data dirs.
 _LIVE: dict[int, Path] = {}
 _LIVE_LOCK = threading.Lock()
+
+
+def connect(dsn: str) -> psycopg.Connection[tuple[Any, ...]]:
+    """A plain autocommit connection, standing in for another process or an operator."""
+    return psycopg.connect(dsn, autocommit=True)
 
 
 def postgres_bindir() -> Path | None:

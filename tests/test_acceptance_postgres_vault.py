@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from heimdall.app import build
 from heimdall.envelope import EncryptionContext
@@ -31,7 +32,7 @@ CALLER = Caller(actor="test:acceptance")
 BIN = Path(sys.executable).parent
 
 
-def _service(tmp_path: Path, dsn: str, server: BaoServer, key: str) -> Heimdall:
+def _service(tmp_path: Path, dsn: str, server: BaoServer, key: str, **options: Any) -> Heimdall:
     vault = VaultSettings(addresses=(server.addr,), token=server.root_token, key_name=key)
     return build(
         Settings(
@@ -42,6 +43,7 @@ def _service(tmp_path: Path, dsn: str, server: BaoServer, key: str) -> Heimdall:
             kms_provider="vault",
             kms_key_name=key,
             vault=vault,
+            **options,
         )
     )
 
@@ -157,17 +159,12 @@ def _rewraps(tmp_path: Path) -> list[dict[str, object]]:
 def test_worker_killed_at_five_random_points_finishes_exactly_on_postgres_and_vault(
     tmp_path: Path, postgres_store_dsn: str, bao: BaoServer, transit_key: str
 ) -> None:
-    service = build(
-        Settings(
-            data_dir=tmp_path / "data",
-            audit_fsync=False,
-            store=StoreKind.POSTGRES,
-            postgres_dsn=postgres_store_dsn,
-            kms_provider="vault",
-            kms_key_name=transit_key,
-            vault=VaultSettings(addresses=(bao.addr,), token=bao.root_token, key_name=transit_key),
-            dek_max_uses=1,  # a data key per field, so every batch calls Vault
-        )
+    service = _service(
+        tmp_path,
+        postgres_store_dsn,
+        bao,
+        transit_key,
+        dek_max_uses=1,  # a data key per field, so every batch calls Vault
     )
     ingest_lines(service, _lines(2000), caller=CALLER, source_name="t")
     expected = service.decrypt_many(
@@ -207,17 +204,12 @@ def test_worker_killed_at_five_random_points_finishes_exactly_on_postgres_and_va
 def test_two_worker_processes_on_postgres_never_do_the_same_field(
     tmp_path: Path, postgres_store_dsn: str, bao: BaoServer, transit_key: str
 ) -> None:
-    service = build(
-        Settings(
-            data_dir=tmp_path / "data",
-            audit_fsync=False,
-            store=StoreKind.POSTGRES,
-            postgres_dsn=postgres_store_dsn,
-            kms_provider="vault",
-            kms_key_name=transit_key,
-            vault=VaultSettings(addresses=(bao.addr,), token=bao.root_token, key_name=transit_key),
-            dek_max_uses=1,
-        )
+    service = _service(
+        tmp_path,
+        postgres_store_dsn,
+        bao,
+        transit_key,
+        dek_max_uses=1,
     )
     ingest_lines(service, _lines(1000), caller=CALLER, source_name="t")
     service.rotate_keys(caller=CALLER)

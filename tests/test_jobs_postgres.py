@@ -41,17 +41,13 @@ from job_contract import (
     legacy_fields,
     new_job,
 )
-from postgres_server import temporary_database
+from postgres_server import connect, temporary_database
 from store_contract import envelope, field_value, key, rewrap
 
 # Rows for the plan test: a few thousand, enough that the planner prices a table scan as what
 # it is, few enough to write in a fraction of a second.
 PLAN_TABLE_ROWS = 5000
 RECORDS = 3000  # two encrypted fields each
-
-
-def connect(dsn: str) -> psycopg.Connection[tuple[Any, ...]]:
-    return psycopg.connect(dsn, autocommit=True)
 
 
 class TestPostgresJobContract(JobStoreContract):

@@ -16,7 +16,7 @@ from heimdall.errors import StorageError
 from heimdall.store.base import FieldUpdate, FieldValue, GraphStore, RecordRow, Sighting
 from heimdall.store.postgres import PostgresStore, _field_filter, _page_sql
 from heimdall.store.postgres_schema import MIGRATIONS
-from postgres_server import free_port, temporary_database
+from postgres_server import connect, free_port, temporary_database
 from store_contract import (
     FILTERS,
     FIXED_TIME,
@@ -38,11 +38,6 @@ BARRIER_TIMEOUT = 30
 # Rows for the plan tests: a few thousand, enough that the planner prices a table scan as what
 # it is, few enough to write in a fraction of a second.
 PLAN_TABLE_ROWS = 5000
-
-
-def connect(dsn: str) -> psycopg.Connection[tuple[Any, ...]]:
-    """A plain autocommit connection, standing in for another process or an operator."""
-    return psycopg.connect(dsn, autocommit=True)
 
 
 class TestPostgresStoreContract(StoreContract):
