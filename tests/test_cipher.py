@@ -1,8 +1,12 @@
-"""FieldCipher: data key caching, wiping and rotation pick-up."""
+"""FieldCipher: data key caching (also under many threads), wiping and rotation pick-up."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import base64
+import os
+import sys
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,7 @@ from heimdall.cipher import CachePolicy, FieldCipher
 from heimdall.envelope import EncryptionContext, EncryptionVersion, parse
 from heimdall.errors import HeimdallError, KeyVersionDisabled
 from heimdall.kms.base import DataKey, WrappedKey
+from heimdall.kms.legacy import LegacyMasterKey, parse_master_key
 from heimdall.kms.local import LocalKeyring
 from heimdall.secret import SecretBytes
 
@@ -87,6 +92,36 @@ def test_decryption_floor_applies_once_cached_keys_are_forgotten(tmp_path: Path)
         cipher.decrypt(envelope, CTX)
 
 
+def test_forget_keys_also_drops_a_data_key_unwrapped_while_it_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    envelope = _cipher(tmp_path / "k.json").encrypt(b"v", CTX).envelope
+    cipher = _cipher(tmp_path / "k.json")
+    unwrapped, resume = threading.Event(), threading.Event()
+    original = cipher.kms.unwrap
+
+    def slow_unwrap(wrapped: WrappedKey, ad: bytes) -> SecretBytes:
+        secret = original(wrapped, ad)  # allowed: the floor is not raised yet
+        unwrapped.set()
+        assert resume.wait(30)
+        return secret
+
+    monkeypatch.setattr(cipher.kms, "unwrap", slow_unwrap)
+    results: list[bytes] = []
+    reader = threading.Thread(target=lambda: results.append(cipher.decrypt(envelope, CTX)))
+    reader.start()
+    assert unwrapped.wait(30)
+    cipher.kms.rotate()
+    LocalKeyring(tmp_path / "k.json").set_min_decryption_version(2)
+    cipher.forget_keys()
+    resume.set()
+    reader.join()
+    assert results == [b"v"]  # that read began before the floor was raised
+    monkeypatch.undo()
+    with pytest.raises(KeyVersionDisabled):
+        cipher.decrypt(envelope, CTX)
+
+
 def test_fields_sharing_a_data_key_unwrap_it_once(tmp_path: Path) -> None:
     writer = _cipher(tmp_path / "k.json")
     envelopes = [writer.encrypt(str(i).encode(), CTX).envelope for i in range(100)]
@@ -103,6 +138,59 @@ def test_unwrapped_key_cache_is_bounded(tmp_path: Path) -> None:
         reader.decrypt(envelope, CTX)
     assert len(reader._unwrapped) == 5
     assert reader.decrypt(envelopes[0], CTX) == b"v"  # evicted keys are unwrapped again
+
+
+@pytest.fixture
+def frequent_thread_switches() -> Iterator[None]:
+    """Switch threads every microsecond, so races that need an unlucky switch happen at once."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(interval)
+
+
+@pytest.mark.usefixtures("frequent_thread_switches")
+def test_data_key_cache_stays_consistent_under_many_threads() -> None:
+    # The static master key unwraps without file I/O, so the threads spend their time in the
+    # cipher's own code, where they race.
+    master_key = LegacyMasterKey(parse_master_key(base64.b64encode(os.urandom(32)).decode()))
+    writer = FieldCipher(master_key, EncryptionVersion.LEGACY, CachePolicy(max_uses=1))
+    contexts = [EncryptionContext("FieldValue", f"email:hash:{i:02x}", "email") for i in range(48)]
+    values = [f"value-{i}".encode() for i in range(48)]
+    envelopes = [writer.encrypt(v, c).envelope for v, c in zip(values, contexts, strict=True)]
+    items = list(zip(envelopes, contexts, strict=True))
+    # One data key per field and room for two: nearly every decrypt unwraps a key and evicts one.
+    cipher = FieldCipher(
+        master_key, EncryptionVersion.LEGACY, CachePolicy(max_uses=1, max_unwrapped_keys=2)
+    )
+    start = threading.Barrier(16, timeout=60)
+    failures: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            start.wait()
+            for round_ in range(30):
+                if worker == 0:
+                    sealed = cipher.encrypt(b"new value", CTX)
+                    assert cipher.decrypt(sealed.envelope, CTX) == b"new value"
+                    cipher.forget_keys()
+                elif worker < 4:
+                    assert cipher.decrypt_many(items) == values
+                else:
+                    shift = worker + round_  # the threads walk the fields from different places
+                    for step in range(len(items)):
+                        index = (shift + step) % len(items)
+                        assert cipher.decrypt(*items[index]) == values[index]
+        except BaseException as exc:  # reported below with its type, whatever it is
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [repr(f) for f in failures] == []
+    assert len(cipher._unwrapped) <= 2
 
 
 def test_plaintext_data_keys_are_wiped_after_use(

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
+import sqlite3
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +26,17 @@ from heimdall.envelope import (
     Envelope,
     parse,
 )
+from heimdall.ingest import IngestReport
 from heimdall.kms.legacy import LegacyMasterKey, parse_master_key
 from heimdall.kms.local import LocalKeyring
+from heimdall.rbac import Caller
+from heimdall.service import Heimdall
+from heimdall.store.sqlite import SqliteStore
 
-VECTORS = json.loads((Path(__file__).parent / "vectors" / "envelope_v1.json").read_text())
+VECTOR_DIR = Path(__file__).parent / "vectors"
+VECTORS = json.loads((VECTOR_DIR / "envelope_v1.json").read_text())
+# The strict parser's cases, derived from VECTORS by vectors/generate.py and opened with its keys.
+STRICT = json.loads((VECTOR_DIR / "envelope_v1_strict.json").read_text())
 CTX = EncryptionContext("FieldValue", "email:hash:" + "ab" * 32, "email")
 OTHER = EncryptionContext("FieldValue", "email:hash:" + "cd" * 32, "email")
 
@@ -47,17 +58,26 @@ def vector_ciphers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, FieldC
     }
 
 
-def _open(ciphers: dict[str, FieldCipher], envelope: str, context: EncryptionContext) -> bytes:
-    """Route by encryption_version the way the service does, then decrypt."""
+def _route(ciphers: dict[str, FieldCipher], envelope: str) -> FieldCipher:
+    """The cipher for an envelope's encryption_version, as the service's store column picks it."""
     try:
         version = json.loads(envelope).get("encryption_version")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         version = None
     cipher = ciphers.get(version) if isinstance(version, str) else None
-    return (cipher or ciphers["kms_v1"]).decrypt(envelope, context)
+    return cipher or ciphers["kms_v1"]
 
 
-@pytest.mark.parametrize("case", VECTORS["valid"], ids=lambda c: c["name"])
+def _open(ciphers: dict[str, FieldCipher], envelope: str, context: EncryptionContext) -> bytes:
+    """Route by encryption_version the way the service does, then decrypt."""
+    return _route(ciphers, envelope).decrypt(envelope, context)
+
+
+VALID = VECTORS["valid"] + STRICT["valid"]
+INVALID = VECTORS["invalid"] + STRICT["invalid"]
+
+
+@pytest.mark.parametrize("case", VALID, ids=lambda c: c["name"])
 def test_valid_vector_decrypts_to_its_plaintext(
     case: dict[str, Any], vector_ciphers: dict[str, FieldCipher]
 ) -> None:
@@ -65,7 +85,7 @@ def test_valid_vector_decrypts_to_its_plaintext(
     assert plaintext == case["plaintext"].encode()
 
 
-@pytest.mark.parametrize("case", VECTORS["invalid"], ids=lambda c: c["name"])
+@pytest.mark.parametrize("case", INVALID, ids=lambda c: c["name"])
 def test_invalid_vector_raises_its_named_error(
     case: dict[str, Any], vector_ciphers: dict[str, FieldCipher]
 ) -> None:
@@ -73,6 +93,26 @@ def test_invalid_vector_raises_its_named_error(
     with pytest.raises(errors.HeimdallError) as caught:
         _open(vector_ciphers, case["envelope"], _context(case["context"]))
     assert type(caught.value) is expected
+
+
+@pytest.mark.parametrize("case", VALID + INVALID, ids=lambda c: c["name"])
+def test_decrypt_many_gives_each_vector_its_plaintext_or_named_error(
+    case: dict[str, Any], vector_ciphers: dict[str, FieldCipher]
+) -> None:
+    envelope, context = case["envelope"], _context(case["context"])
+    [result] = _route(vector_ciphers, envelope).decrypt_many([(envelope, context)])
+    if "error" in case:
+        assert type(result) is getattr(errors, case["error"])
+    else:
+        assert result == case["plaintext"].encode()
+
+
+def test_strict_vectors_are_what_the_generator_writes() -> None:
+    spec = importlib.util.spec_from_file_location("vector_generator", VECTOR_DIR / "generate.py")
+    assert spec is not None and spec.loader is not None
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    assert generator.strict_vectors(VECTORS) == STRICT
 
 
 def test_vectors_cover_every_tamper_class() -> None:
@@ -175,6 +215,75 @@ def test_header_edit_fails_even_with_the_data_key_cached(cipher: FieldCipher) ->
         with pytest.raises(errors.HeimdallError) as caught:
             cipher.decrypt(_edit(envelope, **change), CTX)
         assert isinstance(caught.value, errors.DecryptionFailed | errors.InvalidEnvelope)
+
+
+def _with_raw(envelope: str, name: str, raw: str) -> str:
+    """The envelope, compact, with the value of *name* replaced by the raw JSON text *raw*."""
+    members = json.loads(envelope).items()
+    return "{" + ",".join(f'"{k}":{raw if k == name else json.dumps(v)}' for k, v in members) + "}"
+
+
+@pytest.mark.parametrize(
+    "field", ["algorithm", "key_identifier", "key_version", "dek_id", "encrypted_dek"]
+)
+def test_header_value_of_another_json_type_is_invalid_with_the_data_key_cached(
+    cipher: FieldCipher, field: str
+) -> None:
+    envelope = cipher.encrypt(b"secret", CTX).envelope
+    assert cipher.decrypt(envelope, CTX) == b"secret"  # the data key is now cached
+    quoted = json.dumps(json.loads(envelope)[field])
+    for raw in (f"{{{quoted}:1}}", f"[{quoted}]", "{}", "[]", "null", "true"):
+        tampered = _with_raw(envelope, field, raw)
+        with pytest.raises(errors.InvalidEnvelope):
+            cipher.decrypt(tampered, CTX)
+        assert type(cipher.decrypt_many([(tampered, CTX)])[0]) is errors.InvalidEnvelope
+
+
+def test_members_are_read_in_any_json_layout(cipher: FieldCipher) -> None:
+    envelope = cipher.encrypt(b"secret", CTX).envelope
+    obj = json.loads(envelope)
+    assert obj["key_identifier"].startswith("heimdall")
+    for text in (
+        json.dumps(obj, indent=2),
+        json.dumps(dict(reversed(obj.items())), separators=(",", ":")),
+        envelope.replace('"heimdall', '"\\u0068eimdall'),  # a JSON escape in a value
+    ):
+        assert text != envelope
+        assert cipher.decrypt(text, CTX) == b"secret"
+        assert parse(text).to_json() == envelope
+
+
+def test_service_audits_a_malformed_envelope_as_a_failed_decrypt(
+    make_service: Callable[..., Heimdall],
+    ingest: Callable[..., IngestReport],
+    people: list[dict[str, Any]],
+    caller: Caller,
+    audit_events: Callable[[], list[dict[str, Any]]],
+) -> None:
+    service = make_service()
+    ingest(service, people[:3])
+    key = service.lookup("email", people[1]["email"], caller=caller).canonical_key
+    service.decrypt(key, reason="support:ticket-1234", caller=caller)  # its data key is cached
+    stored = service.store.get_field(key)
+    assert stored is not None
+    quoted = json.dumps(json.loads(stored.encrypted_data)["key_identifier"])
+    # An object with as many quote characters as the string it replaces.
+    tampered = _with_raw(stored.encrypted_data, "key_identifier", f"{{{quoted}:1}}")
+    assert tampered.count('"') == stored.encrypted_data.count('"')
+    assert isinstance(service.store, SqliteStore)
+    with closing(sqlite3.connect(service.store.path)) as db, db:
+        db.execute(
+            "UPDATE field_values SET encrypted_data = ? WHERE canonical_key = ?", (tampered, key)
+        )
+
+    with pytest.raises(errors.InvalidEnvelope):
+        service.decrypt(key, reason="support:ticket-1234", caller=caller)
+
+    event = audit_events()[-1]
+    assert event["event_type"] == "crypto.decrypt"
+    assert event["field_identifier"] == key
+    assert event["result"] == "failure"
+    assert event["error"] == "InvalidEnvelope"
 
 
 def test_envelopes_swapped_between_two_nodes_fail(cipher: FieldCipher) -> None:

@@ -6,9 +6,17 @@ by unwrapping their data key through the provider.
 
 Data key caching follows the AWS Encryption SDK's caching materials manager: an encryption data
 key is reused for at most ``max_uses`` fields and ``max_age_seconds``, then replaced; unwrapped
-data keys are kept (as cipher contexts, the plaintext buffer wiped) in a bounded LRU for the same
-age. ``max_uses=1`` gives one data key per field. Fields that share a data key share its ``dek_id``,
-so a master key rotation rewraps that key once for all of them.
+data keys are kept (as cipher contexts, the plaintext buffer wiped) for the same age, at most
+``max_unwrapped_keys`` of them (the oldest unwrapped goes first). ``max_uses=1`` gives one data
+key per field. Fields that share a data key share its ``dek_id``, so a master key rotation
+rewraps that key once for all of them.
+
+Thread safety: one FieldCipher serves many threads (re-encryption job threads, API workers).
+Every change to the caches is made under one lock; a read of the unwrapped-key cache is a single
+dict lookup, which is atomic, so the decrypt hot path takes no lock. The key provider is never
+called under the lock on the decrypt side (an unwrap may be a network call): two threads may
+unwrap the same data key at once, and the second simply replaces the first's cache entry.
+:meth:`FieldCipher.forget_keys` also discards the keys that were being unwrapped while it ran.
 """
 
 from __future__ import annotations
@@ -27,13 +35,12 @@ from heimdall.envelope import (
     EncryptionVersion,
     Envelope,
     Header,
-    HeaderKey,
-    body,
+    canonical_body,
+    canonical_header,
     data_ad,
     data_ad_prefix,
     data_associated_data,
     from_mapping,
-    header_key,
     load,
     wrap_associated_data,
 )
@@ -123,7 +130,10 @@ class FieldCipher:
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._current: _EncryptionKey | None = None
-        self._unwrapped: dict[HeaderKey, _DecryptionKey] = {}
+        # Unwrapped data keys by Envelope.header_json(), oldest first (dicts keep insertion
+        # order). Read without the lock, changed only under it.
+        self._unwrapped: dict[str, _DecryptionKey] = {}
+        self._generation = 0  # counts forget_keys calls; see _remember
         self._stamp_second = -1
         self._stamp = ""
         self.kms_calls = 0
@@ -230,6 +240,7 @@ class FieldCipher:
         with self._lock:
             self._current = None
             self._unwrapped.clear()
+            self._generation += 1
 
     # -- decryption ---------------------------------------------------------------------
 
@@ -247,32 +258,60 @@ class FieldCipher:
             self._monotonic() + self.cache.max_age_seconds,
         )
 
-    def decrypt(self, envelope: str, context: EncryptionContext) -> bytes:
-        """The plaintext, or InvalidEnvelope / DecryptionFailed / a KmsError. Never wrong data.
+    def _remember(self, cache_key: str, entry: _DecryptionKey, generation: int) -> None:
+        """Cache a data key unwrapped while forget_keys had run *generation* times.
 
-        The header of an envelope whose data key is cached was fully validated when the key
-        was unwrapped (the cache is keyed by the exact header values), so only the per-field
-        values are validated again here.
+        If forget_keys ran during the unwrap, the key is not cached: it was unwrapped under the
+        rotation or version floor that forget_keys was called to leave behind.
         """
+        with self._lock:
+            if generation != self._generation:
+                return
+            unwrapped = self._unwrapped
+            unwrapped[cache_key] = entry
+            while len(unwrapped) > self.cache.max_unwrapped_keys:
+                del unwrapped[next(iter(unwrapped))]
+
+    def decrypt(self, envelope: str, context: EncryptionContext) -> bytes:
+        """The plaintext, or InvalidEnvelope / DecryptionFailed / a KmsError. Never wrong data."""
+        opened = self._open(envelope, context)
+        if isinstance(opened, Envelope):
+            return self._decrypt_direct(opened, context)
+        return opened
+
+    def _open(self, envelope: str, context: EncryptionContext) -> bytes | Envelope:
+        """The plaintext, or the parsed envelope of a value the provider itself must decrypt.
+
+        Fast path: the cache is keyed by the canonical header text (Envelope.header_json) of
+        envelopes that passed parse. An envelope in the canonical layout whose header text is a
+        key therefore has that validated header, and only its per-field values need checking,
+        which canonical_body does. Anything else is parsed in full.
+        """
+        header = canonical_header(envelope)
+        if header is not None:
+            entry = self._unwrapped.get(header)
+            if entry is not None and entry.expires > self._monotonic():
+                body = canonical_body(envelope, header)
+                if body is not None:
+                    ciphertext, timestamp = body
+                    return entry.aead.decrypt(
+                        ciphertext, data_ad(entry.ad_prefix, timestamp, context)
+                    )
         obj = load(envelope)
         if obj["encryption_version"] != self.encryption_version.value:
             raise InvalidEnvelope("envelope belongs to another encryption version")
-        if obj["algorithm"] == KMS_DIRECT:
-            return self._decrypt_direct(from_mapping(obj), context)
-        cache_key = header_key(obj)
+        parsed = from_mapping(obj)
+        if parsed.algorithm == KMS_DIRECT:
+            return parsed
+        cache_key = parsed.header_json()
         entry = self._unwrapped.get(cache_key)
         if entry is None or entry.expires <= self._monotonic():
-            parsed = from_mapping(obj)
-            entry = self._unwrap(parsed)
-            unwrapped = self._unwrapped
-            unwrapped[cache_key] = entry
-            if len(unwrapped) > self.cache.max_unwrapped_keys:
-                # Oldest first: dicts keep insertion order.
-                del unwrapped[next(iter(unwrapped))]
-            ciphertext, timestamp = parsed.ciphertext, parsed.encryption_timestamp
-        else:
-            ciphertext, timestamp = body(obj)
-        return entry.aead.decrypt(ciphertext, data_ad(entry.ad_prefix, timestamp, context))
+            generation = self._generation
+            entry = self._unwrap(parsed)  # not under the lock: it may be a network call
+            self._remember(cache_key, entry, generation)
+        return entry.aead.decrypt(
+            parsed.ciphertext, data_ad(entry.ad_prefix, parsed.encryption_timestamp, context)
+        )
 
     def decrypt_many(
         self, items: Sequence[tuple[str, EncryptionContext]]
@@ -283,16 +322,15 @@ class FieldCipher:
         direct: list[tuple[int, Envelope, EncryptionContext]] = []
         for index, (envelope, context) in enumerate(items):
             try:
-                obj = load(envelope)
-                if obj["algorithm"] == KMS_DIRECT and obj["encryption_version"] == (
-                    self.encryption_version.value
-                ):
-                    direct.append((index, from_mapping(obj), context))
-                    out.append(b"")  # replaced below
-                else:
-                    out.append(self.decrypt(envelope, context))
+                opened = self._open(envelope, context)
             except HeimdallError as exc:
                 out.append(exc)
+                continue
+            if isinstance(opened, Envelope):
+                direct.append((index, opened, context))
+                out.append(b"")  # replaced below
+            else:
+                out.append(opened)
         if direct:
             requests = [
                 (

@@ -22,14 +22,26 @@ key_identifier and key_version therefore sit in the wrapping layer, not the data
 key rotation is a *rewrap* of the data key that leaves the data ciphertext, its context binding
 and its original timestamp untouched. Editing any header value still fails decryption.
 
-The parser is strict: exact field set, no duplicates, typed values, strict base64 and hard size
-caps checked before any work. It never guesses.
+Parsing. :func:`parse` reads the envelope in any JSON layout: member order, whitespace and string
+escapes are JSON's business (the frozen vectors hold a reordered, indented envelope as a jsonb
+column prints it). Everything else is strict and checked before any work: hard size caps, exact
+field set, no duplicate member (found by a parser that sees every member, never inferred from
+the text), every value of its JSON type and then of its own rules, and canonical base64 (RFC 4648
+section 3.5: padded, no extra padding, zero unused bits) so that one value has one text. Any
+malformed input raises InvalidEnvelope or a subclass. It never guesses.
+
+The canonical layout, what :meth:`Header.seal` and :meth:`Envelope.to_json` write (this key
+order, no whitespace, no escapes), is also the fast path: :func:`canonical_header` and
+:func:`canonical_body` split it into the header text and the per-field values without a JSON
+parser. The header text is not validated there; :class:`~heimdall.cipher.FieldCipher` trusts it
+only when it equals the :meth:`Envelope.header_json` of an envelope that passed :func:`parse`.
 """
 
 from __future__ import annotations
 
 import binascii
 import enum
+import json
 import re
 import struct
 from dataclasses import dataclass, field
@@ -50,13 +62,12 @@ __all__ = [
     "EncryptionVersion",
     "Envelope",
     "Header",
-    "HeaderKey",
-    "body",
+    "canonical_body",
+    "canonical_header",
     "data_ad",
     "data_ad_prefix",
     "data_associated_data",
     "from_mapping",
-    "header_key",
     "load",
     "open_envelope",
     "parse",
@@ -77,7 +88,8 @@ ALGORITHM: Final = "AES-256-GCM"
 # ciphertext field holds the provider's ciphertext and there is no data key.
 KMS_DIRECT: Final = "KMS-DIRECT"
 _ALGORITHMS: Final = frozenset({ALGORITHM, KMS_DIRECT})
-_VERSIONS: Final = frozenset(v.value for v in EncryptionVersion)
+# By value: a dict lookup is ten times cheaper than calling the enum.
+_VERSIONS: Final = {v.value: v for v in EncryptionVersion}
 
 MAX_PLAINTEXT_BYTES: Final = 64 * 1024
 MAX_WRAPPED_KEY_BYTES: Final = 2048
@@ -97,15 +109,21 @@ _FIELDS: Final = (
     "encryption_timestamp",
 )
 _FIELD_SET: Final = frozenset(_FIELDS)
-# Keys are 8 quoted strings and 7 values are strings. No valid value may contain a quote (see the
-# character rules below), so a well-formed envelope has exactly this many quote characters, and
-# any duplicated key adds two. This catches duplicates without a slower object_pairs_hook.
-_QUOTES: Final = 2 * len(_FIELDS) + 2 * 7
+_STRING_FIELDS: Final = tuple(name for name in _FIELDS if name != "key_version")
 
 _KEY_IDENTIFIER_RE: Final = re.compile(r"[A-Za-z0-9._:/@+=,\-]{1,512}\Z", re.ASCII)
 _DEK_ID_RE: Final = re.compile(r"[0-9a-f]{32}\Z", re.ASCII)
-_TIMESTAMP_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?Z\Z", re.ASCII)
+_TIMESTAMP: Final = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?Z"
+_TIMESTAMP_RE: Final = re.compile(_TIMESTAMP + r"\Z", re.ASCII)
 _MAX_KEY_VERSION: Final = 2**31 - 1
+
+# The canonical layout ends with these two per-field members; everything before the first
+# _CIPHERTEXT_MEMBER is the header, which no valid value can contain (none holds a quote).
+_CIPHERTEXT_MEMBER: Final = ',"ciphertext":"'
+_CANONICAL_TAIL: Final = re.compile(
+    r',"ciphertext":"([A-Za-z0-9+/]*={0,2})","encryption_timestamp":"(' + _TIMESTAMP + r')"\}\Z',
+    re.ASCII,
+)
 
 _AD_MAGIC: Final = b"heimdall.envelope.v1\x00"
 _WRAP_MAGIC: Final = b"heimdall.data-key.v1\x00"
@@ -161,6 +179,18 @@ class Envelope:
             }
         ).decode()
 
+    def header_json(self) -> str:
+        """The canonical JSON text before the ciphertext member: the same for every field sealed
+        under one data key and one wrapping of it (see :func:`canonical_header`)."""
+        return _header_json(
+            encryption_version=self.encryption_version.value,
+            algorithm=self.algorithm,
+            key_identifier=self.key_identifier,
+            key_version=self.key_version,
+            dek_id=self.dek_id,
+            encrypted_dek=self.encrypted_dek,
+        )
+
     def rewrapped(self, key_identifier: str, key_version: int, encrypted_dek: bytes) -> Envelope:
         """This envelope with its data key wrapped anew (same data key, same ciphertext)."""
         return Envelope(
@@ -176,6 +206,25 @@ class Envelope:
 
 
 _U32 = struct.Struct(">I").pack
+
+
+def _header_json(
+    *,
+    encryption_version: str,
+    algorithm: str,
+    key_identifier: str,
+    key_version: int,
+    dek_id: str,
+    encrypted_dek: bytes,
+) -> str:
+    # The values obey the parser's character rules (no quote, backslash or control character),
+    # so this is the text orjson writes for them: Envelope.to_json's prefix.
+    dek_b64 = binascii.b2a_base64(encrypted_dek, newline=False).decode()
+    return (
+        f'{{"encryption_version":"{encryption_version}","algorithm":"{algorithm}",'
+        f'"key_identifier":"{key_identifier}","key_version":{key_version},'
+        f'"dek_id":"{dek_id}","encrypted_dek":"{dek_b64}"'
+    )
 
 
 def _lp(value: str) -> bytes:
@@ -268,11 +317,16 @@ class Header:
         self.encryption_version = encryption_version
         self.key_version = key_version
         self.dek_id = dek_id
-        dek_b64 = binascii.b2a_base64(encrypted_dek, newline=False).decode()
         self._json_prefix = (
-            f'{{"encryption_version":"{encryption_version.value}","algorithm":"{ALGORITHM}",'
-            f'"key_identifier":"{key_identifier}","key_version":{key_version},'
-            f'"dek_id":"{dek_id}","encrypted_dek":"{dek_b64}","ciphertext":"'
+            _header_json(
+                encryption_version=encryption_version.value,
+                algorithm=ALGORITHM,
+                key_identifier=key_identifier,
+                key_version=key_version,
+                dek_id=dek_id,
+                encrypted_dek=encrypted_dek,
+            )
+            + _CIPHERTEXT_MEMBER
         )
         self._ad_prefix = data_ad_prefix(encryption_version.value, ALGORITHM, dek_id)
 
@@ -289,18 +343,10 @@ class Header:
 
 
 def load(text: str | bytes) -> dict[str, Any]:
-    """Decode envelope text into its JSON object, checking size, shape, version and field set."""
-    if isinstance(text, bytes | bytearray):
-        if len(text) > MAX_ENVELOPE_CHARS:
-            raise EnvelopeTooLarge("envelope is over the size limit")
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidEnvelope("envelope is not UTF-8 text") from None
-    if not isinstance(text, str):
-        raise InvalidEnvelope("envelope must be a JSON string")
-    if len(text) > MAX_ENVELOPE_CHARS:
-        raise EnvelopeTooLarge("envelope is over the size limit")
+    """Decode envelope text into its JSON object. Checks size, JSON syntax, shape, version, the
+    exact field set without duplicate members, and the JSON type of every value (seven strings
+    and the integer key_version); :func:`from_mapping` then checks the values themselves."""
+    text = _text(text)
     try:
         obj = orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -317,27 +363,83 @@ def load(text: str | bytes) -> dict[str, Any]:
         if missing:
             raise InvalidEnvelope(f"envelope lacks field {missing[0]!r}")
         raise InvalidEnvelope("envelope has an unknown field")
-    if text.count('"') != _QUOTES:
-        raise InvalidEnvelope("envelope has a duplicate field or a quoted value")
+    for name in _STRING_FIELDS:
+        if type(obj[name]) is not str:
+            raise InvalidEnvelope(f"envelope {name} must be a string")
+    if type(obj["key_version"]) is not int:  # bool is an int subclass and True == 1
+        raise InvalidEnvelope("envelope key_version must be a positive integer")
+    _reject_duplicate_members(obj, text)
     return obj
 
 
-HeaderKey = tuple[str, str, str, int, str, str]
+def _text(text: object) -> str:
+    """The envelope as text, within the size cap."""
+    if isinstance(text, bytes | bytearray):
+        if len(text) > MAX_ENVELOPE_CHARS:
+            raise EnvelopeTooLarge("envelope is over the size limit")
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidEnvelope("envelope is not UTF-8 text") from None
+    if not isinstance(text, str):
+        raise InvalidEnvelope("envelope must be a JSON string")
+    if len(text) > MAX_ENVELOPE_CHARS:
+        raise EnvelopeTooLarge("envelope is over the size limit")
+    return text
 
 
-def header_key(obj: dict[str, Any]) -> HeaderKey:
-    """The header values of a loaded envelope, as a hashable key (not yet validated)."""
-    key_version = obj["key_version"]
-    if type(key_version) is not int:  # bool is an int subclass and True == 1
-        raise InvalidEnvelope("envelope key_version must be a positive integer")
-    return (
-        obj["encryption_version"],
-        obj["algorithm"],
-        obj["key_identifier"],
-        key_version,
-        obj["dek_id"],
-        obj["encrypted_dek"],
-    )
+def _reject_duplicate_members(obj: dict[str, Any], text: str) -> None:
+    """Raise InvalidEnvelope if *text*, which orjson read as *obj*, repeats a member.
+
+    orjson keeps the last of repeated members without a word. A text that is exactly orjson's
+    serialisation of *obj* has one member per key (a repeated one would be in the text but not in
+    *obj*), which settles every envelope heimdall writes at orjson's speed; any other text is
+    read again by the json module, whose object_pairs_hook sees every member.
+    """
+    if orjson.dumps(obj) == text.encode():
+        return
+    try:
+        json.loads(text, object_pairs_hook=_unique_members)
+    except (ValueError, RecursionError):  # orjson read it, so only nesting depth can get here
+        raise InvalidEnvelope("envelope is not valid JSON") from None
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise InvalidEnvelope("envelope has a duplicate field")
+    return members
+
+
+def canonical_header(text: str) -> str | None:
+    """The header text of an envelope that may be in the canonical layout, else None.
+
+    The fast path of decryption reads an envelope in two steps, without a JSON parser: this
+    header (every member before the ciphertext), then :func:`canonical_body`. The header is
+    not validated here: it may be trusted only by exact comparison with the
+    :meth:`Envelope.header_json` of an envelope that passed :func:`parse`. Never raises.
+    """
+    if not isinstance(text, str) or len(text) > MAX_ENVELOPE_CHARS:
+        return None
+    split = text.find(_CIPHERTEXT_MEMBER)
+    return text[:split] if split > 0 else None
+
+
+def canonical_body(text: str, header: str) -> tuple[bytes, str] | None:
+    """Ciphertext and encryption_timestamp of *text*, whose header is *header*, if the rest of
+    *text* is their canonical form with valid values, else None. Never raises.
+
+    With a header that is :meth:`Envelope.header_json` of an envelope that passed :func:`parse`,
+    a result means *text* is the canonical form of an envelope that :func:`parse` accepts with
+    these values; None means "parse it", so every error comes from :func:`parse`.
+    """
+    tail = _CANONICAL_TAIL.match(text, len(header))
+    if tail is None:
+        return None
+    ciphertext = _canonical_b64(tail.group(1))
+    if ciphertext is None or not OVERHEAD <= len(ciphertext) <= MAX_PLAINTEXT_BYTES + OVERHEAD:
+        return None
+    return ciphertext, tail.group(2)
 
 
 def parse(text: str | bytes) -> Envelope:
@@ -369,9 +471,9 @@ def from_mapping(obj: dict[str, Any]) -> Envelope:
         raise InvalidEnvelope("envelope encrypted_dek is empty")
     if len(encrypted_dek) > MAX_WRAPPED_KEY_BYTES:
         raise EnvelopeTooLarge("envelope encrypted_dek is over the size limit")
-    ciphertext, timestamp = body(obj)
+    ciphertext, timestamp = _body(obj)
     return Envelope(
-        encryption_version=EncryptionVersion(obj["encryption_version"]),
+        encryption_version=_VERSIONS[obj["encryption_version"]],
         algorithm=algorithm,
         key_identifier=key_identifier,
         key_version=key_version,
@@ -382,7 +484,7 @@ def from_mapping(obj: dict[str, Any]) -> Envelope:
     )
 
 
-def body(obj: dict[str, Any]) -> tuple[bytes, str]:
+def _body(obj: dict[str, Any]) -> tuple[bytes, str]:
     """The validated per-field values of a loaded envelope: ciphertext and timestamp."""
     timestamp = obj["encryption_timestamp"]
     if not isinstance(timestamp, str) or not _TIMESTAMP_RE.match(timestamp):
@@ -407,7 +509,20 @@ def data_ad(prefix: bytes, encryption_timestamp: str, context: EncryptionContext
 def _b64(value: object, name: str) -> bytes:
     if not isinstance(value, str):
         raise InvalidEnvelope(f"envelope {name} must be a base64 string")
+    raw = _canonical_b64(value)
+    if raw is None:
+        raise InvalidEnvelope(f"envelope {name} is not canonical base64")
+    return raw
+
+
+def _canonical_b64(value: str) -> bytes | None:
+    """The bytes of *value* if it is their one base64 text (RFC 4648 section 3.5), else None."""
     try:
-        return binascii.a2b_base64(value, strict_mode=True)
-    except (binascii.Error, ValueError):
-        raise InvalidEnvelope(f"envelope {name} is not valid base64") from None
+        raw = binascii.a2b_base64(value, strict_mode=True)
+    except (binascii.Error, ValueError):  # ValueError: a character outside ASCII
+        return None
+    # strict_mode still takes extra padding ("QUJD==") and non-zero unused bits ("QR=="), so
+    # the bytes are encoded again: a value has one text.
+    if binascii.b2a_base64(raw, newline=False) != value.encode():
+        return None
+    return raw

@@ -1,10 +1,19 @@
-"""How tests/vectors/envelope_v1.json was made. Kept for the record; never rerun to replace it.
+"""How the envelope v1 vector files were made.
 
 The vectors are frozen: every future version of heimdall must open the valid ones to the same
-plaintext and reject the invalid ones with the same error. New cases are appended by hand (or
-by a new script writing a new file); existing ones are never regenerated.
+plaintext and reject the invalid ones with the same error. Existing cases are never changed or
+removed; new ones go into a new file or are appended.
+
+``envelope_v1.json`` was made once by :func:`main` with fresh random keys and nonces. It is kept
+for the record and never rerun to replace it::
 
     python tests/vectors/generate.py > /tmp/new-vectors.json
+
+``envelope_v1_strict.json`` holds the strict parser's cases: :func:`strict_vectors` derives them
+from the frozen envelopes of ``envelope_v1.json`` (whose keys they use) without randomness, so it
+writes the same bytes every time, which tests/test_envelope.py checks::
+
+    python tests/vectors/generate.py strict > tests/vectors/envelope_v1_strict.json
 """
 
 from __future__ import annotations
@@ -12,8 +21,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import string
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -281,5 +292,178 @@ def main() -> None:
     sys.stdout.write("\n")
 
 
+# -- envelope_v1_strict.json ------------------------------------------------------------------
+
+FROZEN = Path(__file__).resolve().parent / "envelope_v1.json"
+_B64_ALPHABET = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/"
+
+
+def members(envelope: str) -> list[tuple[str, str]]:
+    """The members of an envelope as (name, JSON text of the value), in order."""
+    return [(name, json.dumps(value)) for name, value in json.loads(envelope).items()]
+
+
+def compose(pairs: Iterable[tuple[str, str]], separator: str = ",") -> str:
+    """An object from (raw JSON text of the name without its quotes, JSON text of the value)."""
+    return "{" + separator.join(f'"{name}":{value}' for name, value in pairs) + "}"
+
+
+def with_raw(envelope: str, **values: str) -> str:
+    """The envelope, compact, with some values replaced by raw JSON text."""
+    return compose((name, values.pop(name, value)) for name, value in members(envelope))
+
+
+def set_unused_bit(b64_text: str) -> str:
+    """The same bytes in non-canonical base64: the lowest unused bit of the last digit set."""
+    data = b64_text.rstrip("=")
+    digit = _B64_ALPHABET.index(data[-1])
+    assert len(data) % 4 and not digit & 1, "no unused bits, or one already set"
+    changed = data[:-1] + _B64_ALPHABET[digit | 1] + b64_text[len(data) :]
+    assert base64.b64decode(changed) == base64.b64decode(b64_text)
+    return changed
+
+
+def strict_vectors(frozen: dict[str, Any]) -> dict[str, Any]:
+    """The strict parser's cases, derived from the frozen valid envelopes of *frozen*."""
+    valid = {case["name"]: case for case in frozen["valid"]}
+    first = valid["kms_v1 under key version 1"]
+    shared = valid["kms_v1 sharing a data key with the previous case"]
+    email, email_ctx = first["envelope"], first["context"]
+    other, other_ctx = shared["envelope"], shared["context"]
+    e, o = json.loads(email), json.loads(other)
+    ct = e["ciphertext"]
+    invalid: list[dict[str, Any]] = []
+
+    def bad(name: str, envelope: str, error: str = "InvalidEnvelope", context: Any = None) -> None:
+        invalid.append(
+            {"name": name, "context": context or email_ctx, "envelope": envelope, "error": error}
+        )
+
+    # A header value replaced by an object or an array with as many quote characters as the
+    # string it replaces.
+    for field in ("encryption_version", "algorithm", "key_identifier", "dek_id", "encrypted_dek"):
+        quoted = json.dumps(e[field])
+        for kind, value in (("an object", f"{{{quoted}:1}}"), ("an array", f"[{quoted}]")):
+            envelope = with_raw(email, **{field: value})
+            assert envelope.count('"') == email.count('"')
+            bad(f"{field} as {kind} with as many quotes as its string", envelope)
+    for field in ("ciphertext", "encryption_timestamp"):
+        bad(f"{field} as an array", with_raw(email, **{field: f"[{json.dumps(e[field])}]"}))
+    for name, value in (
+        ("as an object", "{}"),
+        ("as an array", "[1]"),
+        ("null", "null"),
+        ("as a float", "1.0"),
+        ("with an exponent", "1e0"),
+        ("negative", "-1"),
+        ("over 2**31-1", "2147483648"),
+        ("over 2**64", "18446744073709551616"),
+        ("with a leading zero", "01"),
+        ("NaN", "NaN"),
+    ):
+        bad(f"key_version {name}", with_raw(email, key_version=value))
+    bad("dek_id null", with_raw(email, dek_id="null"))
+    bad("key_identifier as a number", with_raw(email, key_identifier="1"))
+    bad("encrypted_dek as a boolean", with_raw(email, encrypted_dek="true"))
+    bad("key_identifier empty", with_raw(email, key_identifier='""'))
+    bad("dek_id one hex digit short", with_raw(email, dek_id=json.dumps(e["dek_id"][:-1])))
+
+    # Duplicate members, which orjson alone would silently resolve to the last one.
+    pairs = members(email)
+    bad("key_version twice with the same value", compose([*pairs, ("key_version", "1")]))
+    bad("dek_id twice, the first an object", compose([("dek_id", '{"a":1}'), *pairs]))
+    bad(
+        "dek_id twice, the second spelt with a JSON escape",
+        compose([*pairs, ("dek\\u005fid", json.dumps(e["dek_id"]))]),
+    )
+    bad(
+        "key_identifier twice in an indented layout",
+        compose([("key_identifier", '"other-key-v1"'), *pairs], ",\n ").replace('":', '": '),
+    )
+    bad(
+        "ciphertext twice, the first an array nested 1000 deep",
+        compose([("ciphertext", "[" * 1000 + "]" * 1000), *pairs]),
+    )
+    bad("an array nested 2000 deep", "[" * 2000 + "]" * 2000)
+
+    # Base64 that is not the one canonical text of its bytes (RFC 4648 section 3.5).
+    bad("ciphertext with extra padding", with_raw(email, ciphertext=json.dumps(ct + "==")))
+    bad(
+        "encrypted_dek with extra padding",
+        with_raw(email, encrypted_dek=json.dumps(e["encrypted_dek"] + "=")),
+    )
+    bad(
+        "ciphertext with a padding character too many",
+        with_raw(other, ciphertext=json.dumps(o["ciphertext"] + "=")),
+        context=other_ctx,
+    )
+    bad(
+        "ciphertext without its padding",
+        with_raw(other, ciphertext=json.dumps(o["ciphertext"].rstrip("="))),
+        context=other_ctx,
+    )
+    bad(
+        "ciphertext with non-zero unused bits before two padding characters",
+        with_raw(other, ciphertext=json.dumps(set_unused_bit(o["ciphertext"]))),
+        context=other_ctx,
+    )
+    short = b64(base64.b64decode(ct)[:-1])
+    bad(
+        "ciphertext a byte short, with non-zero unused bits before one padding character",
+        with_raw(email, ciphertext=json.dumps(set_unused_bit(short))),
+    )
+    url_safe = ct.replace("+", "-").replace("/", "_")
+    assert url_safe != ct
+    bad("ciphertext in the URL-safe alphabet", with_raw(email, ciphertext=json.dumps(url_safe)))
+    bad(
+        "ciphertext with a line break",
+        with_raw(email, ciphertext=json.dumps(ct[:40] + "\n" + ct[40:])),
+    )
+    bad("ciphertext with a space", with_raw(email, ciphertext=json.dumps(ct[:40] + " " + ct[40:])))
+
+    # Values moved between fields, and text around the object.
+    bad(
+        "ciphertext of another field under the same data key",
+        with_raw(email, ciphertext=json.dumps(o["ciphertext"])),
+        "DecryptionFailed",
+    )
+    bad("the envelope inside a JSON string", json.dumps(email))
+    bad("content after the object", email + " {}")
+    bad("a byte order mark before the object", "\ufeff" + email)
+    bad("a NUL character in the ciphertext", with_raw(email, ciphertext=json.dumps(ct + "\0")))
+
+    return {
+        "description": (
+            "Frozen envelope v1 vectors of the strict parser, derived from envelope_v1.json by "
+            "tests/vectors/generate.py and decrypted with its keyring. Valid cases must decrypt "
+            "to plaintext with their context; invalid cases must raise the named "
+            "heimdall.errors class. Never edit or remove existing cases."
+        ),
+        "valid": [
+            {
+                "name": "members in reverse order, compact",
+                "context": email_ctx,
+                "envelope": compose(reversed(pairs)),
+                "plaintext": first["plaintext"],
+            },
+            {
+                "name": "canonical order with a space after every separator",
+                "context": email_ctx,
+                "envelope": compose(pairs, ", ").replace('":', '": '),
+                "plaintext": first["plaintext"],
+            },
+        ],
+        "invalid": invalid,
+    }
+
+
+def write_strict() -> None:
+    json.dump(strict_vectors(json.loads(FROZEN.read_text())), sys.stdout, indent=1)
+    sys.stdout.write("\n")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["strict"]:
+        write_strict()
+    else:
+        main()
