@@ -7,6 +7,8 @@ provides:
   idempotent: some tests close the store themselves);
 * ``stored_record(store, record_id)``, reading a Record back by the backend's own means, because
   the GraphStore protocol has no read method for records. Required;
+* ``stored_sightings(store)``, every stored Sighting, in any order, read back likewise (the
+  protocol only counts them). Required;
 * ``reopen(store)``, closing *store* and returning a new store over the same data. Optional: a
   backend that cannot reopen (say, an in-memory one) leaves the default, which skips only
   :meth:`StoreContract.test_data_survives_close_and_reopen`.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 import pytest
@@ -38,6 +40,7 @@ __all__ = ["StoreContract"]
 
 TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 FIXED_TIME = "2026-01-02T03:04:05Z"
+LATER = "2026-02-03T04:05:06Z"
 LONG_AGO = "2000-01-01T00:00:00Z"
 
 # (encryption_version, key_version_below) as passed to count_fields and iter_fields.
@@ -81,8 +84,38 @@ def field_value(
     )
 
 
-def sighting(n: int, record_id: str = "record-1") -> Sighting:
-    return Sighting(canonical_key=key(n), record_id=record_id, source="crm", seen_at=FIXED_TIME)
+def sighting(
+    n: int, record_id: str = "record-1", *, source: str = "crm", seen_at: str = FIXED_TIME
+) -> Sighting:
+    return Sighting(canonical_key=key(n), record_id=record_id, source=source, seen_at=seen_at)
+
+
+def in_order(sightings: Iterable[Sighting]) -> list[Sighting]:
+    """*sightings* sorted by every field, to compare a store's with the ones expected."""
+    return sorted(sightings, key=lambda s: (s.canonical_key, s.record_id, s.source, s.seen_at))
+
+
+def repeated_sightings() -> tuple[list[Sighting], list[Sighting]]:
+    """Sightings as an ingest run twice wrote them before they were made unique, and, sorted
+    by in_order, what the schema migration must keep of them: the earliest of each
+    (canonical_key, record_id, source). r1's sighting of key 1 comes three times, the first
+    written not the earliest; r2's twice at one time; the others once each."""
+    written = [
+        sighting(1, "r1", seen_at=FIXED_TIME),
+        sighting(1, "r1", seen_at=LONG_AGO),
+        sighting(1, "r2"),
+        sighting(1, "r1", source="billing", seen_at=LATER),
+        sighting(2, "r1"),
+        sighting(1, "r1", seen_at=LATER),
+        sighting(1, "r2"),
+    ]
+    kept = [
+        sighting(1, "r1", source="billing", seen_at=LATER),
+        sighting(1, "r1", seen_at=LONG_AGO),
+        sighting(1, "r2"),
+        sighting(2, "r1"),
+    ]
+    return written, kept
 
 
 def mixed_fields() -> list[FieldValue]:
@@ -124,6 +157,10 @@ class StoreContract:
     def stored_record(self, store: GraphStore, record_id: str) -> RecordRow | None:
         """The Record stored under *record_id*, read back outside the GraphStore protocol."""
         raise NotImplementedError(f"{type(self).__name__} must implement stored_record")
+
+    def stored_sightings(self, store: GraphStore) -> list[Sighting]:
+        """Every stored Sighting, read back outside the GraphStore protocol."""
+        raise NotImplementedError(f"{type(self).__name__} must implement stored_sightings")
 
     def reopen(self, store: GraphStore) -> GraphStore:
         """Close *store* and open the same data again. Override if the backend can."""
@@ -209,6 +246,75 @@ class StoreContract:
         assert store.count_sightings(key(3)) == 0
         assert store.count_sightings(key(4)) == 0
 
+    def test_writing_the_same_sightings_again_keeps_one_each_with_the_first_seen_at(
+        self, store: GraphStore
+    ) -> None:
+        first = [sighting(1, "r1"), sighting(2, "r1"), sighting(1, "r2")]
+        store.write_batch([field_value(1), field_value(2)], first, [])
+
+        # An ingest run again: the same occurrences, seen later.
+        store.write_batch([], [replace(s, seen_at=LATER) for s in first], [])
+
+        assert in_order(self.stored_sightings(store)) == in_order(first)
+
+    def test_a_sighting_repeated_within_a_batch_is_stored_once_the_first_kept(
+        self, store: GraphStore
+    ) -> None:
+        store.write_batch(
+            [field_value(1)],
+            [sighting(1, "r1"), sighting(1, "r2"), sighting(1, "r1", seen_at=LATER)],
+            [],
+        )
+
+        assert store.count_sightings(key(1)) == 2
+        assert in_order(self.stored_sightings(store)) == [sighting(1, "r1"), sighting(1, "r2")]
+
+    def test_a_batch_repeating_many_sightings_keeps_the_first_of_each(
+        self, store: GraphStore
+    ) -> None:
+        # Enough repeats that a backend which lets its sort order pick would keep another.
+        fields = [field_value(n) for n in range(50)]
+        batch = [
+            sighting(
+                i % 50,
+                f"r{i % 7}",
+                seen_at=f"2026-01-01T{i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}Z",
+            )
+            for i in range(4000)
+        ]
+        firsts: dict[tuple[str, str, str], Sighting] = {}
+        for s in batch:
+            firsts.setdefault((s.canonical_key, s.record_id, s.source), s)
+
+        store.write_batch(fields, batch, [])
+
+        assert in_order(self.stored_sightings(store)) == in_order(firsts.values())
+
+    def test_count_sightings_is_unchanged_by_writing_a_batch_again(self, store: GraphStore) -> None:
+        fields = [field_value(1), field_value(2)]
+        sightings = [sighting(1, "r1"), sighting(2, "r1"), sighting(1, "r2")]
+        records = [RecordRow("r1", "crm", FIXED_TIME, {}), RecordRow("r2", "crm", FIXED_TIME, {})]
+        store.write_batch(fields, sightings, records)
+
+        assert store.write_batch(fields, sightings, records) == 0
+
+        assert (store.count_sightings(key(1)), store.count_sightings(key(2))) == (2, 1)
+
+    def test_a_sighting_is_one_per_value_record_and_source(self, store: GraphStore) -> None:
+        store.write_batch([field_value(1), field_value(2)], [sighting(1, "r1")], [])
+
+        # The record comes back with another value: a new sighting, and the old one stays,
+        # since that value was seen. The same record id from another source is another one.
+        store.write_batch([], [sighting(2, "r1", seen_at=LATER)], [])
+        store.write_batch([], [sighting(1, "r1", source="billing", seen_at=LATER)], [])
+
+        assert (store.count_sightings(key(1)), store.count_sightings(key(2))) == (2, 1)
+        assert in_order(self.stored_sightings(store)) == [
+            sighting(1, "r1", source="billing", seen_at=LATER),
+            sighting(1, "r1"),
+            sighting(2, "r1", seen_at=LATER),
+        ]
+
     def test_record_with_existing_record_id_is_replaced(self, store: GraphStore) -> None:
         old = RecordRow("record-1", "crm", LONG_AGO, {"country": "SE", "tier": 1})
         other = RecordRow("record-2", "crm", LONG_AGO, {"country": "NO"})
@@ -261,6 +367,17 @@ class StoreContract:
         message = str(caught.value)
         assert "\n" not in message
         assert "secret-envelope" not in message
+
+    def test_a_sighting_already_stored_does_not_hide_an_orphan_in_its_batch(
+        self, store: GraphStore
+    ) -> None:
+        store.write_batch([field_value(1)], [sighting(1)], [])
+
+        with pytest.raises(StorageError):
+            store.write_batch([field_value(2)], [sighting(1), sighting(2), sighting(99)], [])
+
+        assert store.existing_keys([key(2)]) == set()
+        assert self.stored_sightings(store) == [sighting(1)]
 
     def test_store_stays_usable_after_a_failed_batch(self, store: GraphStore) -> None:
         with pytest.raises(StorageError):

@@ -218,6 +218,15 @@ def _snapshot(service: Heimdall) -> dict[str, Any]:
     }
 
 
+def _shared_blind_index_dirs(make_service: ServiceFactory, caller: Caller, *dirs: Path) -> None:
+    """Data dirs whose stores share one blind-index key, so equal values get equal keys."""
+    seed = make_service(data_dir=dirs[0])
+    seed.blind_index(caller)
+    seed.close()
+    for copy in dirs[1:]:
+        shutil.copytree(dirs[0], copy)
+
+
 def test_batch_size_does_not_change_what_is_stored(
     *,
     make_service: ServiceFactory,
@@ -226,12 +235,8 @@ def test_batch_size_does_not_change_what_is_stored(
     caller: Caller,
     tmp_path: Path,
 ) -> None:
-    # Both stores share one blind-index key, so equal values get equal canonical keys.
     first_dir, second_dir = tmp_path / "one", tmp_path / "thousand"
-    seed = make_service(data_dir=first_dir)
-    seed.blind_index(caller)
-    seed.close()
-    shutil.copytree(first_dir, second_dir)
+    _shared_blind_index_dirs(make_service, caller, first_dir, second_dir)
     lines: list[dict[str, Any] | str] = [*people[:20], "{broken\n", "\n", *people[:5], *people[20:]]
 
     one = make_service(data_dir=first_dir)
@@ -244,6 +249,52 @@ def test_batch_size_does_not_change_what_is_stored(
     one_snapshot = _snapshot(one)
     assert one_snapshot == _snapshot(thousand)
     assert len(one_snapshot["fields"]) == one_report.fields_encrypted
+
+
+def test_ingest_run_again_after_a_partial_run_stores_each_sighting_once(
+    *,
+    make_service: ServiceFactory,
+    ingest: Ingest,
+    people: list[dict[str, Any]],
+    caller: Caller,
+    tmp_path: Path,
+) -> None:
+    once_dir, again_dir = tmp_path / "once", tmp_path / "again"
+    _shared_blind_index_dirs(make_service, caller, once_dir, again_dir)
+    once = make_service(data_dir=once_dir)
+    once_report = ingest(once, people)
+    again = make_service(data_dir=again_dir)
+
+    # A run that failed after two batches, the whole file run again, then a file that
+    # overlaps it in part.
+    ingest(again, people[:25], batch_size=10)
+    rerun_report = ingest(again, people, batch_size=10)
+    ingest(again, people[30:], batch_size=10)
+
+    # Every record id is distinct, so the first run's sightings are the distinct occurrences.
+    occurrences = once_report.sightings
+    assert occurrences == rerun_report.sightings > 0
+    assert _query(again, "SELECT COUNT(*) FROM sightings") == [(occurrences,)]
+    assert _snapshot(again) == _snapshot(once)
+    for person in people[:3]:
+        assert (
+            again.lookup("email", person["email"], caller=caller).sightings
+            == once.lookup("email", person["email"], caller=caller).sightings
+        )
+
+
+def test_record_ingested_again_with_a_changed_value_keeps_the_old_sighting(
+    make_service: ServiceFactory, ingest: Ingest, caller: Caller
+) -> None:
+    service = make_service()
+    ingest(service, [{"id": "c-1", "email": "old@example.com"}])
+
+    ingest(service, [{"id": "c-1", "email": "new@example.com"}])
+    ingest(service, [{"id": "c-1", "email": "new@example.com"}])
+
+    for email in ("old@example.com", "new@example.com"):
+        assert service.lookup("email", email, caller=caller).sightings == 1
+    assert _query(service, "SELECT COUNT(*) FROM sightings") == [(2,)]
 
 
 def test_oversized_value_is_reported_and_the_rest_ingest(

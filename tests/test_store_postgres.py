@@ -20,11 +20,15 @@ from postgres_server import connect, free_port, temporary_database
 from store_contract import (
     FILTERS,
     FIXED_TIME,
+    LATER,
+    LONG_AGO,
     Filter,
     StoreContract,
     envelope,
     field_value,
+    in_order,
     key,
+    repeated_sightings,
     rewrap,
     sighting,
 )
@@ -38,6 +42,9 @@ BARRIER_TIMEOUT = 30
 # Rows for the plan tests: a few thousand, enough that the planner prices a table scan as what
 # it is, few enough to write in a fraction of a second.
 PLAN_TABLE_ROWS = 5000
+
+# The schema versions before sightings became one per (canonical_key, record_id, source).
+VERSIONS_WITH_REPEATED_SIGHTINGS = 2
 
 
 class TestPostgresStoreContract(StoreContract):
@@ -62,9 +69,20 @@ class TestPostgresStoreContract(StoreContract):
             return None
         return RecordRow(row[0], row[1], row[2], row[3])
 
+    def stored_sightings(self, store: GraphStore) -> list[Sighting]:
+        return stored_sightings(self.dsn)
+
     def reopen(self, store: GraphStore) -> GraphStore:
         store.close()
         return PostgresStore(self.dsn, pool_size=2)
+
+
+def stored_sightings(dsn: str) -> list[Sighting]:
+    with connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT canonical_key, record_id, source, seen_at FROM sightings"
+        ).fetchall()
+    return [Sighting(*row) for row in rows]
 
 
 @pytest.fixture
@@ -167,6 +185,55 @@ def test_database_from_a_newer_schema_is_refused(dsn: str) -> None:
 
     with pytest.raises(StorageError, match="newer"):
         PostgresStore(dsn)
+
+
+def _old_database_with_repeated_sightings(dsn: str, sightings: list[Sighting]) -> None:
+    """The database of *dsn* as written before sightings were made unique, holding
+    *sightings* in that order, with a FieldValue for each of their keys."""
+    with connect(dsn) as conn:
+        conn.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for version in range(1, VERSIONS_WITH_REPEATED_SIGHTINGS + 1):
+            for statement in MIGRATIONS[version - 1]:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+        for canonical_key in sorted({s.canonical_key for s in sightings}):
+            conn.execute(
+                "INSERT INTO field_values (canonical_key, field_name, properties)"
+                " VALUES (%s, 'email', jsonb_build_object('encrypted_data', %s::text,"
+                " 'is_encrypted', true, 'key_version', 1, 'encryption_version', 'kms_v1',"
+                " 'dek_id', 'd', 'created_at', %s::text, 'updated_at', %s::text))",
+                (canonical_key, envelope(canonical_key), LONG_AGO, LONG_AGO),
+            )
+        with conn.cursor() as cursor:
+            cursor.executemany(
+                "INSERT INTO sightings (canonical_key, record_id, source, seen_at)"
+                " VALUES (%s, %s, %s, %s)",
+                [(s.canonical_key, s.record_id, s.source, s.seen_at) for s in sightings],
+            )
+
+
+def test_opening_a_database_with_repeated_sightings_keeps_the_earliest_of_each(
+    dsn: str,
+) -> None:
+    written, kept = repeated_sightings()
+    _old_database_with_repeated_sightings(dsn, written)
+
+    store = PostgresStore(dsn, pool_size=1)
+    try:
+        assert (store.count_sightings(key(1)), store.count_sightings(key(2))) == (3, 1)
+        # And from now on one each: the unique index is in place.
+        store.write_batch([], [sighting(1, "r2", seen_at=LATER), sighting(2, "r1")], [])
+        assert (store.count_sightings(key(1)), store.count_sightings(key(2))) == (3, 1)
+    finally:
+        store.close()
+
+    assert in_order(stored_sightings(dsn)) == kept
+    with connect(dsn) as conn:
+        rows = conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+    assert [version for (version,) in rows] == list(range(1, len(MIGRATIONS) + 1))
 
 
 def test_stores_opening_a_fresh_database_at_once_all_migrate_it_once(dsn: str) -> None:
@@ -328,6 +395,16 @@ def test_counting_a_minority_version_uses_the_version_index(plan_dsn: str) -> No
     assert "field_values_by_version" in indexes
 
 
+def test_counting_sightings_uses_the_unique_sightings_index(plan_dsn: str) -> None:
+    # The index on canonical_key alone is gone; the unique one must still serve the count.
+    with connect(plan_dsn) as conn:
+        plan = _explain(conn, "SELECT count(*) FROM sightings WHERE canonical_key = %s", [key(3)])
+
+    nodes = list(_plan_nodes(plan))
+    assert "Seq Scan" not in {node["Node Type"] for node in nodes}
+    assert "sightings_by_key_record_source" in {node.get("Index Name") for node in nodes}
+
+
 # -- several stores, errors, lifecycle ---------------------------------------------------------
 
 
@@ -404,6 +481,17 @@ def test_concurrent_batches_of_the_same_values_insert_each_once_without_deadlock
 
     assert sum(inserted) == 2000
     assert store.count_fields() == 2000
+
+
+def test_concurrent_batches_of_the_same_sightings_store_each_once_without_deadlock(
+    store: PostgresStore, dsn: str
+) -> None:
+    # Two ingests of one file at once, after its values were stored.
+    store.write_batch([field_value(n) for n in range(2000)], [], [])
+
+    _race_two_stores(dsn, lambda numbers: ([], [sighting(n, f"r{n // 2}") for n in numbers], []))
+
+    assert in_order(stored_sightings(dsn)) == [sighting(n, f"r{n // 2}") for n in range(2000)]
 
 
 def test_concurrent_batches_of_the_same_records_replace_them_without_deadlock(dsn: str) -> None:

@@ -14,25 +14,40 @@ from pathlib import Path
 import pytest
 
 from heimdall.errors import StorageError
-from heimdall.store.base import GraphStore, RecordRow
+from heimdall.store.base import GraphStore, RecordRow, Sighting
 from heimdall.store.sqlite import SqliteStore, _field_filter, _page_sql
 from heimdall.store.sqlite_schema import MIGRATIONS
 from store_contract import (
     FILTERS,
+    LATER,
+    LONG_AGO,
     TIMESTAMP,
     Filter,
     StoreContract,
     envelope,
     field_value,
+    in_order,
     key,
+    repeated_sightings,
     rewrap,
     sighting,
 )
+
+# The schema versions before sightings became one per (canonical_key, record_id, source).
+VERSIONS_WITH_REPEATED_SIGHTINGS = 2
 
 
 def raw_connection(path: Path) -> closing[sqlite3.Connection]:
     """A second, plain connection to the file, standing in for another process."""
     return closing(sqlite3.connect(path, isolation_level=None, check_same_thread=False))
+
+
+def stored_sightings(path: Path) -> list[Sighting]:
+    with raw_connection(path) as conn:
+        rows = conn.execute(
+            "SELECT canonical_key, record_id, source, seen_at FROM sightings"
+        ).fetchall()
+    return [Sighting(*row) for row in rows]
 
 
 def sqlite_path(store: GraphStore) -> Path:
@@ -57,6 +72,9 @@ class TestSqliteStoreContract(StoreContract):
         if row is None:
             return None
         return RecordRow(row[0], row[1], row[2], json.loads(row[3]))
+
+    def stored_sightings(self, store: GraphStore) -> list[Sighting]:
+        return stored_sightings(sqlite_path(store))
 
     def reopen(self, store: GraphStore) -> GraphStore:
         path = sqlite_path(store)
@@ -115,6 +133,64 @@ def test_database_from_a_newer_schema_is_refused(path: Path) -> None:
 
     with pytest.raises(StorageError, match="newer"):
         SqliteStore(path)
+
+
+def _old_database_with_repeated_sightings(path: Path, sightings: list[Sighting]) -> None:
+    """A database as written before sightings were made unique, holding *sightings* in that
+    order, with a FieldValue for each of their keys."""
+    with raw_connection(path) as conn:
+        conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        for version in range(1, VERSIONS_WITH_REPEATED_SIGHTINGS + 1):
+            for statement in MIGRATIONS[version - 1]:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, LONG_AGO))
+        for canonical_key in sorted({s.canonical_key for s in sightings}):
+            conn.execute(
+                "INSERT INTO field_values VALUES (?, 'email', ?, 1, 1, 'kms_v1', 'd', ?, ?)",
+                (canonical_key, envelope(canonical_key), LONG_AGO, LONG_AGO),
+            )
+        conn.executemany(
+            "INSERT INTO sightings (canonical_key, record_id, source, seen_at) VALUES (?, ?, ?, ?)",
+            [(s.canonical_key, s.record_id, s.source, s.seen_at) for s in sightings],
+        )
+
+
+def test_opening_a_database_with_repeated_sightings_keeps_the_earliest_of_each(
+    path: Path,
+) -> None:
+    written, kept = repeated_sightings()
+    _old_database_with_repeated_sightings(path, written)
+
+    store = SqliteStore(path)
+    try:
+        assert (store.count_sightings(key(1)), store.count_sightings(key(2))) == (3, 1)
+        # And from now on one each: the unique index is in place.
+        store.write_batch([], [sighting(1, "r2", seen_at=LATER), sighting(2, "r1")], [])
+        assert (store.count_sightings(key(1)), store.count_sightings(key(2))) == (3, 1)
+    finally:
+        store.close()
+
+    assert in_order(stored_sightings(path)) == kept
+    with raw_connection(path) as conn:
+        versions = conn.execute("SELECT version FROM schema_migrations").fetchall()
+    assert sorted(version for (version,) in versions) == list(range(1, len(MIGRATIONS) + 1))
+
+
+def test_count_sightings_reads_the_unique_index(path: Path) -> None:
+    # The index on canonical_key alone is gone; the unique one must still serve the count.
+    SqliteStore(path).close()
+
+    with raw_connection(path) as conn:
+        plan = " | ".join(
+            row[3]
+            for row in conn.execute(
+                "EXPLAIN QUERY PLAN SELECT COUNT(*) FROM sightings WHERE canonical_key = ?",
+                (key(1),),
+            )
+        )
+    assert "sightings_by_key_record_source" in plan
 
 
 def test_file_that_is_not_a_database_raises_storage_error(path: Path) -> None:

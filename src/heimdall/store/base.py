@@ -6,12 +6,16 @@ spec: Envelope Encryption Architecture, Storage in Apache AGE. Nodes:
   ``encrypted_data`` (the envelope JSON), ``is_encrypted``, ``key_version``,
   ``encryption_version`` and ``dek_id``; equal values share one node.
 * ``Sighting``, one per occurrence of a value (record id, source, time), linked to its FieldValue.
+  An occurrence is a (canonical_key, record_id, source): the same record seen again with the
+  same value is the same sighting, and keeps the seen_at first written, as a graph MERGE would.
+  A record whose value changed gets a sighting of the new value; the old one stays.
 * ``Record``, one per ingested record, holding the fields the policy keeps in the clear.
 
 Every backend passes ``tests/store_contract.py``, which also pins these rules: a FieldValue's
 ``updated_at`` is kept when the caller sets it and stamped by the store otherwise; compare-and-swap
 never changes ``is_encrypted``; ``iter_fields`` never yields an empty batch and rejects a batch
-size below one; ``close()`` may be called twice and any later call raises StorageError.
+size below one; sightings are idempotent, so re-running an ingest adds none; ``close()`` may
+be called twice and any later call raises StorageError.
 """
 
 from __future__ import annotations
@@ -94,14 +98,17 @@ class GraphStore(Protocol):
         """Write all three atomically (all or nothing).
 
         A FieldValue whose canonical_key already exists is left as it is (first writer wins).
-        A record whose record_id already exists is replaced. Returns the number of FieldValues
-        actually inserted.
+        So is a sighting whose (canonical_key, record_id, source) already exists, seen_at
+        included; of two in one batch, the first is kept. A record whose record_id already
+        exists is replaced. Returns the number of FieldValues actually inserted.
         """
         ...
 
     def get_field(self, canonical_key: str) -> FieldValue | None: ...
 
-    def count_sightings(self, canonical_key: str) -> int: ...
+    def count_sightings(self, canonical_key: str) -> int:
+        """The number of distinct (record_id, source) that have sighted *canonical_key*."""
+        ...
 
     def field_counts(self) -> list[FieldCount]:
         """FieldValue counts grouped by (encryption_version, key_version), sorted by both."""

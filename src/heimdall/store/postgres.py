@@ -18,8 +18,11 @@ Invariants:
   the same order as on SQLite, and comparisons are plain memcmp.
 * Every write is one transaction. ``write_batch`` is all or nothing: a sighting whose
   canonical_key has no FieldValue fails the foreign key and rolls the whole batch back. It
-  inserts field values and records in key order, so concurrent batches sharing keys wait for
-  each other instead of deadlocking.
+  inserts field values, sightings and records in key order, so concurrent batches sharing keys
+  wait for each other instead of deadlocking.
+* Sightings are idempotent: one row per (canonical_key, record_id, source), held by a unique
+  index. Writing a sighting again, as a re-run ingest does, changes nothing, so its seen_at
+  stays the time first written (a graph MERGE's ON CREATE).
 * The schema only moves forward (:mod:`heimdall.store.postgres_schema`): migrations are
   append-only and recorded in ``schema_migrations``, applied on open under an advisory lock;
   a newer schema than this module knows is refused.
@@ -94,7 +97,23 @@ _INSERT_INCOMING: Final = """
     ORDER BY canonical_key COLLATE "C"
     ON CONFLICT (canonical_key) DO NOTHING
 """
-_COPY_SIGHTINGS: Final = "COPY sightings (canonical_key, record_id, source, seen_at) FROM STDIN"
+# Sightings take the same way in, COPY to a temporary table then INSERT ... ON CONFLICT, which
+# skips one already stored (it keeps its first seen_at). Repeats within the batch are removed
+# before the COPY. ORDER BY, bytewise on the unique index's columns, for the same reason as
+# _INSERT_INCOMING: an insert waits for another transaction's uncommitted equal sighting.
+_CREATE_INCOMING_SIGHTINGS: Final = """
+    CREATE TEMPORARY TABLE IF NOT EXISTS heimdall_incoming_sightings (
+        canonical_key text, record_id text, source text, seen_at text
+    ) ON COMMIT DELETE ROWS
+"""
+_COPY_INCOMING_SIGHTINGS: Final = "COPY pg_temp.heimdall_incoming_sightings FROM STDIN"
+_INSERT_INCOMING_SIGHTINGS: Final = """
+    INSERT INTO sightings (canonical_key, record_id, source, seen_at)
+    SELECT canonical_key, record_id, source, seen_at
+    FROM pg_temp.heimdall_incoming_sightings
+    ORDER BY canonical_key COLLATE "C", record_id COLLATE "C", source COLLATE "C"
+    ON CONFLICT (canonical_key, record_id, source) DO NOTHING
+"""
 # In record_id order, for the same reason as _INSERT_INCOMING: an upsert locks the row it replaces.
 _UPSERT_RECORDS: Final = """
     INSERT INTO records (record_id, source, ingested_at, attributes)
@@ -302,7 +321,9 @@ class PostgresStore(PostgresJobs):
 
         A FieldValue's created_at and updated_at are its own updated_at when set (a copy from
         another store keeps its history), otherwise the time of this write. Of two FieldValues
-        with one canonical_key in a batch the first is kept; of two records, the last.
+        with one canonical_key in a batch the first is kept; of two sightings of one
+        (canonical_key, record_id, source), the first; of two records, the last. A sighting
+        already stored is skipped and keeps its first seen_at.
         """
         now = utc_now()
         firsts: dict[str, FieldValue] = {}
@@ -321,7 +342,7 @@ class PostgresStore(PostgresJobs):
             )
             for f in firsts.values()
         ]
-        sighting_rows = [(s.canonical_key, s.record_id, s.source, s.seen_at) for s in sightings]
+        sighting_rows = _first_sightings(sightings)
         record_columns = _record_columns(records)
         inserted = 0
         with self._transaction("write_batch") as cursor:
@@ -332,9 +353,11 @@ class PostgresStore(PostgresJobs):
                         copy.write_row(field_row)
                 inserted = cursor.execute(_INSERT_INCOMING).rowcount
             if sighting_rows:
-                with cursor.copy(_COPY_SIGHTINGS) as copy:
+                cursor.execute(_CREATE_INCOMING_SIGHTINGS)
+                with cursor.copy(_COPY_INCOMING_SIGHTINGS) as copy:
                     for sighting_row in sighting_rows:
                         copy.write_row(sighting_row)
+                cursor.execute(_INSERT_INCOMING_SIGHTINGS)
             if record_columns:
                 cursor.execute(_UPSERT_RECORDS, record_columns)
         return inserted
@@ -441,6 +464,15 @@ class PostgresStore(PostgresJobs):
             if not self._closed:
                 self._closed = True
                 self._pool.close()
+
+
+def _first_sightings(sightings: Sequence[Sighting]) -> list[tuple[str, str, str, str]]:
+    """Rows of the sightings, the first of each (canonical_key, record_id, source) only, so
+    which seen_at is kept does not hang on the order the INSERT meets the rows in."""
+    firsts: dict[tuple[str, str, str], str] = {}
+    for s in sightings:
+        firsts.setdefault((s.canonical_key, s.record_id, s.source), s.seen_at)
+    return [(*occurrence, seen_at) for occurrence, seen_at in firsts.items()]
 
 
 def _record_columns(records: Sequence[RecordRow]) -> list[list[str]]:

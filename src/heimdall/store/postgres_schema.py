@@ -78,6 +78,32 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL)",
     ),
     JOB_TABLES,
+    # One sighting per (canonical_key, record_id, source): a database written before this
+    # version may hold repeats from a re-run ingest. Of each group the earliest seen_at stays
+    # (compared bytewise, as SQLite does; the first written, id, among equal times), then the
+    # unique index makes write_batch's ON CONFLICT DO NOTHING possible. Building it locks
+    # sightings against writes, once, while the store opens. All three columns sort bytewise
+    # (COLLATE "C"), the order write_batch inserts in. The index's leading column serves
+    # count_sightings and the foreign key, so the index on canonical_key alone goes.
+    (
+        """
+        DELETE FROM sightings WHERE id IN (
+            SELECT id FROM (
+                SELECT id, row_number() OVER (
+                    PARTITION BY canonical_key, record_id, source
+                    ORDER BY seen_at COLLATE "C", id
+                ) AS position
+                FROM sightings
+            ) AS ranked
+            WHERE position > 1
+        )
+        """,
+        """
+        CREATE UNIQUE INDEX sightings_by_key_record_source
+            ON sightings (canonical_key, record_id COLLATE "C", source COLLATE "C")
+        """,
+        "DROP INDEX sightings_by_key",
+    ),
 )
 
 _CREATE_MIGRATIONS_TABLE: Final = """

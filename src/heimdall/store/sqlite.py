@@ -4,6 +4,9 @@ Invariants:
 
 * Every write is one transaction. ``write_batch`` is all or nothing: a sighting whose
   canonical_key has no FieldValue fails the foreign key and rolls the whole batch back.
+* Sightings are idempotent: one row per (canonical_key, record_id, source), held by a unique
+  index. Writing a sighting again, as a re-run ingest does, changes nothing, so its seen_at
+  stays the time first written (a graph MERGE's ON CREATE).
 * The database file is created with mode 0600 (SQLite gives its ``-wal`` and ``-shm`` files the
   mode of the database file), in a parent directory created 0700 if it did not exist.
 * The schema only moves forward (:mod:`heimdall.store.sqlite_schema`): migrations are
@@ -61,9 +64,13 @@ _INSERT_FIELD: Final = """
     ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (canonical_key) DO NOTHING
 """
-_INSERT_SIGHTING: Final = (
-    "INSERT INTO sightings (canonical_key, record_id, source, seen_at) VALUES (?, ?, ?, ?)"
-)
+# Narrowed to the (canonical_key, record_id, source) conflict like _INSERT_FIELD: a sighting
+# already stored, or met earlier in the batch, keeps its first seen_at; a missing FieldValue
+# still fails the foreign key and with it the batch.
+_INSERT_SIGHTING: Final = """
+    INSERT INTO sightings (canonical_key, record_id, source, seen_at) VALUES (?, ?, ?, ?)
+    ON CONFLICT (canonical_key, record_id, source) DO NOTHING
+"""
 _REPLACE_RECORD: Final = """
     INSERT OR REPLACE INTO records (record_id, source, ingested_at, attributes)
     VALUES (?, ?, ?, ?)
@@ -248,7 +255,8 @@ class SqliteStore(SqliteJobs):
         """Write all three in one transaction; returns the number of FieldValues inserted.
 
         A FieldValue's created_at and updated_at are its own updated_at when set (a copy from
-        another store keeps its history), otherwise the time of this write.
+        another store keeps its history), otherwise the time of this write. A sighting already
+        stored, or repeated earlier in the batch, is skipped and keeps its first seen_at.
         """
         now = utc_now()
         # Build every row before taking the lock, so the write lock is held for SQL only.

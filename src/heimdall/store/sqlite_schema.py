@@ -62,6 +62,29 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
     JOB_TABLES,
+    # One sighting per (canonical_key, record_id, source): a database written before this
+    # version may hold repeats from a re-run ingest. Of each group the earliest seen_at stays
+    # (the first written, id, among equal times), then the unique index makes write_batch's
+    # ON CONFLICT DO NOTHING possible. Its leading column serves count_sightings and the
+    # foreign key, so the index on canonical_key alone goes: one index per sighting to write.
+    (
+        """
+        DELETE FROM sightings WHERE id IN (
+            SELECT id FROM (
+                SELECT id, row_number() OVER (
+                    PARTITION BY canonical_key, record_id, source ORDER BY seen_at, id
+                ) AS position
+                FROM sightings
+            )
+            WHERE position > 1
+        )
+        """,
+        """
+        CREATE UNIQUE INDEX sightings_by_key_record_source
+            ON sightings (canonical_key, record_id, source)
+        """,
+        "DROP INDEX sightings_by_key",
+    ),
 )
 
 _CREATE_MIGRATIONS_TABLE: Final = """
