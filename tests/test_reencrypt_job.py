@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -19,9 +21,17 @@ import pytest
 from heimdall.app import build
 from heimdall.errors import LifecycleError
 from heimdall.ingest import ingest_lines
+from heimdall.modes import EncryptionMode
 from heimdall.rbac import Caller
 from heimdall.reencrypt import Run
-from heimdall.reencrypt_job import change_state, job_store, plan, run_job, start_job
+from heimdall.reencrypt_job import (
+    StopRequest,
+    change_state,
+    job_store,
+    plan,
+    run_job,
+    start_job,
+)
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
 from heimdall.store.jobs import Job, JobState
@@ -312,3 +322,172 @@ def test_status_shows_total_completed_failed_and_rate(
         0,
     )
     assert body["rate_per_second"] > 0
+
+
+# -- the pause between batches ----------------------------------------------------------------
+
+
+def _timed(data_dir: Path, *args: str, **env: str) -> float:
+    """Run ``heimdall *args`` to the end of its job; the seconds its summary says it took."""
+    result = subprocess.run(
+        [str(BIN / "heimdall"), *args],
+        env={**_env(data_dir), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = re.search(r" in (\d+\.\d+) s: job \S+ done, ", result.stdout)
+    assert summary is not None, result.stdout
+    return float(summary.group(1))
+
+
+def _interval_in_config_file(directory: Path, seconds: str) -> dict[str, str]:
+    config = directory / "heimdall.toml"
+    config.write_text(f"[key_rotation]\nreencrypt_interval_seconds = {seconds}\n")
+    config.chmod(0o600)
+    return {"HMD_CONFIG": str(config)}
+
+
+@pytest.mark.parametrize(
+    ("command", "where"),
+    [
+        (("reencrypt",), "environment"),
+        (("reencrypt",), "config file"),
+        (("reencrypt", "run"), "environment"),
+    ],
+    ids=["reencrypt-environment", "reencrypt-config-file", "reencrypt-run-environment"],
+)
+def test_reencrypt_pauses_the_configured_interval_between_batches(
+    rotated: tuple[Path, dict[str, str]], tmp_path: Path, command: tuple[str, ...], where: str
+) -> None:
+    data_dir, values = rotated
+    if command[-1] == "run":  # it joins the active job
+        service = _service(data_dir)
+        _start(service)
+        service.close()
+    interval = (
+        {"HMD_REENCRYPT_INTERVAL_SECONDS": "1"}
+        if where == "environment"
+        else _interval_in_config_file(tmp_path, "1")
+    )
+    # 400 fields in batches of 150 on one thread: 150 and 150, each followed by a pause of a
+    # second, then the last 100.
+    seconds = _timed(data_dir, *command, "--batch-size", "150", "--workers", "1", **interval)
+    assert seconds >= 1.95
+    service = _service(data_dir)
+    assert _values(service) == values
+    service.close()
+
+
+def test_migrate_start_pauses_the_configured_interval_between_batches(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    master_key = base64.b64encode(os.urandom(32)).decode()
+    legacy = _service(data_dir, encryption_mode=EncryptionMode.LEGACY, master_key=master_key)
+    ingest_lines(legacy, _lines(100), caller=CALLER, source_name="t")  # 200 legacy fields
+    legacy.close()
+    seconds = _timed(
+        data_dir,
+        "migrate",
+        "start",
+        HMD_MASTER_KEY=master_key,
+        HMD_REENCRYPT_INTERVAL_SECONDS="1",
+        HMD_REENCRYPT_BATCH_SIZE="80",
+        HMD_REENCRYPT_WORKERS="1",
+    )
+    assert seconds >= 1.95  # 80, a pause, 80, a pause, then the last 40
+
+
+def test_the_interval_option_overrides_the_setting(
+    rotated: tuple[Path, dict[str, str]],
+) -> None:
+    data_dir, _ = rotated
+    seconds = _timed(
+        data_dir,
+        *("reencrypt", "--batch-size", "150", "--workers", "1", "--interval", "0"),
+        HMD_REENCRYPT_INTERVAL_SECONDS="10",
+    )
+    assert seconds < 5
+
+
+def test_a_job_of_one_batch_does_not_wait_the_interval(
+    rotated: tuple[Path, dict[str, str]],
+) -> None:
+    data_dir, _ = rotated
+    seconds = _timed(
+        data_dir, "reencrypt", "--batch-size", "1000", HMD_REENCRYPT_INTERVAL_SECONDS="10"
+    )
+    assert seconds < 5
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "workers"),
+    # One thread, one short batch; or two threads, the first pausing after its full batch of
+    # 300 while the second drains the queue with the last 100, which ends that pause.
+    [(1000, 1), (300, 2)],
+    ids=["one-thread", "two-threads"],
+)
+def test_no_thread_pauses_once_a_batch_has_drained_the_queue(
+    rotated: tuple[Path, dict[str, str]], batch_size: int, workers: int
+) -> None:
+    data_dir, _ = rotated
+    service = _service(data_dir)
+    job = _start(service)
+    began = time.monotonic()
+    done = run_job(
+        service,
+        job.job_id,
+        caller=CALLER,
+        batch_size=batch_size,
+        interval_seconds=10,
+        workers=workers,
+    )
+    assert time.monotonic() - began < 5
+    assert (done.state, done.completed) == (JobState.DONE, 400)
+    service.close()
+
+
+def test_a_stop_request_ends_every_thread_after_its_batch_and_the_job_resumes(
+    rotated: tuple[Path, dict[str, str]],
+) -> None:
+    data_dir, values = rotated
+    service = _service(data_dir)
+    job = _start(service)
+    stop = StopRequest()
+    batches: list[int] = []
+    finals: list[Job] = []
+
+    def work() -> None:
+        finals.append(
+            run_job(
+                service,
+                job.job_id,
+                caller=CALLER,
+                batch_size=16,
+                interval_seconds=30,
+                workers=3,
+                progress=batches.append,
+                stop=stop,
+            )
+        )
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not batches:
+        assert time.monotonic() < deadline, "the first batch never committed"
+        time.sleep(0.01)
+    stop.set()  # the threads are pausing 30 s between batches: they must not wait that out
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    [stopped] = finals
+    # Each thread ends the batch it has claimed, and claims no other.
+    assert stopped.state is JobState.RUNNING
+    assert stopped.completed == 16 * len(batches) and len(batches) <= 3
+    done = run_job(service, job.job_id, caller=CALLER, batch_size=16, workers=3)
+    assert (done.state, done.completed) == (JobState.DONE, 400)
+    per_field = Counter(e["field_identifier"] for e in _rewraps(data_dir))
+    assert len(per_field) == 400 and set(per_field.values()) == {1}
+    assert _values(service) == values
+    service.close()

@@ -5,14 +5,15 @@ records a job (target key version, whether legacy fields migrate, how many field
 :func:`run_job` works it in batches claimed from the store (see :mod:`heimdall.store.jobs` for
 why a crash loses nothing and two workers never do the same field). Each batch takes the rewrap
 path for kms_v1 fields (data keys rewrapped inside the KMS, once each) and the re-encrypt path
-for legacy ones. Batch size and the pause between batches keep the job under KMS quotas.
-A job can be paused, resumed and cancelled from any process; workers notice between batches.
+for legacy ones. Batch size and the pause between batches keep the job under KMS quotas; a
+batch that comes back short has drained the queue, so no pause follows it (there is nothing left
+to pace). A job can be paused, resumed and cancelled from any process; workers notice between
+batches. A :class:`StopRequest` ends one run early, from another thread of the same process.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -30,7 +31,7 @@ from heimdall.store.jobs import Job, JobState, JobStore
 _START_ATTEMPTS = 3
 _PREFETCH_MAX = 60_000  # below Run's memo bound; beyond it, keys are rewrapped batch by batch
 
-__all__ = ["JobPlan", "change_state", "job_store", "run_job", "start_job"]
+__all__ = ["JobPlan", "StopRequest", "change_state", "job_store", "run_job", "start_job"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,42 @@ class JobPlan:
     rewrap_fields: int
     reencrypt_fields: int
     legacy_left: int
+
+
+class StopRequest:
+    """Asks :func:`run_job` to end: each of its threads ends after its batch in flight, which
+    commits, and a pause between batches ends at once; the job stays running for the next worker.
+
+    :meth:`set` may be called from any thread, but not from a signal handler: it takes a lock,
+    which the code the handler interrupted may hold (see :mod:`heimdall.cli.signals`).
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._set = False
+
+    def set(self) -> None:
+        with self._condition:
+            self._set = True
+            self._condition.notify_all()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, seconds: float) -> bool:
+        """Wait up to *seconds* for the request; whether it has been made."""
+        return self._wait(seconds, until=lambda: False)
+
+    def _wait(self, seconds: float, *, until: Callable[[], bool]) -> bool:
+        """:meth:`wait`, ending early too once *until* holds (it is checked on :meth:`_wake`)."""
+        with self._condition:
+            self._condition.wait_for(lambda: self._set or until(), seconds)
+            return self._set
+
+    def _wake(self) -> None:
+        """Have every :meth:`_wait` check its *until* again."""
+        with self._condition:
+            self._condition.notify_all()
 
 
 def job_store(heimdall: Heimdall) -> JobStore:
@@ -144,13 +181,16 @@ def run_job(
     interval_seconds: float = 0.0,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
-    sleep: Callable[[float], None] = time.sleep,
+    stop: StopRequest | None = None,
 ) -> Job:
-    """Work *job_id* until nothing is pending or it is paused or cancelled; its final state.
+    """Work *job_id* until nothing is pending, it is paused or cancelled, or *stop* is set; the
+    job as it then is (still running after a stop).
 
     *workers* threads claim batches side by side, as separate worker processes would (each
     pausing *interval_seconds* after its own batch): while one waits for the store or the KMS,
-    another computes. The first error stops them all after their current batch, and is raised.
+    another computes. A batch smaller than *batch_size* drained the queue: no thread pauses
+    after it, and the pauses under way end. The first error stops every thread after its
+    current batch, and is raised.
     """
     heimdall.require(caller, Permission.REENCRYPT)
     if workers < 1:
@@ -172,7 +212,7 @@ def run_job(
         batch_size=batch_size,
         interval_seconds=interval_seconds,
         progress=progress,
-        sleep=sleep,
+        stop=stop or StopRequest(),
     )
     if workers == 1:
         stopped = batches.work(run)
@@ -198,7 +238,7 @@ class _Batches:
         batch_size: int,
         interval_seconds: float,
         progress: Callable[[int], None] | None,
-        sleep: Callable[[float], None],
+        stop: StopRequest,
     ) -> None:
         self.heimdall = heimdall
         self.jobs = jobs
@@ -206,8 +246,10 @@ class _Batches:
         self.batch_size = batch_size
         self.interval_seconds = interval_seconds
         self.progress = progress
-        self.sleep = sleep
-        self.halt = threading.Event()
+        self.stop = stop
+        # Set once, never cleared; each is followed by stop._wake(), which ends the pauses.
+        self.failed = False  # a thread raised: the others end after their batch
+        self.drained = False  # a batch came back short: no more pauses in this run
         self._progress_lock = threading.Lock()
 
     def work_together(self, runs: list[Run]) -> Job | None:
@@ -219,7 +261,8 @@ class _Batches:
                 job = self.work(run)
             except BaseException as exc:  # raised again below, in the caller's thread
                 errors.append(exc)
-                self.halt.set()
+                self.failed = True
+                self.stop._wake()
                 return
             if job is not None:
                 stopped.append(job)
@@ -237,14 +280,15 @@ class _Batches:
         return stopped[0] if stopped else None
 
     def work(self, run: Run) -> Job | None:
-        """Claim and do batches until none is left (None) or the job stops running (the job)."""
+        """Claim and do batches until none is left (None), or the job stops running or this run
+        is asked to stop (the job)."""
         jobs, cipher, legacy = self.jobs, run.cipher, self.heimdall.router.legacy
-        while not self.halt.is_set():
+        while not self.failed:
             job = jobs.get_job(self.job_id)
             if job is None:
                 raise LifecycleError(f"no re-encryption job {self.job_id}")
             metrics.set_job_progress(job)  # the counters as of the last committed batch
-            if job.state is not JobState.RUNNING:
+            if job.state is not JobState.RUNNING or self.stop.is_set():
                 return job
             updated = run.report.rewrapped + run.report.reencrypted
             with jobs.claim(job, self.batch_size) as claim:
@@ -281,8 +325,13 @@ class _Batches:
             if self.progress is not None:
                 with self._progress_lock:
                     self.progress(claimed)
-            if self.interval_seconds:
-                self.sleep(self.interval_seconds)
+            if claimed < self.batch_size:
+                # The queue is drained: pacing the last claim (it finds nothing, or what a
+                # rolled-back batch left) would only make the job end an interval later.
+                self.drained = True
+                self.stop._wake()
+            elif self.interval_seconds and not self.drained:
+                self.stop._wait(self.interval_seconds, until=lambda: self.drained or self.failed)
         return None
 
 

@@ -15,19 +15,20 @@ spec: Key Rotation Strategy (Rotation Cadence, Rotation Procedure, Configuration
 3. **Work** the active job, whoever started it, until it is done, paused or cancelled: batches
    of ``reencrypt_batch_size`` with ``reencrypt_interval_seconds`` between them, the spec's
    pause that keeps a job under the KMS's request quotas (``reencrypt_interval_seconds=0``
-   works a job at full speed).
+   works a job at full speed; no pause follows the batch that drains the queue).
 4. **Disable** retired versions past ``grace_period_days`` that nothing depends on
    (:func:`heimdall.lifecycle.disable_expired`; spec: Retire Old Key), when rotation is on.
 5. **Refresh** ``heimdall_fields_by_key_version`` and ``heimdall_reencryption_progress``.
 
-Cycles start ``reencrypt_interval_seconds`` apart (at least one second). :meth:`Worker.stop`,
-which the CLI calls on SIGTERM and SIGINT, ends the worker between batches: the batch in flight
-commits first, and the job stays running for the next worker to resume.
+Cycles start ``reencrypt_interval_seconds`` apart (at least one second). :meth:`Worker.stop`
+ends the worker between batches: the batch in flight commits first, a pause ends at once, and
+the job stays running for the next worker to resume. It takes a lock, so it is called from a
+thread, never from a signal handler: the CLI calls it from its signal watcher on the first
+SIGTERM or SIGINT (see :mod:`heimdall.cli.signals`).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from heimdall.kms.base import KeyDescription
 from heimdall.lifecycle import disable_expired
 from heimdall.modes import EncryptionMode
 from heimdall.rbac import Caller
-from heimdall.reencrypt_job import job_store, plan, run_job, start_job
+from heimdall.reencrypt_job import StopRequest, job_store, plan, run_job, start_job
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
 from heimdall.store.jobs import Job, JobState
@@ -54,10 +55,6 @@ CLAIM_TIMEOUT_SECONDS: Final = 3_600.0
 # Field counts are a GROUP BY over every field: refreshed at most this often during a job.
 FIELD_COUNTS_EVERY_SECONDS: Final = 60.0
 ROTATION_CLAIM_META: Final = "worker_rotation_from_v"
-
-
-class _Stopped(Exception):
-    """Raised from run_job's callbacks, which run only after a batch has committed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +90,12 @@ class Worker:
         self.caller = caller
         self._clock = clock
         self._log = log
-        self._stop = threading.Event()
+        self._stop = StopRequest()
         self._counts_refreshed = float("-inf")
         self._warned_no_created_at = False
 
     def stop(self) -> None:
-        """Stop after the current batch (safe from a signal handler or another thread)."""
+        """Stop after the batch in flight; from any thread, but not from a signal handler."""
         self._stop.set()
 
     def run(self, *, once: bool = False) -> None:
@@ -208,18 +205,17 @@ class Worker:
 
     def _work(self, job: Job) -> Job | None:
         """Run the job until it stops; None when this worker was asked to stop first."""
-        try:
-            final = run_job(
-                self.heimdall,
-                job.job_id,
-                caller=self.caller,
-                batch_size=self.settings.reencrypt_batch_size,
-                interval_seconds=self.settings.reencrypt_interval_seconds,
-                workers=self.settings.reencrypt_workers,
-                progress=self._after_batch,
-                sleep=self._pause,
-            )
-        except _Stopped:
+        final = run_job(
+            self.heimdall,
+            job.job_id,
+            caller=self.caller,
+            batch_size=self.settings.reencrypt_batch_size,
+            interval_seconds=self.settings.reencrypt_interval_seconds,
+            workers=self.settings.reencrypt_workers,
+            progress=self._after_batch,
+            stop=self._stop,
+        )
+        if final.state is JobState.RUNNING and self._stop.is_set():
             self._log(f"stopping: job {job.job_id} stays running for the next worker")
             return None
         self._log(
@@ -231,12 +227,6 @@ class Worker:
     def _after_batch(self, claimed: int) -> None:
         # run_job has committed the batch and set heimdall_reencryption_progress already.
         self._refresh_counts(force=False)
-        if self._stop.is_set():
-            raise _Stopped
-
-    def _pause(self, seconds: float) -> None:
-        if self._stop.wait(seconds):
-            raise _Stopped
 
     def _refresh_counts(self, *, force: bool) -> None:
         now = time.monotonic()

@@ -3,15 +3,18 @@
 ``heimdall reencrypt`` starts a job (or joins the active one) and works it in the foreground
 with a progress bar; more workers join with ``heimdall reencrypt run``, on any machine sharing
 the store. ``status``, ``pause``, ``resume`` and ``cancel`` act on the active job from anywhere.
+Both pause ``reencrypt_interval_seconds`` between batches, as ``heimdall worker`` does, unless
+``--interval`` says otherwise, and stop as it does on SIGTERM and SIGINT (see
+:func:`heimdall.cli.signals.stop_signals`).
 """
 
 from __future__ import annotations
 
+import signal
 import time
 from datetime import datetime
 from typing import Annotated
 
-import orjson
 import typer
 
 from heimdall.cli.common import (
@@ -26,7 +29,18 @@ from heimdall.cli.common import (
     reencrypt_app,
     tracked,
 )
-from heimdall.reencrypt_job import change_state, job_store, plan, run_job, start_job
+from heimdall.cli.output import write_json
+from heimdall.cli.signals import stop_signals
+from heimdall.modes import MIGRATE_HINT
+from heimdall.rbac import Permission
+from heimdall.reencrypt_job import (
+    StopRequest,
+    change_state,
+    job_store,
+    plan,
+    run_job,
+    start_job,
+)
 from heimdall.service import Heimdall
 from heimdall.store.jobs import Job, JobState
 
@@ -34,7 +48,12 @@ BatchOption = Annotated[
     int | None, typer.Option("--batch-size", min=1, max=100_000, help="Fields per batch.")
 ]
 IntervalOption = Annotated[
-    float, typer.Option("--interval", min=0, help="Seconds to wait between batches.")
+    float | None,
+    typer.Option(
+        "--interval",
+        min=0,
+        help="Seconds to wait between batches (default: HMD_REENCRYPT_INTERVAL_SECONDS).",
+    ),
 ]
 WorkersOption = Annotated[
     int | None,
@@ -57,7 +76,7 @@ def reencrypt_command(
     *,
     actor: ActorOption = None,
     batch_size: BatchOption = None,
-    interval: IntervalOption = 0.0,
+    interval: IntervalOption = None,
     workers: WorkersOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would change.")] = False,
 ) -> None:
@@ -97,31 +116,52 @@ def run_here(
     *,
     caller_actor: str | None,
     batch_size: int | None,
-    interval: float,
+    interval: float | None,
     workers: int | None,
 ) -> None:
+    """Work *job* in this process; None options take the key_rotation settings. The first
+    SIGTERM or SIGINT stops it after the batch in flight (exit status 128 + the signal's
+    number), the second at once."""
     from heimdall.cli.common import load_settings  # noqa: PLC0415 - same settings as the service
 
     settings = load_settings()
     caller = caller_for(settings, caller_actor)
     remaining = job_store(service).count_pending(job)
+    stop = StopRequest()
+    stopped_by: list[signal.Signals] = []
+
+    def stopping(received: signal.Signals) -> None:
+        err.print(
+            f"{received.name} received: stopping after the batch in flight "
+            "(send it again to exit at once)",
+            markup=False,
+        )
+        stopped_by.append(received)
+        stop.set()
+
     started = time.monotonic()
-    with progress_bar(remaining, "reencrypt") as progress:
+    with stop_signals(stopping), progress_bar(remaining, "reencrypt") as progress:
         final = run_job(
             service,
             job.job_id,
             caller=caller,
             batch_size=batch_size or settings.reencrypt_batch_size,
-            interval_seconds=interval,
+            interval_seconds=settings.reencrypt_interval_seconds if interval is None else interval,
             workers=workers or settings.reencrypt_workers,
             progress=tracked(progress, remaining),
+            stop=stop,
         )
     out.print(_summary(final, time.monotonic() - started), markup=False)
+    if stopped_by and final.state is JobState.RUNNING:
+        err.print(
+            f"stopped: job {final.job_id} stays running; `heimdall reencrypt run` resumes it",
+            markup=False,
+        )
+        raise typer.Exit(128 + stopped_by[0])
     legacy_left = plan(service, caller=caller).legacy_left
     if legacy_left:
         err.print(
-            f"{legacy_left:,} legacy fields were left as they are: set "
-            "HMD_ENCRYPTION_MODE=hybrid with HMD_MASTER_KEY to migrate them",
+            f"{legacy_left:,} legacy fields were left as they are: {MIGRATE_HINT}",
             markup=False,
         )
     if final.failed:
@@ -132,7 +172,7 @@ def run_here(
 def reencrypt_run(
     actor: ActorOption = None,
     batch_size: BatchOption = None,
-    interval: IntervalOption = 0.0,
+    interval: IntervalOption = None,
     workers: WorkersOption = None,
 ) -> None:
     """Join the active job as one more worker."""
@@ -161,7 +201,7 @@ def _active(service: Heimdall) -> Job:
 def reencrypt_status(as_json: JsonOption = False, actor: ActorOption = None) -> None:
     """Total, completed, failed and pending of the newest job."""
     with open_service() as (service, settings):
-        caller_for(settings, actor)
+        service.require(caller_for(settings, actor), Permission.READ_STATUS)
         jobs = job_store(service)
         job = jobs.latest_job()
         if job is None:
@@ -181,7 +221,7 @@ def reencrypt_status(as_json: JsonOption = False, actor: ActorOption = None) -> 
         "updated_at": job.updated_at,
     }
     if as_json:
-        out.print_json(orjson.dumps(body).decode())
+        write_json(body)
         return
     out.print(
         f"job {job.job_id} {job.state.value}: {job.completed:,} of {job.total:,} done, "

@@ -5,21 +5,22 @@ on 127.0.0.1 unless ``--metrics-addr`` says otherwise: they hold no secret, but 
 job progress and call rates are nobody else's business. With Vault the worker needs the
 heimdall-admin policy (rotate, rewrap, read and configure the key), not heimdall-worker, which
 is for decrypt-only enrichment workers.
+
 """
 
 from __future__ import annotations
 
 import signal
-from types import FrameType
 from typing import Annotated
 
 import typer
 
 from heimdall import metrics
 from heimdall.cli.common import ActorOption, app, caller_for, err, open_service
+from heimdall.cli.signals import stop_signals
 from heimdall.worker import Worker
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+__all__ = ["worker_command"]
 
 
 def _log(line: str) -> None:
@@ -40,7 +41,7 @@ def worker_command(
 ) -> None:
     """Rotate the master key on schedule and work the re-encryption job (key_rotation settings).
 
-    Stops cleanly on SIGTERM or SIGINT, after the batch in flight.
+    Stops cleanly on SIGTERM or SIGINT, after the batch in flight; at once on a second one.
     """
     with open_service() as (service, settings):
         worker = Worker(service, settings, caller=caller_for(settings, actor), log=_log)
@@ -49,16 +50,17 @@ def worker_command(
             server = metrics.serve(metrics_port, metrics_addr)
             _log(f"serving metrics on http://{metrics_addr}:{server.server_port}/metrics")
 
-        def stop(signum: int, frame: FrameType | None) -> None:
-            _log(f"{signal.Signals(signum).name} received: stopping after the current batch")
+        def stop(received: signal.Signals) -> None:
+            _log(
+                f"{received.name} received: stopping after the current batch "
+                "(send it again to exit at once)"
+            )
             worker.stop()
 
-        previous = {sig: signal.signal(sig, stop) for sig in _STOP_SIGNALS}
         try:
-            worker.run(once=once)
+            with stop_signals(stop):
+                worker.run(once=once)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             if server is not None:
                 server.shutdown()
                 server.server_close()
