@@ -236,12 +236,19 @@ def _wait_until_serving(server: DevServer, deadline: float) -> None:
 
 
 def create_key(server: DevServer, name: str) -> None:
-    """A derived Transit key, as ``heimdall vault bootstrap`` creates it."""
+    """A derived Transit key and its audit-checkpoint key, as ``heimdall vault bootstrap``
+    creates them."""
     server.require(
         "POST",
         f"{MOUNT}/keys/{name}",
         {"type": "aes256-gcm96", "derived": True},
         f"creating transit key {name}",
+    )
+    server.require(
+        "POST",
+        f"{MOUNT}/keys/{name}-audit",
+        {"type": "hmac", "key_size": 32},
+        f"creating transit key {name}-audit",
     )
 
 

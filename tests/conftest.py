@@ -25,7 +25,7 @@ from heimdall.rbac import Caller
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
 
-pytest_plugins = ["vault_server", "postgres_server"]
+pytest_plugins = ["vault_server", "postgres_server", "cli_runner"]
 PEOPLE_FILE = Path(__file__).resolve().parent.parent / "examples" / "people.jsonl"
 PEOPLE_SAMPLE_SIZE = 40
 

@@ -12,7 +12,6 @@ import os
 import pty
 import re
 import select
-import shutil
 import stat
 import subprocess
 import sys
@@ -23,15 +22,17 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-HEIMDALL = shutil.which("heimdall", path=str(Path(sys.executable).parent)) or shutil.which(
-    "heimdall"
+from cli_runner import (
+    ANSI,
+    HEIMDALL,
+    PEOPLE_FILE,
+    REPO,
+    TIMEOUT,
+    Cli,
+    assert_one_line_error,
+    clean_environ,
+    nonempty_lines,
 )
-PEOPLE_FILE = REPO / "examples" / "people.jsonl"
-TIMEOUT = 120
-# Rich treats these as "this is a terminal"; a test must not inherit them.
-_TERMINAL_OVERRIDES = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
-_ANSI = re.compile(r"\x1b\[")
 
 pytestmark = pytest.mark.skipif(HEIMDALL is None, reason="the heimdall console script is missing")
 
@@ -63,88 +64,6 @@ RECORDS: list[dict[str, Any]] = [
     },
 ]
 RECORD_FIELDS = 9
-
-
-def clean_environ() -> dict[str, str]:
-    """os.environ without any HMD_* variable or terminal override."""
-    return {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith("HMD_") and name not in _TERMINAL_OVERRIDES
-    }
-
-
-def nonempty_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.strip()]
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    """The single ``error:`` line of a failed run (non-zero exit, no traceback)."""
-    assert result.returncode != 0, result
-    assert "Traceback" not in result.stderr
-    lines = nonempty_lines(result.stderr)
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
-@dataclass
-class Cli:
-    """Runs the console script in *cwd* with one data dir and a clean environment."""
-
-    cwd: Path
-    data_dir: Path
-
-    @property
-    def env(self) -> dict[str, str]:
-        env = clean_environ()
-        env["HMD_DATA_DIR"] = str(self.data_dir)
-        env["HMD_AUDIT_FSYNC"] = "false"
-        return env
-
-    def run(
-        self, *args: str, env: Mapping[str, str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        assert HEIMDALL is not None
-        return subprocess.run(
-            [HEIMDALL, *args],
-            cwd=self.cwd,
-            env={**self.env, **(env or {})},
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            check=False,
-        )
-
-    def ok(self, *args: str, env: Mapping[str, str] | None = None) -> str:
-        """stdout of a run that must succeed."""
-        result = self.run(*args, env=env)
-        assert result.returncode == 0, result
-        assert "Traceback" not in result.stderr
-        return result.stdout
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self.ok(*args, "--json"))
-
-    def write_jsonl(self, name: str, lines: list[str]) -> Path:
-        path = self.cwd / name
-        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        return path
-
-    def write_records(self, name: str, records: list[dict[str, Any]]) -> Path:
-        return self.write_jsonl(name, [json.dumps(record) for record in records])
-
-    def canonical_key(self, field: str, value: str) -> str:
-        result = self.json("lookup", field, value)
-        assert result["found"] is True
-        key = result["canonical_key"]
-        assert isinstance(key, str)
-        return key
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Cli:
-    return Cli(cwd=tmp_path, data_dir=tmp_path / "data")
 
 
 def field_counts(status: Mapping[str, Any]) -> list[tuple[str, int, int]]:
@@ -193,8 +112,10 @@ def test_full_flow_ingest_lookup_decrypt_rotate_reencrypt_audit(cli: Cli) -> Non
     assert len(tail) == 3
     events = [json.loads(line) for line in tail]
     assert all({"event_type", "actor", "hash"} <= set(event) for event in events)
-    assert events[-1]["event_type"] == "crypto.decrypt"
-    assert events[-1]["reason"] == "support:ticket-2"
+    # The command's closing audit checkpoint follows its events.
+    assert events[-1]["event_type"] == "audit.checkpoint"
+    assert events[-2]["event_type"] == "crypto.decrypt"
+    assert events[-2]["reason"] == "support:ticket-2"
     assert "Ann.Smith" not in cli.data_dir.joinpath("audit.log").read_text(encoding="utf-8")
 
     assert "audit trail intact" in cli.ok("audit", "verify")
@@ -282,8 +203,13 @@ def test_set_min_decryption_version_is_refused_while_fields_depend_on_older_vers
 )
 def test_production_on_the_local_keyring_warns_once(cli: Cli, command: list[str]) -> None:
     cli.write_records("people.jsonl", RECORDS)
+    config = cli.cwd / "heimdall.toml"
+    config.write_text(
+        'env = "production"\nrole = "heimdall-app"\naudit_fsync = false\n', encoding="utf-8"
+    )
 
-    result = cli.run(*command, env={"HMD_ENV": "production"})
+    # In production the audit settings come from the config file only (empty = unset).
+    result = cli.run(*command, env={"HMD_CONFIG": str(config), "HMD_AUDIT_FSYNC": ""})
 
     assert result.returncode == 0, result
     lines = nonempty_lines(result.stderr)
@@ -313,7 +239,7 @@ def test_progress_bar_is_not_drawn_when_stderr_is_not_a_terminal(cli: Cli) -> No
 
     assert result.returncode == 0, result
     assert result.stderr == ""
-    assert not _ANSI.search(result.stdout)
+    assert not ANSI.search(result.stdout)
     assert nonempty_lines(result.stdout) == [nonempty_lines(result.stdout)[0]]
     assert result.stdout.startswith("ingested 40 records")
 

@@ -163,6 +163,9 @@ def test_a_field_that_fails_in_a_job_batch_is_counted_as_a_failure(
     assert value("heimdall_reencryption_progress", status="failed") == 1
 
 
+MISSING_KEY = "email:hash:" + "0" * 64
+
+
 def test_decrypt_counts_fields_and_an_all_or_nothing_failure(
     make_service: ServiceFactory, ingest: Ingest, caller: Caller, people: list[dict[str, Any]]
 ) -> None:
@@ -174,7 +177,7 @@ def test_decrypt_counts_fields_and_an_all_or_nothing_failure(
     assert crypto_ops(rise, "decrypt", "local", "success") == 25
     assert crypto_batches(rise, "decrypt", "local") == 1
     with pytest.raises(FieldNotFound):
-        service.decrypt_many([*keys[:3], "email:hash:00"], reason="test:metrics", caller=caller)
+        service.decrypt_many([*keys[:3], MISSING_KEY], reason="test:metrics", caller=caller)
     assert crypto_ops(rise, "decrypt", "local", "failure") == 4
     assert crypto_ops(rise, "decrypt", "local", "success") == 25
 

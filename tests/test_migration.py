@@ -15,7 +15,14 @@ MASTER_KEY = base64.b64encode(os.urandom(32)).decode()
 
 def _run(data_dir: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HMD_")}
-    env.update({"HMD_DATA_DIR": str(data_dir), "HMD_AUDIT_FSYNC": "false", **extra})
+    env.update(
+        {
+            "HMD_DATA_DIR": str(data_dir),
+            "HMD_AUDIT_FSYNC": "false",
+            "HMD_REENCRYPT_INTERVAL_SECONDS": "0",  # migrate start pauses so between batches
+            **extra,
+        }
+    )
     return subprocess.run(
         [str(BIN / "heimdall"), *args], env=env, capture_output=True, text=True, check=False
     )
@@ -57,12 +64,20 @@ def test_migration_phases_end_to_end_on_ten_thousand_legacy_fields(tmp_path: Pat
     other = _run(data_dir, "status", HMD_ENCRYPTION_MODE="legacy")
     assert "overrides HMD_ENCRYPTION_MODE=legacy" in other.stderr
 
+    # spec: Rollback Plan. New writes go under the env key again; KMS fields still read.
     rolled = _run(data_dir, "migrate", "rollback", HMD_MASTER_KEY=MASTER_KEY)
     assert rolled.returncode == 0, rolled.stderr
     status = json.loads(
         _run(data_dir, "migrate", "status", "--json", HMD_MASTER_KEY=MASTER_KEY).stdout
     )
-    assert status["mode"] == "hybrid"
+    assert status["mode"] == "legacy"
+    late = tmp_path / "late.jsonl"
+    late.write_text(json.dumps({"id": "late", "email": "late@example.com"}) + "\n")
+    assert _run(data_dir, "ingest", str(late), HMD_MASTER_KEY=MASTER_KEY).returncode == 0
+    status = json.loads(
+        _run(data_dir, "migrate", "status", "--json", HMD_MASTER_KEY=MASTER_KEY).stdout
+    )
+    assert (status["legacy_fields"], status["kms_fields"]) == (1, 10_000)
     again = _run(
         data_dir,
         "decrypt",
@@ -72,6 +87,17 @@ def test_migration_phases_end_to_end_on_ten_thousand_legacy_fields(tmp_path: Pat
         HMD_MASTER_KEY=MASTER_KEY,
     )
     assert again.stdout == "p42@example.com\n"
+    hybrid = _run(data_dir, "migrate", "rollback", "--to", "hybrid", HMD_MASTER_KEY=MASTER_KEY)
+    assert hybrid.returncode == 0, hybrid.stderr
+    resumed = _run(data_dir, "migrate", "start", HMD_MASTER_KEY=MASTER_KEY)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "1 of 1 fields done, 0 failed" in resumed.stdout
     events = [json.loads(x) for x in (data_dir / "audit.log").read_text().splitlines()]
     modes = [e["operation"] for e in events if e["event_type"] == "config.mode"]
-    assert modes == ["unset -> hybrid", "hybrid -> kms", "kms -> hybrid"]
+    assert modes == [
+        "unset -> hybrid",
+        "hybrid -> kms",
+        "kms -> legacy",
+        "legacy -> hybrid",
+        "hybrid -> hybrid",
+    ]

@@ -113,7 +113,7 @@ def test_legacy_mode_reads_kms_fields_for_rollback(
     assert legacy.decrypt(kms_key, reason=REASON, caller=caller) == people[0]["email"]
 
 
-def test_kms_mode_refuses_legacy_field_naming_reencrypt(
+def test_kms_mode_refuses_legacy_field_naming_the_migration(
     *,
     make_service: ServiceFactory,
     ingest: Ingest,
@@ -131,7 +131,7 @@ def test_kms_mode_refuses_legacy_field_naming_reencrypt(
     with pytest.raises(ModeViolation) as info:
         kms.decrypt(key, reason=REASON, caller=caller)
 
-    assert "heimdall reencrypt" in str(info.value)
+    assert "heimdall migrate start" in str(info.value)
     assert people[0]["email"] not in str(info.value)
     last = audit_events()[-1]
     assert last["event_type"] == "crypto.decrypt"
@@ -212,7 +212,7 @@ def test_kms_mode_refuses_ingest_while_blind_index_key_is_legacy(
     legacy.close()
     kms = make_service(EncryptionMode.KMS)
 
-    with pytest.raises(ModeViolation, match="heimdall reencrypt"):
+    with pytest.raises(ModeViolation, match="heimdall migrate start"):
         ingest(kms, people[3:6])
 
     assert kms.store.field_counts() == before

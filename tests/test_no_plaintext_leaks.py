@@ -193,7 +193,12 @@ def _run(
     _tamper(hybrid, keys[0])
     failures: list[tuple[type[HeimdallError], Callable[[], object]]] = [
         (DecryptionFailed, lambda: hybrid.decrypt(keys[0], reason=REASON, caller=caller)),
-        (FieldNotFound, lambda: hybrid.decrypt("email:hash:00", reason=REASON, caller=caller)),
+        (
+            FieldNotFound,
+            lambda: hybrid.decrypt("email:hash:" + "0" * 64, reason=REASON, caller=caller),
+        ),
+        # A value given where its canonical key belongs must reach neither message nor trail.
+        (InvalidInput, lambda: hybrid.decrypt(records[0]["email"], reason=REASON, caller=caller)),
         (PermissionDenied, lambda: hybrid.decrypt(keys[1], reason="", caller=caller)),
         (InvalidInput, lambda: hybrid.lookup("ip", records[0]["name"], caller=caller)),
         (InvalidInput, lambda: hybrid.lookup("email", records[0]["phone"], caller=caller)),

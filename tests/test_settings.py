@@ -85,7 +85,6 @@ def test_hmd_variables_override_every_default(tmp_path: Path) -> None:
             "HMD_STORE": "sqlite",
             "HMD_AUDIT_FSYNC": "off",
             "HMD_POLICY": str(tmp_path / "policy.toml"),
-            "HMD_ENV": "production",
             "HMD_ROLE": "heimdall-admin",
             "HMD_ACTOR": "ops:bob",
             "HMD_DEK_MAX_USES": "7",
@@ -102,7 +101,6 @@ def test_hmd_variables_override_every_default(tmp_path: Path) -> None:
     assert settings.store is StoreKind.SQLITE
     assert settings.audit_fsync is False
     assert settings.policy == tmp_path / "policy.toml"
-    assert settings.env is Environment.PRODUCTION
     assert settings.role == "heimdall-admin"
     assert settings.actor == "ops:bob"
     assert settings.dek_max_uses == 7
@@ -155,6 +153,7 @@ def test_config_file_sets_values(tmp_path: Path) -> None:
         dek_max_age_seconds = 2.5
         ingest_batch_size = 9
         env = "production"
+        role = "heimdall-app"
         """,
     )
 
@@ -168,6 +167,7 @@ def test_config_file_sets_values(tmp_path: Path) -> None:
     assert settings.dek_max_age_seconds == 2.5
     assert settings.ingest_batch_size == 9
     assert settings.env is Environment.PRODUCTION
+    assert settings.role == "heimdall-app"
 
 
 def test_environment_wins_over_the_file_and_the_file_over_defaults(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,7 @@ def test_bootstrap_on_fresh_mount_enables_it_creates_derived_key_policies_and_ro
     assert report.actions == (
         f"enabled transit at {mount}/",
         f"created key {key} (aes256-gcm96, derived, not exportable)",
+        f"created audit key {key}-audit (hmac, not exportable)",
         *(f"wrote policy {role}" for role in ROLES),
         f"enabled approle at {approle}/",
         *(
@@ -135,6 +137,9 @@ def test_bootstrap_on_fresh_mount_enables_it_creates_derived_key_policies_and_ro
     assert described["derived"] is True
     assert described["exportable"] is False
     assert described["allow_plaintext_backup"] is False
+    audit_key = root.secrets.transit.read_key(f"{key}-audit", mount_point=mount)["data"]
+    assert audit_key["type"] == "hmac"
+    assert (audit_key["exportable"], audit_key["allow_plaintext_backup"]) == (False, False)
     for role in ROLES:
         rules = root.sys.read_policy(role)["data"]["rules"]
         assert rules == policy_text(role, mount=mount, key_name=key)
@@ -156,7 +161,7 @@ def test_second_bootstrap_changes_nothing_and_keeps_the_key_version(
 
     again = bootstrap(root, key_name=deployment.key, approle_mount=deployment.report.approle_mount)
 
-    assert len(again.actions) == len(deployment.report.actions) == 11
+    assert len(again.actions) == len(deployment.report.actions) == 12
     assert all(re.search(r" (exists|unchanged)\b", action) for action in again.actions)
     after = root.secrets.transit.read_key(deployment.key, mount_point="transit")["data"]
     assert after["latest_version"] == before["latest_version"] == 1
@@ -212,6 +217,29 @@ def test_bootstrap_refuses_an_existing_key_it_cannot_use(
 
     assert "new key name" in str(refused.value)
     assert root.secrets.transit.read_key(key, mount_point="transit")["data"]["latest_version"] == 1
+    assert f"{approle}/" not in root.sys.list_auth_methods()["data"]  # stopped at the key
+
+
+@pytest.mark.parametrize(
+    ("key_settings", "complaint"),
+    [
+        ({"type": "aes256-gcm96"}, "not hmac"),
+        ({"type": "hmac", "key_size": 32, "exportable": True}, "is exportable"),
+        ({"type": "hmac", "key_size": 32, "allow_plaintext_backup": True}, "plaintext backup"),
+    ],
+    ids=["other-type", "exportable", "plaintext-backup"],
+)
+def test_bootstrap_refuses_an_existing_audit_key_it_cannot_use(
+    bao: BaoServer, key_settings: dict[str, Any], complaint: str
+) -> None:
+    root = bao.client()
+    key, approle = _unique("bootstrap"), _unique("approle")
+    root.adapter.post(f"/v1/transit/keys/{key}-audit", json=key_settings)
+
+    with pytest.raises(ConfigurationError, match=complaint) as refused:
+        bootstrap(root, key_name=key, approle_mount=approle)
+
+    assert f"{key}-audit" in str(refused.value)
     assert f"{approle}/" not in root.sys.list_auth_methods()["data"]  # stopped at the key
 
 
@@ -324,7 +352,7 @@ def test_admin_rotates_configures_rewraps_and_lists_audit_devices_but_never_sees
     )
 
 
-def test_audit_lists_audit_devices_and_is_denied_everything_under_transit(
+def test_audit_lists_audit_devices_and_is_denied_the_master_key(
     deployment: Deployment, roles: dict[str, hvac.Client]
 ) -> None:
     key, audit = deployment.key, roles["heimdall-audit"]
@@ -344,6 +372,41 @@ def test_audit_lists_audit_devices_and_is_denied_everything_under_transit(
         assert deployment.capabilities(audit.token, path) == ["deny"]
 
 
+def _hmac(client: hvac.Client, key: str, message: bytes) -> str:
+    body = {"input": base64.b64encode(message).decode(), "algorithm": "sha2-256"}
+    return str(client.adapter.post(f"/v1/transit/hmac/{key}", json=body)["data"]["hmac"])
+
+
+def _verify(client: hvac.Client, key: str, message: bytes, mac: str) -> bool:
+    body = {"input": base64.b64encode(message).decode(), "hmac": mac, "algorithm": "sha2-256"}
+    return bool(client.adapter.post(f"/v1/transit/verify/{key}", json=body)["data"]["valid"])
+
+
+def test_writers_make_audit_macs_and_checkers_verify_them_and_nothing_else(
+    deployment: Deployment, roles: dict[str, hvac.Client]
+) -> None:
+    audit_key = f"{deployment.key}-audit"
+    message = b"heimdall.audit.checkpoint.v1\n1000"
+    writers = ("heimdall-app", "heimdall-worker", "heimdall-admin")
+    checkers = ("heimdall-admin", "heimdall-audit")
+
+    macs = {role: _hmac(roles[role], audit_key, message) for role in writers}
+
+    assert len(set(macs.values())) == 1  # one key, whoever asks
+    mac = macs["heimdall-app"]
+    assert mac.startswith("vault:v1:")
+    for role in checkers:
+        assert _verify(roles[role], audit_key, message, mac)
+        assert not _verify(roles[role], audit_key, message + b"1", mac)
+    _refused(lambda: _hmac(roles["heimdall-audit"], audit_key, message))
+    for role in ("heimdall-app", "heimdall-worker"):
+        _refused(partial(_verify, roles[role], audit_key, message, mac))
+    for role, client in roles.items():
+        # The audit key authenticates checkpoints and nothing else; the master key is no MAC key.
+        assert deployment.capabilities(client.token, f"transit/keys/{audit_key}") == ["deny"], role
+        _refused(partial(_hmac, client, deployment.key, message))
+
+
 EXPORT_PATHS = (
     "transit/export/encryption-key/{key}",
     "transit/export/encryption-key/{key}/1",
@@ -351,6 +414,12 @@ EXPORT_PATHS = (
     "transit/export/hmac-key/{key}/1",
     "transit/backup/{key}",
     "transit/keys/{key}/trim",
+    "transit/export/encryption-key/{key}-audit",
+    "transit/export/encryption-key/{key}-audit/1",
+    "transit/export/hmac-key/{key}-audit",
+    "transit/export/hmac-key/{key}-audit/1",
+    "transit/backup/{key}-audit",
+    "transit/keys/{key}-audit/trim",
 )
 
 
@@ -372,6 +441,13 @@ def grant_everything(deployment: Deployment) -> Iterator[str]:
         "transit/export/hmac-key/{key}",
         "transit/backup/{key}",
         "transit/keys/{key}/trim",
+        "transit/export/+/{key}-audit",
+        "transit/export/encryption-key/{key}-audit/*",
+        "transit/export/hmac-key/{key}-audit/*",
+        "transit/export/encryption-key/{key}-audit",
+        "transit/export/hmac-key/{key}-audit",
+        "transit/backup/{key}-audit",
+        "transit/keys/{key}-audit/trim",
     ]
     everything = '["create", "read", "update", "delete", "list", "sudo"]'
     rules = "\n".join(
@@ -400,6 +476,11 @@ def test_every_role_even_all_together_is_denied_export_backup_and_trim(
     assert "sudo" in deployment.capabilities(everything, f"transit/hmac/{key}")
     _refused(lambda: deployment.bao.client(everything).secrets.transit.trim_key(key, 1))
     _refused(lambda: deployment.bao.client(everything).secrets.transit.backup_key(key))
+    audit_key = f"{key}-audit"
+    _refused(lambda: deployment.bao.client(everything).secrets.transit.backup_key(audit_key))
+    _refused(
+        lambda: deployment.bao.client(everything).secrets.transit.export_key(audit_key, "hmac-key")
+    )
 
 
 # --------------------------------------------------------------------------- policy files
@@ -431,6 +512,12 @@ def test_policy_text_with_defaults_is_the_file_and_every_policy_denies_key_expor
         "transit/backup/*",
         "transit/backup/heimdall-pii",
         "transit/keys/heimdall-pii/trim",
+        "transit/export/encryption-key/heimdall-pii-audit",
+        "transit/export/encryption-key/heimdall-pii-audit/*",
+        "transit/export/hmac-key/heimdall-pii-audit",
+        "transit/export/hmac-key/heimdall-pii-audit/*",
+        "transit/backup/heimdall-pii-audit",
+        "transit/keys/heimdall-pii-audit/trim",
     )
     for path in denied:
         assert f'path "{path}" {{\n  capabilities = ["deny"]\n}}' in text, path
@@ -484,6 +571,7 @@ def test_credential_instructions_name_every_role_and_print_no_secret(
         assert f"auth/{deployment.report.approle_mount}/role/{role}/secret-id" in text
         assert f"HMD_VAULT_ROLE_ID_FILE=/path/to/{role}.role_id" in text
         assert f"HMD_VAULT_SECRET_ID_FILE=/path/to/{role}.secret_id" in text
+        assert f"\nHMD_ROLE={role}\n" in text + "\n"  # so kms check checks that role
     assert text.count("HMD_VAULT_AUTH=approle") == len(ROLES)
     assert text.count(f"HMD_VAULT_ADDR={deployment.bao.addr}") == len(ROLES)
     assert text.count(f"HMD_KMS_KEY_NAME={deployment.key}") == len(ROLES)

@@ -505,11 +505,19 @@ def _enable_transit(server: BaoServer) -> None:
 
 
 def _create_derived_key(server: BaoServer, name: str) -> None:
+    """The master key *name*, and its audit-checkpoint key, as `heimdall vault bootstrap`
+    creates them."""
     body = {"type": "aes256-gcm96", "derived": True, "exportable": False}
     _check(
         server,
         server.api("POST", f"{TRANSIT_MOUNT}/keys/{name}", body),
         f"creating transit key {name}",
+    )
+    audit = {"type": "hmac", "key_size": 32, "exportable": False}
+    _check(
+        server,
+        server.api("POST", f"{TRANSIT_MOUNT}/keys/{name}-audit", audit),
+        f"creating transit key {name}-audit",
     )
 
 
@@ -969,7 +977,8 @@ def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BaoServer]:
 
 @pytest.fixture
 def transit_key(bao: BaoServer) -> str:
-    """A fresh derived aes256-gcm96 key (not exportable) on ``bao``; its name."""
+    """A fresh derived aes256-gcm96 key (not exportable) and its ``<name>-audit`` hmac key on
+    ``bao``; the master key's name."""
     name = f"heimdall-test-{uuid.uuid4().hex[:8]}"
     _create_derived_key(bao, name)
     return name

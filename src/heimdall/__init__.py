@@ -4,6 +4,13 @@ The public API: settings and composition (:func:`build`), the service and its op
 envelope format, the key provider interface, and the exception tree.
 """
 
+# ruff: noqa: E402 - every other import comes after the environment's secrets are taken
+
+# First, before any library is imported: see heimdall.secret.take_environment_secrets.
+from heimdall.secret import take_environment_secrets
+
+take_environment_secrets()
+
 from heimdall.app import build
 from heimdall.cipher import CachePolicy, FieldCipher, SealedField
 from heimdall.envelope import EncryptionContext, EncryptionVersion, Envelope, parse

@@ -6,25 +6,36 @@ The only module (with the CLI) that picks concrete providers and stores.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
-from heimdall.audit import JsonlAuditLog
+from heimdall.audit import (
+    AuditSink,
+    ForwardedAuditLog,
+    ForwardSink,
+    JsonlAuditLog,
+    StdoutForwarder,
+    SyslogForwarder,
+)
 from heimdall.blind_index import META_KEY, StoredIndexKey
 from heimdall.cipher import CachePolicy, FieldCipher
-from heimdall.envelope import EncryptionVersion
-from heimdall.errors import ConfigurationError
-from heimdall.kms.base import KeyManagementService
+from heimdall.envelope import EncryptionVersion, load
+from heimdall.errors import ConfigurationError, HeimdallError
+from heimdall.kms.base import AuditKey, KeyManagementService
 from heimdall.kms.legacy import LegacyMasterKey, parse_master_key
 from heimdall.kms.local import LocalKeyring
 from heimdall.kms.vault_config import VaultPattern
 from heimdall.migration import recorded_mode
-from heimdall.modes import CipherRouter, EncryptionMode
-from heimdall.policy import default_policy, load_policy
+from heimdall.modes import MIGRATE_HINT, CipherRouter, EncryptionMode
+from heimdall.policy import FieldAction, default_policy, load_policy
+from heimdall.private_files import ensure_private_dir
 from heimdall.service import Heimdall
 from heimdall.settings import Environment, Settings, StoreKind
 from heimdall.store.base import GraphStore
 from heimdall.store.sqlite import SqliteStore
 
-__all__ = ["LOCAL_KEYRING_WARNING", "build"]
+__all__ = ["ENVIRONMENT_META", "LOCAL_KEYRING_WARNING", "build", "open_audit_log"]
+
+ENVIRONMENT_META = "environment"
 
 LOCAL_KEYRING_WARNING = (
     "warning: HMD_ENV=production is running on the local keyring ({path}); its master key "
@@ -32,14 +43,35 @@ LOCAL_KEYRING_WARNING = (
 )
 
 
-def _holds_kms_data(store: GraphStore) -> bool:
-    """Whether *store* holds a field or the blind-index key wrapped under the KMS."""
+def _kms_key_in_use(store: GraphStore) -> str | None:
+    """The key identifier of something *store* holds wrapped under a KMS (the blind-index
+    key, else a field), or None when it holds nothing of the kind."""
     kms_v1 = EncryptionVersion.KMS_V1.value
-    if store.count_fields(encryption_version=kms_v1) > 0:
-        return True
     stored_text = store.get_meta(META_KEY)
-    return stored_text is not None and (
-        StoredIndexKey.from_json(stored_text).encryption_version == kms_v1
+    if stored_text is not None:
+        stored = StoredIndexKey.from_json(stored_text)
+        if stored.encryption_version == kms_v1:
+            return stored.wrapped.key_identifier
+    for batch in store.iter_fields(encryption_version=kms_v1, batch_size=1):
+        for field in batch:
+            try:
+                return str(load(field.encrypted_data)["key_identifier"])
+            except HeimdallError:
+                return "(unreadable)"
+    return None
+
+
+def _missing_keyring(path: Path, key_identifier: str) -> str:
+    if "/" in key_identifier:  # <mount>/<key>-vN: a Vault Transit key
+        return (
+            f"the store holds fields wrapped by Vault Transit (key {key_identifier}), not by a "
+            "local keyring: set HMD_KMS_PROVIDER=vault and the HMD_VAULT_* settings they were "
+            "written with"
+        )
+    return (
+        f"keyring file {path} does not exist but the store holds fields encrypted under a "
+        f"local keyring (key {key_identifier}); restore the keyring file (a new keyring "
+        "cannot decrypt them)"
     )
 
 
@@ -69,11 +101,9 @@ def _kms_provider(
             return None
         # A fresh keyring could never unwrap what the store holds: refuse instead of creating
         # one and failing later on every decrypt with an opaque "decryption failed".
-        if _holds_kms_data(store):
-            raise ConfigurationError(
-                f"keyring file {path} does not exist but the store holds fields encrypted "
-                "under it; restore the keyring file (a new keyring cannot decrypt them)"
-            )
+        in_use = _kms_key_in_use(store)
+        if in_use is not None:
+            raise ConfigurationError(_missing_keyring(path, in_use))
     try:
         return LocalKeyring(path, key_name=settings.kms_key_name, create=create)
     except OSError as exc:  # e.g. a directory, or a parent that is a file
@@ -110,6 +140,49 @@ def _effective_mode(
     return recorded
 
 
+def _check_environment(settings: Settings, store: GraphStore) -> None:
+    """A store once used in production stays production: a caller cannot leave its role and
+    audit settings behind by leaving HMD_ENV unset."""
+    marked = store.get_meta(ENVIRONMENT_META)
+    if settings.env is Environment.PRODUCTION:
+        if marked != Environment.PRODUCTION.value:
+            store.set_meta(ENVIRONMENT_META, Environment.PRODUCTION.value)
+    elif marked == Environment.PRODUCTION.value:
+        raise ConfigurationError(
+            "this store is marked production; set HMD_CONFIG to the service's config file "
+            '(env = "production"), which sets the role and the audit settings'
+        )
+
+
+def _master_key_in_kms_mode(store: GraphStore) -> str:
+    """The warning for an env key set in kms mode. Removing it is advised only when nothing
+    stored needs it: it is the only key of every legacy field."""
+    legacy = store.count_fields(encryption_version=EncryptionVersion.LEGACY.value)
+    stored_index = store.get_meta(META_KEY)
+    index_legacy = stored_index is not None and (
+        StoredIndexKey.from_json(stored_index).encryption_version == EncryptionVersion.LEGACY.value
+    )
+    if legacy or index_legacy:
+        what = f"{legacy:,} legacy fields" + (" and the blind-index key" if index_legacy else "")
+        return (
+            f"warning: {what} are stored under HMD_MASTER_KEY, its only key, and kms mode "
+            f"refuses them; {MIGRATE_HINT}"
+        )
+    return (
+        "warning: HMD_MASTER_KEY is set but no legacy field is stored and kms mode never uses "
+        "it; remove it"
+    )
+
+
+def _uses_data_dir(settings: Settings) -> bool:
+    """Whether any file heimdall opens lives in the data dir (by default all of them do)."""
+    return (
+        settings.audit_log is None
+        or (settings.store is StoreKind.SQLITE and settings.sqlite_path is None)
+        or (settings.kms_provider == "local" and settings.keyring_path is None)
+    )
+
+
 def build(
     settings: Settings,
     *,
@@ -121,12 +194,20 @@ def build(
     The encryption mode is *mode* if given (the migrate commands), else the mode recorded in
     the store by `heimdall migrate`, else HMD_ENCRYPTION_MODE.
     """
+    if _uses_data_dir(settings):
+        ensure_private_dir(settings.data_dir)
     cache = CachePolicy(
         max_uses=settings.dek_max_uses, max_age_seconds=settings.dek_max_age_seconds
     )
     policy = load_policy(settings.policy) if settings.policy else default_policy()
+    if policy.default_action is FieldAction.PLAIN:
+        warn(
+            "warning: the policy's default_action is plain: every field it does not name is "
+            "stored in the clear; name each such field, or make the default drop or encrypt"
+        )
     store = _store(settings)
     try:
+        _check_environment(settings, store)
         if mode is None:
             mode = _effective_mode(settings, store, warn)
         legacy_cipher = None
@@ -137,7 +218,7 @@ def build(
                 cache,
             )
             if mode is EncryptionMode.KMS:
-                warn("warning: HMD_MASTER_KEY is set but kms mode never uses it; remove it")
+                warn(_master_key_in_kms_mode(store))
     except BaseException:
         store.close()
         raise
@@ -149,6 +230,7 @@ def build(
             FieldCipher(kms, EncryptionVersion.KMS_V1, cache, direct=direct) if kms else None
         )
         router = CipherRouter(mode, kms=kms_cipher, legacy=legacy_cipher)
+        audit = _audit_sink(settings, kms)
     except BaseException:
         store.close()
         raise
@@ -157,6 +239,55 @@ def build(
     return Heimdall(
         router=router,
         store=store,
-        audit=JsonlAuditLog(settings.audit_file, fsync=settings.audit_fsync),
+        audit=audit,
         policy=policy,
     )
+
+
+# -- the audit trail: file, keyed checkpoints, forwarding (see heimdall.audit) -----------------
+
+
+def _audit_key(kms: KeyManagementService | None) -> AuditKey | None:
+    """The provider's key for audit checkpoints; None without a provider (legacy mode)."""
+    if isinstance(kms, LocalKeyring):
+        return kms.audit_key()
+    if kms is not None and kms.provider == "vault":
+        from heimdall.kms.vault import VaultTransit  # noqa: PLC0415 - the vault extra
+        from heimdall.kms.vault_audit import VaultAuditKey  # noqa: PLC0415 - likewise
+
+        assert isinstance(kms, VaultTransit)
+        return VaultAuditKey(kms.transport)
+    return None
+
+
+def _audit_log(settings: Settings, kms: KeyManagementService | None) -> JsonlAuditLog:
+    return JsonlAuditLog(
+        settings.audit_file,
+        fsync=settings.audit_fsync,
+        key=_audit_key(kms),
+        checkpoint_every=settings.audit_checkpoint_every,
+    )
+
+
+def _audit_sink(settings: Settings, kms: KeyManagementService | None) -> AuditSink:
+    log = _audit_log(settings, kms)
+    if not settings.audit_sinks:
+        return log
+    forwarders = [
+        SyslogForwarder(settings.audit_syslog_address)
+        if sink is ForwardSink.SYSLOG
+        else StdoutForwarder()
+        for sink in settings.audit_sinks
+    ]
+    return ForwardedAuditLog(log, forwarders, required=settings.audit_sinks_required)
+
+
+def open_audit_log(settings: Settings) -> JsonlAuditLog:
+    """The audit log of *settings* with its provider's audit key, to read and check the trail
+    (``heimdall audit``): opens no store and creates no keyring."""
+    kms: KeyManagementService | None = None
+    if settings.kms_provider == "vault":
+        kms = _vault(settings)
+    elif settings.kms_provider == "local" and settings.keyring_file.exists():
+        kms = LocalKeyring(settings.keyring_file, key_name=settings.kms_key_name, create=False)
+    return _audit_log(settings, kms)

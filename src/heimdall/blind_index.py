@@ -13,6 +13,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -23,9 +24,11 @@ from heimdall.errors import ConfigurationError, StorageError
 from heimdall.kms.base import KeyManagementService, WrappedKey
 from heimdall.secret import SecretBytes
 
-__all__ = ["META_KEY", "BlindIndex", "StoredIndexKey"]
+__all__ = ["META_KEY", "BlindIndex", "StoredIndexKey", "is_canonical_key"]
 
 META_KEY = "blind_index_key"
+# A field name as the policy allows it, ":hash:", and 64 hex digits of HMAC-SHA256.
+_CANONICAL_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}:hash:[0-9a-f]{64}\Z", re.ASCII)
 _ALGORITHM = "HMAC-SHA256"
 _DERIVE = b"heimdall.blind-index.v1\x00"
 
@@ -83,6 +86,11 @@ class StoredIndexKey:
         ad = wrap_associated_data(encryption_version, _ALGORITHM, key_id)
         data_key = kms.generate_data_key(ad)
         return cls(encryption_version, key_id, data_key.wrapped, created_at), data_key.plaintext
+
+
+def is_canonical_key(text: object) -> bool:
+    """Whether *text* has the form of a canonical key (not whether it is stored)."""
+    return isinstance(text, str) and _CANONICAL_KEY.match(text) is not None
 
 
 class BlindIndex:

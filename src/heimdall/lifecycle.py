@@ -72,7 +72,8 @@ def retire(
     """Retire every version up to *version* (decrypt-only). Never the latest one."""
     heimdall.require(caller, Permission.CONFIGURE_KEYS)
     operation = f"retire versions <= {version}"
-    latest = heimdall.kms.describe().latest_version
+    before = heimdall.kms.describe()
+    latest = before.latest_version
     if not 1 <= version < latest:
         error = LifecycleError(f"only versions below the latest ({latest}) can be retired")
         _audit(heimdall, caller, operation, None, error)
@@ -86,7 +87,11 @@ def retire(
         )
         _audit(heimdall, caller, operation, None, error)
         raise error
-    description = heimdall.kms.set_min_encryption_version(version + 1)
+    # Retiring never lowers the floor: versions retired already (here, or by another
+    # deployment sharing the key) stay retired.
+    description = heimdall.kms.set_min_encryption_version(
+        max(version + 1, before.min_encryption_version)
+    )
     heimdall.router.forget_keys()
     _record_retirement(heimdall, range(1, version + 1), clock())
     _audit(heimdall, caller, operation, description)

@@ -22,8 +22,7 @@ from heimdall.errors import ConfigurationError, ModeViolation
 __all__ = ["MIGRATE_HINT", "CipherRouter", "EncryptionMode"]
 
 MIGRATE_HINT = (
-    "set HMD_ENCRYPTION_MODE=hybrid with HMD_MASTER_KEY and run `heimdall reencrypt` "
-    "to migrate legacy fields to the KMS"
+    "keep HMD_MASTER_KEY set and run `heimdall migrate start` to move legacy fields to the KMS"
 )
 
 

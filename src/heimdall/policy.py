@@ -130,6 +130,9 @@ class Policy:
                     "expected a string, number or boolean"
                 )
             if rule.action is FieldAction.PLAIN:
+                _no_nul(name, name)
+                if isinstance(value, str):
+                    _no_nul(name, value)
                 plain[name] = value.strip() if isinstance(value, str) else value
             else:
                 encrypt.append((name, _as_text(value), rule.normalizer))
@@ -156,7 +159,16 @@ def _structural(record: Mapping[str, object], name: str, role: str) -> str | Non
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise RecordError(f"field {name!r} (the {role}) must be a string or integer")
     text = str(value).strip()
+    _no_nul(name, text)
     return text or None
+
+
+def _no_nul(name: str, text: str) -> None:
+    """Refuse a NUL character in text that is stored as it is (plain values, names, ids):
+    PostgreSQL keeps none in text or jsonb, so one would fail the whole batch there, and the
+    record must be refused the same way on every store."""
+    if "\x00" in text:
+        raise RecordError(f"field {name!r} holds a NUL character (\\u0000), which is not stored")
 
 
 def _structure_problem(

@@ -1,8 +1,19 @@
 """Pre-flight checks of a key provider (runbook: Re-encryption After Migration, step 1).
 
-Each check is one line: connectivity, authentication, the key readable, a round trip on a test
-value, and the provider's audit device. A provider adds its own checks by having a
-``preflight()`` method returning :class:`Check` items; the generic ones run for every provider.
+Each check is one line, and a role is checked for what it may do, never for what it may not
+(spec: Access Control Model, Role-Based Access; :data:`heimdall.rbac.ROLE_PERMISSIONS`). A check
+the role has no use for is reported *skipped*, with the reason, and does not fail the run.
+``role=None`` is the local operator, who may do everything and is checked for everything.
+
+* A provider that enforces access per role itself (Vault's policies) has a
+  ``preflight(role)`` method returning its own :class:`Check` items: connectivity,
+  authentication, what the role may do there, and :func:`key_readable` where the role may read
+  the key.
+* Any other provider (the local keyring, which whoever can read its file holds whole, whatever
+  the role) gets :func:`key_readable` for every role.
+* The round trip (generate a data key, unwrap it again) runs on every provider, but only for a
+  role that may both encrypt and decrypt: the others never generate a data key, so there is
+  nothing of theirs it could show.
 """
 
 from __future__ import annotations
@@ -14,15 +25,23 @@ from dataclasses import dataclass
 
 from heimdall.errors import HeimdallError
 from heimdall.kms.base import KeyManagementService
+from heimdall.rbac import ROLE_PERMISSIONS, Permission, Role
 
-__all__ = ["Check", "run_checks"]
+__all__ = ["Check", "key_readable", "run_checks"]
 
 
 @dataclass(frozen=True, slots=True)
 class Check:
+    """One line of ``heimdall kms check``. A skipped check is ``ok``: it never fails a run."""
+
     name: str
     ok: bool
     detail: str
+    skipped: bool = False
+
+    @classmethod
+    def skip(cls, name: str, reason: str) -> Check:
+        return cls(name, True, reason, skipped=True)
 
 
 def _attempt(name: str, action: Callable[[], str]) -> Check:
@@ -32,16 +51,22 @@ def _attempt(name: str, action: Callable[[], str]) -> Check:
         return Check(name, False, str(exc))
 
 
-def run_checks(kms: KeyManagementService) -> list[Check]:
-    """Provider-specific checks first, then key readable and a round trip."""
-    checks: list[Check] = []
-    own = getattr(kms, "preflight", None)
-    if callable(own):
-        checks.extend(own())
+def key_readable(kms: KeyManagementService) -> Check:
+    """The key's metadata can be read: its name and latest version."""
 
     def readable() -> str:
         description = kms.describe()
         return f"{description.key_name}, latest version {description.latest_version}"
+
+    return _attempt("key readable", readable)
+
+
+def _round_trip(kms: KeyManagementService, role: Role | None) -> Check:
+    permissions = ROLE_PERMISSIONS[role] if role is not None else frozenset(Permission)
+    if Permission.ENCRYPT not in permissions:
+        return Check.skip("round trip", f"{role} may not generate data keys")
+    if Permission.DECRYPT not in permissions:
+        return Check.skip("round trip", f"{role} may not unwrap data keys")
 
     def round_trip() -> str:
         context = b"heimdall.preflight." + secrets.token_hex(8).encode()
@@ -51,6 +76,12 @@ def run_checks(kms: KeyManagementService) -> list[Check]:
                 raise HeimdallError("the unwrapped test key differs from the generated one")
         return f"generate, wrap and unwrap a test key under v{data_key.wrapped.key_version}"
 
-    checks.append(_attempt("key readable", readable))
-    checks.append(_attempt("round trip", round_trip))
+    return _attempt("round trip", round_trip)
+
+
+def run_checks(kms: KeyManagementService, role: Role | None = None) -> list[Check]:
+    """The checks of *kms* for *role* (``None``: the local operator); see the module docstring."""
+    own = getattr(kms, "preflight", None)
+    checks: list[Check] = list(own(role)) if callable(own) else [key_readable(kms)]
+    checks.append(_round_trip(kms, role))
     return checks

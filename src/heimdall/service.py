@@ -14,7 +14,7 @@ from typing import Final
 
 from heimdall import metrics
 from heimdall.audit import AuditEvent, AuditSink, EventType, Result, utc_now_ms
-from heimdall.blind_index import META_KEY, BlindIndex, StoredIndexKey
+from heimdall.blind_index import META_KEY, BlindIndex, StoredIndexKey, is_canonical_key
 from heimdall.cipher import FieldCipher
 from heimdall.envelope import EncryptionContext, EncryptionVersion, load
 from heimdall.errors import (
@@ -169,6 +169,16 @@ class Heimdall:
                 "decrypt requires a reason: 1-200 printable ASCII characters, "
                 "e.g. 'support:ticket-1234'"
             )
+        malformed = sum(1 for key in canonical_keys if not is_canonical_key(key))
+        if malformed:
+            # Most likely a value typed where its key belongs: it must reach neither the
+            # trail nor the message, so the event names no field.
+            self.record(self._decrypt_event(caller, None, None, reason, InvalidInput("")))
+            raise InvalidInput(
+                f"{malformed} of the {len(canonical_keys)} keys given is not a canonical key "
+                "(<field>:hash:<64 hex digits>); decrypt takes the key `heimdall lookup` "
+                "prints, never a value"
+            )
         router = self.router
         batch = metrics.CryptoBatch("decrypt", len(canonical_keys), router.writer, router.kms)
         results = self._decrypt_fields(canonical_keys)
@@ -230,7 +240,7 @@ class Heimdall:
     def _decrypt_event(
         self,
         caller: Caller,
-        key: str,
+        key: str | None,
         field: FieldValue | None,
         reason: str,
         error: BaseException | None,
@@ -323,6 +333,9 @@ class Heimdall:
     ) -> KeyDescription:
         """Raise the decryption floor; refused while fields still depend on lower versions."""
         self.require(caller, Permission.CONFIGURE_KEYS)
+        current = self.kms.describe().min_decryption_version
+        if version < current:
+            return self._lower_decryption_floor(current, version, caller=caller, force=force)
         fields, index_key = self.dependents_below(version)
         dependents = fields + int(index_key)
         operation = f"min_decryption_version={version}"
@@ -342,6 +355,29 @@ class Heimdall:
             raise
         self.router.forget_keys()
         self.key_event(EventType.KEY_CONFIG, caller, description, None, operation=operation)
+        return description
+
+    def _lower_decryption_floor(
+        self, current: int, version: int, *, caller: Caller, force: bool
+    ) -> KeyDescription:
+        """Versions disabled (perhaps as compromised, perhaps by another deployment sharing
+        the key) decrypt again: never without force, and audited as an event of its own."""
+        operation = f"min_decryption_version {current} -> {version}"
+        if not force:
+            error = LifecycleError(
+                f"lowering min_decryption_version from {current} to {version} re-enables "
+                "versions that were disabled, perhaps as compromised; pass --force if that is "
+                "what you mean"
+            )
+            self.key_event(EventType.KEY_REENABLE, caller, None, error, operation=operation)
+            raise error
+        try:
+            description = self.kms.set_min_decryption_version(version)
+        except HeimdallError as exc:
+            self.key_event(EventType.KEY_REENABLE, caller, None, exc, operation=operation)
+            raise
+        self.router.forget_keys()
+        self.key_event(EventType.KEY_REENABLE, caller, description, None, operation=operation)
         return description
 
     def key_event(
@@ -370,10 +406,15 @@ class Heimdall:
         )
 
     def close(self) -> None:
+        """Wipe the blind-index key, close the store, and close the audit sink (which writes
+        a checkpoint of what this process recorded)."""
         if self._index is not None:
             self._index.wipe()
             self._index = None
-        self.store.close()
+        try:
+            self.store.close()
+        finally:
+            self.audit.close()
 
 
 def _key_identifier(field: FieldValue | None) -> str | None:

@@ -9,17 +9,22 @@ secret in a config file is exactly what this product exists to remove.
 from __future__ import annotations
 
 import enum
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
+from heimdall.audit import DEFAULT_CHECKPOINT_EVERY, ForwardSink
 from heimdall.errors import ConfigurationError
 from heimdall.kms import vault_config
+from heimdall.kms.base import KEY_NAME_RULE, valid_key_name
 from heimdall.kms.vault_config import VaultPattern, VaultSettings
 from heimdall.modes import EncryptionMode
+from heimdall.private_files import require_owned_config
 from heimdall.rbac import Role
+from heimdall.secret import SecretBytes, take_environment_variable
 
 __all__ = ["Environment", "Settings", "StoreKind", "unknown_variables"]
 
@@ -60,6 +65,10 @@ _FILE_KEYS: Final = (
             "sqlite_path",
             "audit_log",
             "audit_fsync",
+            "audit_checkpoint_every",
+            "audit_sinks",
+            "audit_sinks_required",
+            "audit_syslog_address",
             "policy",
             "env",
             "role",
@@ -90,11 +99,18 @@ class Settings:
     kms_provider: str = "local"
     kms_key_name: str = "heimdall-pii"
     keyring_path: Path | None = None
-    master_key: str | None = field(default=None, repr=False)
+    # From the environment (Settings.from_env with os.environ): the key's base64 text in a
+    # wipeable buffer, taken out of the environment. From code: the text itself.
+    master_key: str | SecretBytes | None = field(default=None, repr=False)
     store: StoreKind = StoreKind.SQLITE
     sqlite_path: Path | None = None
     audit_log: Path | None = None
     audit_fsync: bool = True
+    # spec: Audit Log Requirements. Keyed checkpoints and forwarding, see heimdall.audit.
+    audit_checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    audit_sinks: tuple[ForwardSink, ...] = ()  # besides the file, which always stays
+    audit_sinks_required: bool = True  # a sink that cannot deliver refuses the operation
+    audit_syslog_address: str = "/dev/log"
     policy: Path | None = None
     env: Environment = Environment.DEVELOPMENT
     role: str | None = None
@@ -129,15 +145,31 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
-        values: dict[str, str] = {}
         config = environ.get("HMD_CONFIG")
-        if config:
-            values.update(_read_file(Path(config)))
+        from_file = _read_file(Path(config)) if config else {}
+        from_env: dict[str, str] = {}
         for name in _FILE_KEYS:
             env_value = environ.get(f"HMD_{name.upper()}")
             if env_value is not None and env_value != "":
-                values[name] = env_value
-        master_key = environ.get("HMD_MASTER_KEY") or None
+                from_env[name] = env_value
+        if environ.get("HMD_ROLE") == "":
+            # Unset means the local operator, who may do everything: an empty value (a
+            # variable cleared by mistake, a failed substitution) must not mean the same.
+            raise ConfigurationError(
+                "HMD_ROLE is set but empty; name a role "
+                f"({', '.join(role.value for role in Role)}) or unset it"
+            )
+        values = {**from_file, **from_env}
+        if Environment.PRODUCTION.value in (from_file.get("env"), from_env.get("env")):
+            # Production is sticky: the environment cannot take back what the file says.
+            values["env"] = Environment.PRODUCTION.value
+            _production_rules(config, from_file, from_env)
+        master_key: str | SecretBytes | None
+        if environ is os.environ:
+            # Read once and never again: see take_environment_variable.
+            master_key = take_environment_variable("HMD_MASTER_KEY")
+        else:
+            master_key = environ.get("HMD_MASTER_KEY") or None
         if environ.get("HMD_POSTGRES_DSN"):
             values["postgres_dsn"] = environ["HMD_POSTGRES_DSN"]
         vault_values = {k: values.pop(k) for k in list(values) if k in vault_config.FILE_KEYS}
@@ -168,6 +200,39 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
         for name in environ
         if name.startswith("HMD_") and name not in known and not name.startswith("HMD_TEST_")
     )
+
+
+# What decides who the caller is and where its audit trail goes. In production only the config
+# file the service owns sets these, never the caller's environment. spec: Access Control Model,
+# Audit Log Requirements.
+def _caller_proof(name: str) -> bool:
+    return name == "role" or name.startswith("audit_")
+
+
+def _production_rules(
+    config: str | None, from_file: Mapping[str, str], from_env: Mapping[str, str]
+) -> None:
+    """With HMD_ENV=production: the role and every audit setting come from a config file that
+    only its owner (root or the user running heimdall) can change; the environment may not set
+    them."""
+    for name in sorted(from_env):
+        if _caller_proof(name):
+            raise ConfigurationError(
+                f"HMD_{name.upper()} is set in the environment, but with HMD_ENV=production "
+                "the role and the audit settings come only from the config file the service "
+                "owns (HMD_CONFIG); unset it"
+            )
+    if not config:
+        raise ConfigurationError(
+            "HMD_ENV=production needs HMD_CONFIG: the role and the audit settings come from "
+            "a config file the service owns"
+        )
+    require_owned_config(Path(config))
+    if "role" not in from_file:
+        raise ConfigurationError(
+            f"config file {config} names no role; with HMD_ENV=production every caller has "
+            f"one (role = one of {', '.join(role.value for role in Role)})"
+        )
 
 
 def _read_file(path: Path) -> dict[str, str]:
@@ -257,6 +322,18 @@ def _kms_provider(name: str, value: str) -> str:
     return value
 
 
+def _key_name(name: str, value: str) -> str:
+    # Checked before anything is created under the name (a keyring, a Transit key).
+    if not valid_key_name(value):
+        raise ConfigurationError(f"HMD_{name.upper()} {KEY_NAME_RULE}")
+    return value
+
+
+def _audit_sinks(name: str, value: str) -> tuple[ForwardSink, ...]:
+    words = [word.strip() for word in value.split(",") if word.strip()]
+    return tuple(dict.fromkeys(_choice(name, word, ForwardSink) for word in words))
+
+
 def _bounded(kind: type[int] | type[float], low: float, high: float) -> Callable[[str, str], Any]:
     return lambda name, value: _number(name, value, kind, low, high)
 
@@ -265,6 +342,7 @@ def _bounded(kind: type[int] | type[float], low: float, high: float) -> Callable
 _PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
     **{name: lambda _, value: Path(value) for name in _PATH_SETTINGS},
     "kms_provider": _kms_provider,
+    "kms_key_name": _key_name,
     "dek_max_uses": _bounded(int, 1, 2**24),
     "dek_max_age_seconds": _bounded(float, 0.001, 86_400),
     "ingest_batch_size": _bounded(int, 1, 100_000),
@@ -275,12 +353,15 @@ _PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
     "rotation_cadence_days": _bounded(float, 0, 36_500),
     "grace_period_days": _bounded(float, 0, 36_500),
     "audit_fsync": _flag,
+    "audit_checkpoint_every": _bounded(int, 1, 1_000_000),
+    "audit_sinks": _audit_sinks,
+    "audit_sinks_required": _flag,
     "rotation_enabled": _flag,
     "auto_reencrypt": _flag,
 }
 
 
-def _build(values: dict[str, str], master_key: str | None) -> Settings:
+def _build(values: dict[str, str], master_key: str | SecretBytes | None) -> Settings:
     kwargs: dict[str, Any] = {"master_key": master_key}
     for name, value in values.items():
         if name in _CHOICES:

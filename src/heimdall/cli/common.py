@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import getpass
 import os
+import pwd
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, NoReturn
 
 import typer
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -22,10 +21,12 @@ from rich.progress import (
 )
 
 from heimdall.app import build
+from heimdall.cli.output import SafeConsole
 from heimdall.modes import EncryptionMode
 from heimdall.rbac import Caller, parse_role
+from heimdall.secret import SecretBytes
 from heimdall.service import Heimdall
-from heimdall.settings import Settings, unknown_variables
+from heimdall.settings import Environment, Settings, unknown_variables
 
 app = typer.Typer(
     name="heimdall",
@@ -54,8 +55,10 @@ migrate_app = typer.Typer(
 app.add_typer(migrate_app, name="migrate")
 
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Neither interprets markup or emoji codes, and both escape control characters in what they
+# print (heimdall.cli.output): messages and tables may hold text someone else chose.
+out = SafeConsole()
+err = SafeConsole(stderr=True)
 
 ActorOption = Annotated[
     str | None, typer.Option("--actor", help="Who is acting, for the audit trail.")
@@ -74,15 +77,35 @@ def load_settings() -> Settings:
     return Settings.from_env(os.environ)
 
 
+def _os_user() -> str:
+    # From the effective uid, not getpass.getuser(): that reads LOGNAME and USER first, which
+    # the caller sets.
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid-{uid}"
+
+
 def caller_for(settings: Settings, actor: str | None) -> Caller:
-    name = actor or settings.actor or f"cli:{getpass.getuser()}"
-    return Caller(actor=name, role=parse_role(settings.role))
+    """The caller of this command. In production the audit actor always names the account
+    that ran it; a name given with --actor or HMD_ACTOR is added to it, never replaces it."""
+    user = f"cli:{_os_user()}"
+    name = actor or settings.actor
+    if settings.env is Environment.PRODUCTION:
+        name = user if name is None else f"{user} as {name}"
+    return Caller(actor=name or user, role=parse_role(settings.role))
 
 
 @contextmanager
 def open_service(mode: EncryptionMode | None = None) -> Iterator[tuple[Heimdall, Settings]]:
     settings = load_settings()
-    service = build(settings, warn=lambda line: err.print(line, markup=False), mode=mode)
+    try:
+        service = build(settings, warn=lambda line: err.print(line, markup=False), mode=mode)
+    finally:
+        # The legacy cipher holds the key now; the text taken from the environment goes.
+        if isinstance(settings.master_key, SecretBytes):
+            settings.master_key.wipe()
     try:
         yield service, settings
     finally:

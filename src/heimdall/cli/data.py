@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
-import orjson
 import typer
 from rich.table import Table
 
@@ -22,6 +22,8 @@ from heimdall.cli.common import (
     progress_bar,
     tracked,
 )
+from heimdall.cli.output import terminal_safe, write_json, write_value
+from heimdall.envelope import MAX_PLAINTEXT_BYTES
 from heimdall.ingest import ingest_lines, read_lines
 
 
@@ -70,37 +72,70 @@ def decrypt(
     canonical_key: Annotated[str, typer.Argument(help="e.g. email:hash:<hex>")],
     reason: Annotated[str, typer.Option("--reason", help="Why, for the audit trail.")],
     actor: ActorOption = None,
+    raw: Annotated[
+        bool,
+        typer.Option(
+            "--raw", help="On a terminal too, print control characters as they are (unescaped)."
+        ),
+    ] = False,
 ) -> None:
-    """Print the plaintext of one field. Audited with the reason given."""
+    """Print the plaintext of one field. Audited with the reason given.
+
+    A program reading stdout gets the value's exact UTF-8 bytes and one newline; a terminal
+    gets control characters escaped, unless --raw.
+    """
     with open_service() as (service, settings):
         plaintext = service.decrypt(
             canonical_key, reason=reason, caller=caller_for(settings, actor)
         )
-    out.print(plaintext, markup=False)
+    write_value(plaintext, raw=raw)
+
+
+def _value_argument(value: str) -> str:
+    """The value to look up: ``-`` reads it from standard input (one line, its newline
+    stripped), so it never sits in the process's arguments, where other users can read it."""
+    if value != "-":
+        return value
+    data = sys.stdin.buffer.read(MAX_PLAINTEXT_BYTES + 2)
+    if len(data) > MAX_PLAINTEXT_BYTES + 1:
+        fail(f"the value on standard input is over the {MAX_PLAINTEXT_BYTES}-byte limit")
+    if data.endswith(b"\n"):
+        data = data[:-1]
+        if data.endswith(b"\r"):
+            data = data[:-1]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        fail("the value on standard input is not UTF-8 text")
 
 
 @app.command()
 def lookup(
     field: Annotated[str, typer.Argument(help="Field name, e.g. email")],
-    value: Annotated[str, typer.Argument(help="The value to find")],
+    value: Annotated[
+        str,
+        typer.Argument(
+            help="The value to find, or - to read it from standard input (recommended: a "
+            "value on the command line is visible to other users of the machine)"
+        ),
+    ],
     actor: ActorOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Find a value by its blind index, without decrypting anything."""
+    value = _value_argument(value)
     with open_service() as (service, settings):
         result = service.lookup(field, value, caller=caller_for(settings, actor))
     if as_json:
-        out.print_json(
-            orjson.dumps(
-                {
-                    "canonical_key": result.canonical_key,
-                    "found": result.found,
-                    "sightings": result.sightings,
-                }
-            ).decode()
+        write_json(
+            {
+                "canonical_key": result.canonical_key,
+                "found": result.found,
+                "sightings": result.sightings,
+            }
         )
     elif result.found:
-        out.print(f"{result.canonical_key}  ({result.sightings} sightings)", markup=False)
+        out.print(f"{result.canonical_key}  ({result.sightings} sightings)")
     else:
         fail(f"no stored {field} has that value")
 
@@ -111,33 +146,35 @@ def status(as_json: JsonOption = False, actor: ActorOption = None) -> None:
     with open_service() as (service, settings):
         result = service.status(caller=caller_for(settings, actor))
     if as_json:
-        out.print_json(
-            orjson.dumps(
-                {
-                    "mode": result.mode,
-                    "provider": result.provider,
-                    "latest_version": result.latest_version,
-                    "total": result.total,
-                    "fields": [
-                        {
-                            "encryption_version": c.encryption_version,
-                            "key_version": c.key_version,
-                            "count": c.count,
-                        }
-                        for c in result.counts
-                    ],
-                }
-            ).decode()
+        write_json(
+            {
+                "mode": result.mode,
+                "provider": result.provider,
+                "latest_version": result.latest_version,
+                "total": result.total,
+                "fields": [
+                    {
+                        "encryption_version": c.encryption_version,
+                        "key_version": c.key_version,
+                        "count": c.count,
+                    }
+                    for c in result.counts
+                ],
+            }
         )
         return
     table = Table(
-        title=f"mode {result.mode}, provider {result.provider}, "
-        f"latest key version {result.latest_version}"
+        title=terminal_safe(
+            f"mode {result.mode}, provider {result.provider}, "
+            f"latest key version {result.latest_version}"
+        )
     )
     table.add_column("encryption_version")
     table.add_column("key_version", justify="right")
     table.add_column("fields", justify="right")
     for count in result.counts:
-        table.add_row(count.encryption_version, str(count.key_version), f"{count.count:,}")
+        table.add_row(
+            terminal_safe(count.encryption_version), str(count.key_version), f"{count.count:,}"
+        )
     table.add_row("total", "", f"{result.total:,}", style="bold")
     out.print(table)

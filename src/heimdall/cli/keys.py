@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import orjson
 import typer
 from rich.table import Table
 
@@ -16,6 +15,7 @@ from heimdall.cli.common import (
     open_service,
     out,
 )
+from heimdall.cli.output import terminal_safe, write_json
 from heimdall.kms.base import KeyDescription
 from heimdall.lifecycle import emergency_rotate, retire
 from heimdall.reencrypt import pending
@@ -36,16 +36,16 @@ def _describe_json(description: KeyDescription) -> dict[str, Any]:
 
 
 def _print_description(description: KeyDescription) -> None:
-    table = Table(title=f"{description.provider} key {description.key_name}")
+    table = Table(title=terminal_safe(f"{description.provider} key {description.key_name}"))
     for column in ("version", "identifier", "state", "created"):
         table.add_column(column)
     for v in description.versions:
         latest = " (latest)" if v.version == description.latest_version else ""
         table.add_row(
             f"{v.version}{latest}",
-            description.key_identifier(v.version),
+            terminal_safe(description.key_identifier(v.version)),
             v.state.value,
-            v.created_at,
+            terminal_safe(v.created_at),
         )
     out.print(table)
     out.print(
@@ -61,7 +61,7 @@ def keys_show(as_json: JsonOption = False, actor: ActorOption = None) -> None:
     with open_service() as (service, settings):
         description = service.describe_keys(caller=caller_for(settings, actor))
     if as_json:
-        out.print_json(orjson.dumps(_describe_json(description)).decode())
+        write_json(_describe_json(description))
     else:
         _print_description(description)
 

@@ -6,18 +6,45 @@ import os
 
 import typer
 
-from heimdall.cli.common import fail, kms_app, load_settings, open_service, out, vault_app
+from heimdall.audit import AuditEvent, EventType, Result
+from heimdall.cli.common import (
+    caller_for,
+    fail,
+    kms_app,
+    load_settings,
+    open_service,
+    out,
+    vault_app,
+)
 from heimdall.errors import ConfigurationError
 from heimdall.preflight import run_checks
 
 
 @kms_app.command("check")
 def kms_check() -> None:
-    """Connectivity, authentication, key readable, a test round trip, audit device."""
-    with open_service() as (service, _):
-        checks = run_checks(service.kms)
+    """Check the key provider for what the role in HMD_ROLE may do (unset: everything).
+
+    Connectivity, authentication, the role's capabilities, audit device, key readable, a test
+    round trip; a check the role has no use for is shown as skipped and does not fail.
+    """
+    with open_service() as (service, settings):
+        caller = caller_for(settings, None)
+        checks = run_checks(service.kms, caller.role)
+        failed = [check.name for check in checks if not check.ok]
+        # Audited like every command: which provider was checked, by whom, and how it went.
+        service.record(
+            AuditEvent(
+                EventType.KMS_CHECK,
+                caller.actor,
+                Result.FAILURE if failed else Result.SUCCESS,
+                caller.request_id,
+                source_ip=caller.source_ip,
+                operation=f"kms check {service.kms.provider}",
+                count=len(failed),
+            )
+        )
     for check in checks:
-        mark = "ok  " if check.ok else "FAIL"
+        mark = "skip" if check.skipped else "ok  " if check.ok else "FAIL"
         out.print(f"{mark} {check.name}: {check.detail}", markup=False)
     if not all(check.ok for check in checks):
         raise typer.Exit(1)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated
 
-import orjson
 import typer
 
 from heimdall.cli.common import ActorOption, JsonOption, caller_for, migrate_app, open_service, out
 from heimdall.cli.jobs import run_here
+from heimdall.cli.output import write_json
 from heimdall.envelope import EncryptionVersion
 from heimdall.migration import recorded_mode, require_verified, set_mode, verify
 from heimdall.modes import EncryptionMode
+from heimdall.rbac import Permission
 from heimdall.reencrypt_job import job_store, start_job
 
 SampleOption = Annotated[int, typer.Option("--sample", min=0, max=100_000)]
@@ -21,7 +23,7 @@ SampleOption = Annotated[int, typer.Option("--sample", min=0, max=100_000)]
 def migrate_status(as_json: JsonOption = False, actor: ActorOption = None) -> None:
     """The mode in force, legacy and KMS field counts, and the newest re-encryption job."""
     with open_service() as (service, settings):
-        caller_for(settings, actor)
+        service.require(caller_for(settings, actor), Permission.READ_STATUS)
         store = service.store
         recorded = recorded_mode(store)
         legacy = store.count_fields(encryption_version=EncryptionVersion.LEGACY.value)
@@ -42,7 +44,7 @@ def migrate_status(as_json: JsonOption = False, actor: ActorOption = None) -> No
         },
     }
     if as_json:
-        out.print_json(orjson.dumps(body).decode())
+        write_json(body)
         return
     out.print(
         f"mode {body['mode']} (recorded: {body['recorded_mode'] or 'none'}): "
@@ -64,7 +66,7 @@ def migrate_start(actor: ActorOption = None) -> None:
         if job is None:
             out.print("nothing to re-encrypt: no legacy field remains", markup=False)
             return
-        run_here(service, job, caller_actor=actor, batch_size=None, interval=0.0, workers=None)
+        run_here(service, job, caller_actor=actor, batch_size=None, interval=None, workers=None)
 
 
 @migrate_app.command("verify")
@@ -94,14 +96,42 @@ def migrate_enforce(sample: SampleOption = 50, actor: ActorOption = None) -> Non
     )
 
 
+class RollbackTarget(enum.StrEnum):
+    LEGACY = "legacy"
+    HYBRID = "hybrid"
+
+
 @migrate_app.command("rollback")
-def migrate_rollback(actor: ActorOption = None) -> None:
-    """Back to hybrid: legacy and KMS fields both stay readable (spec: Rollback Plan)."""
-    with open_service(mode=EncryptionMode.HYBRID) as (service, settings):
+def migrate_rollback(
+    to: Annotated[
+        RollbackTarget,
+        typer.Option(
+            "--to",
+            help="legacy: new fields go under HMD_MASTER_KEY again (the spec's rollback); "
+            "hybrid: new fields stay under the KMS.",
+        ),
+    ] = RollbackTarget.LEGACY,
+    actor: ActorOption = None,
+) -> None:
+    """Back off the KMS (spec: Rollback Plan). Every stored field stays readable.
+
+    By default new fields are written under HMD_MASTER_KEY again (legacy mode), so a KMS
+    outage or defect stops no write; KMS fields are still read. `heimdall migrate start`
+    resumes the migration later. --to hybrid keeps writing under the KMS.
+    """
+    mode = EncryptionMode.LEGACY if to is RollbackTarget.LEGACY else EncryptionMode.HYBRID
+    with open_service(mode=mode) as (service, settings):
         set_mode(
             service,
-            EncryptionMode.HYBRID,
+            mode,
             caller=caller_for(settings, actor),
-            reason="migrate rollback",
+            reason=f"migrate rollback to {mode.value}",
         )
-    out.print("mode is now hybrid: legacy and KMS fields both read", markup=False)
+    if mode is EncryptionMode.LEGACY:
+        out.print(
+            "mode is now legacy: new fields are written under HMD_MASTER_KEY, KMS fields "
+            "still read; keep HMD_MASTER_KEY and the KMS settings, and run `heimdall migrate "
+            "start` to resume the migration"
+        )
+    else:
+        out.print("mode is now hybrid: legacy and KMS fields both read, new fields go to the KMS")

@@ -9,14 +9,16 @@ is encrypted locally by :mod:`heimdall.cipher`. Providers translate their SDK's 
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
 from heimdall.errors import HeimdallError
 from heimdall.secret import SecretBytes
 
 __all__ = [
+    "KEY_NAME_RULE",
     "DataKey",
     "Health",
     "KeyDescription",
@@ -24,7 +26,20 @@ __all__ = [
     "KeyState",
     "KeyVersionInfo",
     "WrappedKey",
+    "valid_key_name",
 ]
+
+
+# Key names end up in key identifiers, envelopes, Vault paths and file names.
+_KEY_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z", re.ASCII)
+KEY_NAME_RULE: Final = (
+    "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+)
+
+
+def valid_key_name(name: object) -> bool:
+    """Whether *name* may name a master key (the local keyring's or a Transit key)."""
+    return isinstance(name, str) and _KEY_NAME.match(name) is not None
 
 
 class KeyState(enum.StrEnum):
@@ -138,3 +153,34 @@ class KeyManagementService(Protocol):
     def describe(self) -> KeyDescription: ...
 
     def health(self) -> Health: ...
+
+
+@runtime_checkable
+class AuditKey(Protocol):
+    """A MAC key held by a key provider, which authenticates the audit trail's checkpoints.
+
+    spec: Audit and Compliance, Audit Log Requirements. :mod:`heimdall.audit` calls :meth:`sign`
+    once per checkpoint (never per event) and :meth:`verify` when the trail is checked. Where the
+    service can, the key never leaves it: Vault/OpenBao Transit ``hmac`` and ``verify``, AWS KMS
+    GenerateMac/VerifyMac, GCP MacSign/MacVerify. The local keyring keeps it in the keyring file,
+    beside the master key versions. A MAC is text that names the key version it was made with
+    (``vault:v1:...``), so the key can be rotated without invalidating older checkpoints.
+    """
+
+    @property
+    def key_identifier(self) -> str:
+        """Names the key, e.g. ``transit/heimdall-pii-audit``; recorded in each checkpoint."""
+        ...
+
+    def sign(self, message: bytes) -> str:
+        """The MAC of *message*. Raises a KmsError (or ConfigurationError) when it cannot."""
+        ...
+
+    def verify(self, message: bytes, mac: str) -> bool:
+        """Whether *mac* is this key's MAC of *message*: False for a forged or malformed MAC or
+        one made with another key; a KmsError when the provider cannot answer."""
+        ...
+
+    def exists(self) -> bool:
+        """Whether the provider holds this key (so a trail it wrote must carry checkpoints)."""
+        ...

@@ -118,7 +118,7 @@ class Keyset:
         entry = self._versions.get(wrapped.key_version)
         if entry is None or wrapped.key_identifier != self.key_identifier(wrapped.key_version):
             raise KeyNotFound(
-                "no such key version in this keyring",
+                self._not_mine(wrapped),
                 provider=self._provider,
                 key_identifier=wrapped.key_identifier,
             )
@@ -131,6 +131,31 @@ class Keyset:
             )
         return entry.aead.decrypt_secret(
             wrapped.ciphertext, self._bound(wrapped.key_identifier, associated_data)
+        )
+
+    def _not_mine(self, wrapped: WrappedKey) -> str:
+        """Why *wrapped* is not a key of this keyset, naming the likely cause."""
+        identifier = wrapped.key_identifier
+        name, _, version = identifier.rpartition("-v")
+        if "/" in identifier:
+            return (
+                f"the data key was wrapped by another key provider (key {identifier}, a Vault "
+                f"Transit key), not by the {self._provider} provider: set HMD_KMS_PROVIDER "
+                "to the provider the fields were written with"
+            )
+        if name != self.name and self._provider == "legacy":
+            return (
+                f"the data key was wrapped under another HMD_MASTER_KEY ({name}); this one is "
+                f"{self.name}: set the key the fields were written with"
+            )
+        if name != self.name:
+            return (
+                f"the data key was wrapped under the key {name!r}, and this {self._provider} "
+                f"keyring holds {self.name!r}"
+            )
+        return (
+            f"key version {version} is not in this {self._provider} keyring (it holds "
+            f"versions {min(self._versions)}-{self.latest_version}): was it replaced?"
         )
 
     def rewrap(self, wrapped: WrappedKey, associated_data: bytes) -> WrappedKey:

@@ -9,7 +9,6 @@ of failing as a generic decryption error.
 
 from __future__ import annotations
 
-import binascii
 import hashlib
 import hmac
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from heimdall.aead import KEY_SIZE, Aead
 from heimdall.errors import ConfigurationError, HeimdallError, LifecycleError
 from heimdall.kms.base import DataKey, Health, KeyDescription, KeyState, WrappedKey
 from heimdall.kms.keyset import Keyset, KeysetVersion
-from heimdall.secret import SecretBytes, wipe_buffer
+from heimdall.secret import SecretBytes
 
 __all__ = ["LegacyMasterKey", "parse_master_key"]
 
@@ -29,17 +28,32 @@ _NOT_ROTATABLE = (
 )
 
 
-def parse_master_key(value: str) -> SecretBytes:
-    """Decode HMD_MASTER_KEY (base64 of exactly 32 bytes). The message never echoes the value."""
+def parse_master_key(value: str | SecretBytes) -> SecretBytes:
+    """Decode HMD_MASTER_KEY (base64 of exactly 32 bytes, surrounding whitespace ignored)
+    into a new wipeable buffer, leaving no other copy of the key behind. The message never
+    echoes the value."""
+    text: str | memoryview = memoryview(value.view()) if isinstance(value, SecretBytes) else value
+    start, end = 0, len(text)
+    while start < end and _is_space(text[start]):
+        start += 1
+    while end > start and _is_space(text[end - 1]):
+        end -= 1
     try:
-        raw = bytearray(binascii.a2b_base64(value.strip(), strict_mode=True))
-    except (binascii.Error, ValueError):
+        raw = SecretBytes.from_base64(text[start:end])
+    except ValueError:
         raise ConfigurationError("HMD_MASTER_KEY is not valid base64") from None
+    finally:
+        if isinstance(text, memoryview):
+            text.release()
     if len(raw) != KEY_SIZE:
         size = len(raw)
-        wipe_buffer(raw)
+        raw.wipe()
         raise ConfigurationError(f"HMD_MASTER_KEY must decode to 32 bytes, not {size}")
-    return SecretBytes.adopt(raw)
+    return raw
+
+
+def _is_space(item: str | int) -> bool:
+    return (chr(item) if isinstance(item, int) else item) in " \t\r\n"
 
 
 class LegacyMasterKey:

@@ -5,15 +5,22 @@ is meant for development, tests and single-host deployments that accept that. It
 first use with mode 0600 and refused if group or others can read it. Rotation and version floors
 are read-modify-write under an exclusive lock, written atomically (temp file, fsync, rename), and
 every process picks up a change made by another one on its next key operation.
+
+The keyring also holds the audit trail's MAC key (:meth:`LocalKeyring.audit_key`, HMAC-SHA256,
+spec: Audit Log Requirements), created on first use under the same lock and in the same atomic
+write: the keyring file is what holds every key of this provider, and whoever can read it can
+forge checkpoints, as they can decrypt every field.
 """
 
 from __future__ import annotations
 
 import binascii
 import fcntl
+import hashlib
+import hmac
 import json
 import os
-import stat
+import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,8 +30,17 @@ from typing import Any
 
 from heimdall.aead import KEY_SIZE, Aead
 from heimdall.errors import ConfigurationError, HeimdallError, LifecycleError
-from heimdall.kms.base import DataKey, Health, KeyDescription, KeyState, WrappedKey
+from heimdall.kms.base import (
+    AuditKey,
+    DataKey,
+    Health,
+    KeyDescription,
+    KeyState,
+    WrappedKey,
+    valid_key_name,
+)
 from heimdall.kms.keyset import Keyset, KeysetVersion
+from heimdall.private_files import ensure_private_dir, open_private
 from heimdall.secret import SecretBytes, wipe_buffer
 
 __all__ = ["LocalKeyring"]
@@ -32,6 +48,8 @@ __all__ = ["LocalKeyring"]
 FORMAT = "heimdall.keyring.v1"
 _DOMAIN = b"heimdall.local-keyring.v1\x00"
 _WRAP_STALENESS = 1.0  # seconds; see LocalKeyring._current
+_AUDIT_KEY = "audit_key"
+_AUDIT_MAC_PREFIX = "hmac-sha256:v1:"
 
 
 def _now() -> str:
@@ -71,7 +89,12 @@ class LocalKeyring:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         lock_path = self._path.with_name(self._path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = open_private(lock_path, os.O_RDWR | os.O_CREAT, what="keyring lock file")
+        except OSError as exc:
+            raise ConfigurationError(
+                f"keyring lock file {lock_path} cannot be opened: {exc.strerror}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -79,7 +102,8 @@ class LocalKeyring:
             os.close(fd)
 
     def _create(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self._path.parent.exists():
+            ensure_private_dir(self._path.parent, "keyring directory")
         with self._locked():
             if self._path.exists():
                 return
@@ -95,8 +119,10 @@ class LocalKeyring:
             self._write(doc)
 
     def _write(self, doc: dict[str, Any]) -> None:
-        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        # A fresh random name, created O_EXCL in the checked directory, so no planted file or
+        # link is ever written through; then renamed over the keyring atomically.
+        tmp = self._path.with_name(f".{self._path.name}.{secrets.token_hex(8)}.tmp")
+        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, what="keyring file")
         try:
             os.write(fd, json.dumps(doc, indent=2).encode())
             os.fsync(fd)
@@ -111,7 +137,8 @@ class LocalKeyring:
 
     def _read_doc(self) -> tuple[dict[str, Any], tuple[int, int, int]]:
         try:
-            fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW)
+            # Checks the owner, the mode (no access for group or others) and the directory.
+            fd = open_private(self._path, os.O_RDONLY, what="keyring file", secret=True)
         except FileNotFoundError:
             raise ConfigurationError(f"keyring file {self._path} does not exist") from None
         except OSError as exc:
@@ -120,15 +147,6 @@ class LocalKeyring:
             ) from None
         try:
             info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
-                raise ConfigurationError(f"keyring file {self._path} is {kind}")
-            mode = stat.S_IMODE(info.st_mode)
-            if mode & 0o077:
-                raise ConfigurationError(
-                    f"keyring file {self._path} is readable by group or others "
-                    f"(mode {mode:04o}); run: chmod 600 {self._path}"
-                )
             with os.fdopen(os.dup(fd), "rb") as handle:
                 raw = handle.read()
         finally:
@@ -236,6 +254,39 @@ class LocalKeyring:
             self._write(doc)
         return self._current().describe()
 
+    # -- the audit key ---------------------------------------------------------------------
+
+    def audit_key(self) -> AuditKey:
+        """The key that authenticates the audit trail's checkpoints (see the module docstring)."""
+        return _LocalAuditKey(self)
+
+    def _audit_material(self, *, create: bool) -> bytearray | None:
+        """The audit MAC key (wipe it after use); created first if *create*, else None when
+        the keyring has none yet."""
+        doc, _ = self._read_doc()
+        if _AUDIT_KEY not in doc and create:
+            with self._locked():
+                doc, _ = self._read_doc()
+                if _AUDIT_KEY not in doc:  # not created by another process meanwhile
+                    material = bytearray(os.urandom(KEY_SIZE))
+                    doc[_AUDIT_KEY] = {
+                        "created_at": _now(),
+                        "material": binascii.b2a_base64(material, newline=False).decode(),
+                    }
+                    wipe_buffer(material)
+                    self._write(doc)
+        entry = doc.get(_AUDIT_KEY)
+        if entry is None:
+            return None
+        try:
+            material = bytearray(binascii.a2b_base64(entry["material"], strict_mode=True))
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            raise ConfigurationError(f"keyring file {self._path} has a damaged audit key") from None
+        if len(material) != KEY_SIZE:
+            wipe_buffer(material)
+            raise ConfigurationError(f"keyring file {self._path} has a damaged audit key")
+        return material
+
     def health(self) -> Health:
         try:
             description = self._current().describe()
@@ -245,6 +296,48 @@ class LocalKeyring:
 
     def __repr__(self) -> str:
         return f"LocalKeyring(path={str(self._path)!r}, key_name={self._key_name!r})"
+
+
+class _LocalAuditKey:
+    """The keyring's audit MAC key: HMAC-SHA256, MACs written ``hmac-sha256:v1:<base64>``."""
+
+    key_identifier = "local/audit"
+
+    def __init__(self, keyring: LocalKeyring) -> None:
+        self._keyring = keyring
+
+    def sign(self, message: bytes) -> str:
+        material = self._keyring._audit_material(create=True)
+        assert material is not None  # created if missing
+        return _AUDIT_MAC_PREFIX + _hmac(material, message)
+
+    def exists(self) -> bool:
+        material = self._keyring._audit_material(create=False)
+        if material is None:
+            return False
+        wipe_buffer(material)
+        return True
+
+    def verify(self, message: bytes, mac: str) -> bool:
+        material = self._keyring._audit_material(create=False)
+        if material is None:
+            raise ConfigurationError(
+                f"keyring file {self._keyring.path} holds no audit key, so it cannot check "
+                "checkpoints: is this the keyring that wrote the trail?"
+            )
+        expected = _AUDIT_MAC_PREFIX + _hmac(material, message)
+        return hmac.compare_digest(expected.encode(), mac.encode(errors="replace"))
+
+    def __repr__(self) -> str:
+        return f"_LocalAuditKey(keyring={str(self._keyring.path)!r})"
+
+
+def _hmac(material: bytearray, message: bytes) -> str:
+    try:
+        digest = hmac.new(material, message, hashlib.sha256).digest()
+    finally:
+        wipe_buffer(material)
+    return binascii.b2a_base64(digest, newline=False).decode()
 
 
 def _version_doc(version: int, material: bytearray) -> dict[str, Any]:
@@ -257,6 +350,13 @@ def _version_doc(version: int, material: bytearray) -> dict[str, Any]:
 
 
 def _keyset_from_doc(doc: dict[str, Any], path: Path) -> Keyset:
+    if not valid_key_name(doc.get("key_name")):
+        # Only an older heimdall could have written one: the name is bound into every key it
+        # wrapped, so it cannot simply be corrected in place.
+        raise ConfigurationError(
+            f"keyring file {path} names its key with characters a key name may not hold; if "
+            "no field was stored under it, remove the keyring and the database and start again"
+        )
     try:
         versions: dict[int, KeysetVersion] = {}
         for entry in doc["versions"]:
@@ -269,10 +369,11 @@ def _keyset_from_doc(doc: dict[str, Any], path: Path) -> Keyset:
             versions[version] = KeysetVersion(
                 version, KeyState(entry["state"]), str(entry["created_at"]), aead
             )
+        name = str(doc["key_name"])
         return Keyset(
             provider=LocalKeyring.provider,
             domain=_DOMAIN,
-            name=str(doc["key_name"]),
+            name=name,
             versions=versions,
             min_decryption_version=int(doc["min_decryption_version"]),
             min_encryption_version=int(doc["min_encryption_version"]),

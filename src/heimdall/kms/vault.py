@@ -41,8 +41,10 @@ from heimdall.kms.base import (
     WrappedKey,
 )
 from heimdall.kms.vault_config import VaultSettings
+from heimdall.kms.vault_preflight import AUDIT_DEVICES, KEY_METADATA, access_checks, needs
 from heimdall.kms.vault_transport import PROVIDER, VaultTransport, error_for_message
-from heimdall.preflight import Check
+from heimdall.preflight import Check, key_readable
+from heimdall.rbac import Role
 from heimdall.secret import SecretBytes
 
 _SERVING = frozenset({"active", "standby", "performance standby"})
@@ -59,7 +61,13 @@ def _b64(data: bytes | bytearray) -> str:
 
 
 def _plaintext_answer(answer: dict[str, Any]) -> SecretBytes:
-    return SecretBytes.adopt(bytearray(binascii.a2b_base64(answer.get("plaintext") or "")))
+    """The plaintext of a Transit answer, decoded straight into a wipeable buffer (the
+    response's own text is the one copy heimdall cannot wipe)."""
+    text = answer.get("plaintext") or ""
+    try:
+        return SecretBytes.from_base64(text if isinstance(text, str) else "")
+    except ValueError:
+        raise KmsError("vault returned a plaintext that is not base64", provider=PROVIDER) from None
 
 
 def _version_of(ciphertext: str) -> int:
@@ -145,7 +153,7 @@ class VaultTransit:
             f"{self._base}/datakey/plaintext/{self._key}",
             {"context": _b64(associated_data), "bits": 256},
         )["data"]
-        plaintext = SecretBytes.adopt(bytearray(binascii.a2b_base64(data["plaintext"])))
+        plaintext = _plaintext_answer(data)
         return DataKey(plaintext=plaintext, wrapped=self._wrapped(data["ciphertext"]))
 
     def wrap(self, plaintext: SecretBytes, associated_data: bytes) -> WrappedKey:
@@ -326,31 +334,43 @@ class VaultTransit:
         )
         return self.describe()
 
-    def preflight(self) -> list[Check]:
-        """Connectivity of every address, authentication, and an enabled audit device."""
-        checks = []
-        for address, state in self.transport.node_states():
-            checks.append(Check(f"connectivity {address}", state in _SERVING, state))
+    def preflight(self, role: Role | None = None) -> list[Check]:
+        """Connectivity of every address and authentication; then what *role* needs
+        (:mod:`heimdall.kms.vault_preflight`): its capabilities, export refused, an enabled
+        audit device and the key readable, the last two only where the role may list or read
+        them. ``None``, the local operator, is checked by listing and reading."""
+        checks = [
+            Check(f"connectivity {address}", state in _SERVING, state)
+            for address, state in self.transport.node_states()
+        ]
+        checks.append(self._authentication())
+        checks.extend(access_checks(self.transport, role, self.settings.mount, self._key))
+        if needs(role, AUDIT_DEVICES, "sudo"):
+            checks.append(self._audit_device())
+        else:
+            checks.append(Check.skip("audit device", f"{role} may not list audit devices"))
+        if needs(role, KEY_METADATA, "read"):
+            checks.append(key_readable(self))
+        else:
+            checks.append(Check.skip("key readable", f"{role} may not read the key"))
+        return checks
+
+    def _authentication(self) -> Check:
         try:
             self.transport.call("GET", "auth/token/lookup-self")
-            checks.append(
-                Check("authentication", True, f"{self.settings.auth.value} auth, token valid")
-            )
         except HeimdallError as exc:
-            checks.append(Check("authentication", False, str(exc)))
+            return Check("authentication", False, str(exc))
+        return Check("authentication", True, f"{self.settings.auth.value} auth, token valid")
+
+    def _audit_device(self) -> Check:
         try:
-            devices = self.transport.call("GET", "sys/audit").get("data") or {}
-            enabled = sorted(str(d.get("type")) for d in devices.values() if isinstance(d, dict))
-            checks.append(
-                Check(
-                    "audit device",
-                    bool(enabled),
-                    f"enabled: {', '.join(enabled)}" if enabled else "no audit device is enabled",
-                )
-            )
+            devices = self.transport.call("GET", AUDIT_DEVICES).get("data") or {}
         except HeimdallError as exc:
-            checks.append(Check("audit device", False, f"cannot list audit devices: {exc}"))
-        return checks
+            return Check("audit device", False, f"cannot list audit devices: {exc}")
+        enabled = sorted(str(d.get("type")) for d in devices.values() if isinstance(d, dict))
+        if not enabled:
+            return Check("audit device", False, "no audit device is enabled")
+        return Check("audit device", True, f"enabled: {', '.join(enabled)}")
 
     def health(self) -> Health:
         try:

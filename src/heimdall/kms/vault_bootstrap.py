@@ -11,8 +11,14 @@ Security properties:
   backup. heimdall binds each field's encryption context through key derivation (every datakey,
   encrypt, decrypt and rewrap call passes ``context``). None of these can be changed on an
   existing key, so a key that differs is refused with :class:`ConfigurationError`, never used.
+- Beside it, the audit key ``<key_name>-audit`` (:mod:`heimdall.kms.vault_audit`) is created of
+  type ``hmac``, not exportable and without plaintext backup: it authenticates the audit trail's
+  checkpoints through Transit's ``hmac`` and ``verify`` and can do nothing else. An existing one
+  of another type, or exportable, is refused likewise.
 - Each role gets exactly its policy (``vault_policies/<role>.hcl``, shipped in the package), and
-  every policy denies export, backup and trim of the key: a deny wins over any grant.
+  every policy denies export, backup and trim of both keys: a deny wins over any grant. The
+  roles that write audit events (app, worker, admin) may ``hmac`` with the audit key, the roles
+  that check the trail (admin, audit) may ``verify`` with it.
 - No token, role-id or secret-id is returned, logged or put in a message. hvac's errors are
   translated at this boundary into :mod:`heimdall.errors` with messages written here.
 
@@ -37,6 +43,7 @@ from heimdall.errors import (
     KmsError,
     KmsUnavailable,
 )
+from heimdall.kms.vault_audit import audit_key_name
 
 if TYPE_CHECKING:
     import hvac
@@ -47,6 +54,9 @@ ROLES: tuple[str, ...] = ("heimdall-app", "heimdall-worker", "heimdall-admin", "
 
 KEY_TYPE: Final = "aes256-gcm96"
 _KEY_SUMMARY: Final = f"{KEY_TYPE}, derived, not exportable"
+AUDIT_KEY_TYPE: Final = "hmac"
+_AUDIT_KEY_SIZE: Final = 32
+_AUDIT_KEY_SUMMARY: Final = f"{AUDIT_KEY_TYPE}, not exportable"
 _PROVIDER: Final = "vault"
 
 _HOUR: Final = 3600
@@ -111,7 +121,8 @@ def bootstrap(
     key_name: str = "heimdall-pii",
     approle_mount: str = "approle",
 ) -> BootstrapReport:
-    """Bring the server to the wanted state: transit, the key, four policies, AppRole roles.
+    """Bring the server to the wanted state: transit, the key and its audit key, four
+    policies, AppRole roles.
 
     Idempotent: each step first reads, then writes only what is missing or differs (a second
     run reports every step as existing or unchanged). ``client`` needs a token that may manage
@@ -126,6 +137,7 @@ def bootstrap(
     actions = [
         _ensure_mount(client, mount, "transit", auth=False),
         _ensure_key(client, mount, key_name),
+        _ensure_audit_key(client, mount, audit_key_name(key_name)),
         *(_ensure_policy(client, role, policies[role]) for role in ROLES),
         _ensure_mount(client, approle_mount, "approle", auth=True),
         *(_ensure_role(client, role, approle_mount) for role in ROLES),
@@ -181,6 +193,8 @@ def credential_instructions(report: BootstrapReport, addr: str) -> list[str]:
             f"HMD_VAULT_APPROLE_MOUNT={report.approle_mount}",
             f"HMD_VAULT_ROLE_ID_FILE=/path/to/{role}.role_id",
             f"HMD_VAULT_SECRET_ID_FILE=/path/to/{role}.secret_id",
+            f'# the role (with HMD_ENV=production: role = "{role}" in the config file instead)',
+            f"HMD_ROLE={role}",
         ]
     return lines
 
@@ -266,6 +280,41 @@ def _key_fault(key: dict[str, Any]) -> str | None:
         return "is not derived, so it cannot bind heimdall's encryption context"
     if key.get("convergent_encryption"):
         return "uses convergent encryption, so equal plaintexts would give equal ciphertexts"
+    if key.get("exportable"):
+        return "is exportable, so its key material can leave Vault"
+    if key.get("allow_plaintext_backup"):
+        return "allows plaintext backup, so its key material can leave Vault"
+    return None
+
+
+def _ensure_audit_key(client: hvac.Client, mount: str, name: str) -> str:
+    """The audit key: type hmac (hvac's create_key does not know the type, hence the raw write)."""
+    with _vault_errors(f"read the transit key {mount}/keys/{name}", key_name=name):
+        key = _read_optional(lambda: client.secrets.transit.read_key(name, mount_point=mount))
+    if key is None:
+        with _vault_errors(f"create the transit key {mount}/keys/{name}", key_name=name):
+            client.adapter.post(
+                f"/v1/{mount}/keys/{name}",
+                json={
+                    "type": AUDIT_KEY_TYPE,
+                    "key_size": _AUDIT_KEY_SIZE,
+                    "exportable": False,
+                    "allow_plaintext_backup": False,
+                },
+            )
+        return f"created audit key {name} ({_AUDIT_KEY_SUMMARY})"
+    fault = _audit_key_fault(key)
+    if fault:
+        raise ConfigurationError(
+            f"transit key {name} on {mount}/ {fault}, and that cannot be changed on an existing "
+            "key; choose a new key name so the bootstrap creates both keys correctly"
+        )
+    return f"audit key {name} exists ({_AUDIT_KEY_SUMMARY})"
+
+
+def _audit_key_fault(key: dict[str, Any]) -> str | None:
+    if key.get("type") != AUDIT_KEY_TYPE:
+        return f"is of type {key.get('type')}, not {AUDIT_KEY_TYPE}"
     if key.get("exportable"):
         return "is exportable, so its key material can leave Vault"
     if key.get("allow_plaintext_backup"):

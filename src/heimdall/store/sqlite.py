@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Final
 
 from heimdall.errors import StorageError
+from heimdall.private_files import ensure_private_dir, open_private
 from heimdall.store.base import (
     FieldCount,
     FieldUpdate,
@@ -134,10 +135,17 @@ def _page_sql(clauses: list[str], *, resume: bool) -> str:
 
 
 def _create_private_file(path: Path) -> None:
-    """Create *path* with mode 0600 unless it exists, before SQLite would create it 0644."""
+    """Create *path* with mode 0600 unless it exists, before SQLite would create it 0644, and
+    refuse it (or its -wal / -shm files) if another user could have planted or swapped it
+    (see :mod:`heimdall.private_files`)."""
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        if not path.parent.exists():
+            ensure_private_dir(path.parent, "database directory")
+        os.close(open_private(path, os.O_RDWR | os.O_CREAT, what="database file"))
+        for suffix in ("-wal", "-shm"):
+            side = path.with_name(path.name + suffix)
+            if os.path.lexists(side):
+                os.close(open_private(side, os.O_RDONLY, what="database file"))
     except OSError as exc:
         raise StorageError(f"cannot create database file {path}: {exc.strerror}") from exc
 

@@ -3,8 +3,10 @@
 # Rotates the transit key heimdall-pii, reads and changes its configuration (the decryption
 # floor, deletion_allowed when a key is retired), reads its metadata, rewraps data keys under
 # the newest version after a rotation (rewrap never reveals a plaintext) and lists the audit
-# devices to verify one is enabled. It cannot encrypt, decrypt or get data keys, so it never
-# sees a plaintext field or data key; nor can it export, back up or trim the key.
+# devices to verify one is enabled. It makes and checks the MACs of heimdall's audit trail
+# checkpoints with the audit key heimdall-pii-audit (hmac, verify). It cannot encrypt, decrypt
+# or get data keys, so it never sees a plaintext field or data key; nor can it export, back up
+# or trim either key.
 #
 # spec: Access Control Model, Vault Policy Example ("Admin policy for key rotation") and
 # Role-Based Access (heimdall-admin: rotate keys, update policies, audit log access); Key
@@ -42,6 +44,18 @@ path "sys/audit" {
   capabilities = ["read", "sudo"]
 }
 
+# The audit key heimdall-pii-audit: a MAC over each checkpoint of heimdall's audit trail (every
+# command writes audit events) and the check of those MACs (`heimdall audit verify`), with the
+# algorithm in the request body; the MAC key itself never leaves Vault. spec: Audit Log
+# Requirements.
+path "transit/hmac/heimdall-pii-audit" {
+  capabilities = ["update"]
+}
+
+path "transit/verify/heimdall-pii-audit" {
+  capabilities = ["update"]
+}
+
 # Key material never leaves Vault (no export, no plaintext backup) and old versions are never
 # trimmed away (that would strand stored fields). spec: Access Control Model ("Deny direct
 # access to key material"). Across a token's policies Vault applies only the most specific
@@ -77,5 +91,30 @@ path "transit/backup/heimdall-pii" {
 }
 
 path "transit/keys/heimdall-pii/trim" {
+  capabilities = ["deny"]
+}
+
+# The same for the audit key heimdall-pii-audit (created type hmac, not exportable).
+path "transit/export/encryption-key/heimdall-pii-audit" {
+  capabilities = ["deny"]
+}
+
+path "transit/export/encryption-key/heimdall-pii-audit/*" {
+  capabilities = ["deny"]
+}
+
+path "transit/export/hmac-key/heimdall-pii-audit" {
+  capabilities = ["deny"]
+}
+
+path "transit/export/hmac-key/heimdall-pii-audit/*" {
+  capabilities = ["deny"]
+}
+
+path "transit/backup/heimdall-pii-audit" {
+  capabilities = ["deny"]
+}
+
+path "transit/keys/heimdall-pii-audit/trim" {
   capabilities = ["deny"]
 }

@@ -2,8 +2,9 @@
 #
 # Gets fresh data keys from the transit key heimdall-pii (datakey), unwraps them again
 # (decrypt), encrypts small values directly (encrypt) and reads the key's metadata: versions
-# and the decryption floor. It cannot rotate or reconfigure the key, rewrap, export, back up
-# or trim it.
+# and the decryption floor; makes the MACs of heimdall's audit trail checkpoints with the audit
+# key heimdall-pii-audit (hmac). It cannot rotate or reconfigure the key, rewrap, export, back
+# up or trim either key, nor verify audit MACs.
 #
 # spec: Access Control Model, Vault Policy Example and Role-Based Access (heimdall-app:
 # encrypt, decrypt, read key metadata); datakey is the Alternative Pattern of KMS Provider
@@ -32,6 +33,13 @@ path "transit/datakey/wrapped/heimdall-pii" {
 
 path "transit/keys/heimdall-pii" {
   capabilities = ["read"]
+}
+
+# The audit key heimdall-pii-audit: a MAC over each checkpoint of heimdall's audit trail, which
+# every process that writes audit events makes (spec: Audit Log Requirements). hmac only, with
+# the algorithm in the request body; the MAC key itself never leaves Vault.
+path "transit/hmac/heimdall-pii-audit" {
+  capabilities = ["update"]
 }
 
 # Key material never leaves Vault (no export, no plaintext backup) and old versions are never
@@ -69,5 +77,30 @@ path "transit/backup/heimdall-pii" {
 }
 
 path "transit/keys/heimdall-pii/trim" {
+  capabilities = ["deny"]
+}
+
+# The same for the audit key heimdall-pii-audit (created type hmac, not exportable).
+path "transit/export/encryption-key/heimdall-pii-audit" {
+  capabilities = ["deny"]
+}
+
+path "transit/export/encryption-key/heimdall-pii-audit/*" {
+  capabilities = ["deny"]
+}
+
+path "transit/export/hmac-key/heimdall-pii-audit" {
+  capabilities = ["deny"]
+}
+
+path "transit/export/hmac-key/heimdall-pii-audit/*" {
+  capabilities = ["deny"]
+}
+
+path "transit/backup/heimdall-pii-audit" {
+  capabilities = ["deny"]
+}
+
+path "transit/keys/heimdall-pii-audit/trim" {
   capabilities = ["deny"]
 }

@@ -1,8 +1,9 @@
 # heimdall-audit: compliance and security review.
 #
-# Lists the audit devices (which exist, and where they write) and nothing else: no access to
-# the transit key heimdall-pii at all. The audit log itself is read where the device writes it
-# (file, syslog, socket), not through Vault.
+# Lists the audit devices (which exist, and where they write) and checks the MACs of
+# heimdall's audit trail checkpoints with the audit key heimdall-pii-audit (verify, never hmac:
+# a reviewer cannot make a checkpoint). No access to the transit key heimdall-pii at all. The
+# audit log itself is read where the device writes it (file, syslog, socket), not through Vault.
 #
 # spec: Access Control Model, Role-Based Access (heimdall-audit: read audit logs only); Audit
 # and Compliance, Vault Audit Backend Configuration.
@@ -13,6 +14,12 @@
 # Listing audit devices needs sudo; enabling or disabling one (sys/audit/<path>) is not granted.
 path "sys/audit" {
   capabilities = ["read", "sudo"]
+}
+
+# The audit key heimdall-pii-audit: checks the MAC of each checkpoint of heimdall's audit trail
+# (`heimdall audit verify`); the MAC key itself never leaves Vault.
+path "transit/verify/heimdall-pii-audit" {
+  capabilities = ["update"]
 }
 
 # Key material never leaves Vault (no export, no plaintext backup) and old versions are never
@@ -50,5 +57,30 @@ path "transit/backup/heimdall-pii" {
 }
 
 path "transit/keys/heimdall-pii/trim" {
+  capabilities = ["deny"]
+}
+
+# The same for the audit key heimdall-pii-audit (created type hmac, not exportable).
+path "transit/export/encryption-key/heimdall-pii-audit" {
+  capabilities = ["deny"]
+}
+
+path "transit/export/encryption-key/heimdall-pii-audit/*" {
+  capabilities = ["deny"]
+}
+
+path "transit/export/hmac-key/heimdall-pii-audit" {
+  capabilities = ["deny"]
+}
+
+path "transit/export/hmac-key/heimdall-pii-audit/*" {
+  capabilities = ["deny"]
+}
+
+path "transit/backup/heimdall-pii-audit" {
+  capabilities = ["deny"]
+}
+
+path "transit/keys/heimdall-pii-audit/trim" {
   capabilities = ["deny"]
 }

@@ -1,7 +1,9 @@
 # heimdall-worker: enrichment workers, which read encrypted fields but never write them.
 #
-# Decrypt only: unwraps the data keys of stored fields under the transit key heimdall-pii. It
-# cannot encrypt, get data keys, read or change the key, rewrap, export, back up or trim it.
+# Decrypt only: unwraps the data keys of stored fields under the transit key heimdall-pii, and
+# makes the MACs of heimdall's audit trail checkpoints (its decrypts are audited) with the audit
+# key heimdall-pii-audit (hmac). It cannot encrypt, get data keys, read or change the key,
+# rewrap, export, back up or trim either key, nor verify audit MACs.
 #
 # spec: Access Control Model, Vault Policy Example ("Policy for enrichment workers (read-only
 # decrypt)") and Role-Based Access (heimdall-worker: decrypt only); Integration Points, Worker
@@ -11,6 +13,13 @@
 # configured key name and mount substituted (deploy/vault/README.md, "Other mounts and keys").
 
 path "transit/decrypt/heimdall-pii" {
+  capabilities = ["update"]
+}
+
+# The audit key heimdall-pii-audit: a MAC over each checkpoint of heimdall's audit trail, which
+# every process that writes audit events makes (spec: Audit Log Requirements). hmac only, with
+# the algorithm in the request body; the MAC key itself never leaves Vault.
+path "transit/hmac/heimdall-pii-audit" {
   capabilities = ["update"]
 }
 
@@ -49,5 +58,30 @@ path "transit/backup/heimdall-pii" {
 }
 
 path "transit/keys/heimdall-pii/trim" {
+  capabilities = ["deny"]
+}
+
+# The same for the audit key heimdall-pii-audit (created type hmac, not exportable).
+path "transit/export/encryption-key/heimdall-pii-audit" {
+  capabilities = ["deny"]
+}
+
+path "transit/export/encryption-key/heimdall-pii-audit/*" {
+  capabilities = ["deny"]
+}
+
+path "transit/export/hmac-key/heimdall-pii-audit" {
+  capabilities = ["deny"]
+}
+
+path "transit/export/hmac-key/heimdall-pii-audit/*" {
+  capabilities = ["deny"]
+}
+
+path "transit/backup/heimdall-pii-audit" {
+  capabilities = ["deny"]
+}
+
+path "transit/keys/heimdall-pii-audit/trim" {
   capabilities = ["deny"]
 }

@@ -1,0 +1,113 @@
+"""What an audit record holds, and the interface every audit sink implements.
+
+spec: Audit and Compliance, Audit Log Requirements (fields and JSON log format). An event carries
+identifiers only: canonical keys (HMACs, not values), key identifiers and versions, actor,
+reason, request id. It has no field for plaintext, data keys or envelopes, so none can reach
+the trail.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+__all__ = ["AuditEvent", "AuditSink", "EventType", "MemoryAuditSink", "Result", "utc_now_ms"]
+
+
+class EventType(enum.StrEnum):
+    ENCRYPT = "crypto.encrypt"
+    DECRYPT = "crypto.decrypt"
+    REWRAP = "crypto.rewrap"
+    REENCRYPT = "crypto.reencrypt"
+    LOOKUP = "index.lookup"
+    KEY_CREATE = "key.create"
+    KEY_ROTATE = "key.rotate"
+    KEY_CONFIG = "key.config"
+    KEY_REENABLE = "key.reenable"  # a decryption floor lowered: disabled versions decrypt again
+    KMS_CHECK = "kms.check"  # a pre-flight check of the key provider
+    ACCESS_DENIED = "access.denied"
+    REENCRYPT_JOB = "job.reencrypt"
+    MODE_CHANGE = "config.mode"
+    AUDIT_CHECKPOINT = "audit.checkpoint"  # written by the file sink itself (chain, jsonl)
+    AUDIT_REPAIR = "audit.repair"
+
+
+class Result(enum.StrEnum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+    DENIED = "denied"
+
+
+def utc_now_ms() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_OPTIONAL_FIELDS = (
+    "field_identifier",
+    "key_identifier",
+    "key_version",
+    "request_id",
+    "reason",
+    "source_ip",
+    "operation",
+    "error",
+    "count",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One audit record. Every field is an identifier or a short label; none is secret."""
+
+    event_type: EventType
+    actor: str
+    result: Result
+    request_id: str
+    field_identifier: str | None = None
+    key_identifier: str | None = None
+    key_version: int | None = None
+    reason: str | None = None
+    source_ip: str | None = None
+    operation: str | None = None
+    error: str | None = None
+    count: int | None = None
+    timestamp: str = field(default_factory=utc_now_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "timestamp": self.timestamp,
+            "event_type": self.event_type.value,
+            "actor": self.actor,
+        }
+        for name in _OPTIONAL_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        out["result"] = self.result.value
+        return out
+
+
+class AuditSink(Protocol):
+    def write(self, events: Sequence[AuditEvent]) -> None:
+        """Persist all *events* or raise AuditError (the audited operation is then refused)."""
+        ...
+
+    def close(self) -> None:
+        """Finish this process's part of the trail (the file sink writes a checkpoint)."""
+        ...
+
+
+class MemoryAuditSink:
+    """Keeps events in a list; for tests and embedding."""
+
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+
+    def write(self, events: Sequence[AuditEvent]) -> None:
+        self.events.extend(events)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,338 @@
+"""The file sink: an append-only JSON Lines log, hash-chained, with keyed checkpoints.
+
+Invariants, each kept under an exclusive ``flock`` on the log, which every writing process takes:
+
+* An append is all or nothing. The lines are written, fsynced, then the head record is replaced
+  (the commit). If anything before the commit fails (a full disk, a file size limit, the key
+  provider refusing a checkpoint) the log is cut back to its size before the append and the
+  operation is refused with :class:`AuditError`; the next append works once the cause is gone.
+* A writer appends only to a log that matches its head: the line ending where the head says
+  carries the head's hash. Complete lines past the head (a crash between the lines and the
+  head) are checked link by link and taken over. A shorter log, a different last line or a torn
+  final line (a crash in the middle of the write itself) refuses every append until an operator
+  looks: ``heimdall audit verify`` (with ``--repair-torn-tail`` for the last case only).
+* A checkpoint is due when the events since the last one reach the interval: this process's
+  ``checkpoint_every``, or the last checkpoint's announced interval if that is smaller (so
+  writers configured differently still keep every promise a checkpoint made). The counters
+  live in the head record, so several processes share them. Closing the log checkpoints the
+  events this process wrote since its last checkpoint.
+* Every file is opened through :func:`heimdall.private_files.open_private`: never through a
+  symlink, never a file of another user or one that group or others may write.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from heimdall.audit.chain import ChainError, ChainState, advance, seal_checkpoint, seal_event
+from heimdall.audit.events import AuditEvent, EventType, Result
+from heimdall.audit.head import LegacyHead, head_path, read_head, write_all, write_head
+from heimdall.audit.scan import (
+    VerifyReport,
+    check,
+    end_of_last_line,
+    hash_ending_at,
+    last_lines,
+    read_lines,
+)
+from heimdall.errors import AuditError, ConfigurationError, KmsError
+from heimdall.kms.base import AuditKey
+from heimdall.private_files import ensure_private_dir, open_private
+
+__all__ = ["DEFAULT_CHECKPOINT_EVERY", "JsonlAuditLog"]
+
+DEFAULT_CHECKPOINT_EVERY: Final = 1000
+_log = logging.getLogger("heimdall.audit")
+_WHAT: Final = "audit log"
+
+
+class JsonlAuditLog:
+    """Append-only, hash-chained JSON Lines file (mode 0600). See the module docstring.
+
+    *key* is the key provider's audit key (None: no checkpoints, as in legacy mode without a
+    key provider); *checkpoint_every* the number of events between checkpoints.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        fsync: bool = True,
+        key: AuditKey | None = None,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    ) -> None:
+        if checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be at least 1")
+        self.path = Path(path)
+        self._fsync = fsync
+        self._key = key
+        self._every = checkpoint_every
+        self._unsealed = False  # this process wrote events that no checkpoint covers yet
+
+    @property
+    def head_path(self) -> Path:
+        return head_path(self.path)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def write(self, events: Sequence[AuditEvent]) -> None:
+        self.append(events)
+
+    def append(self, events: Sequence[AuditEvent]) -> list[bytes]:
+        """Append *events*, and any checkpoint falling due among them; the lines written."""
+        if any(event.event_type is EventType.AUDIT_CHECKPOINT for event in events):
+            raise ValueError("checkpoints are written by the audit log itself")
+        if not events:
+            return []
+        with self._exclusive() as fd:
+            return self._append_locked(fd, events, closing=False)
+
+    def close(self) -> None:
+        self.checkpoint_on_close()
+
+    def checkpoint_on_close(self) -> list[bytes]:
+        """A checkpoint over the events this process wrote, unless one covers them already.
+
+        Best effort: those events are written and chained, and the next checkpoint any writer
+        makes covers them (verify counts them until then). A checkpoint that cannot be made now
+        (the provider unreachable, or a role that may only verify, as heimdall-audit on Vault)
+        is logged, not raised: closing never fails a command that has done its work.
+        """
+        if self._key is None or not self._unsealed:
+            return []
+        try:
+            with self._exclusive() as fd:
+                return self._append_locked(fd, (), closing=True)
+        except AuditError as exc:
+            _log.warning("no closing audit checkpoint: %s", exc)
+            return []
+
+    def repair_torn_tail(self, *, actor: str, request_id: str) -> int:
+        """Cut off a torn final line left by an interrupted append; the bytes removed.
+
+        Refused (AuditError) unless the log ends in a line without a newline that lies past
+        what the head record vouches for, and everything before it verifies. The repair is
+        audited (``audit.repair``, with the number of bytes removed).
+        """
+        with self._exclusive() as fd:
+            size = os.fstat(fd).st_size
+            end = end_of_last_line(fd, size)
+            if end == size:
+                raise AuditError(
+                    f"audit log {self.path} ends in a complete line: nothing to repair"
+                )
+            report = check(read_lines(fd, 0, end), read_head(self.head_path), self._key)
+            if not report.ok:
+                raise AuditError(
+                    f"audit log {self.path} is damaged before its final line (line "
+                    f"{report.first_bad_line}: {report.problem}); only a torn final line is "
+                    "repaired"
+                )
+            self._cut_back(fd, end)
+            event = AuditEvent(
+                EventType.AUDIT_REPAIR,
+                actor,
+                Result.SUCCESS,
+                request_id,
+                operation="repair_torn_tail",
+                count=size - end,
+            )
+            self._append_locked(fd, [event], closing=False)
+        return size - end
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[int]:
+        if not self.path.parent.exists():
+            ensure_private_dir(self.path.parent, "audit log directory")
+        try:
+            fd = open_private(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, what=_WHAT)
+        except OSError as exc:
+            raise AuditError(f"audit log {self.path} cannot be opened: {exc.strerror}") from None
+        except ConfigurationError as exc:
+            raise AuditError(str(exc)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _append_locked(
+        self, fd: int, events: Sequence[AuditEvent], *, closing: bool
+    ) -> list[bytes]:
+        size = os.fstat(fd).st_size
+        state = self._state(fd, size)
+        lines, after = self._seal(state, events, closing=closing)
+        if not lines:
+            return []
+        try:
+            write_all(fd, b"".join(lines))
+            if self._fsync:
+                os.fsync(fd)
+            write_head(self.head_path, after, fsync=self._fsync)
+        except BaseException as exc:
+            self._cut_back(fd, size)
+            if isinstance(exc, OSError):
+                raise AuditError(
+                    f"audit log {self.path} cannot be written ({exc.strerror}); "
+                    "it was left as it was"
+                ) from None
+            if isinstance(exc, ConfigurationError):
+                raise AuditError(str(exc)) from None
+            raise
+        self._unsealed = after.pending > 0
+        return lines
+
+    def _cut_back(self, fd: int, size: int) -> None:
+        try:
+            os.ftruncate(fd, size)
+            if self._fsync:
+                os.fsync(fd)
+        except OSError as exc:
+            raise AuditError(
+                f"audit log {self.path} could not be cut back after a failed append "
+                f"({exc.strerror}); run `heimdall audit verify`"
+            ) from None
+
+    def _seal(
+        self, state: ChainState, events: Sequence[AuditEvent], *, closing: bool
+    ) -> tuple[list[bytes], ChainState]:
+        lines: list[bytes] = []
+        if self._due(state) or (closing and state.pending):
+            state = self._checkpoint(lines, state)
+        for event in events:
+            line, state = seal_event(state, orjson.dumps(event.to_dict()))
+            lines.append(line)
+            if self._due(state):
+                state = self._checkpoint(lines, state)
+        return lines, state
+
+    def _due(self, state: ChainState) -> bool:
+        if self._key is None:
+            # Without a key no checkpoint is made, but one a checkpoint promised is still due.
+            return state.every is not None and state.pending >= state.every
+        return state.pending >= min(self._every, state.every or self._every)
+
+    def _checkpoint(self, lines: list[bytes], state: ChainState) -> ChainState:
+        if self._key is None:
+            raise AuditError(
+                f"audit log {self.path} is due a keyed checkpoint but no audit key is "
+                "configured; configure the key provider that wrote its checkpoints"
+            )
+        try:
+            line, after = seal_checkpoint(state, self._every, self._key)
+        except (KmsError, ConfigurationError) as exc:
+            raise AuditError(f"audit checkpoint could not be signed: {exc}") from None
+        lines.append(line)
+        return after
+
+    def _state(self, fd: int, size: int) -> ChainState:
+        """The chain position at the end of the log, after checking it against its head."""
+        try:
+            head = read_head(self.head_path)
+            if head is None and size == 0:
+                head = ChainState()
+                write_head(self.head_path, head, fsync=self._fsync)  # before the first line
+        except ConfigurationError as exc:
+            raise AuditError(str(exc)) from None
+        except OSError as exc:
+            raise AuditError(
+                f"audit log head record {self.head_path} cannot be written: {exc.strerror}"
+            ) from None
+        refuse = f"; run `heimdall audit verify` (audit log {self.path})"
+        if head is None:
+            raise AuditError(f"the audit log has no head record {self.head_path}{refuse}")
+        if size < head.size:
+            raise AuditError(f"the audit log is shorter than its head record says{refuse}")
+        if isinstance(head, LegacyHead):
+            if head.size:
+                return self._take_over(fd, ChainState(), size, head)
+            head = ChainState(hash=head.hash)  # an empty log: checked like any other head
+        if hash_ending_at(fd, head.size) != head.hash:
+            raise AuditError(f"the audit log does not end where its head record says{refuse}")
+        return self._take_over(fd, head, size, None)
+
+    def _take_over(
+        self, fd: int, state: ChainState, size: int, legacy: LegacyHead | None
+    ) -> ChainState:
+        """*state* moved over the lines from its end to *size*, each checked link by link."""
+        for line in read_lines(fd, state.size, size):
+            if not line.endswith(b"\n"):
+                raise AuditError(
+                    f"audit log {self.path} ends in a torn line (an append was interrupted); "
+                    "run `heimdall audit verify --repair-torn-tail`"
+                )
+            try:
+                state, _ = advance(state, line)
+            except ChainError as exc:
+                raise AuditError(
+                    f"audit log {self.path} is damaged at line {state.lines + 1} "
+                    f"({exc.problem}); run `heimdall audit verify`"
+                ) from None
+            if legacy is not None and state.size == legacy.size:
+                if state.hash != legacy.hash:
+                    break
+                legacy = None
+        if legacy is not None:
+            raise AuditError(
+                f"the audit log does not end where its head record says; run "
+                f"`heimdall audit verify` (audit log {self.path})"
+            )
+        return state
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def verify(self) -> VerifyReport:
+        """Check the chain, every checkpoint's MAC and the head record. See scan.check."""
+        fd = self._open_for_reading()
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_SH)  # no append is half done while we look
+            try:
+                size = os.fstat(fd).st_size if fd is not None else 0
+                head = read_head(self.head_path)
+            except AuditError:
+                return VerifyReport(0, False, None, "chain head record is damaged")
+            finally:
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            # Appends after this point only add lines past *size*.
+            lines = read_lines(fd, 0, size) if fd is not None else iter(())
+            return check(lines, head, self._key)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _open_for_reading(self) -> int | None:
+        try:
+            return open_private(self.path, os.O_RDONLY, what=_WHAT)
+        except FileNotFoundError:
+            return None
+
+    def tail(self, count: int) -> list[dict[str, Any]]:
+        """The last *count* records, oldest first (a torn final line is left out)."""
+        fd = self._open_for_reading() if count > 0 else None
+        if fd is None:
+            return []
+        try:
+            return [orjson.loads(line) for line in last_lines(fd, count)]
+        finally:
+            os.close(fd)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        fd = self._open_for_reading()
+        if fd is None:
+            return
+        try:
+            for line in read_lines(fd, 0, os.fstat(fd).st_size):
+                if line.endswith(b"\n"):
+                    yield orjson.loads(line)
+        finally:
+            os.close(fd)

@@ -1,0 +1,215 @@
+"""Reading the audit log back: its lines, and the check behind ``heimdall audit verify``.
+
+:func:`check` walks the chain from the first line, and fails at the first line that does not
+continue it, at a checkpoint whose MAC the key provider does not confirm, where a checkpoint
+was due and is missing, and where the log does not reach the size and hash of its head record.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+from heimdall.audit.chain import GENESIS, ChainError, ChainState, advance, checkpoint_message
+from heimdall.audit.head import LegacyHead
+from heimdall.kms.base import AuditKey
+
+__all__ = [
+    "TORN_TAIL",
+    "VerifyReport",
+    "check",
+    "end_of_last_line",
+    "hash_ending_at",
+    "last_lines",
+    "read_lines",
+]
+
+_CHUNK: Final = 1 << 20
+_LAST_LINE_WINDOW: Final = 1 << 16
+TORN_TAIL: Final = (
+    "the final line is torn (an append was interrupted); "
+    "`heimdall audit verify --repair-torn-tail` removes it"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """What :func:`check` found. ``lines`` counts every line read, checkpoints included."""
+
+    lines: int
+    ok: bool
+    first_bad_line: int | None = None
+    problem: str | None = None
+    events: int = 0
+    checkpoints: int = 0
+    events_after_checkpoint: int = 0  # all events, when there is no checkpoint
+    key_identifier: str | None = None  # of the key that checked the checkpoints
+    torn_tail: bool = False
+
+
+def read_lines(fd: int, start: int, end: int) -> Iterator[bytes]:
+    """The lines of bytes [start, end) of *fd*, newlines included; a last piece without a
+    newline (a torn line) comes last, as it is."""
+    rest = b""
+    position = start
+    while position < end:
+        chunk = os.pread(fd, min(_CHUNK, end - position), position)
+        if not chunk:
+            break
+        position += len(chunk)
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
+def end_of_last_line(fd: int, size: int) -> int:
+    """The offset just past the last newline in the first *size* bytes (0 if none)."""
+    position = size
+    while position > 0:
+        start = max(0, position - _LAST_LINE_WINDOW)
+        found = os.pread(fd, position - start, start).rfind(b"\n")
+        if found >= 0:
+            return start + found + 1
+        position = start
+    return 0
+
+
+def last_lines(fd: int, count: int) -> list[bytes]:
+    """The last *count* complete lines, oldest first, read backwards from the end."""
+    position = end_of_last_line(fd, os.fstat(fd).st_size)
+    data = b""
+    while position > 0 and data.count(b"\n") <= count:
+        step = min(_LAST_LINE_WINDOW, position)
+        position -= step
+        data = os.pread(fd, step, position) + data
+    lines = data.splitlines()
+    if position > 0:
+        lines = lines[1:]  # the first line of the window may be partial
+    return lines[-count:]
+
+
+def hash_ending_at(fd: int, end: int) -> str | None:
+    """The stored hash of the line that ends at byte *end*; GENESIS at 0; None if no line
+    with a hash ends there."""
+    if end == 0:
+        return GENESIS
+    start = max(0, end - _LAST_LINE_WINDOW)
+    window = os.pread(fd, end - start, start)
+    if not window.endswith(b"\n"):
+        return None
+    line = window[:-1].rsplit(b"\n", 1)[-1]
+    stored = line[-66:-2]
+    if not line.endswith(b'"}') or line[-75:-66] != b',"hash":"':
+        return None
+    return stored.decode(errors="replace")
+
+
+def check(
+    lines: Iterable[bytes], head: ChainState | LegacyHead | None, key: AuditKey | None
+) -> VerifyReport:
+    """Verify the log's *lines* (from :func:`read_lines`) against its *head* record and *key*."""
+    walk = _Walk(head, key)
+    for line in lines:
+        if not line.endswith(b"\n"):
+            return walk.torn()
+        problem = walk.step(line)
+        if problem:
+            return walk.report(problem, walk.state.lines + 1)
+    return walk.finish()
+
+
+class _Walk:
+    def __init__(self, head: ChainState | LegacyHead | None, key: AuditKey | None) -> None:
+        self.head = head
+        self.key = key
+        self.state = ChainState()
+        self.checkpoints = 0
+        self.head_matched = head is None or head.size == 0
+
+    def step(self, line: bytes) -> str | None:
+        try:
+            after, doc = advance(self.state, line)
+        except ChainError as exc:
+            return exc.problem
+        if after.last_checkpoint_line == after.lines:
+            problem = self._checkpoint(doc)
+            if problem:
+                return problem
+            self.checkpoints += 1
+        elif after.every is not None and after.pending > after.every:
+            return self._missing(after)
+        self.state = after
+        if self.head is not None and after.size == self.head.size:
+            self.head_matched = after.hash == self.head.hash
+        return None
+
+    def _checkpoint(self, doc: dict[str, Any]) -> str | None:
+        if self.key is None:
+            return (
+                "the trail has keyed checkpoints but no audit key is configured to check them "
+                "(configure the key provider that wrote it)"
+            )
+        if doc["key_identifier"] != self.key.key_identifier:
+            return (
+                f"checkpoint made with the key {doc['key_identifier']}, "
+                f"not with the configured {self.key.key_identifier}"
+            )
+        if not self.key.verify(checkpoint_message(doc), str(doc["mac"])):
+            return "checkpoint MAC does not verify: forged, or made with another key"
+        return None
+
+    @staticmethod
+    def _missing(state: ChainState) -> str:
+        return (
+            f"a checkpoint is missing: the one at line {state.last_checkpoint_line} announced "
+            f"the next within {state.every} events"
+        )
+
+    def torn(self) -> VerifyReport:
+        if self.head is not None and self.state.size < self.head.size:
+            return self.report("log ends before its recorded head", self.state.lines + 1)
+        if not self.head_matched:
+            return self.report("log does not match its head record", self.state.lines)
+        return self.report(TORN_TAIL, self.state.lines + 1, torn_tail=True)
+
+    def finish(self) -> VerifyReport:
+        state, head = self.state, self.head
+        if head is None and state.lines:
+            return self.report("chain head record is missing", state.lines)
+        if head is not None and state.size < head.size:
+            return self.report("log ends before its recorded head", state.lines + 1)
+        if not self.head_matched:
+            return self.report("log does not match its head record", state.lines)
+        if state.every is not None and state.pending >= state.every:
+            return self.report(self._missing(state), state.lines)
+        if not self.checkpoints and state.events and self.key is not None and self.key.exists():
+            # Otherwise removing every checkpoint, then rewriting the chain, would pass as a
+            # trail written before checkpoints existed.
+            return self.report(
+                f"the trail has no keyed checkpoint, but the key provider holds its audit key "
+                f"{self.key.key_identifier}: checkpoints were removed, or the trail was written "
+                "before they existed and nothing was written since (any command adds one)",
+                state.lines,
+            )
+        return self.report(None, None)
+
+    def report(
+        self, problem: str | None, first_bad_line: int | None, *, torn_tail: bool = False
+    ) -> VerifyReport:
+        state = self.state
+        return VerifyReport(
+            lines=state.lines,
+            ok=problem is None,
+            first_bad_line=first_bad_line,
+            problem=problem,
+            events=state.events,
+            checkpoints=self.checkpoints,
+            events_after_checkpoint=state.pending,
+            key_identifier=self.key.key_identifier if self.key and self.checkpoints else None,
+            torn_tail=torn_tail,
+        )

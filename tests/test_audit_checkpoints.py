@@ -1,0 +1,404 @@
+"""Keyed checkpoints: the trail cannot be rewritten by someone who cannot use the audit key.
+
+spec: Audit and Compliance, Audit Log Requirements. The local keyring holds the audit MAC key;
+the same checks run on Vault in test_audit_vault.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from audit_tools import (
+    records,
+    rewrite_trail,
+    sample_events,
+    without_decrypts,
+    write_events,
+)
+from cli_runner import Cli, assert_one_line_error
+from heimdall.audit import JsonlAuditLog
+from heimdall.errors import AuditError, ConfigurationError, KmsUnavailable
+from heimdall.ingest import IngestReport
+from heimdall.kms.base import AuditKey
+from heimdall.kms.local import LocalKeyring
+from heimdall.rbac import Caller
+from heimdall.service import Heimdall
+
+ServiceFactory = Callable[..., Heimdall]
+Ingest = Callable[..., IngestReport]
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> AuditKey:
+    return LocalKeyring(tmp_path / "keys" / "keyring.json").audit_key()
+
+
+class CountingKey:
+    """An audit key that counts its calls and can be made to fail."""
+
+    def __init__(self, key: AuditKey) -> None:
+        self.key = key
+        self.signed = 0
+        self.down = False
+
+    @property
+    def key_identifier(self) -> str:
+        return self.key.key_identifier
+
+    def sign(self, message: bytes) -> str:
+        if self.down:
+            raise KmsUnavailable("the key service is down", provider="test")
+        self.signed += 1
+        return self.key.sign(message)
+
+    def verify(self, message: bytes, mac: str) -> bool:
+        return self.key.verify(message, mac)
+
+    def exists(self) -> bool:
+        return self.key.exists()
+
+
+def _kinds(path: Path) -> list[str]:
+    return [record["event_type"] for record in records(path)]
+
+
+def test_a_checkpoint_follows_every_n_events_and_the_close(tmp_path: Path, key: AuditKey) -> None:
+    log = write_events(tmp_path / "audit.log", 25, key=key, every=10, batch=3)
+
+    kinds = _kinds(log.path)
+    assert [n for n, kind in enumerate(kinds) if kind == "audit.checkpoint"] == [10, 21]
+    report = log.verify()
+    assert (report.ok, report.events, report.checkpoints) == (True, 25, 2)
+    assert (report.events_after_checkpoint, report.key_identifier) == (5, "local/audit")
+
+    log.close()
+
+    report = log.verify()
+    assert (report.ok, report.checkpoints, report.events_after_checkpoint) == (True, 3, 0)
+    checkpoint = records(log.path)[-1]
+    assert (checkpoint["lines"], checkpoint["events"], checkpoint["every"]) == (27, 25, 10)
+    assert checkpoint["mac"].startswith("hmac-sha256:v1:")
+
+
+def test_the_key_provider_is_called_once_per_checkpoint(tmp_path: Path, key: AuditKey) -> None:
+    counting = CountingKey(key)
+    log = JsonlAuditLog(tmp_path / "audit.log", fsync=False, key=counting, checkpoint_every=25)
+
+    for start in range(0, 100, 10):
+        log.write(sample_events(10, start=start))
+    log.close()  # nothing left to cover: the 100th event was just checkpointed
+
+    assert counting.signed == 4
+    assert log.verify().checkpoints == 4
+
+
+def test_removing_every_decrypt_and_recomputing_the_chain_and_head_fails_verify(
+    make_service: ServiceFactory,
+    ingest: Ingest,
+    people: list[dict[str, Any]],
+    caller: Caller,
+    data_dir: Path,
+) -> None:
+    service = make_service(audit_checkpoint_every=50)
+    ingest(service, people[:20])
+    keys = [service.lookup("email", p["email"], caller=caller).canonical_key for p in people[:5]]
+    for canonical_key in keys:
+        service.decrypt(canonical_key, reason="support:ticket-1", caller=caller)
+    service.audit.close()
+    path = data_dir / "audit.log"
+    assert service.audit.verify().ok  # type: ignore[attr-defined]
+    assert "crypto.decrypt" in _kinds(path)
+
+    rewrite_trail(path, without_decrypts)
+
+    assert "crypto.decrypt" not in _kinds(path)
+    report = make_service().audit.verify()  # type: ignore[attr-defined]
+    assert not report.ok
+    assert report.problem == "checkpoint MAC does not verify: forged, or made with another key"
+
+
+def test_removing_every_checkpoint_too_fails_verify_while_the_provider_holds_the_key(
+    make_service: ServiceFactory,
+    ingest: Ingest,
+    people: list[dict[str, Any]],
+    caller: Caller,
+    data_dir: Path,
+) -> None:
+    service = make_service(audit_checkpoint_every=50)
+    ingest(service, people[:20])
+    key = service.lookup("email", people[0]["email"], caller=caller).canonical_key
+    service.decrypt(key, reason="support:ticket-1", caller=caller)
+    service.audit.close()
+
+    # Without its checkpoints the trail would look written before checkpoints existed.
+    rewrite_trail(
+        data_dir / "audit.log",
+        lambda record: record["event_type"] not in {"crypto.decrypt", "audit.checkpoint"},
+    )
+
+    report = make_service().audit.verify()  # type: ignore[attr-defined]
+    assert (report.ok, report.checkpoints) == (False, 0)
+    assert report.problem is not None
+    assert "no keyed checkpoint, but the key provider holds its audit key" in report.problem
+
+
+def test_the_same_rewrite_of_a_trail_without_checkpoints_goes_unnoticed(tmp_path: Path) -> None:
+    """Why the checkpoints exist: the keyless chain and head alone can be recomputed."""
+    log = write_events(tmp_path / "audit.log", 10)
+    rewrite_trail(log.path, lambda record: record["count"] % 2 == 0)
+
+    report = log.verify()
+
+    assert (report.ok, report.events, report.checkpoints) == (True, 5, 0)
+
+
+def test_a_checkpoint_with_a_mac_from_another_key_fails(tmp_path: Path, key: AuditKey) -> None:
+    log = write_events(tmp_path / "audit.log", 12, key=key, every=5)
+    other = LocalKeyring(tmp_path / "other" / "keyring.json").audit_key()
+    with pytest.raises(ConfigurationError, match="holds no audit key"):
+        JsonlAuditLog(log.path, key=other).verify()  # that keyring never made one
+    other.sign(b"now it has one")
+
+    report = JsonlAuditLog(log.path, key=other).verify()
+
+    assert not report.ok
+    assert report.first_bad_line == 6
+    assert report.problem == "checkpoint MAC does not verify: forged, or made with another key"
+
+
+def test_a_checkpoint_signed_by_the_attacker_with_their_own_key_fails(
+    tmp_path: Path, key: AuditKey
+) -> None:
+    log = write_events(tmp_path / "audit.log", 12, key=key, every=5)
+    forged = write_events(
+        tmp_path / "forged" / "audit.log",
+        12,
+        every=5,
+        key=LocalKeyring(tmp_path / "forged" / "keyring.json").audit_key(),
+    )
+    log.path.write_bytes(forged.path.read_bytes())
+    log.head_path.write_bytes(forged.head_path.read_bytes())
+
+    report = log.verify()
+
+    assert (report.ok, report.first_bad_line) == (False, 6)
+
+
+def test_removing_the_last_checkpoint_is_a_missing_checkpoint(
+    tmp_path: Path, key: AuditKey
+) -> None:
+    log = write_events(tmp_path / "audit.log", 23, key=key, every=5)
+    checkpoints = [record for record in records(log.path) if "mac" in record]
+    assert len(checkpoints) == 4
+    rewrite_trail(log.path, lambda record: record != checkpoints[-1])
+
+    report = log.verify()
+
+    assert not report.ok
+    assert report.first_bad_line == 24  # the 6th event after the checkpoint at line 18
+    assert report.problem == (
+        "a checkpoint is missing: the one at line 18 announced the next within 5 events"
+    )
+
+
+def test_verify_without_the_key_fails_on_a_trail_with_checkpoints(
+    tmp_path: Path, key: AuditKey
+) -> None:
+    log = write_events(tmp_path / "audit.log", 6, key=key, every=5)
+
+    report = JsonlAuditLog(log.path).verify()
+
+    assert not report.ok
+    assert report.problem is not None
+    assert "no audit key is configured" in report.problem
+
+
+def test_a_writer_without_the_key_is_refused_once_a_checkpoint_is_due(
+    tmp_path: Path, key: AuditKey
+) -> None:
+    write_events(tmp_path / "audit.log", 6, key=key, every=5)
+    keyless = JsonlAuditLog(tmp_path / "audit.log", fsync=False)
+    keyless.write(sample_events(3))  # 4 events since the checkpoint: none due yet
+    before = keyless.path.read_bytes()
+
+    with pytest.raises(AuditError, match="no audit key is configured"):
+        keyless.write(sample_events(1))
+
+    assert keyless.path.read_bytes() == before
+
+
+def test_an_append_whose_checkpoint_cannot_be_signed_is_refused_and_undone(
+    tmp_path: Path, key: AuditKey
+) -> None:
+    counting = CountingKey(key)
+    log = JsonlAuditLog(tmp_path / "audit.log", fsync=False, key=counting, checkpoint_every=5)
+    log.write(sample_events(4))
+    before = log.path.read_bytes(), log.head_path.read_bytes()
+    counting.down = True
+
+    with pytest.raises(AuditError, match="checkpoint could not be signed: the key service is"):
+        log.write(sample_events(2, start=4))
+
+    assert (log.path.read_bytes(), log.head_path.read_bytes()) == before
+    counting.down = False
+    log.write(sample_events(2, start=4))
+    assert log.verify().checkpoints == 1
+
+
+def test_a_closing_checkpoint_that_cannot_be_made_is_logged_and_left_to_the_next_one(
+    tmp_path: Path, key: AuditKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    counting = CountingKey(key)
+    log = JsonlAuditLog(tmp_path / "audit.log", fsync=False, key=counting, checkpoint_every=5)
+    log.write(sample_events(3))
+    counting.down = True
+
+    with caplog.at_level(logging.WARNING, logger="heimdall.audit"):
+        log.close()
+
+    assert "no closing audit checkpoint: audit checkpoint could not be signed" in caplog.text
+    report = log.verify()
+    assert (report.ok, report.checkpoints, report.events_after_checkpoint) == (True, 0, 3)
+    counting.down = False
+    log.write(sample_events(2, start=3))
+    assert log.verify().checkpoints == 1
+
+
+def test_the_audit_key_is_kept_in_the_keyring_file_and_made_once(tmp_path: Path) -> None:
+    keyring = LocalKeyring(tmp_path / "keys" / "keyring.json")
+    before = json.loads(keyring.path.read_text())
+    assert "audit_key" not in before
+
+    first = keyring.audit_key().sign(b"message")
+    after = json.loads(keyring.path.read_text())
+
+    assert after["versions"] == before["versions"]
+    assert sorted(after["audit_key"]) == ["created_at", "material"]
+    assert keyring.path.stat().st_mode & 0o777 == 0o600
+    assert LocalKeyring(keyring.path).audit_key().sign(b"message") == first
+    assert json.loads(keyring.path.read_text()) == after
+    keyring.rotate()
+    assert json.loads(keyring.path.read_text())["audit_key"] == after["audit_key"]
+
+
+def test_a_trail_from_before_checkpoints_is_taken_over_and_checkpointed(
+    tmp_path: Path, key: AuditKey
+) -> None:
+    legacy = write_events(tmp_path / "audit.log", 7)
+    head = json.loads(legacy.head_path.read_text())
+    legacy.head_path.write_text(json.dumps({"size": head["size"], "hash": head["hash"]}))
+
+    log = JsonlAuditLog(legacy.path, fsync=False, key=key, checkpoint_every=5)
+    log.write(sample_events(1, start=7))
+
+    # The first keyed append checkpoints the whole older trail at once, before its own event.
+    assert _kinds(log.path)[7] == "audit.checkpoint"
+    report = log.verify()
+    assert (report.ok, report.events, report.checkpoints) == (True, 8, 1)
+
+
+_WRITER = """
+import random, sys
+from pathlib import Path
+from heimdall.audit import AuditEvent, EventType, JsonlAuditLog, Result
+from heimdall.kms.local import LocalKeyring
+
+log_path, keyring, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+log = JsonlAuditLog(log_path, fsync=False, key=LocalKeyring(keyring).audit_key(),
+                    checkpoint_every=7)
+written = 0
+for batch in range(40):
+    events = [AuditEvent(EventType.DECRYPT, name, Result.SUCCESS, f"{name}-{batch}-{n}")
+              for n in range(random.randint(1, 3))]
+    log.write(events)
+    written += len(events)
+log.close()
+print(written)
+"""
+
+
+def test_several_processes_appending_at_once_keep_a_verifiable_trail(tmp_path: Path) -> None:
+    keyring = LocalKeyring(tmp_path / "keys" / "keyring.json")
+    path = tmp_path / "data" / "audit.log"
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(path), str(keyring.path), f"writer-{n}"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(4)
+    ]
+    written = []
+    for writer in writers:
+        out, _ = writer.communicate(timeout=120)
+        assert writer.returncode == 0
+        written.append(int(out))
+
+    report = JsonlAuditLog(path, key=keyring.audit_key()).verify()
+
+    assert report.ok, report
+    assert report.events == sum(written)
+    assert report.checkpoints >= sum(written) // 7
+    assert report.events_after_checkpoint == 0  # the last writer to close covered the rest
+    assert len(json.loads(keyring.path.read_text())["audit_key"]["material"]) == 44
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+def test_cli_verify_counts_checkpoints_and_names_what_follows_the_last_one(cli: Cli) -> None:
+    keyring = LocalKeyring(cli.data_dir / "keyring.json")
+    write_events(cli.data_dir / "audit.log", 11, key=keyring.audit_key(), every=4)
+
+    lines = cli.ok("audit", "verify").splitlines()
+
+    assert lines == [
+        "audit trail intact: 11 events, 2 keyed checkpoints verified with local/audit",
+        "3 events follow the last checkpoint: only the keyless hash chain and the head record "
+        "protect those",
+    ]
+
+
+def test_closing_the_service_checkpoints_the_events_it_wrote(
+    make_service: ServiceFactory, ingest: Ingest, people: list[dict[str, Any]], data_dir: Path
+) -> None:
+    service = make_service()
+    ingest(service, people[:3])
+
+    service.close()
+
+    assert _kinds(data_dir / "audit.log")[-1] == "audit.checkpoint"
+
+
+def test_cli_verify_fails_in_one_line_on_a_rewritten_trail(cli: Cli) -> None:
+    env = {"HMD_AUDIT_CHECKPOINT_EVERY": "2"}
+    people = [{"id": str(n), "email": f"person{n}@example.org"} for n in range(3)]
+    cli.ok("ingest", str(cli.write_records("people.jsonl", people)), env=env)
+    key = cli.canonical_key("email", "person1@example.org")
+    cli.ok("decrypt", key, "--reason", "support:ticket-1", env=env)
+    assert "keyed checkpoints verified" in cli.ok("audit", "verify", env=env)
+
+    rewrite_trail(cli.data_dir / "audit.log", without_decrypts)
+
+    line = assert_one_line_error(cli.run("audit", "verify", env=env))
+    assert "checkpoint MAC does not verify" in line
+
+
+def test_cli_verify_of_a_trail_without_checkpoints_says_so(cli: Cli, master_key: str) -> None:
+    legacy = {"HMD_ENCRYPTION_MODE": "legacy", "HMD_MASTER_KEY": master_key}
+    people = [{"id": "1", "email": "person1@example.org"}]
+    cli.ok("ingest", str(cli.write_records("people.jsonl", people)), env=legacy)
+
+    output = cli.ok("audit", "verify", env=legacy)
+
+    assert "audit trail intact" in output
+    assert "it has no keyed checkpoints" in output
+    assert "only the keyless hash chain and the head record protect it" in output

@@ -1,0 +1,222 @@
+"""A full disk or a crash in the middle of an append never leaves the audit trail broken.
+
+A failed append leaves the log and its head exactly as they were, and the next append works
+once the cause is gone. The disk is filled for real: a child process runs with a file size limit
+(RLIMIT_FSIZE, SIGXFSZ ignored), so write() comes back short and then fails with EFBIG exactly
+as on a full disk. A crash is a child that SIGKILLs itself at a chosen point of an append.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from audit_tools import records, sample_events, write_events
+from heimdall.audit import JsonlAuditLog
+from heimdall.errors import AuditError
+from heimdall.rbac import Role
+
+_FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+from heimdall.audit import AuditEvent, EventType, JsonlAuditLog, Result
+from heimdall.errors import AuditError
+
+path, limit, count = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+events = [
+    AuditEvent(EventType.DECRYPT, "test:child", Result.SUCCESS, f"req-{n}", reason="r" * 100)
+    for n in range(count)
+]
+try:
+    JsonlAuditLog(path, fsync=True).write(events)
+except AuditError as exc:
+    print("refused:", exc)
+else:
+    print("written")
+"""
+
+# Kills the process at the first write (write or pwrite) to the file whose name contains
+# sys.argv[2]: after writing half of it ("torn") or before writing anything ("before").
+_CRASH = """
+import os, signal, sys
+from pathlib import Path
+from heimdall.audit import AuditEvent, EventType, JsonlAuditLog, Result
+
+path, victim, how = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+real_write, real_pwrite = os.write, os.pwrite
+
+def crash_if_victim(fd, data):
+    if victim in os.readlink(f"/proc/self/fd/{fd}"):
+        if how == "torn":
+            real_write(fd, bytes(data)[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def crashing_write(fd, data):
+    crash_if_victim(fd, data)
+    return real_write(fd, data)
+
+def crashing_pwrite(fd, data, offset):
+    crash_if_victim(fd, data)
+    return real_pwrite(fd, data, offset)
+
+os.write, os.pwrite = crashing_write, crashing_pwrite
+events = [AuditEvent(EventType.DECRYPT, "test:child", Result.SUCCESS, f"req-{n}") for n in range(3)]
+JsonlAuditLog(path, fsync=False).write(events)
+print("not killed")
+"""
+
+
+def _child(script: str, *args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def _files(log: JsonlAuditLog) -> tuple[bytes, bytes]:
+    return log.path.read_bytes(), log.head_path.read_bytes()
+
+
+@pytest.mark.parametrize("room", [0, 100, 500], ids=["no-room", "part-of-a-line", "some-lines"])
+def test_an_append_that_runs_out_of_space_leaves_the_trail_as_it_was(
+    tmp_path: Path, room: int
+) -> None:
+    log = write_events(tmp_path / "audit.log", 5)
+    before = _files(log)
+
+    done = _child(_FULL_DISK, log.path, len(before[0]) + room, 3)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("refused: "), done.stdout
+    assert "File too large" in done.stdout
+    assert "left as it was" in done.stdout
+    assert _files(log) == before
+    assert log.verify().ok
+
+
+def test_the_next_append_works_once_space_is_back(tmp_path: Path) -> None:
+    log = write_events(tmp_path / "audit.log", 5)
+    size = log.path.stat().st_size
+    assert _child(_FULL_DISK, log.path, size + 100, 3).stdout.startswith("refused: ")
+
+    log.write(sample_events(2, start=5))
+
+    report = log.verify()
+    assert (report.ok, report.events) == (True, 7)
+    assert [record["count"] for record in records(log.path)] == list(range(7))
+
+
+def test_a_crash_while_the_head_is_written_leaves_a_complete_head(tmp_path: Path) -> None:
+    log = write_events(tmp_path / "audit.log", 5)
+    head_before = log.head_path.read_bytes()
+
+    done = _child(_CRASH, log.path, "audit.log.head", "before")
+
+    assert done.returncode == -9, done.stdout + done.stderr
+    assert log.head_path.read_bytes() == head_before
+    # The three lines written before the crash chain on from what the head vouches for.
+    assert log.verify().ok
+    log.write(sample_events(1, start=8))
+    report = log.verify()
+    assert (report.ok, report.events) == (True, 9)
+
+
+def test_a_crash_in_the_middle_of_an_append_leaves_a_torn_tail_that_only_repair_clears(
+    tmp_path: Path,
+) -> None:
+    log = write_events(tmp_path / "audit.log", 5)
+    vouched = log.path.read_bytes()
+
+    done = _child(_CRASH, log.path, "audit.log", "torn")
+
+    assert done.returncode == -9, done.stdout + done.stderr
+    torn = log.path.read_bytes()
+    assert torn.startswith(vouched) and not torn.endswith(b"\n")
+    with pytest.raises(AuditError, match="torn line"):
+        log.write(sample_events(1))
+    assert log.path.read_bytes() == torn
+    complete = torn.rindex(b"\n") + 1  # half of three lines: the first one is whole
+    report = log.verify()
+    assert (report.ok, report.torn_tail, report.first_bad_line) == (False, True, 7)
+
+    removed = log.repair_torn_tail(actor="test:operator", request_id="req-repair")
+
+    assert removed == len(torn) - complete
+    assert log.verify().ok
+    repair = records(log.path)[-1]
+    assert (repair["event_type"], repair["count"]) == ("audit.repair", removed)
+    assert (repair["actor"], repair["request_id"]) == ("test:operator", "req-repair")
+    log.write(sample_events(1, start=5))
+    assert log.verify().ok
+
+
+def _torn(lines: list[bytes]) -> list[bytes]:
+    return [*lines, lines[-1][:40]]
+
+
+def _damaged_middle_line(lines: list[bytes]) -> list[bytes]:
+    return _torn([*lines[:2], lines[2][:30] + b"\x00" + lines[2][31:], *lines[3:]])
+
+
+def _removed_line(lines: list[bytes]) -> list[bytes]:
+    return _torn([*lines[:2], *lines[3:]])
+
+
+def _edited_line(lines: list[bytes]) -> list[bytes]:
+    return _torn([*lines[:2], lines[2].replace(b'"success"', b'"failure"'), *lines[3:]])
+
+
+def _cut_inside_the_head(lines: list[bytes]) -> list[bytes]:
+    return [*lines[:-1], lines[-1][:40]]
+
+
+def _no_torn_line(lines: list[bytes]) -> list[bytes]:
+    return lines
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_damaged_middle_line, _removed_line, _edited_line, _cut_inside_the_head, _no_torn_line],
+    ids=["damaged-line", "removed-line", "edited-line", "cut-inside-the-head", "not-torn"],
+)
+def test_repair_refuses_anything_but_a_torn_final_line(tmp_path: Path, damage: object) -> None:
+    log = write_events(tmp_path / "audit.log", 6)
+    lines = log.path.read_bytes().splitlines(keepends=True)
+    assert callable(damage)
+    log.path.write_bytes(b"".join(damage(lines)))
+    before = _files(log)
+
+    with pytest.raises(AuditError, match=r"damaged before its final line|nothing to repair"):
+        log.repair_torn_tail(actor="test:operator", request_id="req-repair")
+
+    assert _files(log) == before
+
+
+def test_cli_repairs_a_torn_tail_as_admin_and_refuses_the_audit_role(cli: object) -> None:
+    from cli_runner import Cli, assert_one_line_error  # noqa: PLC0415 - the plugin's types
+
+    assert isinstance(cli, Cli)
+    cli.ok("ingest", str(cli.write_records("people.jsonl", [{"id": "1", "email": "a@b.example"}])))
+    with (cli.data_dir / "audit.log").open("ab") as handle:
+        handle.write(b'{"timestamp":"2025-')
+
+    line = assert_one_line_error(cli.run("audit", "verify"))
+    assert "--repair-torn-tail" in line
+    auditor = {"HMD_ROLE": Role.AUDIT.value}
+    refused = assert_one_line_error(cli.run("audit", "verify", "--repair-torn-tail", env=auditor))
+    assert "may not repair" in refused
+
+    output = cli.ok("audit", "verify", "--repair-torn-tail", env={"HMD_ROLE": Role.ADMIN.value})
+
+    assert "removed a torn final line (19 bytes)" in output
+    assert "audit trail intact" in output
+    kinds = [record["event_type"] for record in records(cli.data_dir / "audit.log")]
+    assert kinds[-2:] == ["audit.repair", "audit.checkpoint"]  # closing checkpoints the repair
