@@ -54,18 +54,20 @@ from bench import processes
 from bench.report import Result, Row
 from bench.timing import Run, measure
 from heimdall.app import build
+from heimdall.cipher import FieldCipher
 from heimdall.errors import HeimdallError
 from heimdall.ingest import ingest_lines
-from heimdall.kms.base import DataKey, Health, KeyDescription, KeyManagementService, WrappedKey
+from heimdall.kms.base import DataKey, KeyDescription, KeyManagementService, WrappedKey
 from heimdall.kms.vault_config import VaultSettings
-from heimdall.migration import set_mode
-from heimdall.modes import EncryptionMode
+from heimdall.modes import CipherRouter
 from heimdall.rbac import Caller
-from heimdall.reencrypt import KMS_V1, LEGACY
-from heimdall.reencrypt_job import run_job, start_job
+from heimdall.rotation.batch import KMS_V1, LEGACY
+from heimdall.rotation.job import JobKind, run_job, start_job
+from heimdall.rotation.migration import set_mode
 from heimdall.secret import SecretBytes
 from heimdall.settings import Settings, StoreKind
 from heimdall.store.jobs import Job, JobState
+from heimdall.types import EncryptionMode
 
 if TYPE_CHECKING:
     from bench.vault import DevServer
@@ -924,10 +926,6 @@ class CountingKms:
         self._count("describe")
         return self.inner.describe()
 
-    def health(self) -> Health:
-        self._count("health")
-        return self.inner.health()
-
 
 def _status_mib(name: str) -> float:
     """A ``Vm*`` line of /proc/self/status, in MiB (0.0 where there is none)."""
@@ -971,7 +969,12 @@ def _work(service: Heimdall, worker: _Worker) -> dict[str, Any]:
     cipher = service.router.kms
     assert cipher is not None
     counting = CountingKms(cipher.kms)
-    cipher.kms = counting
+    # The job's cipher again, over the counting provider.
+    service.router = CipherRouter(
+        service.router.mode,
+        kms=FieldCipher(counting, cipher.encryption_version, cipher.cache),
+        legacy=service.router.legacy,
+    )
     http: Callable[[], int] = lambda: 0  # noqa: E731
     if worker.provider == "vault":
         from heimdall.kms.vault import VaultTransit  # noqa: PLC0415
@@ -980,11 +983,11 @@ def _work(service: Heimdall, worker: _Worker) -> dict[str, Any]:
         assert isinstance(transit, VaultTransit)
         http = lambda: transit.transport.calls  # noqa: E731
     legacy = service.router.legacy
-    kind = "rotation"
+    kind = JobKind.ROTATION
     if worker.kind == "legacy":
         # As `heimdall migrate start` does, before its job starts.
         set_mode(service, EncryptionMode.HYBRID, caller=caller, reason="bench migrate start")
-        kind = "migration"
+        kind = JobKind.MIGRATION
     legacy_before = legacy.kms_calls if legacy is not None else 0
     marks: list[float] = []
     setup_rss = _status_mib("VmRSS")

@@ -20,10 +20,10 @@ import pytest
 from heimdall.app import build
 from heimdall.audit import JsonlAuditLog
 from heimdall.ingest import IngestReport, ingest_lines
-from heimdall.modes import EncryptionMode
 from heimdall.rbac import Caller
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
+from heimdall.types import EncryptionMode
 
 pytest_plugins = ["vault_server", "postgres_server", "cli_runner"]
 PEOPLE_FILE = Path(__file__).resolve().parent.parent / "examples" / "people.jsonl"

@@ -27,7 +27,7 @@ import pytest
 
 from heimdall.errors import LifecycleError, StorageError
 from heimdall.store.base import FieldValue, GraphStore
-from heimdall.store.jobs import Job, JobState, JobStore
+from heimdall.store.jobs import Job, JobKind, JobState, JobStore
 from store_contract import TIMESTAMP, envelope, field_value, key, rewrap
 
 __all__ = ["JobGraphStore", "JobStoreContract"]
@@ -52,7 +52,7 @@ def new_job(
 ) -> Job:
     return Job(
         job_id=job_id,
-        kind="rotation",
+        kind=JobKind.ROTATION,
         target_version=TARGET,
         include_legacy=include_legacy,
         state=state,
@@ -99,7 +99,7 @@ class JobStoreContract:
     # -- jobs ----------------------------------------------------------------------------------
 
     def test_created_job_reads_back_with_every_property(self, store: JobGraphStore) -> None:
-        job = replace(new_job(include_legacy=True, total=12), kind="migration")
+        job = replace(new_job(include_legacy=True, total=12), kind=JobKind.MIGRATION)
         store.create_job(job)
 
         got = store.get_job(job.job_id)

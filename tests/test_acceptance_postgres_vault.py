@@ -21,7 +21,7 @@ from heimdall.ingest import ingest_lines
 from heimdall.kms.vault import VaultTransit
 from heimdall.kms.vault_config import VaultSettings
 from heimdall.rbac import Caller
-from heimdall.reencrypt_job import job_store, run_job, start_job
+from heimdall.rotation.job import job_store, run_job, start_job
 from heimdall.service import FIELD_LABEL, Heimdall
 from heimdall.settings import Settings, StoreKind
 from heimdall.store.base import FieldUpdate

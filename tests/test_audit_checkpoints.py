@@ -6,6 +6,7 @@ the same checks run on Vault in test_audit_vault.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import subprocess
@@ -402,3 +403,28 @@ def test_cli_verify_of_a_trail_without_checkpoints_says_so(cli: Cli, master_key:
     assert "audit trail intact" in output
     assert "it has no keyed checkpoints" in output
     assert "only the keyless hash chain and the head record protect it" in output
+
+
+def test_lines_appended_past_the_head_are_never_vouched_for_by_a_later_checkpoint(
+    tmp_path: Path, key: AuditKey
+) -> None:
+    """An attacker who cannot use the key appends a well-chained forged event and leaves the
+    head alone: verify names it, and no writer takes it over into its checkpoint."""
+    log = write_events(tmp_path / "audit.log", 6, key=key, every=4)
+    before = log.path.read_bytes()
+    last = records(log.path)[-1]
+    forged = {**last, "event_type": "crypto.decrypt", "actor": "cli:alice", "count": 99}
+    del forged["hash"]
+    body = json.dumps(forged, separators=(",", ":")).encode()
+    digest = hashlib.sha256(last["hash"].encode() + body).hexdigest()
+    log.path.write_bytes(before + body[:-1] + b',"hash":"' + digest.encode() + b'"}\n')
+
+    report = log.verify()
+    assert not report.ok and report.problem is not None
+    assert "lines follow what the head record vouches for" in report.problem
+    with pytest.raises(AuditError, match="goes on past what its head record vouches for"):
+        log.write(sample_events(1))
+
+    log.repair_torn_tail(actor="test:operator", request_id="req-repair")
+    assert "cli:alice" not in log.path.read_text()
+    assert log.verify().ok

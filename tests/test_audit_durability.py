@@ -16,6 +16,7 @@ import pytest
 
 from audit_tools import records, sample_events, write_events
 from heimdall.audit import JsonlAuditLog
+from heimdall.audit.scan import UNVOUCHED_TAIL
 from heimdall.errors import AuditError
 from heimdall.rbac import Role
 
@@ -117,16 +118,25 @@ def test_the_next_append_works_once_space_is_back(tmp_path: Path) -> None:
 def test_a_crash_while_the_head_is_written_leaves_a_complete_head(tmp_path: Path) -> None:
     log = write_events(tmp_path / "audit.log", 5)
     head_before = log.head_path.read_bytes()
+    vouched = log.path.read_bytes()
 
     done = _child(_CRASH, log.path, "audit.log.head", "before")
 
     assert done.returncode == -9, done.stdout + done.stderr
     assert log.head_path.read_bytes() == head_before
-    # The three lines written before the crash chain on from what the head vouches for.
-    assert log.verify().ok
+    # The three lines of the append that never committed its head are not vouched for: the
+    # operation they record never completed. Nothing takes them over (a checkpoint would then
+    # vouch for lines anyone could have added); the repair removes them.
+    report = log.verify()
+    assert (report.ok, report.problem, report.first_bad_line) == (False, UNVOUCHED_TAIL, 6)
+    with pytest.raises(AuditError, match="goes on past what its head record vouches for"):
+        log.write(sample_events(1, start=8))
+    unvouched = len(log.path.read_bytes()) - len(vouched)
+    assert log.repair_torn_tail(actor="test:operator", request_id="req-repair") == unvouched
+    assert log.path.read_bytes().startswith(vouched)
     log.write(sample_events(1, start=8))
     report = log.verify()
-    assert (report.ok, report.events) == (True, 9)
+    assert (report.ok, report.events) == (True, 7)  # five, the repair event, and the new one
 
 
 def test_a_crash_in_the_middle_of_an_append_leaves_a_torn_tail_that_only_repair_clears(
@@ -140,16 +150,16 @@ def test_a_crash_in_the_middle_of_an_append_leaves_a_torn_tail_that_only_repair_
     assert done.returncode == -9, done.stdout + done.stderr
     torn = log.path.read_bytes()
     assert torn.startswith(vouched) and not torn.endswith(b"\n")
-    with pytest.raises(AuditError, match="torn line"):
+    with pytest.raises(AuditError, match="goes on past what its head record vouches for"):
         log.write(sample_events(1))
     assert log.path.read_bytes() == torn
-    complete = torn.rindex(b"\n") + 1  # half of three lines: the first one is whole
     report = log.verify()
     assert (report.ok, report.torn_tail, report.first_bad_line) == (False, True, 7)
 
     removed = log.repair_torn_tail(actor="test:operator", request_id="req-repair")
 
-    assert removed == len(torn) - complete
+    # Half of three lines: the whole first one goes too (its append never committed).
+    assert removed == len(torn) - len(vouched)
     assert log.verify().ok
     repair = records(log.path)[-1]
     assert (repair["event_type"], repair["count"]) == ("audit.repair", removed)
@@ -194,7 +204,7 @@ def test_repair_refuses_anything_but_a_torn_final_line(tmp_path: Path, damage: o
     log.path.write_bytes(b"".join(damage(lines)))
     before = _files(log)
 
-    with pytest.raises(AuditError, match=r"damaged before its final line|nothing to repair"):
+    with pytest.raises(AuditError, match=r"damaged within what its head|nothing to repair"):
         log.repair_torn_tail(actor="test:operator", request_id="req-repair")
 
     assert _files(log) == before

@@ -272,7 +272,8 @@ def test_in_production_the_sinks_come_from_the_config_file_only(tmp_path: Path) 
     config = etc / "heimdall.toml"
     config.write_text(
         'env = "production"\nrole = "heimdall-app"\naudit_sinks = "syslog"\n'
-        'audit_syslog_address = "udp://127.0.0.1:514"\naudit_checkpoint_every = 500\n',
+        'audit_syslog_address = "udp://127.0.0.1:514"\naudit_checkpoint_every = 500\n'
+        f'audit_log = "{tmp_path / "audit.log"}"\n',
         encoding="utf-8",
     )
     config.chmod(0o644)

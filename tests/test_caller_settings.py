@@ -26,7 +26,11 @@ def _production_config(
     directory = tmp_path / "etc"
     directory.mkdir(mode=0o755, exist_ok=True)
     path = directory / "heimdall.toml"
-    lines = ['env = "production"', f'data_dir = "{tmp_path / "data"}"']
+    lines = [
+        'env = "production"',
+        f'data_dir = "{tmp_path / "data"}"',
+        f'audit_log = "{tmp_path / "data" / "audit.log"}"',
+    ]
     if role is not None:
         lines.append(f'role = "{role}"')
     path.write_text("\n".join([*lines, extra]) + "\n", encoding="utf-8")
@@ -89,6 +93,34 @@ def test_production_in_the_config_file_cannot_be_unset_by_the_environment(
     assert message.startswith("HMD_ROLE is set in the environment")
 
 
+def test_production_needs_the_audit_log_named_in_the_config_file(tmp_path: Path) -> None:
+    """Else HMD_DATA_DIR, which the environment may set, would move the trail."""
+    config = _production_config(tmp_path)
+    config.write_text(
+        "\n".join(line for line in config.read_text().splitlines() if "audit_log" not in line),
+        encoding="utf-8",
+    )
+    message = _refused({"HMD_CONFIG": str(config), "HMD_DATA_DIR": str(tmp_path / "evil")})
+    assert "names no audit_log" in message
+
+
+def test_production_reads_and_checks_the_same_config_file(tmp_path: Path) -> None:
+    """A config reached through a symlink is checked on what was read, not looked up again."""
+    real = _production_config(tmp_path)
+    link = tmp_path / "link.toml"
+    link.symlink_to(real)
+    assert Settings.from_env({"HMD_CONFIG": str(link)}).role == "heimdall-app"
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    planted = loose / "heimdall.toml"
+    planted.write_text(real.read_text(), encoding="utf-8")
+    link.unlink()
+    link.symlink_to(planted)
+    message = _refused({"HMD_CONFIG": str(link)})
+    assert f"directory {loose}" in message and "writable by group or others" in message
+
+
 def test_production_needs_a_role_in_the_config_file(tmp_path: Path) -> None:
     config = _production_config(tmp_path, role=None)
     message = _refused({"HMD_CONFIG": str(config)})
@@ -148,3 +180,15 @@ def test_kms_check_is_audited(cli: Cli) -> None:
     checks = [e for e in events if e["event_type"] == "kms.check"]
     assert [(e["result"], e["operation"]) for e in checks] == [("success", "kms check local")]
     assert checks[0]["actor"].startswith("cli:")
+
+
+def test_the_audit_commands_of_a_production_store_need_production_too(
+    cli: Cli, tmp_path: Path
+) -> None:
+    config = _production_config(tmp_path, 'audit_fsync = false\nrole = "heimdall-audit"', role=None)
+    env = {"HMD_CONFIG": str(config), "HMD_AUDIT_FSYNC": "", "HMD_DATA_DIR": ""}
+    assert cli.run("audit", "verify", env=env).returncode == 0
+    line = assert_one_line_error(
+        cli.run("audit", "tail", env={"HMD_DATA_DIR": str(tmp_path / "data")})
+    )
+    assert "this store is marked production" in line

@@ -1,4 +1,5 @@
-"""FieldCipher: data key caching (also under many threads), wiping and rotation pick-up."""
+"""FieldCipher: data key caching (also under many threads), wiping and rotation pick-up; the
+two patterns it routes between (EnvelopeCipher, DirectCipher) and what each refuses."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from heimdall.cipher import CachePolicy, FieldCipher
-from heimdall.envelope import EncryptionContext, EncryptionVersion, parse
-from heimdall.errors import HeimdallError, KeyVersionDisabled
+from heimdall.cipher import CachePolicy, DirectCipher, EnvelopeCipher, FieldCipher
+from heimdall.envelope import KMS_DIRECT, EncryptionContext, EncryptionVersion, Envelope, parse
+from heimdall.errors import HeimdallError, KeyVersionDisabled, UnsupportedEnvelope
 from heimdall.kms.base import DataKey, WrappedKey
 from heimdall.kms.legacy import LegacyMasterKey, parse_master_key
 from heimdall.kms.local import LocalKeyring
@@ -262,3 +263,62 @@ def test_rewrap_many_calls_the_kms_once_per_batch(
 def test_cache_policy_rejects_unsafe_limits(policy: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="must be"):
         CachePolicy(**policy)  # type: ignore[arg-type]
+
+
+def test_one_cipher_reads_and_rewraps_both_patterns(tmp_path: Path) -> None:
+    keyring = LocalKeyring(tmp_path / "k.json")
+    pattern_a = FieldCipher(keyring, EncryptionVersion.KMS_V1).encrypt(b"a", CTX).envelope
+    direct = FieldCipher(keyring, EncryptionVersion.KMS_V1, direct=True)
+    pattern_b = direct.encrypt(b"b", CTX).envelope
+    assert parse(pattern_b).algorithm == KMS_DIRECT
+    reader = FieldCipher(keyring, EncryptionVersion.KMS_V1)
+    assert reader.decrypt(pattern_b, CTX) == b"b"
+    assert reader.decrypt_many([(pattern_a, CTX), (pattern_b, CTX)]) == [b"a", b"b"]
+    assert direct.decrypt(pattern_a, CTX) == b"a"
+    keyring.rotate()
+    before = [parse(pattern_a), parse(pattern_b)]
+    new_a, new_b = reader.rewrap_many([(e, CTX) for e in before])
+    assert isinstance(new_a, Envelope) and isinstance(new_b, Envelope)
+    assert new_a.key_version == new_b.key_version == 2
+    assert new_a.ciphertext == before[0].ciphertext  # only the data key was rewrapped
+    assert new_b.ciphertext != before[1].ciphertext  # the provider re-encrypted the value
+    assert new_b.encrypted_dek == b""
+    for old, new in zip(before, (new_a, new_b), strict=True):
+        assert (new.dek_id, new.encryption_timestamp) == (old.dek_id, old.encryption_timestamp)
+    assert reader.decrypt_many([(new_a.to_json(), CTX), (new_b.to_json(), CTX)]) == [b"a", b"b"]
+
+
+def test_each_pattern_refuses_the_others_envelopes(tmp_path: Path) -> None:
+    keyring = LocalKeyring(tmp_path / "k.json")
+    envelopes = EnvelopeCipher(keyring, EncryptionVersion.KMS_V1)
+    values = DirectCipher(keyring, EncryptionVersion.KMS_V1)
+    pattern_a = envelopes.encrypt(b"a", CTX).envelope
+    pattern_b = values.encrypt(b"b", CTX).envelope
+    assert (envelopes.decrypt(pattern_a, CTX), values.decrypt(pattern_b, CTX)) == (b"a", b"b")
+    for cipher, foreign in ((envelopes, pattern_b), (values, pattern_a)):
+        with pytest.raises(UnsupportedEnvelope):
+            cipher.decrypt(foreign, CTX)
+        [result] = cipher.decrypt_many([(foreign, CTX)])
+        assert isinstance(result, UnsupportedEnvelope)
+        [rewrapped] = cipher.rewrap_many([(parse(foreign), CTX)])
+        assert isinstance(rewrapped, UnsupportedEnvelope)
+
+
+def test_pattern_b_needs_a_provider_that_encrypts_values_itself() -> None:
+    master_key = LegacyMasterKey(parse_master_key(base64.b64encode(os.urandom(32)).decode()))
+    with pytest.raises(ValueError, match="does not encrypt values itself"):
+        FieldCipher(master_key, EncryptionVersion.LEGACY, direct=True)
+    cipher = FieldCipher(master_key, EncryptionVersion.LEGACY)
+    sealed = parse(cipher.encrypt(b"v", CTX).envelope)
+    forged = Envelope(
+        encryption_version=EncryptionVersion.LEGACY,
+        algorithm=KMS_DIRECT,
+        key_identifier=sealed.key_identifier,
+        key_version=1,
+        dek_id=sealed.dek_id,
+        encrypted_dek=b"",
+        ciphertext=sealed.ciphertext,
+        encryption_timestamp=sealed.encryption_timestamp,
+    )
+    with pytest.raises(UnsupportedEnvelope):
+        cipher.decrypt(forged.to_json(), CTX)

@@ -205,7 +205,9 @@ def test_production_on_the_local_keyring_warns_once(cli: Cli, command: list[str]
     cli.write_records("people.jsonl", RECORDS)
     config = cli.cwd / "heimdall.toml"
     config.write_text(
-        'env = "production"\nrole = "heimdall-app"\naudit_fsync = false\n', encoding="utf-8"
+        'env = "production"\nrole = "heimdall-app"\naudit_fsync = false\n'
+        f'audit_log = "{cli.data_dir / "audit.log"}"\n',
+        encoding="utf-8",
     )
 
     # In production the audit settings come from the config file only (empty = unset).

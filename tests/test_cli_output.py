@@ -176,3 +176,33 @@ def test_a_role_refused_the_audit_trail_is_audited(cli: Cli) -> None:
     events = [json.loads(x) for x in (cli.data_dir / "audit.log").read_text().splitlines()]
     denied = [e for e in events if e["event_type"] == "access.denied"]
     assert [(e["operation"], e["result"]) for e in denied] == [("read_audit", "denied")]
+
+
+def test_the_stdout_audit_sink_never_mixes_into_a_commands_own_output(cli: Cli) -> None:
+    key = _store_nasty(cli)
+    sinks = {"HMD_AUDIT_SINKS": "stdout"}
+    result = subprocess.run(
+        [str(HEIMDALL), "decrypt", key, "--reason", "test:sink"],
+        cwd=cli.cwd,
+        env={**cli.env, **sinks},
+        capture_output=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result
+    assert result.stdout == NASTY.encode() + b"\n"
+    forwarded = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [e["event_type"] for e in forwarded][:1] == ["crypto.decrypt"]
+
+
+def test_audit_tail_reports_a_line_that_is_not_json_in_one_line(cli: Cli) -> None:
+    cli.ok("keys", "rotate")
+    with (cli.data_dir / "audit.log").open("ab") as handle:
+        handle.write(b"not json\n")
+    line = assert_one_line_error(cli.run("audit", "tail"))
+    assert "holds a line that is not a JSON record" in line
+
+
+def test_a_message_shows_a_reprs_escape_once(cli: Cli) -> None:
+    line = assert_one_line_error(cli.run("lookup", "na\x1bme", "v"))
+    assert "'na\\x1bme'" in line  # the repr's own escape, not doubled

@@ -23,16 +23,17 @@ from heimdall.envelope import EncryptionVersion
 from heimdall.errors import StorageError
 from heimdall.ingest import ingest_lines
 from heimdall.kms.local import LocalKeyring
-from heimdall.modes import CipherRouter, EncryptionMode
+from heimdall.modes import CipherRouter
 from heimdall.policy import default_policy
 from heimdall.rbac import Caller
-from heimdall.reencrypt_job import job_store, run_job, start_job
+from heimdall.rotation.job import job_store, run_job, start_job
 from heimdall.service import Heimdall
 from heimdall.store.base import FieldCount, FieldUpdate
 from heimdall.store.jobs import Job, JobState
 from heimdall.store.postgres import PostgresStore
 from heimdall.store.postgres_jobs import _CLAIM_KMS, _CLAIM_LEGACY
 from heimdall.store.postgres_schema import MIGRATIONS
+from heimdall.types import EncryptionMode
 from job_contract import (
     BARRIER_TIMEOUT,
     TARGET,

@@ -346,6 +346,23 @@ def test_unreachable_vault_is_retryable_unavailable(transit_key: str) -> None:
     assert caught.value.retryable
 
 
+def test_every_request_is_reported_to_the_observer(bao: BaoServer, transit_key: str) -> None:
+    reports: list[tuple[str, str, str]] = []
+
+    def observe(provider: str, operation: str, result: str) -> None:
+        reports.append((provider, operation, result))
+
+    settings = VaultSettings(addresses=(bao.addr,), token=bao.root_token, key_name=transit_key)
+    VaultTransit(settings, observer=observe).describe()
+    assert reports == [("vault", "keys", "2xx")]
+    unreachable = VaultSettings(
+        addresses=("http://127.0.0.1:9",), token="t", key_name=transit_key, attempts=1, timeout=1
+    )
+    with pytest.raises(KmsUnavailable):
+        VaultTransit(unreachable, observer=observe).describe()
+    assert reports[1:] == [("vault", "keys", "unreachable")]
+
+
 @pytest.mark.parametrize("no_proxy", ["", "127.0.0.1"])
 def test_the_environments_proxy_settings_still_apply(
     bao: BaoServer, transit_key: str, monkeypatch: pytest.MonkeyPatch, no_proxy: str

@@ -12,9 +12,10 @@ from heimdall.envelope import parse
 from heimdall.errors import LifecycleError
 from heimdall.ingest import ingest_lines
 from heimdall.kms.base import KeyState
-from heimdall.lifecycle import disable_expired, emergency_rotate, retire
 from heimdall.rbac import Caller
 from heimdall.reencrypt import reencrypt
+from heimdall.rotation.emergency import emergency_rotate
+from heimdall.rotation.lifecycle import disable_expired, retire
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
 

@@ -23,12 +23,13 @@ from heimdall.errors import FieldNotFound, KeyNotFound, KmsUnavailable
 from heimdall.ingest import IngestReport
 from heimdall.kms.vault import VaultTransit
 from heimdall.kms.vault_config import VaultSettings
+from heimdall.kms.vault_transport import vault_operation
 from heimdall.rbac import Caller
-from heimdall.reencrypt_job import run_job, start_job
+from heimdall.rotation.job import run_job, start_job
+from heimdall.rotation.worker import Worker
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
 from heimdall.store.base import FieldUpdate
-from heimdall.worker import Worker
 from vault_server import BaoServer
 
 BATCH = 7
@@ -264,14 +265,15 @@ def test_the_exposition_holds_no_plaintext_canonical_key_or_envelope(
     ],
 )
 def test_a_vault_path_is_reduced_to_its_operation_word(path: str, operation: str) -> None:
-    assert metrics.vault_operation(path) == operation
+    assert vault_operation(path) == operation
 
 
 def test_every_vault_request_is_counted_by_operation_and_status_class(
     bao: BaoServer, transit_key: str
 ) -> None:
     provider = VaultTransit(
-        VaultSettings(addresses=(bao.addr,), token=bao.root_token, key_name=transit_key)
+        VaultSettings(addresses=(bao.addr,), token=bao.root_token, key_name=transit_key),
+        observer=metrics.record_kms_call,  # as the composition root wires it
     )
     rise = Rise()
     provider.describe()
@@ -282,7 +284,8 @@ def test_every_vault_request_is_counted_by_operation_and_status_class(
     assert kms_calls(rise, "vault", "datakey", "2xx") == 1
     assert kms_calls(rise, "vault", "decrypt", "2xx") == 1
     missing = VaultTransit(
-        VaultSettings(addresses=(bao.addr,), token=bao.root_token, key_name="no-such-key")
+        VaultSettings(addresses=(bao.addr,), token=bao.root_token, key_name="no-such-key"),
+        observer=metrics.record_kms_call,
     )
     with pytest.raises(KeyNotFound):
         missing.describe()
@@ -301,7 +304,7 @@ def test_an_unreachable_vault_is_counted_per_attempt() -> None:
     )
     rise = Rise()
     with pytest.raises(KmsUnavailable):
-        VaultTransit(settings).describe()
+        VaultTransit(settings, observer=metrics.record_kms_call).describe()
     assert kms_calls(rise, "vault", "keys", "unreachable") == 4  # 2 attempts x 2 addresses
 
 

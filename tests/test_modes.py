@@ -19,9 +19,9 @@ from heimdall.errors import (
     ModeViolation,
 )
 from heimdall.ingest import IngestReport
-from heimdall.modes import EncryptionMode
 from heimdall.rbac import Caller
 from heimdall.service import Heimdall
+from heimdall.types import EncryptionMode
 
 ServiceFactory = Callable[..., Heimdall]
 Ingest = Callable[..., IngestReport]

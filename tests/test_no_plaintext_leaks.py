@@ -37,7 +37,6 @@ from heimdall.errors import (
     PermissionDenied,
 )
 from heimdall.ingest import IngestReport
-from heimdall.modes import EncryptionMode
 from heimdall.policy import RecordError
 from heimdall.rbac import Caller, Role
 from heimdall.reencrypt import reencrypt
@@ -45,6 +44,7 @@ from heimdall.secret import SecretBytes
 from heimdall.service import Heimdall, field_context
 from heimdall.store.base import FieldUpdate, FieldValue
 from heimdall.store.sqlite import SqliteStore
+from heimdall.types import EncryptionMode
 
 ServiceFactory = Callable[..., Heimdall]
 Ingest = Callable[..., IngestReport]

@@ -24,11 +24,11 @@ from heimdall.ingest import IngestReport
 from heimdall.kms.local import LocalKeyring
 from heimdall.kms.vault import VaultTransit
 from heimdall.kms.vault_config import VaultSettings
-from heimdall.lifecycle import retire
-from heimdall.modes import EncryptionMode
 from heimdall.rbac import Caller
+from heimdall.rotation.lifecycle import retire
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
+from heimdall.types import EncryptionMode
 from vault_server import BaoServer
 
 ServiceFactory = Callable[..., Heimdall]

@@ -129,16 +129,28 @@ def test_a_planted_keyring_lock_symlink_is_refused_and_its_target_untouched(
     assert keyring.describe().latest_version == 1
 
 
-def test_a_keyring_in_a_world_writable_directory_is_refused_unless_it_is_sticky(
-    tmp_path: Path,
+@pytest.mark.parametrize("mode", [0o777, 0o1777], ids=["shared", "sticky"])
+def test_a_keyring_or_database_in_a_directory_others_can_write_is_refused(
+    tmp_path: Path, mode: int
 ) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
-    shared.chmod(0o777)
+    shared.chmod(mode)  # sticky (/tmp) too: others could plant the database's -wal and -shm
     with pytest.raises(ConfigurationError, match=rf"directory {shared} .* run: chmod go-w"):
         LocalKeyring(shared / "keyring.json")
-    shared.chmod(0o1777)  # like /tmp: others may add names but never rename or remove ours
-    assert LocalKeyring(shared / "keyring.json").describe().latest_version == 1
+    with pytest.raises(ConfigurationError, match=rf"directory {shared} .* run: chmod go-w"):
+        SqliteStore(shared / "heimdall.db")
+    assert list(shared.iterdir()) == []
+
+
+def test_missing_directories_are_made_private_whatever_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0)
+    try:
+        ensure_private_dir(tmp_path / "a" / "b" / "data")
+    finally:
+        os.umask(previous)
+    for directory in ("a", "a/b", "a/b/data"):
+        assert (tmp_path / directory).stat().st_mode & 0o777 == 0o700
 
 
 # -- the database ---------------------------------------------------------------------------

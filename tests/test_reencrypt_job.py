@@ -21,10 +21,9 @@ import pytest
 from heimdall.app import build
 from heimdall.errors import LifecycleError
 from heimdall.ingest import ingest_lines
-from heimdall.modes import EncryptionMode
 from heimdall.rbac import Caller
-from heimdall.reencrypt import Run
-from heimdall.reencrypt_job import (
+from heimdall.rotation.batch import BatchWorker as Run
+from heimdall.rotation.job import (
     StopRequest,
     change_state,
     job_store,
@@ -35,6 +34,7 @@ from heimdall.reencrypt_job import (
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
 from heimdall.store.jobs import Job, JobState
+from heimdall.types import EncryptionMode
 
 CALLER = Caller(actor="test:job")
 BIN = Path(sys.executable).parent
@@ -107,9 +107,9 @@ def test_a_crash_mid_batch_writes_nothing_of_that_batch_and_the_job_resumes(
     original = Run.rewrap
     batches = []
 
-    def crash_on_third(self: Run, fields: list[Any], retrying: bool = False) -> None:
+    def crash_on_third(self: Run, fields: list[Any], sink: Any) -> None:
         batches.append(len(fields))
-        original(self, fields, retrying)
+        original(self, fields, sink)
         if len(batches) == 3:
             raise RuntimeError("worker died")  # after computing, before the commit
 

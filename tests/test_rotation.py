@@ -15,7 +15,6 @@ from heimdall.envelope import parse
 from heimdall.errors import KeyVersionDisabled, LifecycleError
 from heimdall.ingest import IngestReport
 from heimdall.kms.base import WrappedKey
-from heimdall.modes import EncryptionMode
 from heimdall.normalize import normalize
 from heimdall.policy import FieldAction
 from heimdall.rbac import Caller
@@ -23,6 +22,7 @@ from heimdall.reencrypt import reencrypt
 from heimdall.service import Heimdall, field_context
 from heimdall.store.base import FieldCount, FieldUpdate, FieldValue
 from heimdall.store.sqlite import SqliteStore
+from heimdall.types import EncryptionMode
 
 ServiceFactory = Callable[..., Heimdall]
 Ingest = Callable[..., IngestReport]
@@ -265,34 +265,35 @@ def test_field_left_below_forced_floor_fails_with_key_version_disabled(
     assert service.decrypt(other_key, reason=REASON, caller=caller) == people[1]["email"]
 
 
-def _replace_before_cas(
+def _write_while_the_job_runs(
     monkeypatch: pytest.MonkeyPatch,
     service: Heimdall,
     target: str,
     new_value: bytes,
 ) -> list[str]:
-    """Make another writer replace *target* right before the job's compare-and-swap on it.
+    """Make another writer replace *target* after the job has started and counted its fields,
+    right before it claims its first batch.
 
     Returns the writer's envelope (in a one-element list once it has written).
     """
     store = service.store
     assert isinstance(store, SqliteStore)
-    original = store.compare_and_swap
+    original = store.claim
     written: list[str] = []
 
-    def racing_cas(canonical_key: str, expected: str, update: FieldUpdate) -> bool:
-        if canonical_key == target and not written:
+    def racing_claim(job: Any, limit: int) -> Any:
+        if not written:
             field = store.get_field(target)
             assert field is not None
             sealed = service.router.writer.encrypt(new_value, field_context(field))
             concurrent = FieldUpdate(
                 sealed.envelope, sealed.key_version, sealed.encryption_version, sealed.dek_id
             )
-            assert original(target, field.encrypted_data, concurrent)
+            assert store.compare_and_swap(target, field.encrypted_data, concurrent)
             written.append(sealed.envelope)
-        return original(canonical_key, expected, update)
+        return original(job, limit)
 
-    monkeypatch.setattr(store, "compare_and_swap", racing_cas)
+    monkeypatch.setattr(store, "claim", racing_claim)
     return written
 
 
@@ -307,12 +308,14 @@ def test_concurrent_update_during_rewrap_is_not_lost(
     ingest(service, people[:10])
     target = _email_key(service, caller, people[3]["email"])
     service.rotate_keys(caller=caller)
-    written = _replace_before_cas(monkeypatch, service, target, b"writer@example.com")
+    written = _write_while_the_job_runs(monkeypatch, service, target, b"writer@example.com")
 
     report = reencrypt(service, caller=caller)
 
     assert written, "the racing writer never ran"
-    assert report.conflicts > 0
+    # A claim reads its batch inside its own transaction: the writer's envelope, already on
+    # the latest version, is left alone, and nothing is ever written from a stale read.
+    assert report.conflicts == 0 and report.failed == 0
     final = service.store.get_field(target)
     assert final is not None and final.encrypted_data == written[0]
     assert service.decrypt(target, reason=REASON, caller=caller) == "writer@example.com"
@@ -333,12 +336,12 @@ def test_concurrent_update_during_legacy_migration_is_not_lost(
     target = _email_key(legacy, caller, people[3]["email"])
     legacy.close()
     hybrid = make_service(EncryptionMode.HYBRID, master_key)
-    written = _replace_before_cas(monkeypatch, hybrid, target, b"writer@example.com")
+    written = _write_while_the_job_runs(monkeypatch, hybrid, target, b"writer@example.com")
 
     report = reencrypt(hybrid, caller=caller)
 
     assert written, "the racing writer never ran"
-    assert report.conflicts > 0
+    assert report.conflicts == 0 and report.failed == 0
     final = hybrid.store.get_field(target)
     assert final is not None and final.encrypted_data == written[0]
     assert hybrid.decrypt(target, reason=REASON, caller=caller) == "writer@example.com"

@@ -30,9 +30,9 @@ from heimdall.ingest import ingest_lines
 from heimdall.kms.base import WrappedKey
 from heimdall.kms.legacy import LegacyMasterKey, parse_master_key
 from heimdall.kms.local import LocalKeyring
-from heimdall.modes import EncryptionMode
 from heimdall.rbac import Caller
 from heimdall.settings import Settings
+from heimdall.types import EncryptionMode
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/mem").exists(), reason="reading a process's memory needs /proc"
@@ -181,3 +181,22 @@ def test_no_env_key_or_data_key_is_left_in_memory(tmp_path: Path) -> None:
     assert left == []
     assert master_key.encode() not in environ
     assert b"HMD_MASTER_KEY" not in environ.replace(b"\x00", b"\n").split(b"=")[0]
+
+
+def test_a_key_the_application_put_in_the_environment_itself_is_not_zeroed_under_it() -> None:
+    """The wipe is for the copy only the environment holds: an application that set the
+    variable from a constant it still uses keeps its constant intact."""
+    script = (
+        "import os\n"
+        "KEY = b'QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWY='\n"
+        "os.environb[b'HMD_MASTER_KEY'] = KEY\n"
+        "import heimdall\n"
+        "assert 'HMD_MASTER_KEY' not in os.environ\n"
+        "print(KEY.decode())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HMD_")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWY=\n"

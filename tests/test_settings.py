@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from heimdall.errors import ConfigurationError
-from heimdall.modes import EncryptionMode
 from heimdall.settings import Environment, Settings, StoreKind, unknown_variables
+from heimdall.types import EncryptionMode
 
 MASTER_KEY = "c2VjcmV0LWtleS1tYXRlcmlhbC0zMi1ieXRlcy0hISE="
 
@@ -154,6 +154,7 @@ def test_config_file_sets_values(tmp_path: Path) -> None:
         ingest_batch_size = 9
         env = "production"
         role = "heimdall-app"
+        audit_log = "{tmp_path / "trail" / "audit.log"}"
         """,
     )
 

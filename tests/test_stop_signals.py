@@ -25,7 +25,7 @@ import pytest
 from heimdall.app import build
 from heimdall.ingest import ingest_lines
 from heimdall.rbac import Caller
-from heimdall.reencrypt_job import job_store, start_job
+from heimdall.rotation.job import job_store, start_job
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
 from heimdall.store.jobs import Job, JobState
@@ -238,3 +238,21 @@ def test_one_sigint_ends_reencrypt_after_its_batch_and_the_job_resumes(
     assert job.state is JobState.RUNNING and job.completed in {BATCH, 2 * BATCH}
     assert f"running, {job.completed} of {FIELDS} fields done" in stdout
     _resume_and_check_every_field_done_once(data_dir)
+
+
+def test_a_signal_still_stops_the_job_when_stderr_is_gone(
+    data_dir: Path, started: list[subprocess.Popen[str]]
+) -> None:
+    """Saying "stopping" fails when the reader of stderr has gone away (EPIPE); stopping
+    must not depend on it."""
+    process = _start_working(started, data_dir, *REENCRYPT)
+    assert process.stderr is not None
+    process.stderr.close()  # the process's next write to stderr fails
+    first = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=EXIT_WITHIN)
+    assert time.monotonic() - first < EXIT_WITHIN
+    assert process.returncode != 0
+    assert _job(data_dir).state is JobState.RUNNING
+    assert process.stdout is not None
+    process.stdout.close()

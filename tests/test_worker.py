@@ -23,13 +23,13 @@ from heimdall.app import build
 from heimdall.errors import ConfigurationError
 from heimdall.ingest import IngestReport
 from heimdall.kms.base import KeyState
-from heimdall.lifecycle import retire
 from heimdall.rbac import Caller
-from heimdall.reencrypt_job import change_state, job_store, start_job
+from heimdall.rotation.job import change_state, job_store, start_job
+from heimdall.rotation.lifecycle import retire
+from heimdall.rotation.worker import ROTATION_CLAIM_META, Worker
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
 from heimdall.store.jobs import JobState
-from heimdall.worker import ROTATION_CLAIM_META, Worker
 
 DAY = 86_400.0
 TIMEOUT = 120

@@ -36,12 +36,12 @@ from heimdall.errors import (
 )
 from heimdall.ingest import IngestReport, ingest_lines
 from heimdall.kms.base import KeyDescription, KeyManagementService, KeyState, WrappedKey
-from heimdall.modes import EncryptionMode
 from heimdall.policy import FieldAction, Policy
 from heimdall.rbac import Caller, Role
 from heimdall.reencrypt import ReencryptReport, reencrypt
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
+from heimdall.types import EncryptionMode
 
 __version__ = "0.1.0"
 

@@ -37,12 +37,6 @@ class Aead:
         nonce = os.urandom(NONCE_SIZE)
         return nonce + self._cipher.encrypt(nonce, plaintext, associated_data)
 
-    def encrypt_with_nonce(self, nonce: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
-        """Deterministic form for frozen test vectors only; never reuse a nonce under a key."""
-        if len(nonce) != NONCE_SIZE:
-            raise ValueError("AES-256-GCM needs a 12-byte nonce")
-        return nonce + self._cipher.encrypt(nonce, plaintext, associated_data)
-
     def decrypt(self, sealed: bytes, associated_data: bytes) -> bytes:
         """Open ``nonce || ciphertext || tag``; any failure is one opaque DecryptionFailed."""
         if len(sealed) < OVERHEAD:

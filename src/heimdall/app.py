@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
+from heimdall import metrics
 from heimdall.audit import (
     AuditSink,
     ForwardedAuditLog,
@@ -16,7 +18,7 @@ from heimdall.audit import (
     StdoutForwarder,
     SyslogForwarder,
 )
-from heimdall.blind_index import META_KEY, StoredIndexKey
+from heimdall.blind_index import StoredIndexKey
 from heimdall.cipher import CachePolicy, FieldCipher
 from heimdall.envelope import EncryptionVersion, load
 from heimdall.errors import ConfigurationError, HeimdallError
@@ -24,16 +26,23 @@ from heimdall.kms.base import AuditKey, KeyManagementService
 from heimdall.kms.legacy import LegacyMasterKey, parse_master_key
 from heimdall.kms.local import LocalKeyring
 from heimdall.kms.vault_config import VaultPattern
-from heimdall.migration import recorded_mode
-from heimdall.modes import MIGRATE_HINT, CipherRouter, EncryptionMode
+from heimdall.modes import MIGRATE_HINT, CipherRouter
 from heimdall.policy import FieldAction, default_policy, load_policy
 from heimdall.private_files import ensure_private_dir
+from heimdall.rotation.migration import recorded_mode
 from heimdall.service import Heimdall
 from heimdall.settings import Environment, Settings, StoreKind
 from heimdall.store.base import GraphStore
 from heimdall.store.sqlite import SqliteStore
+from heimdall.types import EncryptionMode
 
-__all__ = ["ENVIRONMENT_META", "LOCAL_KEYRING_WARNING", "build", "open_audit_log"]
+__all__ = [
+    "ENVIRONMENT_META",
+    "LOCAL_KEYRING_WARNING",
+    "build",
+    "check_environment",
+    "open_audit_log",
+]
 
 ENVIRONMENT_META = "environment"
 
@@ -47,11 +56,9 @@ def _kms_key_in_use(store: GraphStore) -> str | None:
     """The key identifier of something *store* holds wrapped under a KMS (the blind-index
     key, else a field), or None when it holds nothing of the kind."""
     kms_v1 = EncryptionVersion.KMS_V1.value
-    stored_text = store.get_meta(META_KEY)
-    if stored_text is not None:
-        stored = StoredIndexKey.from_json(stored_text)
-        if stored.encryption_version == kms_v1:
-            return stored.wrapped.key_identifier
+    stored = StoredIndexKey.stored_in(store)
+    if stored is not None and not stored.is_legacy:
+        return stored.wrapped.key_identifier
     for batch in store.iter_fields(encryption_version=kms_v1, batch_size=1):
         for field in batch:
             try:
@@ -83,7 +90,7 @@ def _vault(settings: Settings) -> KeyManagementService:
             "HMD_KMS_PROVIDER=vault needs the vault extra: pip install 'heimdall[vault]'"
         ) from None
     assert settings.vault is not None  # Settings.from_env builds it for the vault provider
-    return VaultTransit(settings.vault)
+    return VaultTransit(settings.vault, observer=metrics.record_kms_call)
 
 
 def _kms_provider(
@@ -158,10 +165,8 @@ def _master_key_in_kms_mode(store: GraphStore) -> str:
     """The warning for an env key set in kms mode. Removing it is advised only when nothing
     stored needs it: it is the only key of every legacy field."""
     legacy = store.count_fields(encryption_version=EncryptionVersion.LEGACY.value)
-    stored_index = store.get_meta(META_KEY)
-    index_legacy = stored_index is not None and (
-        StoredIndexKey.from_json(stored_index).encryption_version == EncryptionVersion.LEGACY.value
-    )
+    stored_index = StoredIndexKey.stored_in(store)
+    index_legacy = stored_index is not None and stored_index.is_legacy
     if legacy or index_legacy:
         what = f"{legacy:,} legacy fields" + (" and the blind-index key" if index_legacy else "")
         return (
@@ -188,11 +193,14 @@ def build(
     *,
     warn: Callable[[str], None] = lambda _: None,
     mode: EncryptionMode | None = None,
+    audit_stdout: TextIO | None = None,
 ) -> Heimdall:
     """Wire a Heimdall from *settings*. Warnings (one line each) go to *warn*.
 
     The encryption mode is *mode* if given (the migrate commands), else the mode recorded in
-    the store by `heimdall migrate`, else HMD_ENCRYPTION_MODE.
+    the store by `heimdall migrate`, else HMD_ENCRYPTION_MODE. *audit_stdout* is where the
+    ``stdout`` audit sink writes (standard output unless given: a command whose own output is
+    on standard output passes standard error, so that output stays exact).
     """
     if _uses_data_dir(settings):
         ensure_private_dir(settings.data_dir)
@@ -230,7 +238,7 @@ def build(
             FieldCipher(kms, EncryptionVersion.KMS_V1, cache, direct=direct) if kms else None
         )
         router = CipherRouter(mode, kms=kms_cipher, legacy=legacy_cipher)
-        audit = _audit_sink(settings, kms)
+        audit = _audit_sink(settings, kms, audit_stdout)
     except BaseException:
         store.close()
         raise
@@ -269,22 +277,36 @@ def _audit_log(settings: Settings, kms: KeyManagementService | None) -> JsonlAud
     )
 
 
-def _audit_sink(settings: Settings, kms: KeyManagementService | None) -> AuditSink:
+def _audit_sink(
+    settings: Settings, kms: KeyManagementService | None, stdout: TextIO | None = None
+) -> AuditSink:
     log = _audit_log(settings, kms)
     if not settings.audit_sinks:
         return log
     forwarders = [
         SyslogForwarder(settings.audit_syslog_address)
         if sink is ForwardSink.SYSLOG
-        else StdoutForwarder()
+        else StdoutForwarder(stdout)
         for sink in settings.audit_sinks
     ]
     return ForwardedAuditLog(log, forwarders, required=settings.audit_sinks_required)
 
 
+def check_environment(settings: Settings) -> None:
+    """Refuse *settings* outside production on a store marked production (see build), for the
+    commands that use no store otherwise (``heimdall audit``)."""
+    if _uses_data_dir(settings):
+        ensure_private_dir(settings.data_dir)
+    store = _store(settings)
+    try:
+        _check_environment(settings, store)
+    finally:
+        store.close()
+
+
 def open_audit_log(settings: Settings) -> JsonlAuditLog:
     """The audit log of *settings* with its provider's audit key, to read and check the trail
-    (``heimdall audit``): opens no store and creates no keyring."""
+    (``heimdall audit``): creates no keyring."""
     kms: KeyManagementService | None = None
     if settings.kms_provider == "vault":
         kms = _vault(settings)

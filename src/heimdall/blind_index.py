@@ -16,6 +16,7 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Protocol
 
 import orjson
 
@@ -31,6 +32,12 @@ META_KEY = "blind_index_key"
 _CANONICAL_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}:hash:[0-9a-f]{64}\Z", re.ASCII)
 _ALGORITHM = "HMAC-SHA256"
 _DERIVE = b"heimdall.blind-index.v1\x00"
+
+
+class MetaStore(Protocol):
+    """The part of a store the blind-index key lives in."""
+
+    def get_meta(self, key: str) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +81,24 @@ class StoredIndexKey:
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error):
             raise StorageError("the stored blind-index key is damaged") from None
+
+    @classmethod
+    def stored_in(cls, store: MetaStore) -> StoredIndexKey | None:
+        """The key *store* keeps, if it has one yet."""
+        text = store.get_meta(META_KEY)
+        return None if text is None else cls.from_json(text)
+
+    @property
+    def is_legacy(self) -> bool:
+        """Wrapped by the static env key (migrated to the KMS with the legacy fields)."""
+        return self.encryption_version == EncryptionVersion.LEGACY.value
+
+    def wrapped_below(self, version: int) -> bool:
+        """Wrapped by the KMS under a master key version below *version*."""
+        return (
+            self.encryption_version == EncryptionVersion.KMS_V1.value
+            and self.wrapped.key_version < version
+        )
 
     def with_wrapped(self, encryption_version: str, wrapped: WrappedKey) -> StoredIndexKey:
         return StoredIndexKey(encryption_version, self.key_id, wrapped, self.created_at)

@@ -33,7 +33,7 @@ malformed input raises InvalidEnvelope or a subclass. It never guesses.
 The canonical layout, what :meth:`Header.seal` and :meth:`Envelope.to_json` write (this key
 order, no whitespace, no escapes), is also the fast path: :func:`canonical_header` and
 :func:`canonical_body` split it into the header text and the per-field values without a JSON
-parser. The header text is not validated there; :class:`~heimdall.cipher.FieldCipher` trusts it
+parser. The header text is not validated there; :class:`~heimdall.cipher.EnvelopeCipher` trusts it
 only when it equals the :meth:`Envelope.header_json` of an envelope that passed :func:`parse`.
 """
 
@@ -44,7 +44,7 @@ import enum
 import json
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import orjson
@@ -202,6 +202,17 @@ class Envelope:
             encrypted_dek,
             self.ciphertext,
             self.encryption_timestamp,
+        )
+
+    def reencrypted_by_provider(
+        self, key_identifier: str, key_version: int, ciphertext: bytes
+    ) -> Envelope:
+        """This KMS-DIRECT envelope with the value the provider re-encrypted under another key
+        version (same dek_id, context binding and timestamp; still no data key)."""
+        if self.algorithm != KMS_DIRECT:
+            raise ValueError("only a KMS-DIRECT envelope is re-encrypted by its provider")
+        return replace(
+            self, key_identifier=key_identifier, key_version=key_version, ciphertext=ciphertext
         )
 
 

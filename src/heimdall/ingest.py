@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from heimdall import metrics
-from heimdall.audit import AuditEvent, EventType, Result, utc_now_ms
+from heimdall.audit import AuditEvent, EventType, utc_now_ms
 from heimdall.envelope import MAX_PLAINTEXT_BYTES, EncryptionContext
 from heimdall.errors import InvalidInput
 from heimdall.normalize import normalize
@@ -156,15 +156,12 @@ def ingest_lines(
                 updated_at=now,
             )
             events.append(
-                AuditEvent(
+                AuditEvent.of(
                     EventType.ENCRYPT,
-                    caller.actor,
-                    Result.SUCCESS,
-                    caller.request_id,
+                    caller,
                     field_identifier=key,
                     key_identifier=sealed.key_identifier,
                     key_version=sealed.key_version,
-                    source_ip=caller.source_ip,
                     timestamp=now,
                 )
             )

@@ -17,10 +17,12 @@ Counting is per batch, never per field: :class:`heimdall.cipher.FieldCipher` sea
 and a labelled counter increment per field would cost a large share of that.
 
 ``heimdall_kms_calls_total``: Vault is counted per HTTP request (every attempt, retries and
-failovers included) by :class:`heimdall.kms.vault_transport.VaultTransport`, with the status
-class (``2xx``, ``4xx``, ``5xx``) or ``unreachable`` as result. The local keyring is counted
-from ``FieldCipher.kms_calls`` when a measured batch finishes (data keys generated, unwrapped
-or rewrapped because the data-key cache missed), with ``success`` or ``failure``; its total is
+failovers included): :class:`heimdall.kms.vault_transport.VaultTransport` reports each one to the
+observer the composition root gives it, :func:`record_kms_call`, with the operation word of the
+path and the status class (``2xx``, ``4xx``, ``5xx``) or ``unreachable`` as result. The local
+keyring is counted from a cipher's ``kms_calls`` when a measured batch finishes (data keys
+generated, unwrapped or rewrapped because the data-key cache missed), with ``success`` or
+``failure``; its total is
 exact, but when batches run concurrently a call may be labelled with the other batch's
 operation. Local calls outside a batch (the blind-index key, describe, rotate) are not counted,
 and the legacy env key is not a KMS and is not counted at all.
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
 
     from prometheus_client import CollectorRegistry
 
-    from heimdall.cipher import FieldCipher
+    from heimdall.cipher import Cipher
     from heimdall.store.base import FieldCount
     from heimdall.store.jobs import Job
 
@@ -57,16 +59,14 @@ __all__ = [
     "serve",
     "set_field_counts",
     "set_job_progress",
-    "vault_operation",
 ]
 
 CRYPTO_OPERATIONS: Final = frozenset({"encrypt", "decrypt", "rewrap", "reencrypt"})
 _RESULTS: Final = frozenset({"success", "failure"})
-# What a FieldCipher's KMS calls are during each crypto operation (the Vault Transit words).
+# What a cipher's KMS calls are during each crypto operation (the Vault Transit words).
 _KMS_WORD: Final = {"encrypt": "datakey", "reencrypt": "datakey", "decrypt": "decrypt"}
-# Providers whose calls are counted from FieldCipher.kms_calls; remote ones count themselves.
+# Providers whose calls are counted from a cipher's kms_calls; remote ones report their own.
 _IN_PROCESS: Final = frozenset({"local"})
-_TRANSIT_WORDS: Final = frozenset({"datakey", "encrypt", "decrypt", "rewrap", "keys"})
 _SECONDS_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -129,7 +129,7 @@ _METRICS: Final = _load()
 REGISTRY: Final[CollectorRegistry | None] = _METRICS.registry if _METRICS else None
 _LOCK: Final = threading.Lock()
 # The kms_calls value of each cipher already counted, so every call is counted exactly once.
-_COUNTED: Final[weakref.WeakKeyDictionary[FieldCipher, int]] = weakref.WeakKeyDictionary()
+_COUNTED: Final[weakref.WeakKeyDictionary[Cipher, int]] = weakref.WeakKeyDictionary()
 
 
 def record_crypto(
@@ -146,25 +146,9 @@ def record_crypto(
 
 
 def record_kms_call(provider: str, operation: str, result: str, count: int = 1) -> None:
+    """Count *count* calls to a key provider: a :class:`heimdall.kms.base.KmsCallObserver`."""
     if _METRICS is not None and count > 0:
         _METRICS.kms_calls.labels(provider, operation, result).inc(count)
-
-
-def vault_operation(path: str) -> str:
-    """The operation word of a Vault API path, never the mount or key name: ``datakey``,
-    ``encrypt``, ``decrypt``, ``rewrap``, ``keys`` (``rotate``/``config`` under a key),
-    ``login``, ``lookup-self``, ``sys`` or ``other``."""
-    parts = path.split("?", 1)[0].strip("/").split("/")
-    if parts[0] == "auth":
-        return "lookup-self" if parts[-1] == "lookup-self" else "login"
-    if parts[0] == "sys":
-        return "sys"
-    for index, part in enumerate(parts):
-        if part in _TRANSIT_WORDS:
-            if part == "keys" and parts[-1] in {"rotate", "config"} and len(parts) > index + 2:
-                return parts[-1]
-            return part
-    return "other"
 
 
 def add_reencrypted(count: int) -> None:
@@ -211,7 +195,7 @@ def serve(port: int, addr: str = "127.0.0.1") -> WSGIServer:
     return server
 
 
-def _count_cipher_calls(operation: str, cipher: FieldCipher, result: str) -> None:
+def _count_cipher_calls(operation: str, cipher: Cipher, result: str) -> None:
     with _LOCK:
         calls = cipher.kms_calls
         delta = calls - _COUNTED.get(cipher, 0)
@@ -238,7 +222,7 @@ class CryptoBatch:
         self,
         operation: str,
         count: int,
-        *ciphers: FieldCipher | None,
+        *ciphers: Cipher | None,
         tally: Tally | None = None,
     ) -> None:
         if operation not in CRYPTO_OPERATIONS:

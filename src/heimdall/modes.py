@@ -13,23 +13,16 @@ kms        kms_v1               kms_v1 only; a legacy field is refused with the 
 
 from __future__ import annotations
 
-import enum
-
 from heimdall.cipher import FieldCipher
 from heimdall.envelope import EncryptionVersion
 from heimdall.errors import ConfigurationError, ModeViolation
+from heimdall.types import EncryptionMode
 
-__all__ = ["MIGRATE_HINT", "CipherRouter", "EncryptionMode"]
+__all__ = ["MIGRATE_HINT", "CipherRouter"]
 
 MIGRATE_HINT = (
     "keep HMD_MASTER_KEY set and run `heimdall migrate start` to move legacy fields to the KMS"
 )
-
-
-class EncryptionMode(enum.StrEnum):
-    LEGACY = "legacy"
-    KMS = "kms"
-    HYBRID = "hybrid"
 
 
 class CipherRouter:
@@ -67,6 +60,15 @@ class CipherRouter:
     @property
     def legacy(self) -> FieldCipher | None:
         return self._legacy
+
+    def require_kms(self, operation: str) -> FieldCipher:
+        """The KMS cipher, or ModeViolation naming *operation* (legacy mode without a key
+        provider has none)."""
+        if self._kms is None:
+            raise ModeViolation(
+                f"{operation} needs a KMS provider; legacy mode without one has none"
+            )
+        return self._kms
 
     def reader(self, encryption_version: str) -> FieldCipher:
         """The cipher that may decrypt a field of *encryption_version*, or ModeViolation."""

@@ -9,14 +9,17 @@ would then fill with values they can read. So, as OpenSSH does for its keys:
 * the data dir must not be a symlink, must belong to the user running heimdall and must not be
   writable by group or others;
 * the directory holding any other file heimdall opens must belong to that user or to root and
-  must not be writable by group or others, unless it is sticky (``/tmp``: others may add names,
-  but never rename or remove ours);
+  must not be writable by group or others, even if it is sticky (``/tmp``): there others may
+  plant the names SQLite creates beside a database (``-wal``, ``-shm``) before it does;
+* a directory heimdall creates, and every missing directory above it, is made mode 0700;
 * the file itself is opened relative to the directory already checked (``openat``), never
   through a symlink (``O_NOFOLLOW``), created with ``O_EXCL`` when new (so a name planted in the
   meantime fails instead of being written through), and refused if it is not a regular file,
   does not belong to the running user, or is writable by group or others.
 
-Every refusal is one :class:`ConfigurationError` naming the path and the fix.
+Every refusal is one :class:`ConfigurationError` naming the path and the fix. A config file
+(:func:`read_config`) may be reached through symlinks, but is checked on the descriptor it is
+read through, so what is checked is what is read.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 from heimdall.errors import ConfigurationError
 
-__all__ = ["ensure_private_dir", "open_private", "require_owned_config"]
+__all__ = ["ConfigFile", "ensure_private_dir", "open_private", "read_config", "write_all"]
 
 _GROUP_OR_OTHER_WRITE = stat.S_IWGRP | stat.S_IWOTH
 _GROUP_OR_OTHER_ANY = 0o077
@@ -41,9 +46,7 @@ def ensure_private_dir(path: Path, what: str = "data dir") -> None:
         info = os.lstat(path)
     except FileNotFoundError:
         try:
-            path.mkdir(mode=0o700, parents=True)
-        except FileExistsError:
-            pass  # made by another process in the meantime: checked below like any other
+            _make_private_dirs(path)
         except OSError as exc:
             raise ConfigurationError(f"{what} {path} cannot be created: {exc.strerror}") from None
         info = os.lstat(path)
@@ -57,6 +60,22 @@ def ensure_private_dir(path: Path, what: str = "data dir") -> None:
         raise ConfigurationError(f"{what} {path} is not a directory")
     _check_owner(info, f"{what} {path}", allow_root=False)
     _check_not_writable(info, f"{what} {path}", path)
+
+
+def _make_private_dirs(path: Path) -> None:
+    """Make *path* and every missing directory above it, each 0700 whatever the umask."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            continue  # made by another process in the meantime: checked like any other
+        os.chmod(directory, 0o700)  # a umask may narrow mkdir's mode, even to nothing
 
 
 def open_private(path: Path, flags: int, *, what: str, secret: bool = False) -> int:
@@ -81,27 +100,71 @@ def open_private(path: Path, flags: int, *, what: str, secret: bool = False) -> 
         os.close(dir_fd)
 
 
-def require_owned_config(path: Path) -> None:
-    """Refuse a config file that someone other than root or the running user could change.
+_MAX_CONFIG_BYTES: Final = 1 << 20
 
-    The file may be reached through symlinks (Kubernetes mounts config maps that way); the file
-    they lead to and its directory are what is checked.
-    """
+
+@dataclass(frozen=True, slots=True)
+class ConfigFile:
+    """A config file's bytes, and who could have changed them, taken from the one open
+    descriptor they were read through (so the check and the read see the same file)."""
+
+    path: Path
+    real: Path
+    data: bytes = field(repr=False)
+    info: os.stat_result = field(repr=False)
+    directory: os.stat_result = field(repr=False)
+
+    def require_owned(self) -> None:
+        """Refuse the file if someone other than root or the running user could change it:
+        the file, or the directory it is in (reached through any symlinks, as Kubernetes
+        mounts config maps)."""
+        subject = f"config file {self.path}" + (f" ({self.real})" if self.real != self.path else "")
+        _check_owner(self.info, subject, allow_root=True)
+        _check_not_writable(self.info, subject, self.real)
+        parent = f"directory {self.real.parent} (of config file {self.path})"
+        _check_owner(self.directory, parent, allow_root=True)
+        _check_not_writable(self.directory, parent, self.real.parent)
+
+
+def read_config(path: Path) -> ConfigFile:
+    """Read the config file at *path* (symlinks followed) through one descriptor."""
     try:
-        real = path.resolve(strict=True)
-        info = os.stat(real)
-        directory = os.stat(real.parent)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigurationError(f"config file {path} cannot be read: {exc.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigurationError(f"config file {path} is not a regular file")
-    subject = f"config file {path}" + (f" ({real})" if real != path else "")
-    _check_owner(info, subject, allow_root=True)
-    _check_not_writable(info, subject, real)
-    parent = f"directory {real.parent} (of config file {path})"
-    _check_owner(directory, parent, allow_root=True)
-    if not directory.st_mode & stat.S_ISVTX:
-        _check_not_writable(directory, parent, real.parent)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigurationError(f"config file {path} is not a regular file")
+        real = _opened_path(fd, path)
+        directory = os.stat(real.parent)
+        data = os.read(fd, _MAX_CONFIG_BYTES + 1)
+        if len(data) > _MAX_CONFIG_BYTES:
+            raise ConfigurationError(f"config file {path} is over 1 MiB")
+    except OSError as exc:
+        raise ConfigurationError(f"config file {path} cannot be read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return ConfigFile(path, real, data, info, directory)
+
+
+def _opened_path(fd: int, path: Path) -> Path:
+    """Where the file open as *fd* is (Linux knows exactly; elsewhere, the path resolved)."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return path.resolve()
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of *data*: a short write is continued, so a full disk raises ENOSPC (or EFBIG
+    past a file size limit) instead of passing unnoticed."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
 
 
 def _open_in(dir_fd: int, path: Path, flags: int, what: str) -> int:
@@ -138,8 +201,9 @@ def _open_parent(directory: Path, what: str, path: Path) -> int:
         info = os.fstat(dir_fd)
         subject = f"directory {directory} (of {what} {path})"
         _check_owner(info, subject, allow_root=True)
-        if not info.st_mode & stat.S_ISVTX:
-            _check_not_writable(info, subject, directory)
+        # Not even sticky (/tmp): SQLite creates its -wal and -shm files beside the database
+        # itself, and another user can plant them first in such a directory.
+        _check_not_writable(info, subject, directory)
     except BaseException:
         os.close(dir_fd)
         raise

@@ -130,6 +130,7 @@ def wipe_buffer(buffer: bytearray) -> None:
     buffer[:] = bytes(len(buffer))  # in place: same length, so the buffer is not reallocated
 
 
+_ENVIRONMENT_ONLY = 3  # references to a value only os.environ holds, seen from _take
 # Secrets taken out of the environment when heimdall was imported, until they are claimed.
 _TAKEN: dict[str, SecretBytes] = {}
 ENVIRONMENT_SECRETS = ("HMD_MASTER_KEY",)
@@ -180,7 +181,10 @@ def _take(name: str) -> SecretBytes | None:
     secret = SecretBytes(stored) if stored else None
     if sys.implementation.name == "cpython":
         _zero_c_environment(key)
-        _zero_bytes_object(stored)
+        # Only when nothing but the environment holds it (its dict, this frame, the call's
+        # argument): a value the application put there itself may be a constant it still uses.
+        if sys.getrefcount(stored) <= _ENVIRONMENT_ONLY:
+            _zero_bytes_object(stored)
     del os.environb[key]  # also unsetenv()
     return secret
 

@@ -1,8 +1,10 @@
 """The heimdall service: audited, permission-checked operations on encrypted fields.
 
 Every public method checks the caller's permission first, audits what it did (successes and
-failures, with identifiers only), and raises only :mod:`heimdall.errors` types. Ingest lives in
-:mod:`heimdall.ingest` and re-encryption in :mod:`heimdall.reencrypt`; both run through this class.
+failures, with identifiers only), and raises only :mod:`heimdall.errors` types. This is the
+data plane: encrypt (through :mod:`heimdall.ingest`), decrypt, lookup, status and the blind
+index. The key lifecycle is :mod:`heimdall.rotation` (this class offers its everyday steps as
+methods: rotate, set a floor, count dependents), and so is re-encryption.
 """
 
 from __future__ import annotations
@@ -13,15 +15,14 @@ from dataclasses import dataclass
 from typing import Final
 
 from heimdall import metrics
-from heimdall.audit import AuditEvent, AuditSink, EventType, Result, utc_now_ms
+from heimdall.audit import AuditEvent, AuditSink, EventType, utc_now_ms
 from heimdall.blind_index import META_KEY, BlindIndex, StoredIndexKey, is_canonical_key
 from heimdall.cipher import FieldCipher
-from heimdall.envelope import EncryptionContext, EncryptionVersion, load
+from heimdall.envelope import EncryptionContext, load
 from heimdall.errors import (
     FieldNotFound,
     HeimdallError,
     InvalidInput,
-    LifecycleError,
     PermissionDenied,
     StorageError,
 )
@@ -30,6 +31,7 @@ from heimdall.modes import CipherRouter
 from heimdall.normalize import normalize
 from heimdall.policy import FieldAction, Policy
 from heimdall.rbac import Caller, Permission
+from heimdall.rotation import lifecycle
 from heimdall.store.base import FieldCount, FieldValue, GraphStore
 
 __all__ = ["FIELD_LABEL", "Heimdall", "LookupResult", "Status"]
@@ -89,15 +91,8 @@ class Heimdall:
             return
         role = caller.role.value if caller.role else "none"
         self.record(
-            AuditEvent(
-                EventType.ACCESS_DENIED,
-                caller.actor,
-                Result.DENIED,
-                caller.request_id,
-                field_identifier=field,
-                source_ip=caller.source_ip,
-                operation=permission.value,
-                reason=f"role {role} lacks {permission.value}",
+            AuditEvent.denial(
+                caller, permission.value, f"role {role} lacks {permission.value}", field=field
             )
         )
         raise PermissionDenied(f"role {role} may not {permission.value.replace('_', ' ')}")
@@ -120,11 +115,9 @@ class Heimdall:
                 cipher.kms, cipher.encryption_version.value, utc_now_ms()
             )
             self.record(
-                AuditEvent(
+                AuditEvent.of(
                     EventType.KEY_CREATE,
-                    caller.actor,
-                    Result.SUCCESS,
-                    caller.request_id,
+                    caller,
                     key_identifier=stored.wrapped.key_identifier,
                     key_version=stored.wrapped.key_version,
                     operation="blind_index_key",
@@ -154,17 +147,7 @@ class Heimdall:
         """Plaintexts by canonical key. One audit event per field; all-or-nothing."""
         self.require(caller, Permission.DECRYPT)
         if not isinstance(reason, str) or not _REASON_RE.match(reason):
-            self.record(
-                AuditEvent(
-                    EventType.ACCESS_DENIED,
-                    caller.actor,
-                    Result.DENIED,
-                    caller.request_id,
-                    source_ip=caller.source_ip,
-                    operation="decrypt",
-                    reason="no valid reason given",
-                )
-            )
+            self.record(AuditEvent.denial(caller, "decrypt", "no valid reason given"))
             raise PermissionDenied(
                 "decrypt requires a reason: 1-200 printable ASCII characters, "
                 "e.g. 'support:ticket-1234'"
@@ -245,17 +228,14 @@ class Heimdall:
         reason: str,
         error: BaseException | None,
     ) -> AuditEvent:
-        return AuditEvent(
+        return AuditEvent.of(
             EventType.DECRYPT,
-            caller.actor,
-            Result.SUCCESS if error is None else Result.FAILURE,
-            caller.request_id,
+            caller,
+            error=error,
             field_identifier=key,
             key_identifier=_key_identifier(field),
             key_version=field.key_version if field else None,
             reason=reason,
-            source_ip=caller.source_ip,
-            error=type(error).__name__ if error else None,
         )
 
     def lookup(self, field_name: str, value: str, *, caller: Caller) -> LookupResult:
@@ -271,17 +251,7 @@ class Heimdall:
         key = self.blind_index(caller).canonical_key(field_name, normalised)
         found = self.store.get_field(key) is not None
         sightings = self.store.count_sightings(key) if found else 0
-        self.record(
-            AuditEvent(
-                EventType.LOOKUP,
-                caller.actor,
-                Result.SUCCESS,
-                caller.request_id,
-                field_identifier=key,
-                source_ip=caller.source_ip,
-                count=sightings,
-            )
-        )
+        self.record(AuditEvent.of(EventType.LOOKUP, caller, field_identifier=key, count=sightings))
         return LookupResult(key, found, sightings)
 
     def status(self, *, caller: Caller) -> Status:
@@ -294,116 +264,25 @@ class Heimdall:
             counts=tuple(self.store.field_counts()),
         )
 
-    # -- keys -------------------------------------------------------------------------------
+    # -- keys: the lifecycle lives in heimdall.rotation.lifecycle ---------------------------
 
     def describe_keys(self, *, caller: Caller) -> KeyDescription:
-        self.require(caller, Permission.READ_KEYS)
-        return self.kms.describe()
+        return lifecycle.describe(self, caller=caller)
 
     def rotate_keys(self, *, caller: Caller) -> KeyDescription:
         """New master key version; new fields use it, old fields still decrypt."""
-        self.require(caller, Permission.ROTATE)
-        try:
-            description = self.kms.rotate()
-        except HeimdallError as exc:
-            self.key_event(EventType.KEY_ROTATE, caller, None, exc, operation="rotate")
-            raise
-        self.router.forget_keys()
-        self.key_event(EventType.KEY_ROTATE, caller, description, None, operation="rotate")
-        return description
+        return lifecycle.rotate(self, caller=caller)
 
     def dependents_below(self, version: int) -> tuple[int, bool]:
         """Stored fields whose data key is wrapped below *version*, and whether the
         blind-index key is too."""
-        fields = self.store.count_fields(
-            encryption_version=EncryptionVersion.KMS_V1.value, key_version_below=version
-        )
-        stored_text = self.store.get_meta(META_KEY)
-        index_key = False
-        if stored_text is not None:
-            stored = StoredIndexKey.from_json(stored_text)
-            index_key = (
-                stored.encryption_version == EncryptionVersion.KMS_V1.value
-                and stored.wrapped.key_version < version
-            )
-        return fields, index_key
+        return lifecycle.dependents_below(self, version)
 
     def set_min_decryption_version(
         self, version: int, *, caller: Caller, force: bool = False
     ) -> KeyDescription:
         """Raise the decryption floor; refused while fields still depend on lower versions."""
-        self.require(caller, Permission.CONFIGURE_KEYS)
-        current = self.kms.describe().min_decryption_version
-        if version < current:
-            return self._lower_decryption_floor(current, version, caller=caller, force=force)
-        fields, index_key = self.dependents_below(version)
-        dependents = fields + int(index_key)
-        operation = f"min_decryption_version={version}"
-        if dependents and not force:
-            also = " and the blind-index key" if index_key else ""
-            error = LifecycleError(
-                f"{fields} stored fields{also} still depend on key versions below {version}; "
-                "run `heimdall reencrypt` first or pass --force",
-                dependent_fields=dependents,
-            )
-            self.key_event(EventType.KEY_CONFIG, caller, None, error, operation=operation)
-            raise error
-        try:
-            description = self.kms.set_min_decryption_version(version)
-        except HeimdallError as exc:
-            self.key_event(EventType.KEY_CONFIG, caller, None, exc, operation=operation)
-            raise
-        self.router.forget_keys()
-        self.key_event(EventType.KEY_CONFIG, caller, description, None, operation=operation)
-        return description
-
-    def _lower_decryption_floor(
-        self, current: int, version: int, *, caller: Caller, force: bool
-    ) -> KeyDescription:
-        """Versions disabled (perhaps as compromised, perhaps by another deployment sharing
-        the key) decrypt again: never without force, and audited as an event of its own."""
-        operation = f"min_decryption_version {current} -> {version}"
-        if not force:
-            error = LifecycleError(
-                f"lowering min_decryption_version from {current} to {version} re-enables "
-                "versions that were disabled, perhaps as compromised; pass --force if that is "
-                "what you mean"
-            )
-            self.key_event(EventType.KEY_REENABLE, caller, None, error, operation=operation)
-            raise error
-        try:
-            description = self.kms.set_min_decryption_version(version)
-        except HeimdallError as exc:
-            self.key_event(EventType.KEY_REENABLE, caller, None, exc, operation=operation)
-            raise
-        self.router.forget_keys()
-        self.key_event(EventType.KEY_REENABLE, caller, description, None, operation=operation)
-        return description
-
-    def key_event(
-        self,
-        event_type: EventType,
-        caller: Caller,
-        description: KeyDescription | None,
-        error: BaseException | None,
-        *,
-        operation: str,
-    ) -> None:
-        self.record(
-            AuditEvent(
-                event_type,
-                caller.actor,
-                Result.SUCCESS if error is None else Result.FAILURE,
-                caller.request_id,
-                key_identifier=(
-                    description.key_identifier(description.latest_version) if description else None
-                ),
-                key_version=description.latest_version if description else None,
-                source_ip=caller.source_ip,
-                operation=operation,
-                error=type(error).__name__ if error else None,
-            )
-        )
+        return lifecycle.set_min_decryption_version(self, version, caller=caller, force=force)
 
     def close(self) -> None:
         """Wipe the blind-index key, close the store, and close the audit sink (which writes

@@ -21,10 +21,10 @@ from heimdall.errors import ConfigurationError
 from heimdall.kms import vault_config
 from heimdall.kms.base import KEY_NAME_RULE, valid_key_name
 from heimdall.kms.vault_config import VaultPattern, VaultSettings
-from heimdall.modes import EncryptionMode
-from heimdall.private_files import require_owned_config
+from heimdall.private_files import ConfigFile, read_config
 from heimdall.rbac import Role
 from heimdall.secret import SecretBytes, take_environment_variable
+from heimdall.types import EncryptionMode
 
 __all__ = ["Environment", "Settings", "StoreKind", "unknown_variables"]
 
@@ -146,7 +146,8 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         config = environ.get("HMD_CONFIG")
-        from_file = _read_file(Path(config)) if config else {}
+        config_file = read_config(Path(config)) if config else None
+        from_file = _parse_file(config_file) if config_file else {}
         from_env: dict[str, str] = {}
         for name in _FILE_KEYS:
             env_value = environ.get(f"HMD_{name.upper()}")
@@ -163,7 +164,7 @@ class Settings:
         if Environment.PRODUCTION.value in (from_file.get("env"), from_env.get("env")):
             # Production is sticky: the environment cannot take back what the file says.
             values["env"] = Environment.PRODUCTION.value
-            _production_rules(config, from_file, from_env)
+            _production_rules(config_file, from_file, from_env)
         master_key: str | SecretBytes | None
         if environ is os.environ:
             # Read once and never again: see take_environment_variable.
@@ -210,11 +211,12 @@ def _caller_proof(name: str) -> bool:
 
 
 def _production_rules(
-    config: str | None, from_file: Mapping[str, str], from_env: Mapping[str, str]
+    config: ConfigFile | None, from_file: Mapping[str, str], from_env: Mapping[str, str]
 ) -> None:
     """With HMD_ENV=production: the role and every audit setting come from a config file that
     only its owner (root or the user running heimdall) can change; the environment may not set
-    them."""
+    them. The file must name the audit log itself: else the data dir, which the environment
+    may set, would decide where the trail goes."""
     for name in sorted(from_env):
         if _caller_proof(name):
             raise ConfigurationError(
@@ -227,19 +229,23 @@ def _production_rules(
             "HMD_ENV=production needs HMD_CONFIG: the role and the audit settings come from "
             "a config file the service owns"
         )
-    require_owned_config(Path(config))
+    config.require_owned()
     if "role" not in from_file:
         raise ConfigurationError(
-            f"config file {config} names no role; with HMD_ENV=production every caller has "
-            f"one (role = one of {', '.join(role.value for role in Role)})"
+            f"config file {config.path} names no role; with HMD_ENV=production every caller "
+            f"has one (role = one of {', '.join(role.value for role in Role)})"
+        )
+    if "audit_log" not in from_file:
+        raise ConfigurationError(
+            f"config file {config.path} names no audit_log; with HMD_ENV=production the "
+            'trail\'s place comes from it (audit_log = "/var/log/heimdall/audit.log")'
         )
 
 
-def _read_file(path: Path) -> dict[str, str]:
+def _parse_file(config: ConfigFile) -> dict[str, str]:
+    path = config.path
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigurationError(f"config file {path} cannot be read: {exc.strerror}") from None
+        doc = tomllib.loads(config.data.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigurationError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:

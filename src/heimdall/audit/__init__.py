@@ -20,13 +20,16 @@ Four layers, and what each does and does not protect against:
   provider's audit key (:class:`heimdall.kms.base.AuditKey`): the keyring file's HMAC key, or a
   Transit key that never leaves Vault. An attacker who can rewrite the log but cannot use that
   key can no longer remove, edit or reorder anything a checkpoint covers, nor drop a
-  checkpoint (each announces when the next is due), without ``heimdall audit verify`` failing.
-  Not covered: the events after the last checkpoint (the output says how many); a trail
-  stripped of every checkpoint and recomputed, which then looks like one written before
-  checkpoints or without a key provider (the output says plainly that it has no keyed
-  checkpoints); and anyone who can use the key: with the local keyring, whoever can read the
-  keyring file; with Vault, whoever holds a token of a role that may ``hmac`` (Vault's own
-  audit device records each such call).
+  checkpoint in the middle (each announces when the next is due), nor add lines past the head
+  for a later checkpoint to vouch for, without ``heimdall audit verify`` failing. Such an
+  attacker can still cut the trail back to any checkpoint and rewrite the head: everything
+  after it is gone without a trace in the file (only a forwarded copy shows it).
+  A trail stripped of every checkpoint and recomputed fails too while the key provider holds
+  the audit key (only a trail of a provider without one, as legacy mode, verifies without a
+  checkpoint, and the output says so plainly). Not covered: the events after the last
+  checkpoint (the output says how many), and anyone who can use the key: with the local
+  keyring, whoever can read the keyring file; with Vault, whoever holds a token of a role
+  that may ``hmac`` (Vault's own audit device records each such call).
 * **Forwarding** (:mod:`.forward`, ``HMD_AUDIT_SINKS``): the same lines to syslog (RFC 5424)
   or stdout as they are committed, as mandatory as the file unless configured otherwise. A copy
   off the host in an append-only store is what resists an attacker who owns the host, key use

@@ -12,7 +12,10 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from heimdall.rbac import Caller
 
 __all__ = ["AuditEvent", "AuditSink", "EventType", "MemoryAuditSink", "Result", "utc_now_ms"]
 
@@ -75,6 +78,49 @@ class AuditEvent:
     error: str | None = None
     count: int | None = None
     timestamp: str = field(default_factory=utc_now_ms)
+
+    @classmethod
+    def of(
+        cls,
+        event_type: EventType,
+        caller: Caller,
+        *,
+        error: BaseException | None = None,
+        denied: bool = False,
+        failed: bool = False,
+        **details: Any,
+    ) -> AuditEvent:
+        """The event *caller* caused: actor, request id and source address from the caller;
+        the result from *denied*, *error* (whose type name, never its message, is recorded)
+        and *failed*; *details* are the other fields. Every event heimdall records is built
+        here."""
+        if denied:
+            result = Result.DENIED
+        else:
+            result = Result.FAILURE if error is not None or failed else Result.SUCCESS
+        return cls(
+            event_type,
+            caller.actor,
+            result,
+            caller.request_id,
+            source_ip=caller.source_ip,
+            error=type(error).__name__ if error is not None else None,
+            **details,
+        )
+
+    @classmethod
+    def denial(
+        cls, caller: Caller, operation: str, reason: str, *, field: str | None = None
+    ) -> AuditEvent:
+        """An ``access.denied`` event: *caller* may not do *operation*, for *reason*."""
+        return cls.of(
+            EventType.ACCESS_DENIED,
+            caller,
+            denied=True,
+            field_identifier=field,
+            operation=operation,
+            reason=reason,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

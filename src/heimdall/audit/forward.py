@@ -26,6 +26,7 @@ TCP octet-counting framing (RFC 6587).
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import os
 import re
@@ -83,8 +84,17 @@ class StdoutForwarder:
     def send(self, lines: Sequence[bytes]) -> None:
         stream = self._stream or sys.stdout
         try:
+            if stream.isatty():
+                # A terminal gets every character outside ASCII escaped (valid JSON still), so
+                # no control character in an actor or reason can drive it.
+                text = "".join(
+                    json.dumps(orjson.loads(line), ensure_ascii=True, separators=(",", ":")) + "\n"
+                    for line in lines
+                )
+            else:
+                text = b"".join(lines).decode()
             with self._lock:
-                stream.write(b"".join(lines).decode())
+                stream.write(text)
                 stream.flush()
         except (OSError, ValueError) as exc:  # ValueError: the stream was closed
             raise AuditError(f"audit sink stdout cannot be written: {exc}") from None

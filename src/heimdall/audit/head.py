@@ -16,7 +16,6 @@ a power loss undoes the rename, the old head comes back, and the next append tak
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import secrets
 from dataclasses import dataclass
@@ -27,9 +26,9 @@ import orjson
 
 from heimdall.audit.chain import ChainState
 from heimdall.errors import AuditError
-from heimdall.private_files import open_private
+from heimdall.private_files import open_private, write_all
 
-__all__ = ["HEAD_FORMAT", "LegacyHead", "head_path", "read_head", "write_all", "write_head"]
+__all__ = ["HEAD_FORMAT", "LegacyHead", "head_path", "read_head", "write_head"]
 
 HEAD_FORMAT: Final = "heimdall.audit.head.v2"
 _MAX_HEAD: Final = 4096
@@ -112,14 +111,3 @@ def write_head(path: Path, state: ChainState, *, fsync: bool) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """Write all of *data*: a short write is continued, so a full disk raises ENOSPC (or EFBIG
-    past a file size limit) instead of passing unnoticed."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        if written <= 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        view = view[written:]

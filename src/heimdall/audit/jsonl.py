@@ -33,8 +33,8 @@ from typing import Any, Final
 import orjson
 
 from heimdall.audit.chain import ChainError, ChainState, advance, seal_checkpoint, seal_event
-from heimdall.audit.events import AuditEvent, EventType, Result
-from heimdall.audit.head import LegacyHead, head_path, read_head, write_all, write_head
+from heimdall.audit.events import AuditEvent, EventType
+from heimdall.audit.head import LegacyHead, head_path, read_head, write_head
 from heimdall.audit.scan import (
     VerifyReport,
     check,
@@ -45,7 +45,8 @@ from heimdall.audit.scan import (
 )
 from heimdall.errors import AuditError, ConfigurationError, KmsError
 from heimdall.kms.base import AuditKey
-from heimdall.private_files import ensure_private_dir, open_private
+from heimdall.private_files import ensure_private_dir, open_private, write_all
+from heimdall.rbac import Caller
 
 __all__ = ["DEFAULT_CHECKPOINT_EVERY", "JsonlAuditLog"]
 
@@ -116,32 +117,34 @@ class JsonlAuditLog:
             return []
 
     def repair_torn_tail(self, *, actor: str, request_id: str) -> int:
-        """Cut off a torn final line left by an interrupted append; the bytes removed.
+        """Cut off the tail an interrupted append left; the bytes removed.
 
-        Refused (AuditError) unless the log ends in a line without a newline that lies past
-        what the head record vouches for, and everything before it verifies. The repair is
-        audited (``audit.repair``, with the number of bytes removed).
+        That tail is what follows the last line the head record vouches for: a torn final line
+        (a crash in the middle of the write), or complete lines whose append never committed
+        its head (a crash just before). The operation that wrote them did not complete, so
+        nothing it did is lost. Refused (AuditError) when there is no such tail, or anything
+        the head vouches for does not verify. Audited (``audit.repair``, with the bytes
+        removed).
         """
         with self._exclusive() as fd:
             size = os.fstat(fd).st_size
-            end = end_of_last_line(fd, size)
-            if end == size:
+            head = read_head(self.head_path)
+            end = end_of_last_line(fd, size) if head is None else head.size
+            if end >= size:
                 raise AuditError(
-                    f"audit log {self.path} ends in a complete line: nothing to repair"
+                    f"audit log {self.path} ends where its head record says: nothing to repair"
                 )
-            report = check(read_lines(fd, 0, end), read_head(self.head_path), self._key)
+            report = check(read_lines(fd, 0, end), head, self._key)
             if not report.ok:
                 raise AuditError(
-                    f"audit log {self.path} is damaged before its final line (line "
-                    f"{report.first_bad_line}: {report.problem}); only a torn final line is "
-                    "repaired"
+                    f"audit log {self.path} is damaged within what its head record vouches for "
+                    f"(line {report.first_bad_line}: {report.problem}); only the tail of an "
+                    "interrupted append is repaired"
                 )
             self._cut_back(fd, end)
-            event = AuditEvent(
+            event = AuditEvent.of(
                 EventType.AUDIT_REPAIR,
-                actor,
-                Result.SUCCESS,
-                request_id,
+                Caller(actor, request_id=request_id),
                 operation="repair_torn_tail",
                 count=size - end,
             )
@@ -251,24 +254,25 @@ class JsonlAuditLog:
             raise AuditError(f"the audit log has no head record {self.head_path}{refuse}")
         if size < head.size:
             raise AuditError(f"the audit log is shorter than its head record says{refuse}")
+        if size > head.size:
+            # An append that never committed its head, or lines someone else added: never taken
+            # over (the next checkpoint would vouch for them), only removed by the repair.
+            raise AuditError(
+                f"audit log {self.path} goes on past what its head record vouches for (an "
+                "append that did not finish, or lines added by someone else); run `heimdall "
+                "audit verify --repair-torn-tail`"
+            )
         if isinstance(head, LegacyHead):
-            if head.size:
-                return self._take_over(fd, ChainState(), size, head)
-            head = ChainState(hash=head.hash)  # an empty log: checked like any other head
+            return self._take_over(fd, head) if head.size else ChainState(hash=head.hash)
         if hash_ending_at(fd, head.size) != head.hash:
             raise AuditError(f"the audit log does not end where its head record says{refuse}")
-        return self._take_over(fd, head, size, None)
+        return head
 
-    def _take_over(
-        self, fd: int, state: ChainState, size: int, legacy: LegacyHead | None
-    ) -> ChainState:
-        """*state* moved over the lines from its end to *size*, each checked link by link."""
-        for line in read_lines(fd, state.size, size):
-            if not line.endswith(b"\n"):
-                raise AuditError(
-                    f"audit log {self.path} ends in a torn line (an append was interrupted); "
-                    "run `heimdall audit verify --repair-torn-tail`"
-                )
+    def _take_over(self, fd: int, legacy: LegacyHead) -> ChainState:
+        """The chain position at the end of a log whose head predates the counters, from its
+        lines, each checked link by link, up to where *legacy* says the log ends."""
+        state = ChainState()
+        for line in read_lines(fd, 0, legacy.size):
             try:
                 state, _ = advance(state, line)
             except ChainError as exc:
@@ -276,11 +280,7 @@ class JsonlAuditLog:
                     f"audit log {self.path} is damaged at line {state.lines + 1} "
                     f"({exc.problem}); run `heimdall audit verify`"
                 ) from None
-            if legacy is not None and state.size == legacy.size:
-                if state.hash != legacy.hash:
-                    break
-                legacy = None
-        if legacy is not None:
+        if state.size != legacy.size or state.hash != legacy.hash:
             raise AuditError(
                 f"the audit log does not end where its head record says; run "
                 f"`heimdall audit verify` (audit log {self.path})"
@@ -322,7 +322,16 @@ class JsonlAuditLog:
         if fd is None:
             return []
         try:
-            return [orjson.loads(line) for line in last_lines(fd, count)]
+            records = []
+            for line in last_lines(fd, count):
+                try:
+                    records.append(orjson.loads(line))
+                except orjson.JSONDecodeError:
+                    raise AuditError(
+                        f"audit log {self.path} holds a line that is not a JSON record; "
+                        "run `heimdall audit verify`"
+                    ) from None
+            return records
         finally:
             os.close(fd)
 

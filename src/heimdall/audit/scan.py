@@ -18,6 +18,7 @@ from heimdall.kms.base import AuditKey
 
 __all__ = [
     "TORN_TAIL",
+    "UNVOUCHED_TAIL",
     "VerifyReport",
     "check",
     "end_of_last_line",
@@ -28,6 +29,10 @@ __all__ = [
 
 _CHUNK: Final = 1 << 20
 _LAST_LINE_WINDOW: Final = 1 << 16
+UNVOUCHED_TAIL: Final = (
+    "lines follow what the head record vouches for (an append that did not finish, or lines "
+    "added by someone else); `heimdall audit verify --repair-torn-tail` removes them"
+)
 TORN_TAIL: Final = (
     "the final line is torn (an append was interrupted); "
     "`heimdall audit verify --repair-torn-tail` removes it"
@@ -130,6 +135,7 @@ class _Walk:
         self.state = ChainState()
         self.checkpoints = 0
         self.head_matched = head is None or head.size == 0
+        self.lines_at_head = 0  # lines up to the end the head vouches for
 
     def step(self, line: bytes) -> str | None:
         try:
@@ -146,6 +152,7 @@ class _Walk:
         self.state = after
         if self.head is not None and after.size == self.head.size:
             self.head_matched = after.hash == self.head.hash
+            self.lines_at_head = after.lines
         return None
 
     def _checkpoint(self, doc: dict[str, Any]) -> str | None:
@@ -178,25 +185,36 @@ class _Walk:
         return self.report(TORN_TAIL, self.state.lines + 1, torn_tail=True)
 
     def finish(self) -> VerifyReport:
+        problem = self._head_problem() or self._checkpoint_problem()
+        return self.report(*problem) if problem else self.report(None, None)
+
+    def _head_problem(self) -> tuple[str, int] | None:
+        """Where the log's end disagrees with its head record: (problem, first bad line)."""
         state, head = self.state, self.head
-        if head is None and state.lines:
-            return self.report("chain head record is missing", state.lines)
-        if head is not None and state.size < head.size:
-            return self.report("log ends before its recorded head", state.lines + 1)
+        if head is None:
+            return ("chain head record is missing", state.lines) if state.lines else None
+        if state.size < head.size:
+            return "log ends before its recorded head", state.lines + 1
         if not self.head_matched:
-            return self.report("log does not match its head record", state.lines)
+            return "log does not match its head record", state.lines
+        if state.size > head.size:
+            return UNVOUCHED_TAIL, self.lines_at_head + 1
+        return None
+
+    def _checkpoint_problem(self) -> tuple[str, int] | None:
+        state = self.state
         if state.every is not None and state.pending >= state.every:
-            return self.report(self._missing(state), state.lines)
+            return self._missing(state), state.lines
         if not self.checkpoints and state.events and self.key is not None and self.key.exists():
             # Otherwise removing every checkpoint, then rewriting the chain, would pass as a
             # trail written before checkpoints existed.
-            return self.report(
+            return (
                 f"the trail has no keyed checkpoint, but the key provider holds its audit key "
                 f"{self.key.key_identifier}: checkpoints were removed, or the trail was written "
                 "before they existed and nothing was written since (any command adds one)",
                 state.lines,
             )
-        return self.report(None, None)
+        return None
 
     def report(
         self, problem: str | None, first_bad_line: int | None, *, torn_tail: bool = False

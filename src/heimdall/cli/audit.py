@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from heimdall.app import open_audit_log
-from heimdall.audit import AuditEvent, EventType, JsonlAuditLog, Result, VerifyReport
+from heimdall.app import check_environment, open_audit_log
+from heimdall.audit import AuditEvent, JsonlAuditLog, VerifyReport
 from heimdall.cli.common import (
     ActorOption,
     audit_app,
@@ -33,6 +33,7 @@ RepairOption = Annotated[
 
 def _reader(actor: str | None) -> tuple[Settings, Caller]:
     settings = load_settings()
+    check_environment(settings)  # a production store's trail is read in production only
     caller = caller_for(settings, actor)
     if not caller.may(Permission.READ_AUDIT):
         unaudited = _record_denial(settings, caller, Permission.READ_AUDIT)
@@ -51,17 +52,7 @@ def _record_denial(settings: Settings, caller: Caller, permission: Permission) -
         return f" (the refusal could not be audited: {exc})"
     try:
         log.write(
-            [
-                AuditEvent(
-                    EventType.ACCESS_DENIED,
-                    caller.actor,
-                    Result.DENIED,
-                    caller.request_id,
-                    source_ip=caller.source_ip,
-                    operation=permission.value,
-                    reason=f"role {role} lacks {permission.value}",
-                )
-            ]
+            [AuditEvent.denial(caller, permission.value, f"role {role} lacks {permission.value}")]
         )
     except AuditError as exc:
         return f" (the refusal could not be audited: {exc})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,11 +23,11 @@ from rich.progress import (
 
 from heimdall.app import build
 from heimdall.cli.output import SafeConsole
-from heimdall.modes import EncryptionMode
 from heimdall.rbac import Caller, parse_role
 from heimdall.secret import SecretBytes
 from heimdall.service import Heimdall
 from heimdall.settings import Environment, Settings, unknown_variables
+from heimdall.types import EncryptionMode
 
 app = typer.Typer(
     name="heimdall",
@@ -98,10 +99,19 @@ def caller_for(settings: Settings, actor: str | None) -> Caller:
 
 
 @contextmanager
-def open_service(mode: EncryptionMode | None = None) -> Iterator[tuple[Heimdall, Settings]]:
+def open_service(
+    mode: EncryptionMode | None = None, *, output_on_stdout: bool = True
+) -> Iterator[tuple[Heimdall, Settings]]:
+    """The service of the caller's settings, closed on exit. A command whose output is on
+    stdout (all but the worker) sends the ``stdout`` audit sink to stderr instead."""
     settings = load_settings()
     try:
-        service = build(settings, warn=lambda line: err.print(line, markup=False), mode=mode)
+        service = build(
+            settings,
+            warn=lambda line: err.print(line, markup=False),
+            mode=mode,
+            audit_stdout=sys.stderr if output_on_stdout else None,
+        )
     finally:
         # The legacy cipher holds the key now; the text taken from the environment goes.
         if isinstance(settings.master_key, SecretBytes):

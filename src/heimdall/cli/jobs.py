@@ -10,8 +10,6 @@ Both pause ``reencrypt_interval_seconds`` between batches, as ``heimdall worker`
 
 from __future__ import annotations
 
-import signal
-import time
 from datetime import datetime
 from typing import Annotated
 
@@ -21,26 +19,15 @@ from heimdall.cli.common import (
     ActorOption,
     JsonOption,
     caller_for,
-    err,
     fail,
     open_service,
     out,
-    progress_bar,
     reencrypt_app,
-    tracked,
 )
+from heimdall.cli.foreground import run_here
 from heimdall.cli.output import write_json
-from heimdall.cli.signals import stop_signals
-from heimdall.modes import MIGRATE_HINT
 from heimdall.rbac import Permission
-from heimdall.reencrypt_job import (
-    StopRequest,
-    change_state,
-    job_store,
-    plan,
-    run_job,
-    start_job,
-)
+from heimdall.rotation.job import change_state, job_store, plan, start_job
 from heimdall.service import Heimdall
 from heimdall.store.jobs import Job, JobState
 
@@ -61,13 +48,6 @@ WorkersOption = Annotated[
         "--workers", min=1, max=64, help="Batches worked side by side (threads) in this process."
     ),
 ]
-
-
-def _summary(job: Job, elapsed: float) -> str:
-    return (
-        f"reencrypt to version {job.target_version} in {elapsed:.2f} s: job {job.job_id} "
-        f"{job.state.value}, {job.completed:,} of {job.total:,} fields done, {job.failed:,} failed"
-    )
 
 
 @reencrypt_app.callback()
@@ -102,70 +82,13 @@ def reencrypt_command(
             return
         run_here(
             service,
+            settings,
             job,
-            caller_actor=actor,
+            caller=caller,
             batch_size=batch_size,
             interval=interval,
             workers=workers,
         )
-
-
-def run_here(
-    service: Heimdall,
-    job: Job,
-    *,
-    caller_actor: str | None,
-    batch_size: int | None,
-    interval: float | None,
-    workers: int | None,
-) -> None:
-    """Work *job* in this process; None options take the key_rotation settings. The first
-    SIGTERM or SIGINT stops it after the batch in flight (exit status 128 + the signal's
-    number), the second at once."""
-    from heimdall.cli.common import load_settings  # noqa: PLC0415 - same settings as the service
-
-    settings = load_settings()
-    caller = caller_for(settings, caller_actor)
-    remaining = job_store(service).count_pending(job)
-    stop = StopRequest()
-    stopped_by: list[signal.Signals] = []
-
-    def stopping(received: signal.Signals) -> None:
-        err.print(
-            f"{received.name} received: stopping after the batch in flight "
-            "(send it again to exit at once)",
-            markup=False,
-        )
-        stopped_by.append(received)
-        stop.set()
-
-    started = time.monotonic()
-    with stop_signals(stopping), progress_bar(remaining, "reencrypt") as progress:
-        final = run_job(
-            service,
-            job.job_id,
-            caller=caller,
-            batch_size=batch_size or settings.reencrypt_batch_size,
-            interval_seconds=settings.reencrypt_interval_seconds if interval is None else interval,
-            workers=workers or settings.reencrypt_workers,
-            progress=tracked(progress, remaining),
-            stop=stop,
-        )
-    out.print(_summary(final, time.monotonic() - started), markup=False)
-    if stopped_by and final.state is JobState.RUNNING:
-        err.print(
-            f"stopped: job {final.job_id} stays running; `heimdall reencrypt run` resumes it",
-            markup=False,
-        )
-        raise typer.Exit(128 + stopped_by[0])
-    legacy_left = plan(service, caller=caller).legacy_left
-    if legacy_left:
-        err.print(
-            f"{legacy_left:,} legacy fields were left as they are: {MIGRATE_HINT}",
-            markup=False,
-        )
-    if final.failed:
-        raise typer.Exit(1)
 
 
 @reencrypt_app.command("run")
@@ -176,14 +99,15 @@ def reencrypt_run(
     workers: WorkersOption = None,
 ) -> None:
     """Join the active job as one more worker."""
-    with open_service() as (service, _):
+    with open_service() as (service, settings):
         job = job_store(service).active_job()
         if job is None:
             fail("there is no active re-encryption job; start one with `heimdall reencrypt`")
         run_here(
             service,
+            settings,
             job,
-            caller_actor=actor,
+            caller=caller_for(settings, actor),
             batch_size=batch_size,
             interval=interval,
             workers=workers,

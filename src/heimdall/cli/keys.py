@@ -17,8 +17,9 @@ from heimdall.cli.common import (
 )
 from heimdall.cli.output import terminal_safe, write_json
 from heimdall.kms.base import KeyDescription
-from heimdall.lifecycle import emergency_rotate, retire
-from heimdall.reencrypt import pending
+from heimdall.rotation.emergency import emergency_rotate
+from heimdall.rotation.job import work_left
+from heimdall.rotation.lifecycle import disable, retire
 
 
 def _describe_json(description: KeyDescription) -> dict[str, Any]:
@@ -98,7 +99,7 @@ def keys_rotate(
         return
     with open_service() as (service, settings):
         description = service.rotate_keys(caller=caller_for(settings, actor))
-        waiting = pending(service, description.latest_version)
+        waiting = work_left(service).fields
     out.print(
         f"rotated {description.key_name} to version {description.latest_version}; "
         f"{waiting:,} fields are on older versions (run `heimdall reencrypt`)",
@@ -150,7 +151,5 @@ def keys_disable(
 ) -> None:
     """Disable versions up to VERSION: fields still under them can no longer be decrypted."""
     with open_service() as (service, settings):
-        description = service.set_min_decryption_version(
-            version + 1, caller=caller_for(settings, actor), force=force
-        )
+        description = disable(service, version, caller=caller_for(settings, actor), force=force)
     out.print(f"versions below {description.min_decryption_version} are disabled", markup=False)

@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from heimdall.audit import AuditEvent, EventType, Result
+from heimdall.audit import AuditEvent, EventType
 from heimdall.cli.common import (
     caller_for,
     fail,
@@ -33,12 +33,10 @@ def kms_check() -> None:
         failed = [check.name for check in checks if not check.ok]
         # Audited like every command: which provider was checked, by whom, and how it went.
         service.record(
-            AuditEvent(
+            AuditEvent.of(
                 EventType.KMS_CHECK,
-                caller.actor,
-                Result.FAILURE if failed else Result.SUCCESS,
-                caller.request_id,
-                source_ip=caller.source_ip,
+                caller,
+                failed=bool(failed),
                 operation=f"kms check {service.kms.provider}",
                 count=len(failed),
             )

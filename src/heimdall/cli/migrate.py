@@ -8,13 +8,13 @@ from typing import Annotated
 import typer
 
 from heimdall.cli.common import ActorOption, JsonOption, caller_for, migrate_app, open_service, out
-from heimdall.cli.jobs import run_here
+from heimdall.cli.foreground import run_here
 from heimdall.cli.output import write_json
 from heimdall.envelope import EncryptionVersion
-from heimdall.migration import recorded_mode, require_verified, set_mode, verify
-from heimdall.modes import EncryptionMode
 from heimdall.rbac import Permission
-from heimdall.reencrypt_job import job_store, start_job
+from heimdall.rotation.job import JobKind, job_store, start_job
+from heimdall.rotation.migration import recorded_mode, require_verified, set_mode, verify
+from heimdall.types import EncryptionMode
 
 SampleOption = Annotated[int, typer.Option("--sample", min=0, max=100_000)]
 
@@ -62,11 +62,13 @@ def migrate_start(actor: ActorOption = None) -> None:
         out.print(
             "mode is now hybrid: new fields go to the KMS, legacy fields still read", markup=False
         )
-        job = start_job(service, caller=caller, kind="migration")
+        job = start_job(service, caller=caller, kind=JobKind.MIGRATION)
         if job is None:
             out.print("nothing to re-encrypt: no legacy field remains", markup=False)
             return
-        run_here(service, job, caller_actor=actor, batch_size=None, interval=None, workers=None)
+        run_here(
+            service, settings, job, caller=caller, batch_size=None, interval=None, workers=None
+        )
 
 
 @migrate_app.command("verify")

@@ -46,13 +46,22 @@ def _needs_escape(char: str) -> bool:
     return code < 0x20 or 0x7F <= code <= 0x9F or char == "\\" or char in _INVISIBLE
 
 
-def terminal_safe(text: str, *, keep_newlines: bool = False) -> str:
-    """*text* with every control character, bidirectional control and backslash escaped
-    (newlines kept as they are with *keep_newlines*, for multi-line messages)."""
+def terminal_safe(text: str, *, message: bool = False) -> str:
+    """*text* with every control character, bidirectional control and backslash escaped.
+
+    A *message* (prose, perhaps over several lines) keeps its newlines and its backslashes,
+    which there are a repr's own escapes (``field 'e\\x1b'``); only a value needs a backslash
+    escaped to stay unambiguous.
+    """
+    if message:
+        return "\n".join(
+            "".join(
+                _escape(char) if char != "\\" and _needs_escape(char) else char for char in line
+            )
+            for line in text.split("\n")
+        )
     if not any(_needs_escape(char) for char in text):
         return text
-    if keep_newlines:
-        return "\n".join(terminal_safe(line) for line in text.split("\n"))
     return "".join(_escape(char) if _needs_escape(char) else char for char in text)
 
 
@@ -74,7 +83,7 @@ class SafeConsole(Console):
         kwargs["markup"] = False
         kwargs["emoji"] = False
         super().print(
-            *(terminal_safe(o, keep_newlines=True) if isinstance(o, str) else o for o in objects),
+            *(terminal_safe(o, message=True) if isinstance(o, str) else o for o in objects),
             **kwargs,
         )
 

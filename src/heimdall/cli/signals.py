@@ -14,6 +14,7 @@ thread reads it there and does the logging and the stopping outside any handler.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -32,7 +33,9 @@ def _leave_it_to_the_watcher(signum: int, frame: FrameType | None) -> None:
     anything more here could block on a lock the interrupted code holds."""
 
 
-def _watch(wakeup: socket.socket, first: Callable[[signal.Signals], None]) -> None:
+def _watch(
+    wakeup: socket.socket, stop: Callable[[], None], announce: Callable[[signal.Signals], None]
+) -> None:
     received = 0
     while data := wakeup.recv(64):  # b"" once stop_signals closes the other end
         for signum in data:
@@ -40,19 +43,25 @@ def _watch(wakeup: socket.socket, first: Callable[[signal.Signals], None]) -> No
                 continue  # another signal Python handles: none of ours
             received += 1
             if received == 1:
-                first(signal.Signals(signum))
+                stop()  # first, and apart: saying so may fail (stderr closed), stopping not
+                with contextlib.suppress(Exception):
+                    announce(signal.Signals(signum))
                 continue
             line = f"{signal.Signals(signum).name} received again: exiting now\n"
             # os.write, not the console: a thread the exit ends may hold the console's lock.
-            os.write(2, line.encode())
+            with contextlib.suppress(OSError):
+                os.write(2, line.encode())
             os._exit(128 + signum)  # as a shell reports a process the signal ended
 
 
 @contextmanager
-def stop_signals(first: Callable[[signal.Signals], None]) -> Iterator[None]:
-    """SIGTERM and SIGINT in the body: the first calls *first* (from a watcher thread, so it may
-    log and take locks), the second exits at once with status 128 + the signal's number.
-    Must be entered in the main thread; the handlers before it are restored on leaving."""
+def stop_signals(
+    stop: Callable[[], None], announce: Callable[[signal.Signals], None]
+) -> Iterator[None]:
+    """SIGTERM and SIGINT in the body: the first calls *stop*, then *announce* with the signal
+    (both from a watcher thread, so they may take locks; a failing *announce* is ignored), the
+    second exits at once with status 128 + the signal's number. Must be entered in the main
+    thread; the handlers before it are restored on leaving."""
     wakeup, wakeup_writer = socket.socketpair()
     wakeup_writer.setblocking(False)  # the C-level handler must never block on it
     previous_fd = signal.set_wakeup_fd(wakeup_writer.fileno(), warn_on_full_buffer=False)
@@ -63,7 +72,7 @@ def stop_signals(first: Callable[[signal.Signals], None]) -> Iterator[None]:
         if signal.getsignal(sig) is not signal.SIG_IGN
     }
     watcher = threading.Thread(
-        target=_watch, args=(wakeup, first), name="heimdall-stop-signals", daemon=True
+        target=_watch, args=(wakeup, stop, announce), name="heimdall-stop-signals", daemon=True
     )
     watcher.start()
     try:

@@ -1,8 +1,8 @@
 """``heimdall worker``: scheduled rotation and background re-encryption, with metrics.
 
-See :mod:`heimdall.worker` for what one cycle does. Metrics are served only when asked for, and
-on 127.0.0.1 unless ``--metrics-addr`` says otherwise: they hold no secret, but key versions,
-job progress and call rates are nobody else's business. With Vault the worker needs the
+See :mod:`heimdall.rotation.worker` for what one cycle does. Metrics are served only when asked
+for, and on 127.0.0.1 unless ``--metrics-addr`` says otherwise: they hold no secret, but key
+versions, job progress and call rates are nobody else's business. With Vault the worker needs the
 heimdall-admin policy (rotate, rewrap, read and configure the key), not heimdall-worker, which
 is for decrypt-only enrichment workers.
 
@@ -18,7 +18,7 @@ import typer
 from heimdall import metrics
 from heimdall.cli.common import ActorOption, app, caller_for, err, open_service
 from heimdall.cli.signals import stop_signals
-from heimdall.worker import Worker
+from heimdall.rotation.worker import Worker
 
 __all__ = ["worker_command"]
 
@@ -43,22 +43,21 @@ def worker_command(
 
     Stops cleanly on SIGTERM or SIGINT, after the batch in flight; at once on a second one.
     """
-    with open_service() as (service, settings):
+    with open_service(output_on_stdout=False) as (service, settings):
         worker = Worker(service, settings, caller=caller_for(settings, actor), log=_log)
         server = None
         if metrics_port is not None:
             server = metrics.serve(metrics_port, metrics_addr)
             _log(f"serving metrics on http://{metrics_addr}:{server.server_port}/metrics")
 
-        def stop(received: signal.Signals) -> None:
+        def announce(received: signal.Signals) -> None:
             _log(
                 f"{received.name} received: stopping after the current batch "
                 "(send it again to exit at once)"
             )
-            worker.stop()
 
         try:
-            with stop_signals(stop):
+            with stop_signals(worker.stop, announce):
                 worker.run(once=once)
         finally:
             if server is not None:

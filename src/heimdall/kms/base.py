@@ -1,9 +1,20 @@
-"""The KeyManagementService interface every key provider implements.
+"""The interfaces key providers implement.
 
 spec: Migration Strategy, Phase 2 (the ``KeyManagementService`` trait). A provider holds the
 master key (the key-encryption key) and wraps, unwraps and rewraps data keys under it; data itself
-is encrypted locally by :mod:`heimdall.cipher`. Providers translate their SDK's errors into
-:mod:`heimdall.errors` at their own boundary, and never put key material in a message.
+is encrypted locally by :mod:`heimdall.cipher` (pattern A). A :class:`WrappedKey` only ever holds
+a wrapped data key.
+
+A provider that can also encrypt field values itself (pattern B, the envelope algorithm
+``KMS-DIRECT``) implements :class:`DirectEncryption` as well; its results are
+:class:`DirectCiphertext`, never a WrappedKey. Vault Transit does, and it is the only provider
+the settings offer pattern B with; the local keyring does too, so pattern B envelopes can be
+made and read without a server.
+
+A provider that talks to a service reports each call it makes to a :class:`KmsCallObserver`,
+which the composition root binds to :mod:`heimdall.metrics`. Providers translate their SDK's
+errors into :mod:`heimdall.errors` at their own boundary, and never put key material in a
+message.
 """
 
 from __future__ import annotations
@@ -20,11 +31,13 @@ from heimdall.secret import SecretBytes
 __all__ = [
     "KEY_NAME_RULE",
     "DataKey",
-    "Health",
+    "DirectCiphertext",
+    "DirectEncryption",
     "KeyDescription",
     "KeyManagementService",
     "KeyState",
     "KeyVersionInfo",
+    "KmsCallObserver",
     "WrappedKey",
     "valid_key_name",
 ]
@@ -89,13 +102,6 @@ class KeyDescription:
         return f"{self.key_name}-v{version}"
 
 
-@dataclass(frozen=True, slots=True)
-class Health:
-    ok: bool
-    provider: str
-    detail: str
-
-
 @runtime_checkable
 class KeyManagementService(Protocol):
     """A master key held by a key management service.
@@ -152,7 +158,55 @@ class KeyManagementService(Protocol):
 
     def describe(self) -> KeyDescription: ...
 
-    def health(self) -> Health: ...
+
+@dataclass(frozen=True, slots=True)
+class DirectCiphertext:
+    """A field value that the provider encrypted itself under one version of its master key
+    (pattern B). Not secret, but opaque: only that provider can decrypt it."""
+
+    key_identifier: str
+    key_version: int
+    ciphertext: bytes = field(repr=False)
+
+
+@runtime_checkable
+class DirectEncryption(Protocol):
+    """A provider that encrypts field values itself, so they never meet a data key (pattern B).
+
+    ``associated_data`` binds each value to its field, as it binds a wrapped data key to its
+    envelope: decrypting or re-encrypting with other associated data fails. Every method takes
+    a batch and returns one result per item, in order; an item that fails carries its error and
+    does not fail the rest. A call that fails as a whole raises.
+    """
+
+    def encrypt_values(
+        self, items: Sequence[tuple[SecretBytes, bytes]]
+    ) -> list[DirectCiphertext | HeimdallError]:
+        """Each plaintext encrypted under the latest encryption version."""
+        ...
+
+    def decrypt_values(
+        self, items: Sequence[tuple[DirectCiphertext, bytes]]
+    ) -> list[SecretBytes | HeimdallError]:
+        """Each plaintext (wipe it after use). KeyVersionDisabled below min_decryption_version."""
+        ...
+
+    def reencrypt_values(
+        self, items: Sequence[tuple[DirectCiphertext, bytes]]
+    ) -> list[DirectCiphertext | HeimdallError]:
+        """Each value encrypted anew under the latest version, without leaving the provider
+        (Transit ``rewrap``): the rotation of a pattern B field."""
+        ...
+
+
+class KmsCallObserver(Protocol):
+    """Told of each call a provider makes to its service, e.g. ``("vault", "decrypt", "2xx")``.
+
+    *operation* and *result* are words from a closed set (an operation name, a status class or
+    ``unreachable``): never a key name, a path or anything a caller supplied.
+    """
+
+    def __call__(self, provider: str, operation: str, result: str) -> None: ...
 
 
 @runtime_checkable

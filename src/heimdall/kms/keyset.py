@@ -2,8 +2,9 @@
 
 A wrapped data key is ``nonce || AES-256-GCM(master key version N, data key) || tag`` whose
 associated data binds the provider's domain, the key identifier (which names the version) and the
-caller's associated data. Key bytes sit inside OpenSSL cipher contexts only; the decoded buffers
-they came from are wiped once the contexts exist.
+caller's associated data. A value encrypted directly (:meth:`Keyset.encrypt_values`, pattern B) is
+sealed the same way, the value in place of the data key. Key bytes sit inside OpenSSL cipher
+contexts only; the decoded buffers they came from are wiped once the contexts exist.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from heimdall.aead import KEY_SIZE, Aead
 from heimdall.errors import HeimdallError, KeyNotFound, KeyVersionDisabled
 from heimdall.kms.base import (
     DataKey,
+    DirectCiphertext,
     KeyDescription,
     KeyState,
     KeyVersionInfo,
@@ -94,7 +96,8 @@ class Keyset:
         plaintext = SecretBytes.random(KEY_SIZE)
         return DataKey(plaintext=plaintext, wrapped=self.wrap(plaintext, associated_data))
 
-    def wrap(self, plaintext: SecretBytes, associated_data: bytes) -> WrappedKey:
+    def _seal(self, plaintext: SecretBytes, associated_data: bytes) -> tuple[str, int, bytes]:
+        """Key identifier, version and ciphertext of *plaintext* under the latest version."""
         version = self.latest_version
         if self.state(version) is not KeyState.ACTIVE or version < self._min_encryption:
             raise KeyVersionDisabled(
@@ -107,7 +110,29 @@ class Keyset:
         sealed = self._versions[version].aead.encrypt(
             plaintext.view(), self._bound(key_identifier, associated_data)
         )
-        return WrappedKey(key_identifier, version, sealed)
+        return key_identifier, version, sealed
+
+    def _open(
+        self, key_identifier: str, key_version: int, ciphertext: bytes, associated_data: bytes
+    ) -> SecretBytes:
+        entry = self._versions.get(key_version)
+        if entry is None or key_identifier != self.key_identifier(key_version):
+            raise KeyNotFound(
+                self._not_mine(key_identifier),
+                provider=self._provider,
+                key_identifier=key_identifier,
+            )
+        if self.state(key_version) is KeyState.DISABLED:
+            raise KeyVersionDisabled(
+                f"key version {key_version} is disabled for decryption",
+                provider=self._provider,
+                key_identifier=key_identifier,
+                key_version=key_version,
+            )
+        return entry.aead.decrypt_secret(ciphertext, self._bound(key_identifier, associated_data))
+
+    def wrap(self, plaintext: SecretBytes, associated_data: bytes) -> WrappedKey:
+        return WrappedKey(*self._seal(plaintext, associated_data))
 
     def wrap_many(
         self, items: Sequence[tuple[SecretBytes, bytes]]
@@ -115,27 +140,12 @@ class Keyset:
         return _per_item(self.wrap, items)
 
     def unwrap(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
-        entry = self._versions.get(wrapped.key_version)
-        if entry is None or wrapped.key_identifier != self.key_identifier(wrapped.key_version):
-            raise KeyNotFound(
-                self._not_mine(wrapped),
-                provider=self._provider,
-                key_identifier=wrapped.key_identifier,
-            )
-        if self.state(wrapped.key_version) is KeyState.DISABLED:
-            raise KeyVersionDisabled(
-                f"key version {wrapped.key_version} is disabled for decryption",
-                provider=self._provider,
-                key_identifier=wrapped.key_identifier,
-                key_version=wrapped.key_version,
-            )
-        return entry.aead.decrypt_secret(
-            wrapped.ciphertext, self._bound(wrapped.key_identifier, associated_data)
+        return self._open(
+            wrapped.key_identifier, wrapped.key_version, wrapped.ciphertext, associated_data
         )
 
-    def _not_mine(self, wrapped: WrappedKey) -> str:
-        """Why *wrapped* is not a key of this keyset, naming the likely cause."""
-        identifier = wrapped.key_identifier
+    def _not_mine(self, identifier: str) -> str:
+        """Why *identifier* names no key of this keyset, naming the likely cause."""
         name, _, version = identifier.rpartition("-v")
         if "/" in identifier:
             return (
@@ -171,6 +181,35 @@ class Keyset:
         self, items: Sequence[tuple[WrappedKey, bytes]]
     ) -> list[WrappedKey | HeimdallError]:
         return _per_item(self.rewrap, items)
+
+    # -- values encrypted directly (pattern B) -------------------------------------------------
+
+    def encrypt_value(self, plaintext: SecretBytes, associated_data: bytes) -> DirectCiphertext:
+        return DirectCiphertext(*self._seal(plaintext, associated_data))
+
+    def decrypt_value(self, value: DirectCiphertext, associated_data: bytes) -> SecretBytes:
+        return self._open(
+            value.key_identifier, value.key_version, value.ciphertext, associated_data
+        )
+
+    def reencrypt_value(self, value: DirectCiphertext, associated_data: bytes) -> DirectCiphertext:
+        with self.decrypt_value(value, associated_data) as plaintext:
+            return self.encrypt_value(plaintext, associated_data)
+
+    def encrypt_values(
+        self, items: Sequence[tuple[SecretBytes, bytes]]
+    ) -> list[DirectCiphertext | HeimdallError]:
+        return _per_item(self.encrypt_value, items)
+
+    def decrypt_values(
+        self, items: Sequence[tuple[DirectCiphertext, bytes]]
+    ) -> list[SecretBytes | HeimdallError]:
+        return _per_item(self.decrypt_value, items)
+
+    def reencrypt_values(
+        self, items: Sequence[tuple[DirectCiphertext, bytes]]
+    ) -> list[DirectCiphertext | HeimdallError]:
+        return _per_item(self.reencrypt_value, items)
 
 
 _A = TypeVar("_A")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from heimdall.aead import KEY_SIZE, Aead
 from heimdall.errors import ConfigurationError, HeimdallError, LifecycleError
-from heimdall.kms.base import DataKey, Health, KeyDescription, KeyState, WrappedKey
+from heimdall.kms.base import DataKey, KeyDescription, KeyState, WrappedKey
 from heimdall.kms.keyset import Keyset, KeysetVersion
 from heimdall.secret import SecretBytes
 
@@ -113,9 +113,6 @@ class LegacyMasterKey:
 
     def describe(self) -> KeyDescription:
         return self._keyset.describe()
-
-    def health(self) -> Health:
-        return Health(True, self.provider, f"static master key {self._keyset.name}")
 
     def __repr__(self) -> str:
         return f"LegacyMasterKey(key_name={self._keyset.name!r})"

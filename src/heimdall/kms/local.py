@@ -15,6 +15,7 @@ forge checkpoints, as they can decrypt every field.
 from __future__ import annotations
 
 import binascii
+import contextlib
 import fcntl
 import hashlib
 import hmac
@@ -29,18 +30,18 @@ from pathlib import Path
 from typing import Any
 
 from heimdall.aead import KEY_SIZE, Aead
-from heimdall.errors import ConfigurationError, HeimdallError, LifecycleError
+from heimdall.errors import ConfigurationError, HeimdallError, KmsUnavailable, LifecycleError
 from heimdall.kms.base import (
     AuditKey,
     DataKey,
-    Health,
+    DirectCiphertext,
     KeyDescription,
     KeyState,
     WrappedKey,
     valid_key_name,
 )
 from heimdall.kms.keyset import Keyset, KeysetVersion
-from heimdall.private_files import ensure_private_dir, open_private
+from heimdall.private_files import ensure_private_dir, open_private, write_all
 from heimdall.secret import SecretBytes, wipe_buffer
 
 __all__ = ["LocalKeyring"]
@@ -121,14 +122,24 @@ class LocalKeyring:
     def _write(self, doc: dict[str, Any]) -> None:
         # A fresh random name, created O_EXCL in the checked directory, so no planted file or
         # link is ever written through; then renamed over the keyring atomically.
+        # A short write (a full disk) must never become the keyring: every key is in it.
         tmp = self._path.with_name(f".{self._path.name}.{secrets.token_hex(8)}.tmp")
         fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, what="keyring file")
         try:
-            os.write(fd, json.dumps(doc, indent=2).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self._path)
+            try:
+                write_all(fd, json.dumps(doc, indent=2).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self._path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # it holds every master key
+            raise KmsUnavailable(
+                f"keyring file {self._path} cannot be written ({exc.strerror}); "
+                "it was left as it was",
+                provider=self.provider,
+            ) from None
         dir_fd = os.open(self._path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -215,6 +226,25 @@ class LocalKeyring:
     ) -> list[WrappedKey | HeimdallError]:
         return self._current().rewrap_many(items)
 
+    # -- DirectEncryption (pattern B) --------------------------------------------------------
+
+    def encrypt_values(
+        self, items: Sequence[tuple[SecretBytes, bytes]]
+    ) -> list[DirectCiphertext | HeimdallError]:
+        return self._current(_WRAP_STALENESS).encrypt_values(items)
+
+    def decrypt_values(
+        self, items: Sequence[tuple[DirectCiphertext, bytes]]
+    ) -> list[SecretBytes | HeimdallError]:
+        return self._current().decrypt_values(items)
+
+    def reencrypt_values(
+        self, items: Sequence[tuple[DirectCiphertext, bytes]]
+    ) -> list[DirectCiphertext | HeimdallError]:
+        return self._current().reencrypt_values(items)
+
+    # -- the key ---------------------------------------------------------------------------
+
     def describe(self) -> KeyDescription:
         return self._current().describe()
 
@@ -286,13 +316,6 @@ class LocalKeyring:
             wipe_buffer(material)
             raise ConfigurationError(f"keyring file {self._path} has a damaged audit key")
         return material
-
-    def health(self) -> Health:
-        try:
-            description = self._current().describe()
-        except HeimdallError as exc:
-            return Health(False, self.provider, str(exc))
-        return Health(True, self.provider, f"keyring {self._path}, v{description.latest_version}")
 
     def __repr__(self) -> str:
         return f"LocalKeyring(path={str(self._path)!r}, key_name={self._key_name!r})"

@@ -3,7 +3,9 @@
 spec: KMS Provider Evaluation, HashiCorp Vault (both integration patterns). The Transit key
 (``HMD_VAULT_MOUNT``/``HMD_KMS_KEY_NAME``, default ``transit``/``heimdall-pii``) never leaves
 Vault. Data keys come from ``datakey/plaintext`` and are wrapped, unwrapped and rewrapped by
-Transit; with pattern B the cipher sends field values themselves through :meth:`wrap`.
+Transit (pattern A, :class:`~heimdall.kms.base.KeyManagementService`); with pattern B Transit
+encrypts the field values themselves (:class:`~heimdall.kms.base.DirectEncryption`), through
+the same ``encrypt``, ``decrypt`` and ``rewrap`` endpoints.
 
 Binding: heimdall's associated data is sent as Transit's key-derivation ``context``, so Vault
 derives a distinct key per context and decrypting or rewrapping under another context fails.
@@ -34,10 +36,11 @@ from heimdall.errors import (
 )
 from heimdall.kms.base import (
     DataKey,
-    Health,
+    DirectCiphertext,
     KeyDescription,
     KeyState,
     KeyVersionInfo,
+    KmsCallObserver,
     WrappedKey,
 )
 from heimdall.kms.vault_config import VaultSettings
@@ -79,13 +82,25 @@ def _version_of(ciphertext: str) -> int:
 
 
 class VaultTransit:
-    """KeyManagementService over one Transit key. See the module docstring."""
+    """KeyManagementService and DirectEncryption over one Transit key. See the module docstring.
+
+    *observer* is told of every HTTP request the transport this builds sends (a *transport*
+    given here reports to its own observer).
+    """
 
     provider = PROVIDER
 
-    def __init__(self, settings: VaultSettings, transport: VaultTransport | None = None) -> None:
+    def __init__(
+        self,
+        settings: VaultSettings,
+        transport: VaultTransport | None = None,
+        *,
+        observer: KmsCallObserver | None = None,
+    ) -> None:
+        if transport is not None and observer is not None:
+            raise ValueError("pass the observer to the transport, not beside it")
         self.settings = settings
-        self.transport = transport or VaultTransport(settings)
+        self.transport = transport or VaultTransport(settings, observer=observer)
         self._base = f"{settings.mount}"
         self._key = settings.key_name
         # Per version, built once: batches are hot paths.
@@ -107,14 +122,23 @@ class VaultTransit:
     def _path(self, operation: str) -> str:
         return f"{self._base}/{operation}/{self._key}"
 
-    def _wrapped(self, ciphertext: str) -> WrappedKey:
+    def _version(self, ciphertext: str) -> tuple[int, str]:
+        """Key version and identifier of a Transit ciphertext."""
         # Batches answer with a handful of versions: look each ``vault:vN:`` prefix up once.
         prefix = ciphertext[: ciphertext.find(":", 6) + 1]
         known = self._by_prefix.get(prefix)
         if known is None:
             version = _version_of(ciphertext)
             known = self._by_prefix[prefix] = (version, self.key_identifier(version))
-        return WrappedKey(known[1], known[0], ciphertext.encode())
+        return known
+
+    def _wrapped(self, ciphertext: str) -> WrappedKey:
+        version, identifier = self._version(ciphertext)
+        return WrappedKey(identifier, version, ciphertext.encode())
+
+    def _direct(self, ciphertext: str) -> DirectCiphertext:
+        version, identifier = self._version(ciphertext)
+        return DirectCiphertext(identifier, version, ciphertext.encode())
 
     def _prefix(self, version: int) -> str:
         prefix = self._prefixes.get(version)
@@ -122,26 +146,26 @@ class VaultTransit:
             prefix = self._prefixes[version] = f"vault:v{version}:"
         return prefix
 
-    def _check(self, wrapped: WrappedKey) -> str:
-        """The Transit ciphertext of *wrapped*, after checking it names a version of this key."""
+    def _check(self, sealed: WrappedKey | DirectCiphertext) -> str:
+        """The Transit ciphertext of *sealed*, after checking it names a version of this key."""
         try:
-            text = wrapped.ciphertext.decode("ascii")
+            text = sealed.ciphertext.decode("ascii")
         except UnicodeDecodeError:
             text = ""
         if not text.startswith("vault:v"):
             raise KeyNotFound(
                 "the wrapped key is not a Transit ciphertext",
                 provider=PROVIDER,
-                key_identifier=wrapped.key_identifier,
+                key_identifier=sealed.key_identifier,
             )
-        version = wrapped.key_version
+        version = sealed.key_version
         if not text.startswith(self._prefix(version)) or (
-            wrapped.key_identifier != self.key_identifier(version)
+            sealed.key_identifier != self.key_identifier(version)
         ):
             raise KeyNotFound(
                 "the wrapped key does not belong to this Transit key version",
                 provider=PROVIDER,
-                key_identifier=wrapped.key_identifier,
+                key_identifier=sealed.key_identifier,
             )
         return text
 
@@ -189,6 +213,23 @@ class VaultTransit:
     ) -> list[WrappedKey | HeimdallError]:
         return self._batch("rewrap", items, self._ciphertext_item, self._wrapped_answer)
 
+    # -- values (pattern B) ---------------------------------------------------------------
+
+    def encrypt_values(
+        self, items: Sequence[tuple[SecretBytes, bytes]]
+    ) -> list[DirectCiphertext | HeimdallError]:
+        return self._batch("encrypt", items, self._plaintext_item, self._direct_answer)
+
+    def decrypt_values(
+        self, items: Sequence[tuple[DirectCiphertext, bytes]]
+    ) -> list[SecretBytes | HeimdallError]:
+        return self._batch("decrypt", items, self._ciphertext_item, _plaintext_answer)
+
+    def reencrypt_values(
+        self, items: Sequence[tuple[DirectCiphertext, bytes]]
+    ) -> list[DirectCiphertext | HeimdallError]:
+        return self._batch("rewrap", items, self._ciphertext_item, self._direct_answer)
+
     # -- batches --------------------------------------------------------------------------
 
     @staticmethod
@@ -196,13 +237,17 @@ class VaultTransit:
         secret, ad = item
         return {"plaintext": _b64(secret.view()), "context": _b64(ad)}
 
-    def _ciphertext_item(self, item: tuple[WrappedKey, bytes]) -> dict[str, str]:
-        """Raises for a key that does not name a version of this key: it fails on its own."""
-        wrapped, ad = item
-        return {"ciphertext": self._check(wrapped), "context": _b64(ad)}
+    def _ciphertext_item(self, item: tuple[WrappedKey | DirectCiphertext, bytes]) -> dict[str, str]:
+        """Raises for a ciphertext that does not name a version of this key: it fails on its
+        own."""
+        sealed, ad = item
+        return {"ciphertext": self._check(sealed), "context": _b64(ad)}
 
     def _wrapped_answer(self, answer: dict[str, Any]) -> WrappedKey:
         return self._wrapped(answer["ciphertext"])
+
+    def _direct_answer(self, answer: dict[str, Any]) -> DirectCiphertext:
+        return self._direct(answer["ciphertext"])
 
     def _batch(
         self,
@@ -371,18 +416,6 @@ class VaultTransit:
         if not enabled:
             return Check("audit device", False, "no audit device is enabled")
         return Check("audit device", True, f"enabled: {', '.join(enabled)}")
-
-    def health(self) -> Health:
-        try:
-            description = self.describe()
-        except HeimdallError as exc:
-            return Health(False, PROVIDER, str(exc))
-        return Health(
-            True,
-            PROVIDER,
-            f"{self.transport.active_address} key {description.key_name} "
-            f"v{description.latest_version}",
-        )
 
     def __repr__(self) -> str:
         key = f"{self.settings.mount}/{self._key}"

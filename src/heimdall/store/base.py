@@ -20,6 +20,7 @@ be called twice and any later call raises StorageError.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -177,6 +178,30 @@ def field_from_row(row: Sequence[Any]) -> FieldValue:
         is_encrypted=bool(is_encrypted),
         updated_at=updated_at,
     )
+
+
+def swap_params(
+    canonical_key: str, expected_encrypted_data: str, update: FieldUpdate, now: str
+) -> tuple[object, ...]:
+    """The parameters of the stores' field compare-and-swap, in this order: the new
+    encrypted_data, key_version, encryption_version and dek_id, the time it is written, then
+    the canonical_key and the encrypted_data the field must still have."""
+    return (
+        update.encrypted_data,
+        update.key_version,
+        update.encryption_version,
+        update.dek_id,
+        now,
+        canonical_key,
+        expected_encrypted_data,
+    )
+
+
+def attributes_json(attributes: Mapping[str, str | int | float | bool | None]) -> str:
+    """A record's attributes as both stores write them: compact, strict JSON (no NaN, which
+    PostgreSQL's jsonb rejects, so a copy between the stores always loads). Raises TypeError
+    or ValueError for a value that has no such JSON."""
+    return json.dumps(dict(attributes), separators=(",", ":"), allow_nan=False)
 
 
 def keyset_pages(

@@ -21,12 +21,35 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
+from heimdall.errors import LifecycleError
 from heimdall.store.base import FieldUpdate, FieldValue
 
-__all__ = ["JOB_COLUMNS", "Claim", "Job", "JobState", "JobStore", "job_from_row"]
+__all__ = [
+    "Claim",
+    "ClaimedBatch",
+    "Job",
+    "JobKind",
+    "JobState",
+    "JobStore",
+    "check_state_change",
+    "job_from_row",
+    "job_row",
+    "stored_job",
+]
+
+
+class JobKind(enum.StrEnum):
+    """Why a job was started, which decides what it does to a pending kms_v1 field. Stored as
+    its value."""
+
+    ROTATION = "rotation"  # after a key rotation: the field's data key is rewrapped
+    # spec: Emergency Key Compromise Response. The old master key may have exposed the data
+    # keys it wrapped, so the field is re-encrypted under a new data key instead.
+    EMERGENCY = "emergency"
+    MIGRATION = "migration"  # started by the migration to the KMS, for its legacy fields
 
 
 class JobState(enum.StrEnum):
@@ -39,7 +62,7 @@ class JobState(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class Job:
     job_id: str
-    kind: str  # "rotation", "emergency" or "migration"
+    kind: JobKind
     target_version: int
     include_legacy: bool
     state: JobState
@@ -50,19 +73,12 @@ class Job:
     updated_at: str = ""
 
 
-# The reencrypt_jobs columns both stores select, in job_from_row's order.
-JOB_COLUMNS: Final = (
-    "job_id, kind, target_version, include_legacy, state, total, completed, failed,"
-    " created_at, updated_at"
-)
-
-
 def job_from_row(row: Sequence[Any]) -> Job:
-    """A Job from a row of JOB_COLUMNS."""
+    """A Job from a row of the stores' job columns (``heimdall.store.sql.JOB_COLUMNS``)."""
     job_id, kind, target, include_legacy, state, total, completed, failed, created, updated = row
     return Job(
         job_id=job_id,
-        kind=kind,
+        kind=JobKind(kind),
         target_version=int(target),
         include_legacy=bool(include_legacy),
         state=JobState(state),
@@ -72,6 +88,37 @@ def job_from_row(row: Sequence[Any]) -> Job:
         created_at=created,
         updated_at=updated,
     )
+
+
+def stored_job(job: Job, now: str) -> Job:
+    """*job* as a store creates it: its kind a JobKind, its created_at kept if set and *now*
+    otherwise, its updated_at *now*."""
+    return replace(job, kind=JobKind(job.kind), created_at=job.created_at or now, updated_at=now)
+
+
+def job_row(job: Job) -> tuple[object, ...]:
+    """The values the stores write for *job*, in job_from_row's order: its kind and state as
+    their text. Raises ValueError for a kind that is not a JobKind, which could not be read
+    back."""
+    return (
+        job.job_id,
+        JobKind(job.kind).value,
+        job.target_version,
+        job.include_legacy,
+        job.state.value,
+        job.total,
+        job.completed,
+        job.failed,
+        job.created_at,
+        job.updated_at,
+    )
+
+
+def check_state_change(job: Job, state: JobState) -> None:
+    """Raise LifecycleError if *job* may not move to *state*: a done or cancelled job cannot
+    change any more."""
+    if job.state in (JobState.DONE, JobState.CANCELLED) and state is not job.state:
+        raise LifecycleError(f"job {job.job_id} is {job.state.value} and cannot change")
 
 
 class Claim(Protocol):
@@ -86,6 +133,22 @@ class Claim(Protocol):
     def fail(self, field: FieldValue, error: str) -> None:
         """Record that *field* failed in this job; it is not claimed again by the job."""
         ...
+
+
+@dataclass
+class ClaimedBatch:
+    """The stores' :class:`Claim`: it keeps the updates and failures for the store to write
+    when the claim's block exits."""
+
+    fields: list[FieldValue]
+    updates: list[tuple[FieldValue, FieldUpdate]] = field(default_factory=list)
+    failed: list[tuple[FieldValue, str]] = field(default_factory=list)
+
+    def update(self, field: FieldValue, update: FieldUpdate) -> None:
+        self.updates.append((field, update))
+
+    def fail(self, field: FieldValue, error: str) -> None:
+        self.failed.append((field, error))
 
 
 class JobStore(Protocol):

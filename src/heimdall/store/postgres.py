@@ -38,10 +38,10 @@ Invariants:
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Final
 
 try:
@@ -60,12 +60,13 @@ from heimdall.store.base import (
     FieldValue,
     RecordRow,
     Sighting,
+    attributes_json,
     field_from_row,
-    keyset_pages,
+    swap_params,
     utc_now,
 )
-from heimdall.store.postgres_jobs import FIELD_COLUMNS, PostgresJobs
-from heimdall.store.postgres_schema import migrate
+from heimdall.store.postgres_jobs import PostgresJobs
+from heimdall.store.postgres_schema import COMPARE_AND_SWAP_FIELD, SQL, migrate
 
 __all__ = ["PostgresStore"]
 
@@ -125,13 +126,6 @@ _UPSERT_RECORDS: Final = """
         source = excluded.source, ingested_at = excluded.ingested_at,
         attributes = excluded.attributes
 """
-_COMPARE_AND_SWAP_FIELD: Final = """
-    UPDATE field_values
-    SET properties = properties || jsonb_build_object(
-        'encrypted_data', %s::text, 'key_version', %s::bigint,
-        'encryption_version', %s::text, 'dek_id', %s::text, 'updated_at', %s::text)
-    WHERE canonical_key = %s AND properties ->> 'encrypted_data' = %s
-"""
 
 # Readable causes for the SQLSTATEs a caller can provoke; the rest are reported by name and code.
 _EXPLANATIONS: Final = {
@@ -167,36 +161,11 @@ def _connect_error(exc: psycopg.OperationalError) -> StorageError:
     return StorageError(f"postgres open failed: {reason}")
 
 
-def _field_filter(
-    encryption_version: str | None, key_version_below: int | None
-) -> tuple[list[str], list[object]]:
-    """WHERE clauses (constant SQL) and their bound parameters for the optional filters."""
-    clauses: list[str] = []
-    params: list[object] = []
-    if encryption_version is not None:
-        clauses.append("encryption_version = %s")
-        params.append(encryption_version)
-    if key_version_below is not None:
-        clauses.append("key_version < %s")
-        params.append(key_version_below)
-    return clauses, params
-
-
-def _where(clauses: list[str]) -> str:
-    return " WHERE " + " AND ".join(clauses) if clauses else ""
-
-
-def _page_sql(clauses: list[str], *, resume: bool) -> str:
-    """One keyset page: parameters are the filter values, then (if *resume*) the last key
-    already yielded, then the page size."""
-    if resume:
-        clauses = [*clauses, "canonical_key > %s"]
-    # The clauses are constant SQL from _field_filter; values are bound.
-    return (
-        f"SELECT {FIELD_COLUMNS} FROM field_values"  # noqa: S608
-        + _where(clauses)
-        + " ORDER BY canonical_key LIMIT %s"
-    )
+# The filters and a keyset page of iter_fields, as SQL.pages builds it. No index hint is needed
+# here: field_values_by_version_and_key hands out one encryption_version's rows in canonical_key
+# order (see postgres_schema).
+_field_filter: Final = SQL.field_filter
+_page_sql: Final = SQL.page
 
 
 def _connect_options(params: dict[str, Any]) -> dict[str, Any]:
@@ -294,6 +263,10 @@ class PostgresStore(PostgresJobs):
         with self._connection(operation) as conn:
             return conn.execute(query, params).fetchone()
 
+    def _fetch_all(self, operation: str, query: str, params: Sequence[object] = ()) -> list[Any]:
+        with self._connection(operation) as conn:
+            return conn.execute(query, params).fetchall()
+
     def _rowcount(self, operation: str, query: str, params: Sequence[object]) -> int:
         with self._connection(operation) as conn:
             return conn.execute(query, params).rowcount
@@ -363,28 +336,14 @@ class PostgresStore(PostgresJobs):
         return inserted
 
     def get_field(self, canonical_key: str) -> FieldValue | None:
-        row = self._fetch_one(
-            "get_field",
-            f"SELECT {FIELD_COLUMNS} FROM field_values WHERE canonical_key = %s",  # noqa: S608
-            (canonical_key,),
-        )
+        row = self._fetch_one("get_field", SQL.get_field, (canonical_key,))
         return None if row is None else field_from_row(row)
 
     def count_sightings(self, canonical_key: str) -> int:
-        row = self._fetch_one(
-            "count_sightings",
-            "SELECT count(*) FROM sightings WHERE canonical_key = %s",
-            (canonical_key,),
-        )
-        return int(row[0])
+        return int(self._fetch_one("count_sightings", SQL.count_sightings, (canonical_key,))[0])
 
     def field_counts(self) -> list[FieldCount]:
-        with self._connection("field_counts") as conn:
-            rows = conn.execute(
-                "SELECT encryption_version, key_version, count(*) FROM field_values"
-                " GROUP BY encryption_version, key_version"
-                " ORDER BY encryption_version, key_version"
-            ).fetchall()
+        rows = self._fetch_all("field_counts", SQL.field_counts)
         return [FieldCount(encryption_version=e, key_version=k, count=n) for e, k, n in rows]
 
     def count_fields(
@@ -394,9 +353,7 @@ class PostgresStore(PostgresJobs):
         key_version_below: int | None = None,
     ) -> int:
         clauses, params = _field_filter(encryption_version, key_version_below)
-        # The clauses are constant SQL from _field_filter; values are bound.
-        sql = "SELECT count(*) FROM field_values" + _where(clauses)  # noqa: S608
-        return int(self._fetch_one("count_fields", sql, params)[0])
+        return int(self._fetch_one("count_fields", SQL.count_fields(clauses), params)[0])
 
     def iter_fields(
         self,
@@ -412,51 +369,28 @@ class PostgresStore(PostgresJobs):
         fields, even out of the filter, without a field being skipped or yielded twice.
         """
         clauses, params = _field_filter(encryption_version, key_version_below)
-        first_sql = _page_sql(clauses, resume=False)
-        next_sql = _page_sql(clauses, resume=True)
-
-        def page(after: str | None) -> list[FieldValue]:
-            sql, values = (first_sql, params) if after is None else (next_sql, [*params, after])
-            with self._connection("iter_fields") as conn:
-                rows = conn.execute(sql, [*values, batch_size]).fetchall()
-            return [field_from_row(row) for row in rows]
-
-        return keyset_pages(page, batch_size)
+        return SQL.pages(clauses, params, batch_size, partial(self._fetch_all, "iter_fields"))
 
     def compare_and_swap(
         self, canonical_key: str, expected_encrypted_data: str, update: FieldUpdate
     ) -> bool:
         """One conditional UPDATE; is_encrypted is not touched (FieldUpdate does not carry it)."""
-        params = (
-            update.encrypted_data,
-            update.key_version,
-            update.encryption_version,
-            update.dek_id,
-            utc_now(),
-            canonical_key,
-            expected_encrypted_data,
-        )
-        return self._rowcount("compare_and_swap", _COMPARE_AND_SWAP_FIELD, params) == 1
+        params = swap_params(canonical_key, expected_encrypted_data, update, utc_now())
+        return self._rowcount("compare_and_swap", COMPARE_AND_SWAP_FIELD, params) == 1
 
     def get_meta(self, key: str) -> str | None:
-        row = self._fetch_one("get_meta", "SELECT value FROM meta WHERE key = %s", (key,))
+        row = self._fetch_one("get_meta", SQL.get_meta, (key,))
         return None if row is None else str(row[0])
 
     def set_meta(self, key: str, value: str) -> None:
-        self._rowcount(
-            "set_meta",
-            "INSERT INTO meta (key, value) VALUES (%s, %s)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
+        self._rowcount("set_meta", SQL.set_meta, (key, value))
 
     def insert_meta_if_absent(self, key: str, value: str) -> bool:
-        query = "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING"
-        return self._rowcount("insert_meta_if_absent", query, (key, value)) == 1
+        return self._rowcount("insert_meta_if_absent", SQL.insert_meta_if_absent, (key, value)) == 1
 
     def compare_and_swap_meta(self, key: str, expected: str, value: str) -> bool:
-        query = "UPDATE meta SET value = %s WHERE key = %s AND value = %s"
-        return self._rowcount("compare_and_swap_meta", query, (value, key, expected)) == 1
+        params = (value, key, expected)
+        return self._rowcount("compare_and_swap_meta", SQL.compare_and_swap_meta, params) == 1
 
     def close(self) -> None:
         """Close the pool. Idempotent; any later call raises StorageError."""
@@ -480,11 +414,7 @@ def _record_columns(records: Sequence[RecordRow]) -> list[list[str]]:
     (one INSERT ... ON CONFLICT DO UPDATE may not touch a row twice)."""
     lasts = {r.record_id: r for r in records}
     try:
-        attributes = [
-            # Strict JSON (no NaN, which jsonb rejects), as the SQLite store writes it.
-            json.dumps(dict(r.attributes), separators=(",", ":"), allow_nan=False)
-            for r in lasts.values()
-        ]
+        attributes = [attributes_json(r.attributes) for r in lasts.values()]
     except (TypeError, ValueError) as exc:
         raise StorageError(
             "postgres write_batch failed: record attributes are not finite JSON values"

@@ -18,65 +18,37 @@ the last (5.4 s over the job, against 0.6 s and a flat 2.7 ms in key_version ord
 in the number of fields. No claim needs its batch in key order, only batches that never overlap;
 within one key_version the order is the index's own (physical) one. A single query over
 ``kms_v1 OR legacy`` would have no index in any useful order at all.
-
-Timestamps are text in the store's ``YYYY-MM-DDTHH:MM:SSZ`` form, as on SQLite. ``seq`` stands
-in for SQLite's rowid: it orders jobs created within the same second.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import psycopg
 
-from heimdall.errors import LifecycleError, StorageError
-from heimdall.store.base import FieldUpdate, FieldValue, field_from_row, utc_now
-from heimdall.store.jobs import JOB_COLUMNS, Job, JobState, job_from_row
+from heimdall.errors import StorageError
+from heimdall.store.base import field_from_row, utc_now
+from heimdall.store.jobs import (
+    ClaimedBatch,
+    Job,
+    JobState,
+    check_state_change,
+    job_from_row,
+    job_row,
+    stored_job,
+)
+from heimdall.store.postgres_schema import FIELD_COLUMNS, SQL
+from heimdall.store.sql import JOB_COLUMNS
 
-__all__ = ["JOB_TABLES", "PostgresJobs"]
+__all__ = ["PostgresJobs"]
 
 Cursor = psycopg.Cursor[tuple[Any, ...]]
-
-JOB_TABLES: Final = (
-    """
-    CREATE TABLE reencrypt_jobs (
-        job_id         text COLLATE "C" PRIMARY KEY,
-        kind           text NOT NULL,
-        target_version bigint NOT NULL,
-        include_legacy boolean NOT NULL,
-        state          text NOT NULL,
-        total          bigint NOT NULL,
-        completed      bigint NOT NULL DEFAULT 0,
-        failed         bigint NOT NULL DEFAULT 0,
-        created_at     text NOT NULL,
-        updated_at     text NOT NULL,
-        seq            bigint GENERATED ALWAYS AS IDENTITY UNIQUE
-    )
-    """,
-    # COLLATE "C" like field_values.canonical_key, so the anti-join compares plain bytes and
-    # can probe this primary key.
-    """
-    CREATE TABLE reencrypt_failures (
-        job_id        text COLLATE "C" NOT NULL REFERENCES reencrypt_jobs (job_id),
-        canonical_key text COLLATE "C" NOT NULL,
-        error         text NOT NULL,
-        PRIMARY KEY (job_id, canonical_key)
-    )
-    """,
-)
 
 # The advisory lock that makes "create a job unless one is active" one step across processes.
 _CREATE_JOB_LOCK: Final = int.from_bytes(b"hmd-jobs", "big")
 
-# As PostgresStore reads a FieldValue: the envelope is the JSON string's exact text.
-FIELD_COLUMNS: Final = (
-    "canonical_key, field_name, properties ->> 'encrypted_data',"
-    " (properties -> 'is_encrypted')::boolean, key_version, encryption_version, dek_id,"
-    " properties ->> 'updated_at'"
-)
 _NOT_FAILED: Final = (
     "NOT EXISTS (SELECT FROM reencrypt_failures AS failure WHERE failure.job_id = %(job_id)s"
     " AND failure.canonical_key = field_values.canonical_key)"
@@ -87,24 +59,9 @@ _PENDING_KMS: Final = (
 )
 _PENDING_LEGACY: Final = f"encryption_version = 'legacy' AND {_NOT_FAILED}"
 
-# Built from the constants above only; every value is a bound parameter.
-_INSERT_JOB: Final = (
-    f"INSERT INTO reencrypt_jobs ({JOB_COLUMNS})"  # noqa: S608
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-)
-_SELECT_JOB: Final = f"SELECT {JOB_COLUMNS} FROM reencrypt_jobs WHERE job_id = %s"  # noqa: S608
-_ACTIVE_JOB: Final = (
-    f"SELECT {JOB_COLUMNS} FROM reencrypt_jobs WHERE state IN ('running', 'paused')"  # noqa: S608
-    " ORDER BY created_at DESC, seq DESC LIMIT 1"
-)
-_LATEST_JOB: Final = (
-    f"SELECT {JOB_COLUMNS} FROM reencrypt_jobs"  # noqa: S608
-    " ORDER BY created_at DESC, seq DESC LIMIT 1"
-)
-_SET_STATE: Final = (
-    "UPDATE reencrypt_jobs SET state = %s, updated_at = %s WHERE job_id = %s"  # noqa: S608
-    f" RETURNING {JOB_COLUMNS}"
-)
+# FOR UPDATE: see set_job_state. RETURNING: the job as changed, in the same round trip.
+_SELECT_JOB_FOR_UPDATE: Final = SQL.select_job + " FOR UPDATE"
+_SET_STATE: Final = SQL.set_job_state + f" RETURNING {JOB_COLUMNS}"
 _DATA_KEYS: Final = (
     "SELECT DISTINCT ON (dek_id) properties ->> 'encrypted_data' FROM field_values"
     " WHERE encryption_version = 'kms_v1' AND key_version < %(target)s"
@@ -133,31 +90,14 @@ _UPDATE_FIELDS: Final = """
         AS u(canonical_key, expected, data, key_version, encryption_version, dek_id)
     WHERE f.canonical_key = u.canonical_key AND f.properties ->> 'encrypted_data' = u.expected
 """
-_INSERT_FAILURE: Final = (
-    "INSERT INTO reencrypt_failures (job_id, canonical_key, error) VALUES (%s, %s, %s)"
-    " ON CONFLICT (job_id, canonical_key) DO NOTHING"
-)
-_ADD_COUNTS: Final = (
-    "UPDATE reencrypt_jobs SET completed = completed + %s, failed = failed + %s,"
-    " updated_at = %s WHERE job_id = %s"
-)
 
 
 def _missing_job(job_id: str) -> StorageError:
     return StorageError(f"postgres claim failed: no re-encryption job {job_id}")
 
 
-@dataclass
-class _PostgresClaim:
-    fields: list[FieldValue]
-    updates: list[tuple[FieldValue, FieldUpdate]] = field(default_factory=list)
-    failed: list[tuple[FieldValue, str]] = field(default_factory=list)
-
-    def update(self, field: FieldValue, update: FieldUpdate) -> None:
-        self.updates.append((field, update))
-
-    def fail(self, field: FieldValue, error: str) -> None:
-        self.failed.append((field, error))
+class _PostgresClaim(ClaimedBatch):
+    """A claimed batch, written with one statement for all its updates."""
 
     def write(self, cursor: Cursor, job_id: str) -> None:
         """The batch's updates (each a compare-and-swap), failures and counters."""
@@ -182,12 +122,12 @@ class _PostgresClaim:
         if self.failed:
             try:
                 cursor.executemany(
-                    _INSERT_FAILURE, [(job_id, f.canonical_key, e) for f, e in self.failed]
+                    SQL.insert_failure, [(job_id, f.canonical_key, e) for f, e in self.failed]
                 )
             except psycopg.errors.ForeignKeyViolation as exc:
                 raise _missing_job(job_id) from exc
             failed = cursor.rowcount  # a field failed twice counts once
-        if cursor.execute(_ADD_COUNTS, (done, failed, now, job_id)).rowcount != 1:
+        if cursor.execute(SQL.add_job_counts, (done, failed, now, job_id)).rowcount != 1:
             raise _missing_job(job_id)
 
 
@@ -214,51 +154,34 @@ class PostgresJobs:
             # Held to the end of the transaction, so a second caller's check runs after the
             # first one's insert is committed, and sees it.
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_CREATE_JOB_LOCK,))
-            row = cursor.execute(_ACTIVE_JOB).fetchone()
+            row = cursor.execute(SQL.active_job).fetchone()
             if row is not None:
                 return job_from_row(row)
             return self._insert_job(cursor, job)
 
     def _insert_job(self, cursor: Cursor, job: Job) -> Job:
-        """Insert *job*; the job as stored (its timestamps set)."""
-        now = utc_now()
-        stored = replace(job, created_at=job.created_at or now, updated_at=now)
-        cursor.execute(
-            _INSERT_JOB,
-            (
-                stored.job_id,
-                stored.kind,
-                stored.target_version,
-                stored.include_legacy,
-                stored.state.value,
-                stored.total,
-                stored.completed,
-                stored.failed,
-                stored.created_at,
-                stored.updated_at,
-            ),
-        )
+        """Insert *job*; the job as stored (its kind a JobKind, its timestamps set)."""
+        stored = stored_job(job, utc_now())
+        cursor.execute(SQL.insert_job, job_row(stored))
         return stored
 
     def get_job(self, job_id: str) -> Job | None:
-        return self._job_row("get_job", _SELECT_JOB, (job_id,))
+        return self._job_row("get_job", SQL.select_job, (job_id,))
 
     def active_job(self) -> Job | None:
-        return self._job_row("active_job", _ACTIVE_JOB)
+        return self._job_row("active_job", SQL.active_job)
 
     def latest_job(self) -> Job | None:
-        return self._job_row("latest_job", _LATEST_JOB)
+        return self._job_row("latest_job", SQL.latest_job)
 
     def set_job_state(self, job_id: str, state: JobState) -> Job:
         with self._transaction("set_job_state") as cursor:
             # FOR UPDATE: a concurrent change (a worker closing the job, an operator cancelling
             # it) waits, then sees this one's result, so a finished job is never reopened.
-            row = cursor.execute(_SELECT_JOB + " FOR UPDATE", (job_id,)).fetchone()
+            row = cursor.execute(_SELECT_JOB_FOR_UPDATE, (job_id,)).fetchone()
             if row is None:
                 raise StorageError(f"postgres set_job_state failed: no re-encryption job {job_id}")
-            job = job_from_row(row)
-            if job.state in (JobState.DONE, JobState.CANCELLED) and state is not job.state:
-                raise LifecycleError(f"job {job_id} is {job.state.value} and cannot change")
+            check_state_change(job_from_row(row), state)
             updated = cursor.execute(_SET_STATE, (state.value, utc_now(), job_id)).fetchone()
         assert updated is not None
         return job_from_row(updated)
@@ -293,9 +216,5 @@ class PostgresJobs:
 
     def failures(self, job_id: str) -> Iterator[tuple[str, str]]:
         with self._connection("failures") as conn:
-            rows = conn.execute(
-                "SELECT canonical_key, error FROM reencrypt_failures WHERE job_id = %s"
-                " ORDER BY canonical_key",
-                (job_id,),
-            ).fetchall()
+            rows = conn.execute(SQL.failures, (job_id,)).fetchall()
         yield from ((str(key), str(error)) for key, error in rows)

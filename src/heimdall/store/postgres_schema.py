@@ -1,4 +1,5 @@
-"""The PostgreSQL store's schema, and the forward-only migrations that build it.
+"""The PostgreSQL store's schema, the forward-only migrations that build it, and the SQL text
+that follows from its layout, for the store and its job state alike.
 
 ``MIGRATIONS`` is append-only: version n is ``MIGRATIONS[n - 1]``, each applied version is
 recorded in ``schema_migrations``, and :func:`migrate` applies the missing ones in one
@@ -13,12 +14,60 @@ from typing import Any, Final
 import psycopg
 
 from heimdall.errors import StorageError
-from heimdall.store.postgres_jobs import JOB_TABLES
+from heimdall.store.sql import SqlStatements
 
-__all__ = ["MIGRATIONS", "migrate"]
+__all__ = ["COMPARE_AND_SWAP_FIELD", "FIELD_COLUMNS", "JOB_TABLES", "MIGRATIONS", "SQL", "migrate"]
 
 # pg_advisory_xact_lock key serialising migrations: the bytes of "heimdall" as a bigint.
 _MIGRATION_LOCK: Final = int.from_bytes(b"heimdall", "big")
+
+# A FieldValue's columns, in field_from_row's order: the envelope is the JSON string's exact text.
+FIELD_COLUMNS: Final = (
+    "canonical_key, field_name, properties ->> 'encrypted_data',"
+    " (properties -> 'is_encrypted')::boolean, key_version, encryption_version, dek_id,"
+    " properties ->> 'updated_at'"
+)
+# A field's new envelope properties, written only while its envelope is still the one expected
+# (parameters in swap_params' order). is_encrypted is not touched.
+COMPARE_AND_SWAP_FIELD: Final = """
+    UPDATE field_values
+    SET properties = properties || jsonb_build_object(
+        'encrypted_data', %s::text, 'key_version', %s::bigint,
+        'encryption_version', %s::text, 'dek_id', %s::text, 'updated_at', %s::text)
+    WHERE canonical_key = %s AND properties ->> 'encrypted_data' = %s
+"""
+# The statements shared with the SQLite store. seq orders jobs created within the same second.
+SQL: Final = SqlStatements(placeholder="%s", field_columns=FIELD_COLUMNS, job_order="seq")
+
+# The re-encryption job's state (heimdall.store.jobs): migration 2. Timestamps are text in the
+# store's YYYY-MM-DDTHH:MM:SSZ form, as on SQLite; seq stands in for SQLite's rowid.
+JOB_TABLES: Final = (
+    """
+    CREATE TABLE reencrypt_jobs (
+        job_id         text COLLATE "C" PRIMARY KEY,
+        kind           text NOT NULL,
+        target_version bigint NOT NULL,
+        include_legacy boolean NOT NULL,
+        state          text NOT NULL,
+        total          bigint NOT NULL,
+        completed      bigint NOT NULL DEFAULT 0,
+        failed         bigint NOT NULL DEFAULT 0,
+        created_at     text NOT NULL,
+        updated_at     text NOT NULL,
+        seq            bigint GENERATED ALWAYS AS IDENTITY UNIQUE
+    )
+    """,
+    # COLLATE "C" like field_values.canonical_key, so the anti-join compares plain bytes and
+    # can probe this primary key.
+    """
+    CREATE TABLE reencrypt_failures (
+        job_id        text COLLATE "C" NOT NULL REFERENCES reencrypt_jobs (job_id),
+        canonical_key text COLLATE "C" NOT NULL,
+        error         text NOT NULL,
+        PRIMARY KEY (job_id, canonical_key)
+    )
+    """,
+)
 
 # Append only: never edit or reorder an entry once released. Version n is MIGRATIONS[n - 1].
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (

@@ -21,14 +21,13 @@ Invariants:
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from heimdall.errors import StorageError
 from heimdall.private_files import ensure_private_dir, open_private
@@ -38,12 +37,13 @@ from heimdall.store.base import (
     FieldValue,
     RecordRow,
     Sighting,
+    attributes_json,
     field_from_row,
-    keyset_pages,
+    swap_params,
     utc_now,
 )
-from heimdall.store.sqlite_jobs import FIELD_COLUMNS, SqliteJobs
-from heimdall.store.sqlite_schema import is_current, migrate
+from heimdall.store.sqlite_jobs import SqliteJobs
+from heimdall.store.sqlite_schema import COMPARE_AND_SWAP_FIELD, SQL, is_current, migrate
 
 __all__ = ["SqliteStore"]
 
@@ -76,11 +76,6 @@ _REPLACE_RECORD: Final = """
     INSERT OR REPLACE INTO records (record_id, source, ingested_at, attributes)
     VALUES (?, ?, ?, ?)
 """
-_COMPARE_AND_SWAP_FIELD: Final = """
-    UPDATE field_values
-    SET encrypted_data = ?, key_version = ?, encryption_version = ?, dek_id = ?, updated_at = ?
-    WHERE canonical_key = ? AND encrypted_data = ?
-"""
 
 # Readable causes for the SQLite error codes a caller can provoke; the rest are reported by code.
 _EXPLANATIONS: Final = {
@@ -105,33 +100,14 @@ def _field_filter(
     ``key_version < ?`` range, so every page would sort all remaining matches (quadratic over a
     rotation); walking the primary key index from the cursor reads each row at most once in all.
     """
-    prefix = "+" if walk_keys else ""
-    clauses: list[str] = []
-    params: list[object] = []
-    if encryption_version is not None:
-        clauses.append(prefix + "encryption_version = ?")
-        params.append(encryption_version)
-    if key_version_below is not None:
-        clauses.append(prefix + "key_version < ?")
-        params.append(key_version_below)
+    clauses, params = SQL.field_filter(encryption_version, key_version_below)
+    if walk_keys:
+        clauses = ["+" + clause for clause in clauses]
     return clauses, params
 
 
-def _where(clauses: list[str]) -> str:
-    return " WHERE " + " AND ".join(clauses) if clauses else ""
-
-
-def _page_sql(clauses: list[str], *, resume: bool) -> str:
-    """One keyset page: parameters are the filter values, then (if *resume*) the last key
-    already yielded, then the page size."""
-    if resume:
-        clauses = [*clauses, "canonical_key > ?"]
-    # The clauses are constant SQL from _field_filter; values are bound.
-    return (
-        f"SELECT {FIELD_COLUMNS} FROM field_values"  # noqa: S608
-        + _where(clauses)
-        + " ORDER BY canonical_key LIMIT ?"
-    )
+# A keyset page of iter_fields under _field_filter's clauses, as SQL.pages builds it.
+_page_sql: Final = SQL.page
 
 
 def _create_private_file(path: Path) -> None:
@@ -285,13 +261,7 @@ class SqliteStore(SqliteJobs):
         sighting_rows = [(s.canonical_key, s.record_id, s.source, s.seen_at) for s in sightings]
         try:
             record_rows = [
-                (
-                    r.record_id,
-                    r.source,
-                    r.ingested_at,
-                    # Strict JSON (no NaN) so the attributes also load into PostgreSQL jsonb.
-                    json.dumps(dict(r.attributes), separators=(",", ":"), allow_nan=False),
-                )
+                (r.record_id, r.source, r.ingested_at, attributes_json(r.attributes))
                 for r in records
             ]
         except (TypeError, ValueError) as exc:
@@ -308,26 +278,17 @@ class SqliteStore(SqliteJobs):
 
     def get_field(self, canonical_key: str) -> FieldValue | None:
         with self._session("get_field") as conn:
-            row = conn.execute(
-                f"SELECT {FIELD_COLUMNS} FROM field_values WHERE canonical_key = ?",  # noqa: S608
-                (canonical_key,),
-            ).fetchone()
+            row = conn.execute(SQL.get_field, (canonical_key,)).fetchone()
         return None if row is None else field_from_row(row)
 
     def count_sightings(self, canonical_key: str) -> int:
         with self._session("count_sightings") as conn:
-            row = conn.execute(
-                "SELECT COUNT(*) FROM sightings WHERE canonical_key = ?", (canonical_key,)
-            ).fetchone()
+            row = conn.execute(SQL.count_sightings, (canonical_key,)).fetchone()
         return int(row[0])
 
     def field_counts(self) -> list[FieldCount]:
         with self._session("field_counts") as conn:
-            rows = conn.execute(
-                "SELECT encryption_version, key_version, COUNT(*) FROM field_values"
-                " GROUP BY encryption_version, key_version"
-                " ORDER BY encryption_version, key_version"
-            ).fetchall()
+            rows = conn.execute(SQL.field_counts).fetchall()
         return [FieldCount(encryption_version=e, key_version=k, count=n) for e, k, n in rows]
 
     def count_fields(
@@ -337,10 +298,8 @@ class SqliteStore(SqliteJobs):
         key_version_below: int | None = None,
     ) -> int:
         clauses, params = _field_filter(encryption_version, key_version_below, walk_keys=False)
-        # The clauses are constant SQL from _field_filter; values are bound.
-        sql = "SELECT COUNT(*) FROM field_values" + _where(clauses)  # noqa: S608
         with self._session("count_fields") as conn:
-            row = conn.execute(sql, params).fetchone()
+            row = conn.execute(SQL.count_fields(clauses), params).fetchone()
         return int(row[0])
 
     def iter_fields(
@@ -357,63 +316,37 @@ class SqliteStore(SqliteJobs):
         fields, even out of the filter, without a field being skipped or yielded twice.
         """
         clauses, params = _field_filter(encryption_version, key_version_below, walk_keys=True)
-        first_sql = _page_sql(clauses, resume=False)
-        next_sql = _page_sql(clauses, resume=True)
 
-        def page(after: str | None) -> list[FieldValue]:
-            sql, values = (first_sql, params) if after is None else (next_sql, [*params, after])
+        def fetch_all(sql: str, values: list[object]) -> list[Any]:
             with self._session("iter_fields") as conn:
-                rows = conn.execute(sql, [*values, batch_size]).fetchall()
-            return [field_from_row(row) for row in rows]
+                return conn.execute(sql, values).fetchall()
 
-        return keyset_pages(page, batch_size)
+        return SQL.pages(clauses, params, batch_size, fetch_all)
 
     def compare_and_swap(
         self, canonical_key: str, expected_encrypted_data: str, update: FieldUpdate
     ) -> bool:
         """One conditional UPDATE; is_encrypted is not touched (FieldUpdate does not carry it)."""
         with self._session("compare_and_swap") as conn:
-            cursor = conn.execute(
-                _COMPARE_AND_SWAP_FIELD,
-                (
-                    update.encrypted_data,
-                    update.key_version,
-                    update.encryption_version,
-                    update.dek_id,
-                    utc_now(),
-                    canonical_key,
-                    expected_encrypted_data,
-                ),
-            )
-            return cursor.rowcount == 1
+            params = swap_params(canonical_key, expected_encrypted_data, update, utc_now())
+            return conn.execute(COMPARE_AND_SWAP_FIELD, params).rowcount == 1
 
     def get_meta(self, key: str) -> str | None:
         with self._session("get_meta") as conn:
-            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            row = conn.execute(SQL.get_meta, (key,)).fetchone()
         return None if row is None else str(row[0])
 
     def set_meta(self, key: str, value: str) -> None:
         with self._session("set_meta") as conn:
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?)"
-                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (key, value),
-            )
+            conn.execute(SQL.set_meta, (key, value))
 
     def insert_meta_if_absent(self, key: str, value: str) -> bool:
         with self._session("insert_meta_if_absent") as conn:
-            cursor = conn.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
-                (key, value),
-            )
-            return cursor.rowcount == 1
+            return conn.execute(SQL.insert_meta_if_absent, (key, value)).rowcount == 1
 
     def compare_and_swap_meta(self, key: str, expected: str, value: str) -> bool:
         with self._session("compare_and_swap_meta") as conn:
-            cursor = conn.execute(
-                "UPDATE meta SET value = ? WHERE key = ? AND value = ?", (value, key, expected)
-            )
-            return cursor.rowcount == 1
+            return conn.execute(SQL.compare_and_swap_meta, (value, key, expected)).rowcount == 1
 
     def close(self) -> None:
         """Close the connection. Idempotent; any later call raises StorageError."""

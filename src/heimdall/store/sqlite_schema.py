@@ -1,4 +1,5 @@
-"""The SQLite store's schema, and the forward-only migrations that build it.
+"""The SQLite store's schema, the forward-only migrations that build it, and the SQL text
+that follows from its layout, for the store and its job state alike.
 
 ``MIGRATIONS`` is append-only: version n is ``MIGRATIONS[n - 1]``, and each applied version is
 recorded in ``schema_migrations``. :func:`migrate` runs inside the store's write transaction
@@ -12,9 +13,58 @@ import sqlite3
 from typing import Final
 
 from heimdall.errors import StorageError
-from heimdall.store.sqlite_jobs import JOB_TABLES
+from heimdall.store.sql import SqlStatements
 
-__all__ = ["MIGRATIONS", "is_current", "migrate"]
+__all__ = [
+    "COMPARE_AND_SWAP_FIELD",
+    "FIELD_COLUMNS",
+    "JOB_TABLES",
+    "MIGRATIONS",
+    "SQL",
+    "is_current",
+    "migrate",
+]
+
+# The field_values columns a FieldValue is read from, in field_from_row's order.
+FIELD_COLUMNS: Final = (
+    "canonical_key, field_name, encrypted_data, is_encrypted, key_version,"
+    " encryption_version, dek_id, updated_at"
+)
+# A field's new envelope properties, written only while its envelope is still the one expected
+# (parameters in swap_params' order). is_encrypted is not touched.
+COMPARE_AND_SWAP_FIELD: Final = """
+    UPDATE field_values
+    SET encrypted_data = ?, key_version = ?, encryption_version = ?, dek_id = ?, updated_at = ?
+    WHERE canonical_key = ? AND encrypted_data = ?
+"""
+# The statements shared with the PostgreSQL store. rowid orders jobs created within a second.
+SQL: Final = SqlStatements(placeholder="?", field_columns=FIELD_COLUMNS, job_order="rowid")
+
+# The re-encryption job's state (heimdall.store.jobs): migration 2.
+JOB_TABLES: Final = (
+    """
+    CREATE TABLE reencrypt_jobs (
+        job_id         TEXT PRIMARY KEY,
+        kind           TEXT NOT NULL,
+        target_version INTEGER NOT NULL,
+        include_legacy INTEGER NOT NULL CHECK (include_legacy IN (0, 1)),
+        state          TEXT NOT NULL,
+        total          INTEGER NOT NULL,
+        completed      INTEGER NOT NULL DEFAULT 0,
+        failed         INTEGER NOT NULL DEFAULT 0,
+        created_at     TEXT NOT NULL,
+        updated_at     TEXT NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE reencrypt_failures (
+        job_id        TEXT NOT NULL REFERENCES reencrypt_jobs (job_id),
+        canonical_key TEXT NOT NULL,
+        error         TEXT NOT NULL,
+        PRIMARY KEY (job_id, canonical_key)
+    )
+    """,
+)
 
 # Each migration is a sequence of single statements rather than one script, because
 # Connection.executescript commits first and so cannot run inside the migration transaction.

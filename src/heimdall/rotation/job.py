@@ -1,14 +1,19 @@
-"""The background re-encryption job: persisted, resumable, shared by any number of workers.
+"""The re-encryption job: persisted, resumable, shared by any number of workers.
 
-spec: Migration Strategy, Phase 4; Runbook: Re-encryption After Migration. :func:`start_job`
-records a job (target key version, whether legacy fields migrate, how many fields it must do);
-:func:`run_job` works it in batches claimed from the store (see :mod:`heimdall.store.jobs` for
-why a crash loses nothing and two workers never do the same field). Each batch takes the rewrap
-path for kms_v1 fields (data keys rewrapped inside the KMS, once each) and the re-encrypt path
-for legacy ones. Batch size and the pause between batches keep the job under KMS quotas; a
-batch that comes back short has drained the queue, so no pause follows it (there is nothing left
-to pace). A job can be paused, resumed and cancelled from any process; workers notice between
-batches. A :class:`StopRequest` ends one run early, from another thread of the same process.
+spec: Migration Strategy, Phase 4; Key Rotation Strategy (Re-encryption); Runbook:
+Re-encryption After Migration. :func:`start_job` records a job (its :class:`JobKind`, the target
+key version, whether legacy fields migrate, how many fields it must do); :func:`run_job` works
+it in batches claimed from the store (see :mod:`heimdall.store.jobs` for why a crash loses
+nothing and two workers never do the same field), each computed by a
+:class:`~heimdall.rotation.batch.BatchWorker`: the rewrap path for kms_v1 fields (data keys
+rewrapped inside the KMS, once each), the re-encrypt path for legacy fields, and for every field
+of an emergency job. :func:`reencrypt` is the foreground form: start (or join) and run, in one
+call. It is the only engine.
+
+Batch size and the pause between batches keep the job under KMS quotas; a batch that comes back
+short has drained the queue, so no pause follows it. A job can be paused, resumed and cancelled
+from any process; workers notice between batches. A :class:`StopRequest` ends one run early,
+from another thread of the same process.
 """
 
 from __future__ import annotations
@@ -19,29 +24,43 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from heimdall import metrics
-from heimdall.audit import AuditEvent, EventType, Result
-from heimdall.errors import HeimdallError, LifecycleError, ModeViolation
-from heimdall.modes import EncryptionMode
+from heimdall.audit import AuditEvent, EventType
+from heimdall.errors import LifecycleError, ModeViolation
 from heimdall.rbac import Caller, Permission
-from heimdall.reencrypt import KMS_V1, LEGACY, Run, rewrap_index_key
+from heimdall.rotation.batch import KMS_V1, LEGACY, BatchWorker, ReencryptReport, rewrap_index_key
 from heimdall.service import Heimdall
-from heimdall.store.base import FieldUpdate, FieldValue
-from heimdall.store.jobs import Job, JobState, JobStore
+from heimdall.store.jobs import Job, JobKind, JobState, JobStore
+from heimdall.types import EncryptionMode
+
+__all__ = [
+    "JobKind",
+    "JobPlan",
+    "StopRequest",
+    "change_state",
+    "job_store",
+    "plan",
+    "reencrypt",
+    "run_job",
+    "start_job",
+    "work_left",
+]
 
 _START_ATTEMPTS = 3
-_PREFETCH_MAX = 60_000  # below Run's memo bound; beyond it, keys are rewrapped batch by batch
-
-__all__ = ["JobPlan", "StopRequest", "change_state", "job_store", "run_job", "start_job"]
+_PREFETCH_MAX = 60_000  # below the rewrap memo's bound; beyond it, keys are rewrapped per batch
 
 
 @dataclass(frozen=True, slots=True)
 class JobPlan:
-    """What a job would do (``--dry-run``): nothing is written."""
+    """What a job would do now (``--dry-run``): nothing is written."""
 
     target_version: int
     rewrap_fields: int
     reencrypt_fields: int
     legacy_left: int
+
+    @property
+    def fields(self) -> int:
+        return self.rewrap_fields + self.reencrypt_fields
 
 
 class StopRequest:
@@ -87,35 +106,31 @@ def job_store(heimdall: Heimdall) -> JobStore:
     return store  # type: ignore[return-value]
 
 
-def _event(caller: Caller, job: Job, operation: str, *, error: str | None = None) -> AuditEvent:
-    return AuditEvent(
+def _event(
+    caller: Caller, job: Job, operation: str, *, error: Exception | None = None
+) -> AuditEvent:
+    return AuditEvent.of(
         EventType.REENCRYPT_JOB,
-        caller.actor,
-        Result.SUCCESS if error is None else Result.FAILURE,
-        caller.request_id,
+        caller,
+        error=error,
         key_version=job.target_version,
-        source_ip=caller.source_ip,
         operation=f"{operation} {job.job_id}",
         count=job.total,
-        error=error,
     )
 
 
-def _target(heimdall: Heimdall) -> tuple[int, bool]:
-    cipher = heimdall.router.kms
-    if cipher is None:
-        raise ModeViolation("re-encryption needs a KMS provider; legacy mode without one has none")
-    include_legacy = (
-        heimdall.router.mode is EncryptionMode.HYBRID and heimdall.router.legacy is not None
-    )
-    return cipher.kms.describe().latest_version, include_legacy
+def _includes_legacy(heimdall: Heimdall) -> bool:
+    """Whether a job started now migrates legacy fields: in hybrid mode, which has the env key."""
+    router = heimdall.router
+    return router.mode is EncryptionMode.HYBRID and router.legacy is not None
 
 
-def plan(heimdall: Heimdall, *, caller: Caller) -> JobPlan:
-    heimdall.require(caller, Permission.REENCRYPT)
-    target, include_legacy = _target(heimdall)
+def work_left(heimdall: Heimdall) -> JobPlan:
+    """What a job started now would do. Not permission-checked: callers check their own."""
+    target = heimdall.router.require_kms("re-encryption").kms.describe().latest_version
     store = heimdall.store
     legacy = store.count_fields(encryption_version=LEGACY)
+    include_legacy = _includes_legacy(heimdall)
     return JobPlan(
         target_version=target,
         rewrap_fields=store.count_fields(encryption_version=KMS_V1, key_version_below=target),
@@ -124,12 +139,20 @@ def plan(heimdall: Heimdall, *, caller: Caller) -> JobPlan:
     )
 
 
-def start_job(heimdall: Heimdall, *, caller: Caller, kind: str = "rotation") -> Job | None:
+def plan(heimdall: Heimdall, *, caller: Caller) -> JobPlan:
+    heimdall.require(caller, Permission.REENCRYPT)
+    return work_left(heimdall)
+
+
+def start_job(
+    heimdall: Heimdall, *, caller: Caller, kind: JobKind = JobKind.ROTATION
+) -> Job | None:
     """The active job if it already targets the latest version, else a new one; None when no
     field needs work. Workers started together all get the same job."""
     heimdall.require(caller, Permission.REENCRYPT)
     jobs = job_store(heimdall)
-    target, include_legacy = _target(heimdall)
+    target = heimdall.router.require_kms("re-encryption").kms.describe().latest_version
+    include_legacy = _includes_legacy(heimdall)
     for _ in range(_START_ATTEMPTS):
         active = jobs.active_job()
         if active is not None:
@@ -140,7 +163,7 @@ def start_job(heimdall: Heimdall, *, caller: Caller, kind: str = "rotation") -> 
             heimdall.record(_event(caller, active, "superseded"))
         draft = Job(
             job_id=f"job-{uuid.uuid4().hex[:12]}",
-            kind=kind,
+            kind=JobKind(kind),
             target_version=target,
             include_legacy=include_legacy,
             state=JobState.RUNNING,
@@ -166,7 +189,7 @@ def change_state(heimdall: Heimdall, job_id: str, state: JobState, *, caller: Ca
     except LifecycleError as exc:
         current = jobs.get_job(job_id)
         if current is not None:
-            heimdall.record(_event(caller, current, state.value, error=type(exc).__name__))
+            heimdall.record(_event(caller, current, state.value, error=exc))
         raise
     heimdall.record(_event(caller, job, state.value))
     return job
@@ -192,19 +215,69 @@ def run_job(
     after it, and the pauses under way end. The first error stops every thread after its
     current batch, and is raised.
     """
+    job, _ = _run(
+        heimdall,
+        job_id,
+        caller=caller,
+        batch_size=batch_size,
+        interval_seconds=interval_seconds,
+        workers=workers,
+        progress=progress,
+        stop=stop,
+    )
+    return job
+
+
+def reencrypt(
+    heimdall: Heimdall,
+    *,
+    caller: Caller,
+    batch_size: int = 500,
+    progress: Callable[[int], None] | None = None,
+) -> ReencryptReport:
+    """Bring every field to the latest key version (and legacy fields to the KMS in hybrid mode)
+    now: start or join the job and run it here, at full speed, in this thread."""
+    heimdall.require(caller, Permission.REENCRYPT)
+    left = work_left(heimdall)
+    job = start_job(heimdall, caller=caller)
+    if job is None:
+        report = ReencryptReport(target_version=left.target_version)
+        cipher = heimdall.router.require_kms("re-encryption")
+        report.index_key_rewrapped = rewrap_index_key(
+            heimdall, cipher, left.target_version, caller=caller
+        )
+    else:
+        _, report = _run(
+            heimdall, job.job_id, caller=caller, batch_size=batch_size, progress=progress
+        )
+    report.legacy_skipped = left.legacy_left
+    return report
+
+
+def _run(
+    heimdall: Heimdall,
+    job_id: str,
+    *,
+    caller: Caller,
+    batch_size: int,
+    interval_seconds: float = 0.0,
+    workers: int = 1,
+    progress: Callable[[int], None] | None = None,
+    stop: StopRequest | None = None,
+) -> tuple[Job, ReencryptReport]:
+    """:func:`run_job`, and what its first thread's worker did (all of it, with one thread)."""
     heimdall.require(caller, Permission.REENCRYPT)
     if workers < 1:
         raise ValueError("workers must be at least 1")
     jobs = job_store(heimdall)
-    cipher = heimdall.router.kms
-    if cipher is None:
-        raise ModeViolation("re-encryption needs a KMS provider")
-    run = Run(heimdall, caller, cipher, None)
+    cipher = heimdall.router.require_kms("re-encryption")
     first = jobs.get_job(job_id)
-    if first is not None and first.kind != "emergency":
+    worker = BatchWorker(heimdall, caller, cipher)
+    worker.report.target_version = first.target_version if first else 0
+    if first is not None and first.kind is not JobKind.EMERGENCY:
         # Rewrap every distinct data key up front, in batch calls: KMS calls then number
         # (distinct data keys / KMS batch size), whatever the field batches look like.
-        run.prefetch(jobs.data_key_envelopes(first, _PREFETCH_MAX))
+        worker.prefetch(jobs.data_key_envelopes(first, _PREFETCH_MAX))
     batches = _Batches(
         heimdall,
         jobs,
@@ -215,15 +288,15 @@ def run_job(
         stop=stop or StopRequest(),
     )
     if workers == 1:
-        stopped = batches.work(run)
+        stopped = batches.work(worker)
     else:
-        stopped = batches.work_together([run, *(run.sibling() for _ in range(workers - 1))])
+        stopped = batches.work_together([worker, *(worker.sibling() for _ in range(workers - 1))])
     if stopped is not None:
-        return stopped
+        return stopped, worker.report
     final = jobs.get_job(job_id)
     if final is None:
         raise LifecycleError(f"no re-encryption job {job_id}")
-    return _finish(heimdall, jobs, final, caller)
+    return _finish(heimdall, jobs, final, caller, worker.report), worker.report
 
 
 class _Batches:
@@ -252,13 +325,13 @@ class _Batches:
         self.drained = False  # a batch came back short: no more pauses in this run
         self._progress_lock = threading.Lock()
 
-    def work_together(self, runs: list[Run]) -> Job | None:
+    def work_together(self, workers: list[BatchWorker]) -> Job | None:
         stopped: list[Job] = []
         errors: list[BaseException] = []
 
-        def work(run: Run) -> None:
+        def work(worker: BatchWorker) -> None:
             try:
-                job = self.work(run)
+                job = self.work(worker)
             except BaseException as exc:  # raised again below, in the caller's thread
                 errors.append(exc)
                 self.failed = True
@@ -268,8 +341,8 @@ class _Batches:
                 stopped.append(job)
 
         threads = [
-            threading.Thread(target=work, args=(run,), name=f"heimdall-reencrypt-{index}")
-            for index, run in enumerate(runs)
+            threading.Thread(target=work, args=(worker,), name=f"heimdall-reencrypt-{index}")
+            for index, worker in enumerate(workers)
         ]
         for thread in threads:
             thread.start()
@@ -279,10 +352,11 @@ class _Batches:
             raise errors[0]
         return stopped[0] if stopped else None
 
-    def work(self, run: Run) -> Job | None:
+    def work(self, worker: BatchWorker) -> Job | None:
         """Claim and do batches until none is left (None), or the job stops running or this run
         is asked to stop (the job)."""
-        jobs, cipher, legacy = self.jobs, run.cipher, self.heimdall.router.legacy
+        jobs, cipher, legacy = self.jobs, worker.cipher, self.heimdall.router.legacy
+        report = worker.report
         while not self.failed:
             job = jobs.get_job(self.job_id)
             if job is None:
@@ -290,38 +364,27 @@ class _Batches:
             metrics.set_job_progress(job)  # the counters as of the last committed batch
             if job.state is not JobState.RUNNING or self.stop.is_set():
                 return job
-            updated = run.report.rewrapped + run.report.reencrypted
+            updated = report.rewrapped + report.reencrypted
             with jobs.claim(job, self.batch_size) as claim:
                 if not claim.fields:
                     return None
-
-                def apply(field: FieldValue, update: FieldUpdate) -> bool:
-                    claim.update(field, update)
-                    return True
-
-                def failed(field: FieldValue, error: HeimdallError) -> None:
-                    claim.fail(field, type(error).__name__)
-
-                run.apply, run.failed = apply, failed
                 kms_fields = [f for f in claim.fields if f.encryption_version == KMS_V1]
                 legacy_fields = [f for f in claim.fields if f.encryption_version == LEGACY]
-                if kms_fields and job.kind == "emergency":
+                if kms_fields and job.kind is JobKind.EMERGENCY:
                     # The compromised master key may have exposed the old data keys: a rewrap
                     # would keep them, so every field gets a new data key.
-                    with metrics.CryptoBatch(
-                        "reencrypt", len(kms_fields), cipher, tally=run.report
-                    ):
-                        run.migrate(kms_fields, cipher)
+                    with metrics.CryptoBatch("reencrypt", len(kms_fields), cipher, tally=report):
+                        worker.reencrypt(kms_fields, cipher, claim)
                 elif kms_fields:
-                    with metrics.CryptoBatch("rewrap", len(kms_fields), cipher, tally=run.report):
-                        run.rewrap(kms_fields)
+                    with metrics.CryptoBatch("rewrap", len(kms_fields), cipher, tally=report):
+                        worker.rewrap(kms_fields, claim)
                 if legacy_fields and legacy is not None:
                     with metrics.CryptoBatch(
-                        "reencrypt", len(legacy_fields), cipher, legacy, tally=run.report
+                        "reencrypt", len(legacy_fields), cipher, legacy, tally=report
                     ):
-                        run.migrate(legacy_fields, legacy)
+                        worker.reencrypt(legacy_fields, legacy, claim)
                 claimed = len(claim.fields)
-            metrics.add_reencrypted(run.report.rewrapped + run.report.reencrypted - updated)
+            metrics.add_reencrypted(report.rewrapped + report.reencrypted - updated)
             if self.progress is not None:
                 with self._progress_lock:
                     self.progress(claimed)
@@ -335,10 +398,12 @@ class _Batches:
         return None
 
 
-def _finish(heimdall: Heimdall, jobs: JobStore, job: Job, caller: Caller) -> Job:
-    cipher = heimdall.router.kms
-    assert cipher is not None
-    rewrap_index_key(heimdall, cipher, job.target_version, caller=caller)
+def _finish(
+    heimdall: Heimdall, jobs: JobStore, job: Job, caller: Caller, report: ReencryptReport
+) -> Job:
+    cipher = heimdall.router.require_kms("re-encryption")
+    if rewrap_index_key(heimdall, cipher, job.target_version, caller=caller):
+        report.index_key_rewrapped = True
     if jobs.count_pending(job):
         # Another worker still holds a batch; the last one to finish closes the job.
         current = jobs.get_job(job.job_id)

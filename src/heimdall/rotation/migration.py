@@ -4,11 +4,13 @@ spec: Migration Strategy, Phases 3-5, and the Rollback Plan. The encryption mode
 recorded in the store, so every process that opens it sees the same mode (it overrides
 ``HMD_ENCRYPTION_MODE``, with a warning when the two differ):
 
-* ``start``: legacy -> hybrid, and the re-encryption of legacy fields under the KMS;
+* ``start``: legacy -> hybrid, and the re-encryption job that moves legacy fields to the KMS
+  (:func:`heimdall.rotation.job.start_job` with :attr:`JobKind.MIGRATION`);
 * ``verify``: proves by query that no legacy field (nor the blind-index key) remains, and
   decrypts a random sample of fields for real;
 * ``enforce``: hybrid -> kms, only when verify passes;
-* ``rollback``: back to hybrid, where legacy and KMS fields both stay readable.
+* ``rollback``: back to legacy (new fields under the env key again, KMS fields still read) or
+  to hybrid.
 """
 
 from __future__ import annotations
@@ -18,16 +20,23 @@ from dataclasses import dataclass
 
 import orjson
 
-from heimdall.audit import AuditEvent, EventType, Result, utc_now_ms
-from heimdall.blind_index import META_KEY, StoredIndexKey
+from heimdall.audit import AuditEvent, EventType, utc_now_ms
+from heimdall.blind_index import StoredIndexKey
 from heimdall.envelope import EncryptionVersion
 from heimdall.errors import HeimdallError, LifecycleError
-from heimdall.modes import EncryptionMode
 from heimdall.rbac import Caller, Permission
 from heimdall.service import Heimdall
 from heimdall.store.base import GraphStore
+from heimdall.types import EncryptionMode
 
-__all__ = ["MODE_META", "Verification", "recorded_mode", "set_mode", "verify"]
+__all__ = [
+    "MODE_META",
+    "Verification",
+    "recorded_mode",
+    "require_verified",
+    "set_mode",
+    "verify",
+]
 
 MODE_META = "encryption_mode"
 LEGACY = EncryptionVersion.LEGACY.value
@@ -54,12 +63,9 @@ def set_mode(heimdall: Heimdall, mode: EncryptionMode, *, caller: Caller, reason
         ).decode(),
     )
     heimdall.record(
-        AuditEvent(
+        AuditEvent.of(
             EventType.MODE_CHANGE,
-            caller.actor,
-            Result.SUCCESS,
-            caller.request_id,
-            source_ip=caller.source_ip,
+            caller,
             operation=f"{before.value if before else 'unset'} -> {mode.value}",
             reason=reason,
         )
@@ -82,10 +88,7 @@ def verify(heimdall: Heimdall, *, caller: Caller, sample: int = 50) -> Verificat
     """No legacy field remains (by query), and a random sample decrypts (for real)."""
     store = heimdall.store
     legacy_fields = store.count_fields(encryption_version=LEGACY)
-    stored = store.get_meta(META_KEY)
-    index_key_legacy = (
-        stored is not None and StoredIndexKey.from_json(stored).encryption_version == LEGACY
-    )
+    stored = StoredIndexKey.stored_in(store)
     # Reservoir sampling: one pass, memory bounded by the sample size, not the store.
     rng = random.Random()  # noqa: S311 - which fields to spot-check, not a secret
     chosen: list[str] = []
@@ -105,7 +108,9 @@ def verify(heimdall: Heimdall, *, caller: Caller, sample: int = 50) -> Verificat
             heimdall.decrypt(key, reason="migrate:verify", caller=caller)
         except HeimdallError:
             failures += 1
-    return Verification(legacy_fields, index_key_legacy, len(chosen), failures)
+    return Verification(
+        legacy_fields, stored is not None and stored.is_legacy, len(chosen), failures
+    )
 
 
 def require_verified(result: Verification) -> None:

@@ -6,8 +6,9 @@ spec: Key Rotation Strategy (Rotation Cadence, Rotation Procedure, Configuration
 
 1. **Rotate** when ``rotation_enabled`` and the latest master key version is at least
    ``rotation_cadence_days`` old (its ``created_at`` at the provider; a cadence of 0 never
-   rotates), through :meth:`Heimdall.rotate_keys`, audited as key.rotate. Workers sharing a
-   store first claim "the rotation from version N" in the store, so only one of them rotates.
+   rotates), through :func:`heimdall.rotation.lifecycle.rotate`, audited as key.rotate.
+   Workers sharing a store first claim "the rotation from version N" in the store, so only one
+   of them rotates.
 2. **Start** a job when ``auto_reencrypt`` and this worker rotated, or fields lag the latest
    version and no job has targeted it yet (a ``heimdall keys rotate``, or a rotation made in
    Vault as in the runbook's step 1). A job an operator cancelled, or one that ended with
@@ -17,7 +18,7 @@ spec: Key Rotation Strategy (Rotation Cadence, Rotation Procedure, Configuration
    pause that keeps a job under the KMS's request quotas (``reencrypt_interval_seconds=0``
    works a job at full speed; no pause follows the batch that drains the queue).
 4. **Disable** retired versions past ``grace_period_days`` that nothing depends on
-   (:func:`heimdall.lifecycle.disable_expired`; spec: Retire Old Key), when rotation is on.
+   (:func:`heimdall.rotation.lifecycle.disable_expired`; spec: Retire Old Key), when rotation is on.
 5. **Refresh** ``heimdall_fields_by_key_version`` and ``heimdall_reencryption_progress``.
 
 Cycles start ``reencrypt_interval_seconds`` apart (at least one second). :meth:`Worker.stop`
@@ -38,13 +39,13 @@ from typing import Final
 from heimdall import metrics
 from heimdall.errors import KmsUnavailable
 from heimdall.kms.base import KeyDescription
-from heimdall.lifecycle import disable_expired
-from heimdall.modes import EncryptionMode
 from heimdall.rbac import Caller
-from heimdall.reencrypt_job import StopRequest, job_store, plan, run_job, start_job
+from heimdall.rotation.job import StopRequest, job_store, plan, run_job, start_job
+from heimdall.rotation.lifecycle import disable_expired, rotate
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
 from heimdall.store.jobs import Job, JobState
+from heimdall.types import EncryptionMode
 
 __all__ = ["ROTATION_CLAIM_META", "CycleReport", "Worker"]
 
@@ -148,7 +149,7 @@ class Worker:
             return None
         if not self._claim_rotation(description.latest_version, now):
             return None  # another worker is rotating from this version
-        rotated = self.heimdall.rotate_keys(caller=self.caller)
+        rotated = rotate(self.heimdall, caller=self.caller)
         self._log(
             f"rotated {rotated.key_name} to version {rotated.latest_version} "
             f"(version {description.latest_version} was due after "
