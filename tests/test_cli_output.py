@@ -206,3 +206,15 @@ def test_audit_tail_reports_a_line_that_is_not_json_in_one_line(cli: Cli) -> Non
 def test_a_message_shows_a_reprs_escape_once(cli: Cli) -> None:
     line = assert_one_line_error(cli.run("lookup", "na\x1bme", "v"))
     assert "'na\\x1bme'" in line  # the repr's own escape, not doubled
+
+
+def test_tables_show_text_from_the_keyring_escaped(cli: Cli) -> None:
+    cli.ok("status")
+    keyring = cli.data_dir / "keyring.json"
+    doc = json.loads(keyring.read_text())
+    doc["versions"][0]["created_at"] = "2026\x1b]0;owned\x07 :smile: [bold]x"
+    keyring.write_text(json.dumps(doc))
+    keyring.chmod(0o600)
+    shown = cli.ok("keys", "show")
+    assert "\x1b" not in shown and "\x07" not in shown
+    assert "2026\\x1b]0;owned\\x07 :smile: [bold]x" in shown

@@ -43,9 +43,12 @@ def _watch(
                 continue  # another signal Python handles: none of ours
             received += 1
             if received == 1:
-                stop()  # first, and apart: saying so may fail (stderr closed), stopping not
-                with contextlib.suppress(Exception):
+                # Said before stopping (once stopped, the process may end before saying it),
+                # and apart: saying so may fail, stopping must not. Rich even raises
+                # SystemExit when stderr's reader has gone (its broken-pipe policy).
+                with contextlib.suppress(BaseException):
                     announce(signal.Signals(signum))
+                stop()
                 continue
             line = f"{signal.Signals(signum).name} received again: exiting now\n"
             # os.write, not the console: a thread the exit ends may hold the console's lock.
@@ -58,7 +61,7 @@ def _watch(
 def stop_signals(
     stop: Callable[[], None], announce: Callable[[signal.Signals], None]
 ) -> Iterator[None]:
-    """SIGTERM and SIGINT in the body: the first calls *stop*, then *announce* with the signal
+    """SIGTERM and SIGINT in the body: the first calls *announce* with the signal, then *stop*
     (both from a watcher thread, so they may take locks; a failing *announce* is ignored), the
     second exits at once with status 128 + the signal's number. Must be entered in the main
     thread; the handlers before it are restored on leaving."""
