@@ -22,6 +22,7 @@ from heimdall.kms.base import KeyManagementService, KeyState, WrappedKey
 from heimdall.kms.legacy import LegacyMasterKey, parse_master_key
 from heimdall.kms.local import LocalKeyring
 from heimdall.secret import SecretBytes
+from kms_contract import KmsContract
 
 AD = b"associated"
 
@@ -208,3 +209,33 @@ def test_encryption_may_lag_a_rotation_elsewhere_by_one_second_but_decryption_ne
         keyring.unwrap(old.wrapped, AD)  # the floor applies at once
     now[0] += 1.5
     assert keyring.generate_data_key(AD).wrapped.key_version == 2
+
+
+class _Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TestLocalKeyringContract(KmsContract):
+    @pytest.fixture
+    def provider(self, tmp_path: Path) -> LocalKeyring:
+        return LocalKeyring(tmp_path / "keyring.json")
+
+    @pytest.fixture
+    def unreachable(self, tmp_path: Path) -> LocalKeyring:
+        """The keyring file vanished (a lost mount, say) after the provider opened it."""
+        clock = _Clock()
+        keyring = LocalKeyring(tmp_path / "gone" / "keyring.json", monotonic=clock)
+        (tmp_path / "gone" / "keyring.json").unlink()
+        clock.now += 60  # past the second a wrapping key may be reused without a look
+        return keyring
+
+    @pytest.fixture
+    def secrets(self, tmp_path: Path, provider: LocalKeyring) -> list[str]:
+        doc = json.loads((tmp_path / "keyring.json").read_text())
+        return [version["material"] for version in doc["versions"]]

@@ -29,7 +29,7 @@ from heimdall.errors import (
     KmsUnavailable,
 )
 from heimdall.ingest import ingest_lines
-from heimdall.kms.base import KeyState, WrappedKey
+from heimdall.kms.base import DirectCiphertext, KeyState, WrappedKey
 from heimdall.kms.vault import VaultTransit
 from heimdall.kms.vault_bootstrap import bootstrap
 from heimdall.kms.vault_config import (
@@ -43,6 +43,7 @@ from heimdall.reencrypt import reencrypt
 from heimdall.secret import SecretBytes
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
+from kms_contract import AccessControlContract, KmsContract
 from vault_server import BaoCluster, BaoServer, K8sAuth, require_bao_binary, start_dev_server
 
 CTX = EncryptionContext("FieldValue", "email:hash:" + "ab" * 32, "email")
@@ -201,10 +202,10 @@ def test_encrypt_and_decrypt_batches_of_the_largest_size_are_accepted(
     provider = _provider(bao, transit_key)
     values = [f"value-{n:04d}".encode() for n in range(2 * MAX_BATCH_SIZE)]
     calls = provider.transport.calls
-    wrapped = provider.wrap_many([(SecretBytes(v), b"ctx") for v in values])
-    keys = [w for w in wrapped if isinstance(w, WrappedKey)]
+    sealed = provider.encrypt_values([(SecretBytes(v), b"ctx") for v in values])
+    keys = [w for w in sealed if isinstance(w, DirectCiphertext)]
     assert len(keys) == len(values)
-    opened = provider.unwrap_many([(key, b"ctx") for key in keys])
+    opened = provider.decrypt_values([(key, b"ctx") for key in keys])
     assert [bytes(o.view()) if isinstance(o, SecretBytes) else o for o in opened] == values
     assert provider.transport.calls - calls == 4  # two full chunks each way
 
@@ -346,21 +347,22 @@ def test_unreachable_vault_is_retryable_unavailable(transit_key: str) -> None:
     assert caught.value.retryable
 
 
-def test_every_request_is_reported_to_the_observer(bao: BaoServer, transit_key: str) -> None:
+def test_every_call_is_reported_to_the_observer_once(bao: BaoServer, transit_key: str) -> None:
     reports: list[tuple[str, str, str]] = []
 
-    def observe(provider: str, operation: str, result: str) -> None:
+    def observe(provider: str, operation: str, result: str, seconds: float) -> None:
+        assert seconds >= 0
         reports.append((provider, operation, result))
 
     settings = VaultSettings(addresses=(bao.addr,), token=bao.root_token, key_name=transit_key)
     VaultTransit(settings, observer=observe).describe()
-    assert reports == [("vault", "keys", "2xx")]
+    assert reports == [("vault", "describe", "success")]
     unreachable = VaultSettings(
-        addresses=("http://127.0.0.1:9",), token="t", key_name=transit_key, attempts=1, timeout=1
+        addresses=("http://127.0.0.1:9",), token="t", key_name=transit_key, attempts=2, timeout=1
     )
     with pytest.raises(KmsUnavailable):
         VaultTransit(unreachable, observer=observe).describe()
-    assert reports[1:] == [("vault", "keys", "unreachable")]
+    assert reports[1:] == [("vault", "describe", "unavailable")]  # once, for both attempts
 
 
 @pytest.mark.parametrize("no_proxy", ["", "127.0.0.1"])
@@ -643,3 +645,36 @@ def test_pattern_b_values_decrypt_in_batches_with_per_item_errors(
     assert [r for i, r in enumerate(results) if i != 5] == [
         f"v{i}".encode() for i in range(100) if i != 5
     ]
+
+
+class TestVaultTransitContract(KmsContract, AccessControlContract):
+    @pytest.fixture
+    def provider(self, bao: BaoServer, transit_key: str) -> VaultTransit:
+        return _provider(bao, transit_key)
+
+    @pytest.fixture
+    def unreachable(self, transit_key: str) -> VaultTransit:
+        settings = VaultSettings(
+            addresses=("http://127.0.0.1:9",),
+            token="s.unreachable",
+            key_name=transit_key,
+            attempts=1,
+            timeout=1,
+        )
+        return VaultTransit(settings)
+
+    @pytest.fixture
+    def denied(self, bao: BaoServer, transit_key: str) -> VaultTransit:
+        """A token that may only decrypt with the key (heimdall-worker's grant)."""
+        client = bao.client()
+        name = f"decrypt-only-{transit_key}"
+        client.sys.create_or_update_policy(
+            name, f'path "transit/decrypt/{transit_key}" {{ capabilities = ["update"] }}'
+        )
+        token = client.auth.token.create(policies=[name], ttl="10m")["auth"]["client_token"]
+        settings = VaultSettings(addresses=(bao.addr,), token=token, key_name=transit_key)
+        return VaultTransit(settings)
+
+    @pytest.fixture
+    def secrets(self, bao: BaoServer) -> list[str]:
+        return [bao.root_token, "s.unreachable"]

@@ -112,7 +112,9 @@ def _kms_provider(
         if in_use is not None:
             raise ConfigurationError(_missing_keyring(path, in_use))
     try:
-        return LocalKeyring(path, key_name=settings.kms_key_name, create=create)
+        return LocalKeyring(
+            path, key_name=settings.kms_key_name, create=create, observer=metrics.record_kms_call
+        )
     except OSError as exc:  # e.g. a directory, or a parent that is a file
         raise ConfigurationError(
             f"keyring file {path} cannot be opened: {exc.strerror or type(exc).__name__}"

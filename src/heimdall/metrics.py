@@ -16,23 +16,20 @@ key material or a key name.
 Counting is per batch, never per field: :class:`heimdall.cipher.FieldCipher` seals ~180k fields/s
 and a labelled counter increment per field would cost a large share of that.
 
-``heimdall_kms_calls_total``: Vault is counted per HTTP request (every attempt, retries and
-failovers included): :class:`heimdall.kms.vault_transport.VaultTransport` reports each one to the
-observer the composition root gives it, :func:`record_kms_call`, with the operation word of the
-path and the status class (``2xx``, ``4xx``, ``5xx``) or ``unreachable`` as result. The local
-keyring is counted from a cipher's ``kms_calls`` when a measured batch finishes (data keys
-generated, unwrapped or rewrapped because the data-key cache missed), with ``success`` or
-``failure``; its total is
-exact, but when batches run concurrently a call may be labelled with the other batch's
-operation. Local calls outside a batch (the blind-index key, describe, rotate) are not counted,
-and the legacy env key is not a KMS and is not counted at all.
+``heimdall_kms_calls_total`` and ``heimdall_kms_call_seconds``: every call to a key provider,
+counted once and timed by the one seam all providers sit behind
+(:class:`heimdall.kms.provider.KeyProvider`), which reports to the observer the composition root
+gives it, :func:`record_kms_call`: the provider, the operation (``generate_data_key``, ``wrap``,
+``unwrap``, ``rewrap``, ``rotate``, ``configure``, ``describe``, ...) and how it ended
+(``success``, ``unavailable``, ``denied``, ``not_found``, ``disabled``, ``invalid``,
+``failure``). A batch is one call, whatever the service does underneath (Vault splits it into
+``batch_input`` requests, a cloud KMS sends its items side by side).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import weakref
 from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Protocol
@@ -63,10 +60,6 @@ __all__ = [
 
 CRYPTO_OPERATIONS: Final = frozenset({"encrypt", "decrypt", "rewrap", "reencrypt"})
 _RESULTS: Final = frozenset({"success", "failure"})
-# What a cipher's KMS calls are during each crypto operation (the Vault Transit words).
-_KMS_WORD: Final = {"encrypt": "datakey", "reencrypt": "datakey", "decrypt": "decrypt"}
-# Providers whose calls are counted from a cipher's kms_calls; remote ones report their own.
-_IN_PROCESS: Final = frozenset({"local"})
 _SECONDS_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -106,8 +99,15 @@ class _Metrics:
         )
         self.kms_calls = Counter(
             "heimdall_kms_calls_total",
-            "Calls to the key provider (Vault: HTTP requests, result = status class).",
+            "Calls to the key provider, by operation and how they ended (a batch is one call).",
             ["provider", "operation", "result"],
+            registry=registry,
+        )
+        self.kms_seconds = Histogram(
+            "heimdall_kms_call_seconds",
+            "Duration of one call to the key provider.",
+            ["provider", "operation"],
+            buckets=_SECONDS_BUCKETS,
             registry=registry,
         )
         self.fields = Gauge(
@@ -128,8 +128,6 @@ def _load() -> _Metrics | None:
 _METRICS: Final = _load()
 REGISTRY: Final[CollectorRegistry | None] = _METRICS.registry if _METRICS else None
 _LOCK: Final = threading.Lock()
-# The kms_calls value of each cipher already counted, so every call is counted exactly once.
-_COUNTED: Final[weakref.WeakKeyDictionary[Cipher, int]] = weakref.WeakKeyDictionary()
 
 
 def record_crypto(
@@ -145,10 +143,11 @@ def record_crypto(
         _METRICS.seconds.labels(operation, provider).observe(seconds)
 
 
-def record_kms_call(provider: str, operation: str, result: str, count: int = 1) -> None:
-    """Count *count* calls to a key provider: a :class:`heimdall.kms.base.KmsCallObserver`."""
-    if _METRICS is not None and count > 0:
-        _METRICS.kms_calls.labels(provider, operation, result).inc(count)
+def record_kms_call(provider: str, operation: str, result: str, seconds: float) -> None:
+    """Count and time one call to a key provider: a :class:`heimdall.kms.base.KmsCallObserver`."""
+    if _METRICS is not None:
+        _METRICS.kms_calls.labels(provider, operation, result).inc()
+        _METRICS.kms_seconds.labels(provider, operation).observe(seconds)
 
 
 def add_reencrypted(count: int) -> None:
@@ -195,14 +194,6 @@ def serve(port: int, addr: str = "127.0.0.1") -> WSGIServer:
     return server
 
 
-def _count_cipher_calls(operation: str, cipher: Cipher, result: str) -> None:
-    with _LOCK:
-        calls = cipher.kms_calls
-        delta = calls - _COUNTED.get(cipher, 0)
-        _COUNTED[cipher] = calls
-    record_kms_call(cipher.kms.provider, _KMS_WORD.get(operation, operation), result, delta)
-
-
 class Tally(Protocol):
     """Anything that counts per-field failures, e.g. a re-encryption run's report."""
 
@@ -214,8 +205,8 @@ class CryptoBatch:
 
     ``with CryptoBatch(...):`` finishes it on exit: *count* fields succeeded, less the rise of
     ``tally.failed`` during the block (fields that failed one by one); an exception fails all
-    *count*. The first of *ciphers* names the provider label; the calls of every in-process
-    cipher among them are counted as KMS calls.
+    *count*. The first of *ciphers* names the provider label (their KMS calls are counted by
+    the providers themselves).
     """
 
     def __init__(
@@ -237,9 +228,8 @@ class CryptoBatch:
         self._started = time.perf_counter()
         self._finished = False
 
-    def finish(self, *, failed: int = 0, raised: bool = False) -> None:
-        """Record the batch once: ``count - failed`` successes and *failed* failures; *raised*
-        when the batch ended in an exception (its KMS calls count as failures)."""
+    def finish(self, *, failed: int = 0) -> None:
+        """Record the batch once: ``count - failed`` successes and *failed* failures."""
         if self._finished:
             return
         self._finished = True
@@ -249,11 +239,6 @@ class CryptoBatch:
         record_crypto(self.operation, self.provider, "success", self.count - failed, seconds)
         timed = self.count - failed > 0
         record_crypto(self.operation, self.provider, "failure", failed, None if timed else seconds)
-        if _METRICS is None:
-            return
-        for cipher in self._ciphers:
-            if cipher.kms.provider in _IN_PROCESS:
-                _count_cipher_calls(self.operation, cipher, "failure" if raised else "success")
 
     def __enter__(self) -> CryptoBatch:
         return self
@@ -265,7 +250,7 @@ class CryptoBatch:
         traceback: TracebackType | None,
     ) -> None:
         if exc_type is not None:
-            self.finish(failed=self.count, raised=True)
+            self.finish(failed=self.count)
         elif self._tally is not None:
             self.finish(failed=self._tally.failed - self._failed_before)
         else:

@@ -173,7 +173,7 @@ class Heimdall:
                     raise result
                 plaintexts[key] = result.decode()
             except (HeimdallError, UnicodeDecodeError) as exc:
-                batch.finish(failed=len(canonical_keys), raised=True)
+                batch.finish(failed=len(canonical_keys))
                 events.append(self._decrypt_event(caller, key, field, reason, exc))
                 self.record(*events)
                 if isinstance(exc, UnicodeDecodeError):

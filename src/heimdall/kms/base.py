@@ -11,10 +11,11 @@ A provider that can also encrypt field values itself (pattern B, the envelope al
 the settings offer pattern B with; the local keyring does too, so pattern B envelopes can be
 made and read without a server.
 
-A provider that talks to a service reports each call it makes to a :class:`KmsCallObserver`,
-which the composition root binds to :mod:`heimdall.metrics`. Providers translate their SDK's
-errors into :mod:`heimdall.errors` at their own boundary, and never put key material in a
-message.
+Every provider is a :class:`heimdall.kms.provider.KeyProvider`: the one wrapper that checks
+each call's arguments, refuses another provider's wrapped keys, and reports each call once to
+a :class:`KmsCallObserver` (which the composition root binds to :mod:`heimdall.metrics`).
+Providers translate their SDK's errors into :mod:`heimdall.errors` at their own boundary, and
+never put key material in a message.
 """
 
 from __future__ import annotations
@@ -200,13 +201,16 @@ class DirectEncryption(Protocol):
 
 
 class KmsCallObserver(Protocol):
-    """Told of each call a provider makes to its service, e.g. ``("vault", "decrypt", "2xx")``.
+    """Told of each call made to a key provider, once, by :class:`heimdall.kms.provider.
+    KeyProvider`: e.g. ``("vault", "unwrap", "success", 0.004)``.
 
-    *operation* and *result* are words from a closed set (an operation name, a status class or
-    ``unreachable``): never a key name, a path or anything a caller supplied.
+    *operation* and *result* are words from a closed set (``generate_data_key``, ``wrap``,
+    ``unwrap``, ``rewrap``, ``rotate``, ``configure``, ``describe``, ...; ``success``,
+    ``unavailable``, ``denied``, ``not_found``, ``disabled``, ``invalid``, ``failure``): never a
+    key name or anything a caller supplied. A batch is one call.
     """
 
-    def __call__(self, provider: str, operation: str, result: str) -> None: ...
+    def __call__(self, provider: str, operation: str, result: str, seconds: float) -> None: ...
 
 
 @runtime_checkable

@@ -9,12 +9,11 @@ contexts only; the decoded buffers they came from are wiped once the contexts ex
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeVar
 
 from heimdall.aead import KEY_SIZE, Aead
-from heimdall.errors import HeimdallError, KeyNotFound, KeyVersionDisabled
+from heimdall.errors import KeyNotFound, KeyVersionDisabled
 from heimdall.kms.base import (
     DataKey,
     DirectCiphertext,
@@ -118,7 +117,7 @@ class Keyset:
         entry = self._versions.get(key_version)
         if entry is None or key_identifier != self.key_identifier(key_version):
             raise KeyNotFound(
-                self._not_mine(key_identifier),
+                self.foreign(key_identifier),
                 provider=self._provider,
                 key_identifier=key_identifier,
             )
@@ -134,17 +133,17 @@ class Keyset:
     def wrap(self, plaintext: SecretBytes, associated_data: bytes) -> WrappedKey:
         return WrappedKey(*self._seal(plaintext, associated_data))
 
-    def wrap_many(
-        self, items: Sequence[tuple[SecretBytes, bytes]]
-    ) -> list[WrappedKey | HeimdallError]:
-        return _per_item(self.wrap, items)
-
     def unwrap(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
         return self._open(
             wrapped.key_identifier, wrapped.key_version, wrapped.ciphertext, associated_data
         )
 
-    def _not_mine(self, identifier: str) -> str:
+    def owns(self, identifier: str) -> bool:
+        """Whether *identifier* names a version of this keyset's key (``<name>-v<N>``)."""
+        name, _, version = identifier.rpartition("-v")
+        return name == self.name and version.isdigit()
+
+    def foreign(self, identifier: str) -> str:
         """Why *identifier* names no key of this keyset, naming the likely cause."""
         name, _, version = identifier.rpartition("-v")
         if "/" in identifier:
@@ -172,18 +171,6 @@ class Keyset:
         with self.unwrap(wrapped, associated_data) as plaintext:
             return self.wrap(plaintext, associated_data)
 
-    def unwrap_many(
-        self, items: Sequence[tuple[WrappedKey, bytes]]
-    ) -> list[SecretBytes | HeimdallError]:
-        return _per_item(self.unwrap, items)
-
-    def rewrap_many(
-        self, items: Sequence[tuple[WrappedKey, bytes]]
-    ) -> list[WrappedKey | HeimdallError]:
-        return _per_item(self.rewrap, items)
-
-    # -- values encrypted directly (pattern B) -------------------------------------------------
-
     def encrypt_value(self, plaintext: SecretBytes, associated_data: bytes) -> DirectCiphertext:
         return DirectCiphertext(*self._seal(plaintext, associated_data))
 
@@ -195,35 +182,3 @@ class Keyset:
     def reencrypt_value(self, value: DirectCiphertext, associated_data: bytes) -> DirectCiphertext:
         with self.decrypt_value(value, associated_data) as plaintext:
             return self.encrypt_value(plaintext, associated_data)
-
-    def encrypt_values(
-        self, items: Sequence[tuple[SecretBytes, bytes]]
-    ) -> list[DirectCiphertext | HeimdallError]:
-        return _per_item(self.encrypt_value, items)
-
-    def decrypt_values(
-        self, items: Sequence[tuple[DirectCiphertext, bytes]]
-    ) -> list[SecretBytes | HeimdallError]:
-        return _per_item(self.decrypt_value, items)
-
-    def reencrypt_values(
-        self, items: Sequence[tuple[DirectCiphertext, bytes]]
-    ) -> list[DirectCiphertext | HeimdallError]:
-        return _per_item(self.reencrypt_value, items)
-
-
-_A = TypeVar("_A")
-_R = TypeVar("_R")
-
-
-def _per_item(
-    operation: Callable[[_A, bytes], _R], items: Sequence[tuple[_A, bytes]]
-) -> list[_R | HeimdallError]:
-    """Batch semantics for a provider without batch calls: each item fails on its own."""
-    results: list[_R | HeimdallError] = []
-    for item, associated_data in items:
-        try:
-            results.append(operation(item, associated_data))
-        except HeimdallError as exc:
-            results.append(exc)
-    return results

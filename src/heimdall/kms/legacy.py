@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
 
 from heimdall.aead import KEY_SIZE, Aead
-from heimdall.errors import ConfigurationError, HeimdallError, LifecycleError
+from heimdall.errors import ConfigurationError, LifecycleError
 from heimdall.kms.base import DataKey, KeyDescription, KeyState, WrappedKey
 from heimdall.kms.keyset import Keyset, KeysetVersion
+from heimdall.kms.provider import KeyProvider
 from heimdall.secret import SecretBytes
 
 __all__ = ["LegacyMasterKey", "parse_master_key"]
@@ -56,12 +56,15 @@ def _is_space(item: str | int) -> bool:
     return (chr(item) if isinstance(item, int) else item) in " \t\r\n"
 
 
-class LegacyMasterKey:
-    """A KeyManagementService over one static master key (encryption_version "legacy")."""
+class LegacyMasterKey(KeyProvider):
+    """The key provider over one static master key (encryption_version "legacy")."""
 
     provider = "legacy"
 
     def __init__(self, master_key: SecretBytes) -> None:
+        # Never observed: the env key is not a key management service, and its "calls" are
+        # local AES-GCM operations.
+        super().__init__()
         fingerprint = hmac.digest(master_key.view(), b"heimdall.legacy-key-id", hashlib.sha256)
         self._keyset = Keyset(
             provider=self.provider,
@@ -75,43 +78,34 @@ class LegacyMasterKey:
     def key_name(self) -> str:
         return self._keyset.name
 
-    def generate_data_key(self, associated_data: bytes) -> DataKey:
+    def owns(self, key_identifier: str) -> bool:
+        return self._keyset.owns(key_identifier)
+
+    def _foreign(self, key_identifier: str) -> str:
+        return self._keyset.foreign(key_identifier)
+
+    def _generate_data_key(self, associated_data: bytes) -> DataKey:
         return self._keyset.generate_data_key(associated_data)
 
-    def wrap(self, plaintext: SecretBytes, associated_data: bytes) -> WrappedKey:
+    def _wrap_one(self, plaintext: SecretBytes, associated_data: bytes) -> WrappedKey:
         return self._keyset.wrap(plaintext, associated_data)
 
-    def wrap_many(
-        self, items: Sequence[tuple[SecretBytes, bytes]]
-    ) -> list[WrappedKey | HeimdallError]:
-        return self._keyset.wrap_many(items)
-
-    def unwrap(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
+    def _unwrap_one(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
         return self._keyset.unwrap(wrapped, associated_data)
 
-    def unwrap_many(
-        self, items: Sequence[tuple[WrappedKey, bytes]]
-    ) -> list[SecretBytes | HeimdallError]:
-        return self._keyset.unwrap_many(items)
-
-    def rewrap(self, wrapped: WrappedKey, associated_data: bytes) -> WrappedKey:
+    def _rewrap_one(self, wrapped: WrappedKey, associated_data: bytes) -> WrappedKey:
         return self._keyset.rewrap(wrapped, associated_data)
 
-    def rewrap_many(
-        self, items: Sequence[tuple[WrappedKey, bytes]]
-    ) -> list[WrappedKey | HeimdallError]:
-        return self._keyset.rewrap_many(items)
-
-    def rotate(self) -> KeyDescription:
+    def _rotate(self) -> KeyDescription:
         raise LifecycleError(_NOT_ROTATABLE)
 
-    def set_min_decryption_version(self, version: int) -> KeyDescription:
+    def _set_min_decryption_version(self, version: int) -> KeyDescription:
         raise LifecycleError(_NOT_ROTATABLE)
 
-    def set_min_encryption_version(self, version: int) -> KeyDescription:
+    def _set_min_encryption_version(self, version: int) -> KeyDescription:
         raise LifecycleError(_NOT_ROTATABLE)
 
-    def describe(self) -> KeyDescription:
+    def _describe(self) -> KeyDescription:
         return self._keyset.describe()
 
     def __repr__(self) -> str:

@@ -37,10 +37,12 @@ from heimdall.kms.base import (
     DirectCiphertext,
     KeyDescription,
     KeyState,
+    KmsCallObserver,
     WrappedKey,
     valid_key_name,
 )
 from heimdall.kms.keyset import Keyset, KeysetVersion
+from heimdall.kms.provider import KeyProvider
 from heimdall.private_files import ensure_private_dir, open_private, write_all
 from heimdall.secret import SecretBytes, wipe_buffer
 
@@ -57,8 +59,8 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class LocalKeyring:
-    """A KeyManagementService backed by a keyring file. See the module docstring."""
+class LocalKeyring(KeyProvider):
+    """A key provider backed by a keyring file. See the module docstring."""
 
     provider = "local"
 
@@ -69,7 +71,9 @@ class LocalKeyring:
         key_name: str = "heimdall-pii",
         create: bool = True,
         monotonic: Callable[[], float] = time.monotonic,
+        observer: KmsCallObserver | None = None,
     ) -> None:
+        super().__init__(observer=observer)
         self._path = Path(path)
         self._monotonic = monotonic
         self._key_name = key_name
@@ -189,66 +193,68 @@ class LocalKeyring:
         try:
             info = os.stat(self._path)
         except OSError:
-            raise ConfigurationError(
-                f"keyring file {self._path} is missing or unreadable"
+            # It was there when this provider opened it: the service is gone, perhaps for a
+            # while (a lost mount), as a server can be.
+            raise KmsUnavailable(
+                f"keyring file {self._path} is missing or unreadable", provider=self.provider
             ) from None
         if (info.st_ino, info.st_mtime_ns, info.st_size) != self._stamp:
             self._keyset = self._load()
         self._checked = now
         return self._keyset
 
-    # -- KeyManagementService --------------------------------------------------------------
+    # -- KeyProvider hooks ----------------------------------------------------------------
 
-    def generate_data_key(self, associated_data: bytes) -> DataKey:
+    def owns(self, key_identifier: str) -> bool:
+        return self._current(_WRAP_STALENESS).owns(key_identifier)
+
+    def _foreign(self, key_identifier: str) -> str:
+        return self._current(_WRAP_STALENESS).foreign(key_identifier)
+
+    def _generate_data_key(self, associated_data: bytes) -> DataKey:
         return self._current(_WRAP_STALENESS).generate_data_key(associated_data)
 
-    def wrap(self, plaintext: SecretBytes, associated_data: bytes) -> WrappedKey:
-        return self._current(_WRAP_STALENESS).wrap(plaintext, associated_data)
-
-    def wrap_many(
+    def _wrap_many(
         self, items: Sequence[tuple[SecretBytes, bytes]]
     ) -> list[WrappedKey | HeimdallError]:
-        return self._current(_WRAP_STALENESS).wrap_many(items)
+        return self._each(self._current(_WRAP_STALENESS).wrap, items)
 
-    def unwrap(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
-        return self._current().unwrap(wrapped, associated_data)
-
-    def unwrap_many(
+    def _unwrap_many(
         self, items: Sequence[tuple[WrappedKey, bytes]]
     ) -> list[SecretBytes | HeimdallError]:
-        return self._current().unwrap_many(items)
+        return self._each(self._current().unwrap, items)
 
-    def rewrap(self, wrapped: WrappedKey, associated_data: bytes) -> WrappedKey:
-        return self._current().rewrap(wrapped, associated_data)
-
-    def rewrap_many(
+    def _rewrap_many(
         self, items: Sequence[tuple[WrappedKey, bytes]]
     ) -> list[WrappedKey | HeimdallError]:
-        return self._current().rewrap_many(items)
+        return self._each(self._current().rewrap, items)
 
     # -- DirectEncryption (pattern B) --------------------------------------------------------
 
     def encrypt_values(
         self, items: Sequence[tuple[SecretBytes, bytes]]
     ) -> list[DirectCiphertext | HeimdallError]:
-        return self._current(_WRAP_STALENESS).encrypt_values(items)
+        with self._call("encrypt_values"):
+            return self._each(self._current(_WRAP_STALENESS).encrypt_value, items)
 
     def decrypt_values(
         self, items: Sequence[tuple[DirectCiphertext, bytes]]
     ) -> list[SecretBytes | HeimdallError]:
-        return self._current().decrypt_values(items)
+        with self._call("decrypt_values"):
+            return self._each(self._current().decrypt_value, items)
 
     def reencrypt_values(
         self, items: Sequence[tuple[DirectCiphertext, bytes]]
     ) -> list[DirectCiphertext | HeimdallError]:
-        return self._current().reencrypt_values(items)
+        with self._call("reencrypt_values"):
+            return self._each(self._current().reencrypt_value, items)
 
     # -- the key ---------------------------------------------------------------------------
 
-    def describe(self) -> KeyDescription:
+    def _describe(self) -> KeyDescription:
         return self._current().describe()
 
-    def rotate(self) -> KeyDescription:
+    def _rotate(self) -> KeyDescription:
         with self._locked():
             doc, _ = self._read_doc()
             latest = max(v["version"] for v in doc["versions"])
@@ -258,7 +264,7 @@ class LocalKeyring:
             self._write(doc)
         return self._current().describe()
 
-    def set_min_decryption_version(self, version: int) -> KeyDescription:
+    def _set_min_decryption_version(self, version: int) -> KeyDescription:
         with self._locked():
             doc, _ = self._read_doc()
             latest = max(v["version"] for v in doc["versions"])
@@ -271,7 +277,7 @@ class LocalKeyring:
             self._write(doc)
         return self._current().describe()
 
-    def set_min_encryption_version(self, version: int) -> KeyDescription:
+    def _set_min_encryption_version(self, version: int) -> KeyDescription:
         """Retire every version below *version*: they still decrypt but no longer encrypt."""
         with self._locked():
             doc, _ = self._read_doc()

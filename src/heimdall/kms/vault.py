@@ -43,6 +43,7 @@ from heimdall.kms.base import (
     KmsCallObserver,
     WrappedKey,
 )
+from heimdall.kms.provider import KeyProvider
 from heimdall.kms.vault_config import VaultSettings
 from heimdall.kms.vault_preflight import AUDIT_DEVICES, KEY_METADATA, access_checks, needs
 from heimdall.kms.vault_transport import PROVIDER, VaultTransport, error_for_message
@@ -81,11 +82,10 @@ def _version_of(ciphertext: str) -> int:
     return int(version[1:])
 
 
-class VaultTransit:
-    """KeyManagementService and DirectEncryption over one Transit key. See the module docstring.
+class VaultTransit(KeyProvider):
+    """A key provider (and DirectEncryption) over one Transit key. See the module docstring.
 
-    *observer* is told of every HTTP request the transport this builds sends (a *transport*
-    given here reports to its own observer).
+    *observer* is told of every call, once (see :class:`heimdall.kms.provider.KeyProvider`).
     """
 
     provider = PROVIDER
@@ -97,10 +97,9 @@ class VaultTransit:
         *,
         observer: KmsCallObserver | None = None,
     ) -> None:
-        if transport is not None and observer is not None:
-            raise ValueError("pass the observer to the transport, not beside it")
+        super().__init__(observer=observer)
         self.settings = settings
-        self.transport = transport or VaultTransport(settings, observer=observer)
+        self.transport = transport or VaultTransport(settings)
         self._base = f"{settings.mount}"
         self._key = settings.key_name
         # Per version, built once: batches are hot paths.
@@ -171,7 +170,12 @@ class VaultTransit:
 
     # -- data keys ------------------------------------------------------------------------
 
-    def generate_data_key(self, associated_data: bytes) -> DataKey:
+    def owns(self, key_identifier: str) -> bool:
+        """``<mount>/<key>-v<N>``, the identifiers this key's wrapped keys carry."""
+        name, _, version = key_identifier.rpartition("-v")
+        return name == f"{self.settings.mount}/{self._key}" and version.isdigit()
+
+    def _generate_data_key(self, associated_data: bytes) -> DataKey:
         data = self.transport.call(
             "POST",
             f"{self._base}/datakey/plaintext/{self._key}",
@@ -180,35 +184,17 @@ class VaultTransit:
         plaintext = _plaintext_answer(data)
         return DataKey(plaintext=plaintext, wrapped=self._wrapped(data["ciphertext"]))
 
-    def wrap(self, plaintext: SecretBytes, associated_data: bytes) -> WrappedKey:
-        result = self.wrap_many([(plaintext, associated_data)])[0]
-        if isinstance(result, HeimdallError):
-            raise result
-        return result
-
-    def wrap_many(
+    def _wrap_many(
         self, items: Sequence[tuple[SecretBytes, bytes]]
     ) -> list[WrappedKey | HeimdallError]:
         return self._batch("encrypt", items, self._plaintext_item, self._wrapped_answer)
 
-    def unwrap(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
-        result = self.unwrap_many([(wrapped, associated_data)])[0]
-        if isinstance(result, HeimdallError):
-            raise result
-        return result
-
-    def unwrap_many(
+    def _unwrap_many(
         self, items: Sequence[tuple[WrappedKey, bytes]]
     ) -> list[SecretBytes | HeimdallError]:
         return self._batch("decrypt", items, self._ciphertext_item, _plaintext_answer)
 
-    def rewrap(self, wrapped: WrappedKey, associated_data: bytes) -> WrappedKey:
-        result = self.rewrap_many([(wrapped, associated_data)])[0]
-        if isinstance(result, HeimdallError):
-            raise result
-        return result
-
-    def rewrap_many(
+    def _rewrap_many(
         self, items: Sequence[tuple[WrappedKey, bytes]]
     ) -> list[WrappedKey | HeimdallError]:
         return self._batch("rewrap", items, self._ciphertext_item, self._wrapped_answer)
@@ -218,17 +204,20 @@ class VaultTransit:
     def encrypt_values(
         self, items: Sequence[tuple[SecretBytes, bytes]]
     ) -> list[DirectCiphertext | HeimdallError]:
-        return self._batch("encrypt", items, self._plaintext_item, self._direct_answer)
+        with self._call("encrypt_values"):
+            return self._batch("encrypt", items, self._plaintext_item, self._direct_answer)
 
     def decrypt_values(
         self, items: Sequence[tuple[DirectCiphertext, bytes]]
     ) -> list[SecretBytes | HeimdallError]:
-        return self._batch("decrypt", items, self._ciphertext_item, _plaintext_answer)
+        with self._call("decrypt_values"):
+            return self._batch("decrypt", items, self._ciphertext_item, _plaintext_answer)
 
     def reencrypt_values(
         self, items: Sequence[tuple[DirectCiphertext, bytes]]
     ) -> list[DirectCiphertext | HeimdallError]:
-        return self._batch("rewrap", items, self._ciphertext_item, self._direct_answer)
+        with self._call("reencrypt_values"):
+            return self._batch("rewrap", items, self._ciphertext_item, self._direct_answer)
 
     # -- batches --------------------------------------------------------------------------
 
@@ -313,7 +302,7 @@ class VaultTransit:
 
     # -- the key --------------------------------------------------------------------------
 
-    def describe(self) -> KeyDescription:
+    def _describe(self) -> KeyDescription:
         data = self.transport.call("GET", f"{self._base}/keys/{self._key}")["data"]
         return self._description(data)
 
@@ -350,34 +339,30 @@ class VaultTransit:
             versions=tuple(versions),
         )
 
-    def rotate(self) -> KeyDescription:
+    def _rotate(self) -> KeyDescription:
         """Rotate once. Never retried blindly: after a failure the key is read again, and the
         rotation is only reported failed if the latest version did not move."""
-        before = self.describe().latest_version
+        before = self._describe().latest_version
         try:
             self.transport.call(
                 "POST", f"{self._base}/keys/{self._key}/rotate", {}, idempotent=False
             )
         except KmsUnavailable:
-            after = self.describe()
+            after = self._describe()
             if after.latest_version > before:
                 return after
             raise
-        return self.describe()
+        return self._describe()
 
-    def set_min_decryption_version(self, version: int) -> KeyDescription:
-        self.transport.call(
-            "POST",
-            f"{self._base}/keys/{self._key}/config",
-            {"min_decryption_version": version},
-        )
-        return self.describe()
+    def _set_min_decryption_version(self, version: int) -> KeyDescription:
+        return self._configure({"min_decryption_version": version})
 
-    def set_min_encryption_version(self, version: int) -> KeyDescription:
-        self.transport.call(
-            "POST", f"{self._base}/keys/{self._key}/config", {"min_encryption_version": version}
-        )
-        return self.describe()
+    def _set_min_encryption_version(self, version: int) -> KeyDescription:
+        return self._configure({"min_encryption_version": version})
+
+    def _configure(self, body: dict[str, int]) -> KeyDescription:
+        self.transport.call("POST", f"{self._base}/keys/{self._key}/config", body)
+        return self._describe()
 
     def preflight(self, role: Role | None = None) -> list[Check]:
         """Connectivity of every address and authentication; then what *role* needs

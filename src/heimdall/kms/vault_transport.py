@@ -10,9 +10,9 @@ Every request goes through :meth:`VaultTransport.call`, which
   server (connection refused);
 * translates every failure into :mod:`heimdall.errors`. Tokens, role ids, secret ids and
   JWTs never appear in a message;
-* reports every attempt to its :class:`~heimdall.kms.base.KmsCallObserver`: the operation word
-  of the path (:func:`vault_operation`, never the mount or key name) and the status class
-  (``2xx``, ``4xx``, ``5xx``) or ``unreachable``.
+* counts its HTTP requests (``calls``: every attempt, retries and failovers included), which the
+  bench reads; the calls heimdall makes are counted once each by the provider seam
+  (:class:`heimdall.kms.provider.KeyProvider`).
 
 The connections themselves (proxies, TLS, pools) are :mod:`heimdall.kms.vault_http`'s.
 """
@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import orjson
 
@@ -37,32 +37,13 @@ from heimdall.errors import (
     KmsError,
     KmsUnavailable,
 )
-from heimdall.kms.base import KmsCallObserver
 from heimdall.kms.vault_config import VaultAuthMethod, VaultSettings
 from heimdall.kms.vault_http import UNREACHABLE, Answer, cause, connections, never_sent
 
-__all__ = ["VaultTransport", "error_for_message", "vault_operation"]
+__all__ = ["VaultTransport", "error_for_message"]
 
 PROVIDER = "vault"
 _RETRYABLE_STATUS = frozenset({429, 472, 473, 500, 502, 503, 504})
-_TRANSIT_WORDS: Final = frozenset({"datakey", "encrypt", "decrypt", "rewrap", "keys"})
-
-
-def vault_operation(path: str) -> str:
-    """The operation word of a Vault API path, never the mount or key name: ``datakey``,
-    ``encrypt``, ``decrypt``, ``rewrap``, ``keys`` (``rotate``/``config`` under a key),
-    ``login``, ``lookup-self``, ``sys`` or ``other``."""
-    parts = path.split("?", 1)[0].strip("/").split("/")
-    if parts[0] == "auth":
-        return "lookup-self" if parts[-1] == "lookup-self" else "login"
-    if parts[0] == "sys":
-        return "sys"
-    for index, part in enumerate(parts):
-        if part in _TRANSIT_WORDS:
-            if part == "keys" and parts[-1] in {"rotate", "config"} and len(parts) > index + 2:
-                return parts[-1]
-            return part
-    return "other"
 
 
 _MESSAGE_TYPES: tuple[tuple[str, type[KmsError] | None], ...] = (
@@ -106,27 +87,17 @@ def _messages(answer: Answer) -> list[str]:
     return [str(e) for e in errors] if isinstance(errors, list) else []
 
 
-def _unobserved(provider: str, operation: str, result: str) -> None:
-    """The observer of a transport nobody watches."""
-
-
 class VaultTransport:
-    """Sends authenticated requests to the first healthy address of a Vault cluster.
-
-    Every HTTP request (each attempt: retries and failovers included) is reported to the
-    *observer* (provider, operation, result) that the composition root gives, e.g. metrics.
-    """
+    """Sends authenticated requests to the first healthy address of a Vault cluster."""
 
     def __init__(
         self,
         settings: VaultSettings,
         *,
         sleep: Callable[[float], None] = time.sleep,
-        observer: KmsCallObserver | None = None,
     ) -> None:
         self.settings = settings
         self._sleep = sleep
-        self._observe: KmsCallObserver = observer or _unobserved
         self._connect()
         self._bases = [address.rstrip("/") for address in settings.addresses]
         self._headers: dict[str, str] = {
@@ -260,7 +231,6 @@ class VaultTransport:
             self._connect()
         last: str = "no address answered"
         count = len(self._pools)
-        operation = vault_operation(path)  # a closed set of words: never a key name
         headers = self._headers
         if authenticated and self._token:
             headers = {**headers, "X-Vault-Token": self._token}
@@ -277,7 +247,6 @@ class VaultTransport:
                     )
                     response = Answer(raw.status, raw.data)
                 except UNREACHABLE as exc:
-                    self._observe(PROVIDER, operation, "unreachable")
                     error = cause(exc)
                     if not idempotent and not never_sent(error):
                         raise KmsUnavailable(
@@ -287,7 +256,6 @@ class VaultTransport:
                         ) from None
                     last = f"{type(error).__name__} from {address}"
                     continue
-                self._observe(PROVIDER, operation, f"{response.status // 100}xx")
                 if response.status in _RETRYABLE_STATUS:
                     last = f"HTTP {response.status} from {address}"
                     # A standby/sealed answer means the request was not carried out.
