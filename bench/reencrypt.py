@@ -876,6 +876,9 @@ class CountingKms:
     def provider(self) -> str:
         return self.inner.provider
 
+    def owns(self, key_identifier: str) -> bool:
+        return self.inner.owns(key_identifier)
+
     def generate_data_key(self, associated_data: bytes) -> DataKey:
         self._count("generate_data_key")
         return self.inner.generate_data_key(associated_data)

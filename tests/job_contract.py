@@ -26,13 +26,15 @@ from typing import Protocol
 import pytest
 
 from heimdall.errors import LifecycleError, StorageError
-from heimdall.store.base import FieldValue, GraphStore
+from heimdall.store.base import FieldUpdate, FieldValue, GraphStore
 from heimdall.store.jobs import Job, JobKind, JobState, JobStore
-from store_contract import TIMESTAMP, envelope, field_value, key, rewrap
+from store_contract import TIMESTAMP, envelope, field_value, key, keyed_envelope, rewrap
 
 __all__ = ["JobGraphStore", "JobStoreContract"]
 
 TARGET = 2
+# The key a keyed job brings fields to; "a-key" sorts before it and "z-key" after.
+TARGET_KEY = "m-key"
 # Seconds a thread waits for the other at the start line before the test fails.
 BARRIER_TIMEOUT = 30
 FINISHED = [JobState.DONE, JobState.CANCELLED]
@@ -70,6 +72,25 @@ def legacy_fields(numbers: Iterable[int]) -> list[FieldValue]:
     return [field_value(n, encryption_version="legacy", key_version=5) for n in numbers]
 
 
+def keyed_fields(
+    numbers: Iterable[int], key_name: str, *, key_version: int = 1, shared_dek: bool = False
+) -> list[FieldValue]:
+    """kms_v1 fields under *key_name*; with *shared_dek*, fields n and n+1 (n even) share a
+    data key, as fields written one after the other do."""
+    out = []
+    for n in numbers:
+        dek_id = f"{n // 2 if shared_dek else n:032x}"
+        data = keyed_envelope(str(n), f"{key_name}-v{key_version}", dek_id=dek_id)
+        out.append(replace(field_value(n, data=data, key_version=key_version), dek_id=dek_id))
+    return out
+
+
+def moved(f: FieldValue, *, key_name: str = TARGET_KEY, key_version: int = TARGET) -> FieldUpdate:
+    """*f* rewrapped under *key_name* at *key_version*."""
+    data = keyed_envelope(f.canonical_key, f"{key_name}-v{key_version}", dek_id=f.dek_id)
+    return FieldUpdate(data, key_version, "kms_v1", f.dek_id)
+
+
 def keys(fields: Iterable[FieldValue]) -> set[str]:
     return {f.canonical_key for f in fields}
 
@@ -98,8 +119,13 @@ class JobStoreContract:
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def test_created_job_reads_back_with_every_property(self, store: JobGraphStore) -> None:
-        job = replace(new_job(include_legacy=True, total=12), kind=JobKind.MIGRATION)
+    @pytest.mark.parametrize("target_key", ["", TARGET_KEY])
+    def test_created_job_reads_back_with_every_property(
+        self, store: JobGraphStore, target_key: str
+    ) -> None:
+        job = replace(
+            new_job(include_legacy=True, total=12), kind=JobKind.MIGRATION, target_key=target_key
+        )
         store.create_job(job)
 
         got = store.get_job(job.job_id)
@@ -202,6 +228,87 @@ class JobStoreContract:
 
         assert store.count_pending(job) == 3
         assert store.count_pending(replace(job, job_id="job-2")) == 5
+
+    # -- jobs with a target key ----------------------------------------------------------------
+
+    def keyed_store(self, store: JobGraphStore) -> dict[str, set[str]]:
+        """Fields of every kind written to *store*, by kind: the canonical keys."""
+        kinds = {
+            "target below": keyed_fields(range(3), TARGET_KEY),
+            "target done": keyed_fields([3, 4], TARGET_KEY, key_version=TARGET)
+            + keyed_fields([5], TARGET_KEY, key_version=TARGET + 1),
+            # Another key is pending whatever its version, above the target's too.
+            "key before": keyed_fields([6, 7], "a-key", key_version=TARGET + 5),
+            "key after": keyed_fields([8, 9], "z-key"),
+            "a longer name": keyed_fields([10], TARGET_KEY + "-2", key_version=TARGET),
+            "no key": [field_value(11, key_version=TARGET)],
+            "legacy": legacy_fields([12, 13]),
+        }
+        store.write_batch([f for fields in kinds.values() for f in fields], [], [])
+        return {kind: keys(fields) for kind, fields in kinds.items()}
+
+    def test_a_job_with_a_key_takes_fields_under_any_other_key_and_below_its_version(
+        self, store: JobGraphStore
+    ) -> None:
+        kinds = self.keyed_store(store)
+        job = replace(new_job(), target_key=TARGET_KEY)
+        pending = set().union(*(v for k, v in kinds.items() if k not in ("target done", "legacy")))
+
+        assert store.count_pending(job) == len(pending) == 9
+        with store.claim(job, 100) as claim:
+            assert keys(claim.fields) == pending
+        with_legacy = replace(job, job_id="job-2", include_legacy=True)
+        assert store.count_pending(with_legacy) == len(pending) + 2
+        with store.claim(with_legacy, 100) as claim:
+            assert keys(claim.fields) == pending | kinds["legacy"]
+
+    def test_small_claims_of_a_job_with_a_key_take_each_pending_field_once(
+        self, store: JobGraphStore
+    ) -> None:
+        kinds = self.keyed_store(store)
+        job = replace(new_job(include_legacy=True), target_key=TARGET_KEY)
+        store.create_job(replace(job, total=store.count_pending(job)))
+        claimed: list[str] = []
+
+        for _ in range(20):
+            with store.claim(job, 2) as claim:
+                claimed += [f.canonical_key for f in claim.fields]
+                for f in claim.fields:
+                    claim.update(f, moved(f))
+            if not claim.fields:
+                break
+
+        assert sorted(claimed) == sorted(set().union(*kinds.values()) - kinds["target done"])
+        assert store.count_pending(job) == 0
+        assert self.current(store, job).completed == 11
+
+    def test_data_keys_of_a_job_with_a_key_are_those_of_its_pending_fields(
+        self, store: JobGraphStore
+    ) -> None:
+        store.write_batch(
+            keyed_fields(range(4), "a-key", shared_dek=True)
+            + keyed_fields(range(4, 8), TARGET_KEY, key_version=TARGET, shared_dek=True)
+            + keyed_fields(range(8, 10), TARGET_KEY, shared_dek=True),
+            [],
+            [],
+        )
+        job = replace(new_job(), target_key=TARGET_KEY)
+
+        envelopes = store.data_key_envelopes(job, 100)
+
+        # One envelope for each of the data keys 0, 1 (a-key) and 4 (the target key, below).
+        dek_ids = sorted(e.split('"dek_id":"')[1][:32] for e in envelopes)
+        assert dek_ids == [f"{n:032x}" for n in (0, 1, 4)]
+        assert len(store.data_key_envelopes(job, 2)) == 2
+
+    def test_a_job_without_a_key_takes_any_key_below_its_version(
+        self, store: JobGraphStore
+    ) -> None:
+        # As a job recorded before jobs had keys did.
+        kinds = self.keyed_store(store)
+
+        with store.claim(new_job(), 100) as claim:
+            assert keys(claim.fields) == kinds["target below"] | kinds["key after"]
 
     # -- claims --------------------------------------------------------------------------------
 

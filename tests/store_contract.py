@@ -63,6 +63,47 @@ def envelope(tag: str) -> str:
     return '{"encryption_version":"kms_v1","ciphertext":"secret-envelope-' + tag + '"}'
 
 
+def keyed_envelope(tag: str, key_identifier: str, *, dek_id: str = "0" * 32) -> str:
+    """An envelope whose header names *key_identifier*, laid out as heimdall.envelope writes
+    one (the stores derive a field's key_name from it)."""
+    number = key_identifier.rpartition("-v")[2]
+    return (
+        '{"encryption_version":"kms_v1","algorithm":"AES-256-GCM","key_identifier":"'
+        + key_identifier
+        + '","key_version":'
+        + (number if number.isdigit() else "1")
+        + ',"dek_id":"'
+        + dek_id
+        + '","encrypted_dek":"AAAA","ciphertext":"secret-envelope-'
+        + tag
+        + '","encryption_timestamp":"2026-01-02T03:04:05Z"}'
+    )
+
+
+# Envelopes, and the key_name a store must derive from each: the key_identifier without -v<N>,
+# or None where the envelope is not a kms_v1 one in heimdall's layout or names no version.
+KEY_NAMES = [
+    pytest.param(keyed_envelope("1", "heimdall-pii-v1"), "heimdall-pii", id="local"),
+    pytest.param(keyed_envelope("2", "transit/pii-v12"), "transit/pii", id="vault"),
+    pytest.param(keyed_envelope("3", "alias/key1-v-v3"), "alias/key1-v", id="last-version-only"),
+    pytest.param(keyed_envelope("4", "unversioned"), None, id="no-version"),
+    pytest.param(keyed_envelope("5", "trailing-v"), None, id="no-version-number"),
+    pytest.param(
+        keyed_envelope("6", "heimdall-pii-v1").replace("AES-256-GCM", "KMS-DIRECT"),
+        "heimdall-pii",
+        id="direct",
+    ),
+    pytest.param(
+        '{"algorithm":"AES-256-GCM","encryption_version":"kms_v1","key_identifier":"k-v1"}',
+        None,
+        id="other-layout",
+    ),
+    pytest.param(envelope("7"), None, id="no-identifier"),
+    pytest.param("v1:not-json-at-all", None, id="not-json"),
+    pytest.param("", None, id="empty"),
+]
+
+
 def field_value(
     n: int,
     *,
@@ -408,6 +449,65 @@ class StoreContract:
             FieldCount("kms_v1", 10, 3),
             FieldCount("legacy", 1, 1),
         ]
+
+    @pytest.mark.parametrize(("data", "key_name"), KEY_NAMES)
+    def test_field_counts_name_the_key_each_envelope_is_under(
+        self, store: GraphStore, data: str, key_name: str | None
+    ) -> None:
+        store.write_batch([field_value(1, data=data), field_value(2, data=data)], [], [])
+
+        assert store.field_counts() == [FieldCount("kms_v1", 1, 2, key_name)]
+
+    def test_field_counts_group_by_key_name_before_key_version(self, store: GraphStore) -> None:
+        store.write_batch(
+            [
+                field_value(1, data=keyed_envelope("1", "b-key-v2"), key_version=2),
+                field_value(2, data=keyed_envelope("2", "a-key-v3"), key_version=3),
+                field_value(3, data=keyed_envelope("3", "b-key-v1")),
+                field_value(4, data=keyed_envelope("4", "b-key-v2"), key_version=2),
+                field_value(5),
+                field_value(6, encryption_version="legacy", data="legacy"),
+            ],
+            [],
+            [],
+        )
+
+        assert store.field_counts() == [
+            FieldCount("kms_v1", 1, 1, None),
+            FieldCount("kms_v1", 3, 1, "a-key"),
+            FieldCount("kms_v1", 1, 1, "b-key"),
+            FieldCount("kms_v1", 2, 2, "b-key"),
+            FieldCount("legacy", 1, 1, None),
+        ]
+
+    def test_a_compare_and_swap_moves_the_field_to_the_key_its_new_envelope_names(
+        self, store: GraphStore
+    ) -> None:
+        original = field_value(1, data=keyed_envelope("1", "old-key-v4"), key_version=4)
+        store.write_batch([original], [], [])
+        update = FieldUpdate(keyed_envelope("1", "new-key-v1"), 1, "kms_v1", original.dek_id)
+
+        assert store.compare_and_swap(key(1), original.encrypted_data, update)
+
+        assert store.field_counts() == [FieldCount("kms_v1", 1, 1, "new-key")]
+
+    def test_count_fields_under_one_key_counts_no_other_key(self, store: GraphStore) -> None:
+        store.write_batch(
+            [
+                field_value(1, data=keyed_envelope("1", "pii-v1")),
+                field_value(2, data=keyed_envelope("2", "pii-v2"), key_version=2),
+                field_value(3, data=keyed_envelope("3", "pii-old-v1")),
+                field_value(4, data=keyed_envelope("4", "transit/pii-v1")),
+                field_value(5),
+            ],
+            [],
+            [],
+        )
+
+        assert store.count_fields(key_name="pii") == 2
+        assert store.count_fields(key_name="pii", key_version_below=2) == 1
+        assert store.count_fields(encryption_version="kms_v1", key_name="transit/pii") == 1
+        assert store.count_fields(key_name="absent") == 0
 
     def test_field_counts_of_empty_store_is_empty(self, store: GraphStore) -> None:
         assert store.field_counts() == []

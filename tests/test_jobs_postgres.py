@@ -8,6 +8,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +29,22 @@ from heimdall.policy import default_policy
 from heimdall.rbac import Caller
 from heimdall.rotation.job import job_store, run_job, start_job
 from heimdall.service import Heimdall
-from heimdall.store.base import FieldCount, FieldUpdate
+from heimdall.store.base import FieldCount, FieldUpdate, FieldValue
 from heimdall.store.jobs import Job, JobState
 from heimdall.store.postgres import PostgresStore
-from heimdall.store.postgres_jobs import _CLAIM_KMS, _CLAIM_LEGACY
+from heimdall.store.postgres_jobs import _CLAIMS
 from heimdall.store.postgres_schema import MIGRATIONS
 from heimdall.types import EncryptionMode
 from job_contract import (
     BARRIER_TIMEOUT,
     TARGET,
+    TARGET_KEY,
     JobGraphStore,
     JobStoreContract,
+    keyed_fields,
     kms_fields,
     legacy_fields,
+    moved,
     new_job,
 )
 from postgres_server import connect, temporary_database
@@ -193,6 +197,10 @@ def test_a_version_1_database_gains_the_job_tables_and_keeps_its_fields(
     PostgresStore(postgres_store_dsn).close()
     with connect(postgres_store_dsn) as conn:  # back to schema version 1, as released
         conn.execute("DROP TABLE reencrypt_failures, reencrypt_jobs")
+        conn.execute("ALTER TABLE field_values DROP COLUMN key_name")  # and its index
+        conn.execute(
+            "CREATE INDEX field_values_by_version ON field_values (encryption_version, key_version)"
+        )
         conn.execute("DROP INDEX sightings_by_key_record_source")
         conn.execute("CREATE INDEX sightings_by_key ON sightings (canonical_key)")
         conn.execute("DELETE FROM schema_migrations WHERE version > 1")
@@ -221,20 +229,23 @@ def test_a_version_1_database_gains_the_job_tables_and_keeps_its_fields(
 
 @pytest.fixture(scope="module")
 def plan_dsn(postgres_dsn: str) -> Iterator[str]:
-    """PLAN_TABLE_ROWS fields as a rotation finds them (mostly kms_v1 over four key versions,
-    one in ten legacy), a job with a few failures, vacuumed and analysed. Tests only read it."""
+    """PLAN_TABLE_ROWS fields as a rotation or a move between keys finds them (kms_v1 under
+    three keys and four key versions, one in ten under no key, one in ten legacy), a job with a
+    few failures, vacuumed and analysed. Tests only read it."""
+    keys = ("a-key", TARGET_KEY, "z-key")
+
+    def field(n: int) -> FieldValue:
+        if n % 10 == 0:
+            return legacy_fields([n])[0]
+        if n % 10 == 5:
+            return field_value(n)
+        return keyed_fields([n], keys[n % 3], key_version=1 + n % 4)[0]
+
     with temporary_database(postgres_dsn) as dsn:
         store = PostgresStore(dsn, pool_size=1)
         try:
-            store.write_batch(
-                [
-                    field_value(n, key_version=1 + n % 4) if n % 10 else legacy_fields([n])[0]
-                    for n in range(PLAN_TABLE_ROWS)
-                ],
-                [],
-                [],
-            )
-            job = new_job(include_legacy=True)
+            store.write_batch([field(n) for n in range(PLAN_TABLE_ROWS)], [], [])
+            job = replace(new_job(include_legacy=True), target_key=TARGET_KEY)
             store.create_job(job)
             with store.claim(job, 20) as claim:
                 for f in claim.fields:
@@ -270,43 +281,50 @@ def _plans(conn: psycopg.Connection[tuple[Any, ...]], query: str, args: dict[str
     return [custom[0][0]["Plan"], generic[0][0]["Plan"]]
 
 
-@pytest.mark.parametrize("query", [_CLAIM_KMS, _CLAIM_LEGACY], ids=["kms", "legacy"])
-def test_a_claim_is_a_range_of_the_version_index_and_sorts_nothing(
-    plan_dsn: str, query: str
-) -> None:
-    args = {"job_id": "job-1", "target": 3, "limit": 100}
+@pytest.mark.parametrize("name", sorted(_CLAIMS))
+def test_a_claim_is_a_range_of_the_key_index_and_sorts_nothing(plan_dsn: str, name: str) -> None:
+    args = {"job_id": "job-1", "target": 3, "key": TARGET_KEY, "limit": 100}
     with connect(plan_dsn) as conn:
-        for plan in _plans(conn, query, args):
+        for plan in _plans(conn, _CLAIMS[name], args):
             nodes = list(_plan_nodes(plan))
             types = [node["Node Type"] for node in nodes]
             assert types[:2] == ["Limit", "LockRows"]
             assert "Sort" not in types and "Seq Scan" not in types
             scans = [n for n in nodes if n.get("Relation Name") == "field_values"]
             assert [n["Node Type"] for n in scans] == ["Index Scan"]
-            assert scans[0]["Index Name"] == "field_values_by_version"
-            if query is _CLAIM_KMS:
-                assert "key_version" in scans[0]["Index Cond"]
+            assert scans[0]["Index Name"] == "field_values_by_key"
             assert "Filter" not in scans[0]
 
 
+# The claim that takes the fields left under each key a job may find them under.
+SOURCES = [
+    pytest.param(TARGET_KEY, "same key", id="rotation"),
+    pytest.param("a-key", "key before", id="from-a-key-sorting-before"),
+    pytest.param("z-key", "key after", id="from-a-key-sorting-after"),
+]
+
+
+@pytest.mark.parametrize(("source", "claim_name"), SOURCES)
 def test_a_claim_late_in_a_job_reads_no_field_already_done(
-    store: PostgresStore, postgres_store_dsn: str
+    store: PostgresStore, postgres_store_dsn: str, source: str, claim_name: str
 ) -> None:
     # Claims take fields lowest-first; a scan in any order that passes the done ones would
     # make each claim slower than the last, and the whole job quadratic.
-    job = _job_with(store, 2000)
+    store.write_batch(keyed_fields(range(2000), source), [], [])
+    job = replace(new_job(total=2000), target_key=TARGET_KEY)
+    store.create_job(job)
     with connect(postgres_store_dsn) as conn:
         conn.execute("ANALYZE field_values")  # as autovacuum would after the ingest
     for _ in range(18):
         with store.claim(job, 100) as claim:
             for f in claim.fields:
-                claim.update(f, rewrap(f, key_version=TARGET))
+                claim.update(f, moved(f))
     assert store.count_pending(job) == 200
-    args = {"job_id": job.job_id, "target": TARGET, "limit": 100}
+    args = {"job_id": job.job_id, "target": TARGET, "key": TARGET_KEY, "limit": 100}
 
     # ANALYZE runs the claim, locks included: in a transaction that is rolled back.
     with connect(postgres_store_dsn) as conn, conn.transaction(force_rollback=True):
-        row = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + _CLAIM_KMS, args).fetchone()
+        row = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + _CLAIMS[claim_name], args).fetchone()
     assert row is not None
     nodes = list(_plan_nodes(row[0][0]["Plan"]))
     scans = [n for n in nodes if n.get("Relation Name") == "field_values"]
@@ -390,7 +408,9 @@ def test_two_workers_on_one_database_finish_a_rotation_exactly_once_per_field(
             2 * RECORDS,
             0,
         )
-        assert services[0].store.field_counts() == [FieldCount("kms_v1", 2, 2 * RECORDS)]
+        assert services[0].store.field_counts() == [
+            FieldCount("kms_v1", 2, 2 * RECORDS, "heimdall-pii")
+        ]
         # Both workers count into this process's metrics: every field counted once in all.
         after = registry.get_sample_value("heimdall_reencrypted_fields_total") or 0.0
         assert after - counted == 2 * RECORDS

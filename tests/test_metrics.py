@@ -28,7 +28,7 @@ from heimdall.rotation.job import run_job, start_job
 from heimdall.rotation.worker import Worker
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
-from heimdall.store.base import FieldUpdate
+from heimdall.store.base import FieldCount, FieldUpdate
 from vault_server import BaoServer
 
 BATCH = 7
@@ -194,6 +194,21 @@ def test_a_batch_that_raises_counts_all_its_fields_as_failed() -> None:
 def test_an_unknown_operation_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown crypto operation"):
         metrics.record_crypto("email:hash:ab", "local", "success", 1, 0.1)
+
+
+def test_fields_under_two_keys_at_one_version_are_counted_together() -> None:
+    # As while a deployment moves between key providers: both keys have a version 1.
+    metrics.set_field_counts(
+        [
+            FieldCount("kms_v1", 1, 3, "transit/heimdall-pii"),
+            FieldCount("kms_v1", 1, 4, "aws:alias/heimdall-pii"),
+            FieldCount("kms_v1", 2, 5, "aws:alias/heimdall-pii"),
+        ]
+    )
+    try:
+        assert series("heimdall_fields_by_key_version") == {("kms_v1", "1"): 7, ("kms_v1", "2"): 5}
+    finally:
+        metrics.set_field_counts([])
 
 
 def test_fields_by_key_version_follows_the_store_through_a_rotation(

@@ -92,7 +92,7 @@ def test_reencrypt_moves_every_field_to_latest_and_keeps_every_value(
     assert report.target_version == 3
     assert report.failed == report.conflicts == 0
     assert report.rewrapped == before
-    assert service.store.field_counts() == [FieldCount("kms_v1", 3, before)]
+    assert service.store.field_counts() == [FieldCount("kms_v1", 3, before, "heimdall-pii")]
     expected = _expected_plaintexts(service, caller, people[:30])
     assert set(expected) == set(_fields(service))
     decrypted = service.decrypt_many(list(expected), reason=REASON, caller=caller)
@@ -208,7 +208,7 @@ def test_reencrypt_in_kms_mode_leaves_legacy_fields_and_reports_them(
     assert (report.reencrypted, report.rewrapped) == (0, kms_count)
     assert not report.index_key_rewrapped  # it is legacy-wrapped and stays so
     assert kms.store.field_counts() == [
-        FieldCount("kms_v1", 2, kms_count),
+        FieldCount("kms_v1", 2, kms_count, "heimdall-pii"),
         FieldCount("legacy", 1, len(legacy_before)),
     ]
     after = _fields(kms)

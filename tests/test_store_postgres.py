@@ -13,7 +13,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from heimdall.errors import StorageError
-from heimdall.store.base import FieldUpdate, FieldValue, GraphStore, RecordRow, Sighting
+from heimdall.store.base import FieldCount, FieldUpdate, FieldValue, GraphStore, RecordRow, Sighting
 from heimdall.store.postgres import PostgresStore, _field_filter, _page_sql
 from heimdall.store.postgres_schema import MIGRATIONS
 from postgres_server import connect, free_port, temporary_database
@@ -28,6 +28,7 @@ from store_contract import (
     field_value,
     in_order,
     key,
+    keyed_envelope,
     repeated_sightings,
     rewrap,
     sighting,
@@ -215,6 +216,51 @@ def _old_database_with_repeated_sightings(dsn: str, sightings: list[Sighting]) -
             )
 
 
+VERSIONS_WITHOUT_KEY_NAMES = 3
+
+
+def test_opening_a_database_without_key_names_names_the_key_of_every_field(dsn: str) -> None:
+    # Fields and a running job as a heimdall before key names wrote them.
+    with connect(dsn) as conn:
+        conn.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for version in range(1, VERSIONS_WITHOUT_KEY_NAMES + 1):
+            for statement in MIGRATIONS[version - 1]:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+        for n, identifier, version in ((1, "pii-v1", 1), (2, "pii-v2", 2), (3, "other-v1", 1)):
+            conn.execute(
+                "INSERT INTO field_values (canonical_key, field_name, properties)"
+                " VALUES (%s, 'email', jsonb_build_object('encrypted_data', %s::text,"
+                " 'is_encrypted', true, 'key_version', %s::bigint, 'encryption_version',"
+                " 'kms_v1', 'dek_id', 'd', 'created_at', %s::text, 'updated_at', %s::text))",
+                (key(n), keyed_envelope(str(n), identifier), version, LONG_AGO, LONG_AGO),
+            )
+        conn.execute(
+            "INSERT INTO reencrypt_jobs (job_id, kind, target_version, include_legacy, state,"
+            " total, completed, failed, created_at, updated_at) VALUES"
+            " ('job-old', 'rotation', 2, false, 'running', 2, 0, 0, %s, %s)",
+            (LONG_AGO, LONG_AGO),
+        )
+
+    store = PostgresStore(dsn, pool_size=1)
+    try:
+        assert store.field_counts() == [
+            FieldCount("kms_v1", 1, 1, "other"),
+            FieldCount("kms_v1", 1, 1, "pii"),
+            FieldCount("kms_v1", 2, 1, "pii"),
+        ]
+        job = store.get_job("job-old")
+        assert job is not None and job.target_key == ""
+        # A job recorded before key names still takes any key below its version.
+        with store.claim(job, 10) as claim:
+            assert {f.canonical_key for f in claim.fields} == {key(1), key(3)}
+    finally:
+        store.close()
+
+
 def test_opening_a_database_with_repeated_sightings_keeps_the_earliest_of_each(
     dsn: str,
 ) -> None:
@@ -381,7 +427,7 @@ def test_a_page_of_a_minority_version_tests_both_filters_inside_the_index(plan_d
             assert "Filter" not in nodes[1]
 
 
-def test_counting_a_minority_version_uses_the_version_index(plan_dsn: str) -> None:
+def test_counting_a_minority_version_uses_the_key_index(plan_dsn: str) -> None:
     with connect(plan_dsn) as conn:
         plan = _explain(
             conn,
@@ -392,7 +438,7 @@ def test_counting_a_minority_version_uses_the_version_index(plan_dsn: str) -> No
     types = {node["Node Type"] for node in _plan_nodes(plan)}
     assert "Seq Scan" not in types
     indexes = {node.get("Index Name") for node in _plan_nodes(plan)}
-    assert "field_values_by_version" in indexes
+    assert "field_values_by_key" in indexes
 
 
 def test_counting_sightings_uses_the_unique_sightings_index(plan_dsn: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from heimdall.errors import StorageError
-from heimdall.store.base import GraphStore, RecordRow, Sighting
+from heimdall.store.base import FieldCount, GraphStore, RecordRow, Sighting
 from heimdall.store.sqlite import SqliteStore, _field_filter, _page_sql
 from heimdall.store.sqlite_schema import MIGRATIONS
 from store_contract import (
@@ -28,6 +28,7 @@ from store_contract import (
     field_value,
     in_order,
     key,
+    keyed_envelope,
     repeated_sightings,
     rewrap,
     sighting,
@@ -155,6 +156,46 @@ def _old_database_with_repeated_sightings(path: Path, sightings: list[Sighting])
             "INSERT INTO sightings (canonical_key, record_id, source, seen_at) VALUES (?, ?, ?, ?)",
             [(s.canonical_key, s.record_id, s.source, s.seen_at) for s in sightings],
         )
+
+
+VERSIONS_WITHOUT_KEY_NAMES = 3
+
+
+def test_opening_a_database_without_key_names_names_the_key_of_every_field(path: Path) -> None:
+    # Fields and a running job as a heimdall before key names wrote them.
+    with raw_connection(path) as conn:
+        conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        for version in range(1, VERSIONS_WITHOUT_KEY_NAMES + 1):
+            for statement in MIGRATIONS[version - 1]:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, LONG_AGO))
+        for n, identifier, version in ((1, "pii-v1", 1), (2, "pii-v2", 2), (3, "other-v1", 1)):
+            conn.execute(
+                "INSERT INTO field_values VALUES (?, 'email', ?, 1, ?, 'kms_v1', 'd', ?, ?)",
+                (key(n), keyed_envelope(str(n), identifier), version, LONG_AGO, LONG_AGO),
+            )
+        conn.execute(
+            "INSERT INTO reencrypt_jobs VALUES"
+            " ('job-old', 'rotation', 2, 0, 'running', 2, 0, 0, ?, ?)",
+            (LONG_AGO, LONG_AGO),
+        )
+
+    store = SqliteStore(path)
+    try:
+        assert store.field_counts() == [
+            FieldCount("kms_v1", 1, 1, "other"),
+            FieldCount("kms_v1", 1, 1, "pii"),
+            FieldCount("kms_v1", 2, 1, "pii"),
+        ]
+        job = store.get_job("job-old")
+        assert job is not None and job.target_key == ""
+        # A job recorded before key names still takes any key below its version.
+        with store.claim(job, 10) as claim:
+            assert {f.canonical_key for f in claim.fields} == {key(1), key(3)}
+    finally:
+        store.close()
 
 
 def test_opening_a_database_with_repeated_sightings_keeps_the_earliest_of_each(

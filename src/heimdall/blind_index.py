@@ -22,7 +22,7 @@ import orjson
 
 from heimdall.envelope import EncryptionVersion, wrap_associated_data
 from heimdall.errors import ConfigurationError, StorageError
-from heimdall.kms.base import KeyManagementService, WrappedKey
+from heimdall.kms.base import KeyManagementService, WrappedKey, key_name_of
 from heimdall.secret import SecretBytes
 
 __all__ = ["META_KEY", "BlindIndex", "StoredIndexKey", "is_canonical_key"]
@@ -93,11 +93,20 @@ class StoredIndexKey:
         """Wrapped by the static env key (migrated to the KMS with the legacy fields)."""
         return self.encryption_version == EncryptionVersion.LEGACY.value
 
-    def wrapped_below(self, version: int) -> bool:
-        """Wrapped by the KMS under a master key version below *version*."""
+    def wrapped_below(self, version: int, key_name: str) -> bool:
+        """Wrapped by the KMS under a version of *key_name* below *version*."""
         return (
             self.encryption_version == EncryptionVersion.KMS_V1.value
+            and key_name_of(self.wrapped.key_identifier) == key_name
             and self.wrapped.key_version < version
+        )
+
+    def outdated(self, version: int, key_name: str) -> bool:
+        """Wrapped by the KMS, but not under *key_name* at *version* or above: under a lower
+        version of it, or under another key (another provider's)."""
+        return self.encryption_version == EncryptionVersion.KMS_V1.value and (
+            key_name_of(self.wrapped.key_identifier) != key_name
+            or self.wrapped.key_version < version
         )
 
     def with_wrapped(self, encryption_version: str, wrapped: WrappedKey) -> StoredIndexKey:

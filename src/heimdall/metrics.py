@@ -166,14 +166,20 @@ def set_job_progress(job: Job | None) -> None:
 
 
 def set_field_counts(counts: Iterable[FieldCount]) -> None:
-    """Replace the fields-by-key-version gauge with *counts* (versions no longer held vanish)."""
+    """Replace the fields-by-key-version gauge with *counts* (versions no longer held vanish).
+    Fields under several keys at one version number (while a deployment moves between key
+    providers) are counted together: the gauge's labels are the spec's, with no key name."""
     if _METRICS is None:
         return
+    totals: dict[tuple[str, str], int] = {}
+    for count in counts:
+        labels = (count.encryption_version, str(count.key_version))
+        totals[labels] = totals.get(labels, 0) + count.count
     gauge = _METRICS.fields
     with _LOCK:
         gauge.clear()
-        for count in counts:
-            gauge.labels(count.encryption_version, str(count.key_version)).set(count.count)
+        for labels, total in totals.items():
+            gauge.labels(*labels).set(total)
 
 
 def serve(port: int, addr: str = "127.0.0.1") -> WSGIServer:

@@ -155,19 +155,50 @@ class FieldCipher:
         """The envelopes under the provider's latest version: data keys rewrapped (each once,
         in one batch call), KMS-DIRECT values re-encrypted inside the provider (one more).
         Ciphertext binding and encryption_timestamp are unchanged. Per-item results, in order.
+
+        A KMS-DIRECT value under another provider's key (see :class:`heimdall.kms.multi.
+        MultiProvider`), when this cipher writes data keys, is sealed anew by it instead: its
+        new provider cannot hold it as it was.
         """
         direct = [item for item in items if item[0].algorithm == KMS_DIRECT]
         if not direct:
             return self._envelopes.rewrap_many(items)
+        resealed = [
+            self._writer is self._envelopes and not self.kms.owns(envelope.key_identifier)
+            for envelope, _ in direct
+        ]
+        in_place = [item for item, reseal in zip(direct, resealed, strict=True) if not reseal]
         others = [item for item in items if item[0].algorithm != KMS_DIRECT]
         wrapped = iter(self._envelopes.rewrap_many(others))
-        results: list[Envelope | HeimdallError] = (
-            self._direct.rewrap_many(direct)
+        moved: list[Envelope | HeimdallError] = (
+            self._direct.rewrap_many(in_place)
             if self._direct
-            else [self._no_direct_path() for _ in direct]
+            else [self._no_direct_path() for _ in in_place]
         )
-        values = iter(results)
-        return [next(values) if e.algorithm == KMS_DIRECT else next(wrapped) for e, _ in items]
+        values = iter(moved)
+        sealed = iter(
+            self._reseal(item) for item, reseal in zip(direct, resealed, strict=True) if reseal
+        )
+        flags = iter(resealed)
+        return [
+            (next(sealed) if next(flags) else next(values))
+            if envelope.algorithm == KMS_DIRECT
+            else next(wrapped)
+            for envelope, _ in items
+        ]
+
+    def _reseal(self, item: tuple[Envelope, EncryptionContext]) -> Envelope | HeimdallError:
+        """A KMS-DIRECT value decrypted and sealed anew by the writer; the error otherwise."""
+        envelope, context = item
+        if self._direct is None:
+            return self._no_direct_path()
+        try:
+            plaintext = self._direct.decrypt_parsed(envelope, context)
+            return parse_own(
+                self._writer.encrypt(plaintext, context).envelope, envelope.encryption_version
+            )
+        except HeimdallError as exc:
+            return exc
 
     def rewrap_keys(self, envelopes: Sequence[Envelope]) -> list[Envelope | HeimdallError]:
         """The data keys of *envelopes* (pattern A) rewrapped under the latest version, each

@@ -40,6 +40,7 @@ __all__ = [
     "KeyVersionInfo",
     "KmsCallObserver",
     "WrappedKey",
+    "key_name_of",
     "valid_key_name",
 ]
 
@@ -49,6 +50,16 @@ _KEY_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z", re.ASCII)
 KEY_NAME_RULE: Final = (
     "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 )
+
+
+def key_name_of(key_identifier: str) -> str | None:
+    """The key a key identifier names a version of (``transit/heimdall-pii`` for
+    ``transit/heimdall-pii-v3``), or None if it names no version. The stores derive the same
+    from each envelope (their ``key_name``)."""
+    name, separator, number = key_identifier.rpartition("-v")
+    if not separator or not number.isascii() or not number.isdigit():
+        return None
+    return name
 
 
 def valid_key_name(name: object) -> bool:
@@ -115,6 +126,10 @@ class KeyManagementService(Protocol):
     @property
     def provider(self) -> str:
         """Short provider name: ``local``, ``legacy``, ``vault``, ``aws``, ``gcp``, ``azure``."""
+        ...
+
+    def owns(self, key_identifier: str) -> bool:
+        """Whether *key_identifier* names a version of this provider's key."""
         ...
 
     def generate_data_key(self, associated_data: bytes) -> DataKey:

@@ -2,10 +2,12 @@
 
 spec: Key Rotation Strategy (Re-encryption) and Migration Strategy, Phase 4. Two paths:
 
-* **rewrap** (master key rotation): a kms_v1 field below the target version keeps its data
-  ciphertext, context binding and original timestamp; only its data key is rewrapped inside
-  the KMS, once per distinct data key (a memo shared by the threads of one run remembers the
-  keys rewrapped already, so a data key whose fields span many batches costs one call).
+* **rewrap** (master key rotation; a move between key providers): a kms_v1 field below the
+  target version, or under another provider's key, keeps its data ciphertext, context binding
+  and original timestamp; only its data key is rewrapped, inside the KMS (or, from another
+  provider, unwrapped there and wrapped here: :class:`heimdall.kms.multi.MultiProvider`), once
+  per distinct data key (a memo shared by the threads of one run remembers the keys rewrapped
+  already, so a data key whose fields span many batches costs one call).
 * **re-encrypt** (legacy migration; every field after a key compromise): decrypt with the
   source cipher, encrypt under a new KMS data key.
 
@@ -202,15 +204,16 @@ class BatchWorker:
 
 
 def rewrap_index_key(
-    heimdall: Heimdall, cipher: FieldCipher, latest: int, *, caller: Caller
+    heimdall: Heimdall, cipher: FieldCipher, latest: int, key_name: str, *, caller: Caller
 ) -> bool:
-    """Move the blind-index key's wrapping to the latest KMS version (from the env key, in
-    hybrid mode); audited. Its value never changes: canonical keys depend on it."""
+    """Move the blind-index key's wrapping to *latest* of the KMS key *key_name* (from a lower
+    version, from another provider's key, or from the env key in hybrid mode); audited. Its
+    value never changes: canonical keys depend on it."""
     text = heimdall.store.get_meta(META_KEY)
     if text is None:
         return False
     stored = StoredIndexKey.from_json(text)
-    if stored.wrapped_below(latest):
+    if stored.outdated(latest, key_name):
         updated = stored.with_wrapped(
             KMS_V1, cipher.kms.rewrap(stored.wrapped, stored.associated_data)
         )

@@ -51,12 +51,16 @@ _PREFETCH_MAX = 60_000  # below the rewrap memo's bound; beyond it, keys are rew
 
 @dataclass(frozen=True, slots=True)
 class JobPlan:
-    """What a job would do now (``--dry-run``): nothing is written."""
+    """What a job would do now (``--dry-run``): nothing is written. *rewrap_fields* counts
+    the kms_v1 fields whose data key is rewrapped, *moved_fields* of them under another key
+    than the target's (another provider's)."""
 
     target_version: int
     rewrap_fields: int
     reencrypt_fields: int
     legacy_left: int
+    target_key: str = ""
+    moved_fields: int = 0
 
     @property
     def fields(self) -> int:
@@ -125,17 +129,50 @@ def _includes_legacy(heimdall: Heimdall) -> bool:
     return router.mode is EncryptionMode.HYBRID and router.legacy is not None
 
 
+def _target(heimdall: Heimdall) -> tuple[int, str]:
+    """The latest version of the key this deployment writes under, and that key's name."""
+    description = heimdall.router.require_kms("re-encryption").kms.describe()
+    return description.latest_version, description.key_name
+
+
+def _draft(heimdall: Heimdall, kind: JobKind, *, include_legacy: bool) -> Job:
+    target, key_name = _target(heimdall)
+    return Job(
+        job_id=f"job-{uuid.uuid4().hex[:12]}",
+        kind=JobKind(kind),
+        target_version=target,
+        include_legacy=include_legacy,
+        state=JobState.RUNNING,
+        total=0,
+        target_key=key_name,
+    )
+
+
 def work_left(heimdall: Heimdall) -> JobPlan:
     """What a job started now would do. Not permission-checked: callers check their own."""
-    target = heimdall.router.require_kms("re-encryption").kms.describe().latest_version
+    draft = _draft(heimdall, JobKind.ROTATION, include_legacy=False)
     store = heimdall.store
     legacy = store.count_fields(encryption_version=LEGACY)
     include_legacy = _includes_legacy(heimdall)
+    rewrap = job_store(heimdall).count_pending(draft)
+    below = store.count_fields(
+        encryption_version=KMS_V1, key_version_below=draft.target_version, key_name=draft.target_key
+    )
     return JobPlan(
-        target_version=target,
-        rewrap_fields=store.count_fields(encryption_version=KMS_V1, key_version_below=target),
+        target_version=draft.target_version,
+        rewrap_fields=rewrap,
         reencrypt_fields=legacy if include_legacy else 0,
         legacy_left=0 if include_legacy else legacy,
+        target_key=draft.target_key,
+        moved_fields=max(rewrap - below, 0),
+    )
+
+
+def _foreign_job(job: Job, key_name: str) -> LifecycleError:
+    return LifecycleError(
+        f"re-encryption job {job.job_id} moves fields to the key {job.target_key}, and this "
+        f"process writes under {key_name}: run it where HMD_KMS_PROVIDER names that key, or "
+        "cancel it (`heimdall reencrypt cancel`)"
     )
 
 
@@ -147,28 +184,32 @@ def plan(heimdall: Heimdall, *, caller: Caller) -> JobPlan:
 def start_job(
     heimdall: Heimdall, *, caller: Caller, kind: JobKind = JobKind.ROTATION
 ) -> Job | None:
-    """The active job if it already targets the latest version, else a new one; None when no
-    field needs work. Workers started together all get the same job."""
+    """The active job if it already targets the latest version of this deployment's key, else
+    a new one; None when no field needs work. Workers started together all get the same job.
+
+    A newer version of the same key supersedes the active job. A job that brings fields to
+    another key (a move between providers, started where that key is written) is superseded
+    only by a ``KMS_MIGRATION`` job, the operator's explicit move: a process still configured
+    for the old key must not undo the move (LifecycleError)."""
     heimdall.require(caller, Permission.REENCRYPT)
     jobs = job_store(heimdall)
-    target = heimdall.router.require_kms("re-encryption").kms.describe().latest_version
     include_legacy = _includes_legacy(heimdall)
     for _ in range(_START_ATTEMPTS):
+        draft = _draft(heimdall, kind, include_legacy=include_legacy)
         active = jobs.active_job()
         if active is not None:
-            if active.target_version == target and active.include_legacy == include_legacy:
+            same_key = active.target_key == draft.target_key
+            if (
+                same_key
+                and active.target_version == draft.target_version
+                and active.include_legacy == include_legacy
+            ):
                 return active
-            # A newer rotation supersedes the job; what it finished stays finished.
+            if active.target_key and not same_key and draft.kind is not JobKind.KMS_MIGRATION:
+                raise _foreign_job(active, draft.target_key)
+            # Superseded; what it finished stays finished.
             jobs.set_job_state(active.job_id, JobState.CANCELLED)
             heimdall.record(_event(caller, active, "superseded"))
-        draft = Job(
-            job_id=f"job-{uuid.uuid4().hex[:12]}",
-            kind=JobKind(kind),
-            target_version=target,
-            include_legacy=include_legacy,
-            state=JobState.RUNNING,
-            total=0,
-        )
         job = replace(draft, total=jobs.count_pending(draft))
         if job.total == 0:
             return None
@@ -244,7 +285,7 @@ def reencrypt(
         report = ReencryptReport(target_version=left.target_version)
         cipher = heimdall.router.require_kms("re-encryption")
         report.index_key_rewrapped = rewrap_index_key(
-            heimdall, cipher, left.target_version, caller=caller
+            heimdall, cipher, left.target_version, left.target_key, caller=caller
         )
     else:
         _, report = _run(
@@ -272,6 +313,11 @@ def _run(
     jobs = job_store(heimdall)
     cipher = heimdall.router.require_kms("re-encryption")
     first = jobs.get_job(job_id)
+    if first is not None and first.target_key:
+        key_name = cipher.kms.describe().key_name
+        if first.target_key != key_name:
+            # Its fields would go under this process's key, not the job's, and stay pending.
+            raise _foreign_job(first, key_name)
     worker = BatchWorker(heimdall, caller, cipher)
     worker.report.target_version = first.target_version if first else 0
     if first is not None and first.kind is not JobKind.EMERGENCY:
@@ -402,7 +448,8 @@ def _finish(
     heimdall: Heimdall, jobs: JobStore, job: Job, caller: Caller, report: ReencryptReport
 ) -> Job:
     cipher = heimdall.router.require_kms("re-encryption")
-    if rewrap_index_key(heimdall, cipher, job.target_version, caller=caller):
+    target_key = job.target_key or cipher.kms.describe().key_name
+    if rewrap_index_key(heimdall, cipher, job.target_version, target_key, caller=caller):
         report.index_key_rewrapped = True
     if jobs.count_pending(job):
         # Another worker still holds a batch; the last one to finish closes the job.

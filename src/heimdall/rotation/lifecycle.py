@@ -129,13 +129,17 @@ def rotate(owner: KeyOwner, *, caller: Caller) -> KeyDescription:
 
 
 def dependents_below(owner: KeyOwner, version: int) -> tuple[int, bool]:
-    """Stored fields whose data key is wrapped below *version*, and whether the blind-index key
-    is too."""
+    """Stored fields whose data key is wrapped below *version* of the provider's key, and
+    whether the blind-index key is too. (Fields under another provider's key, while a
+    deployment moves between providers, depend on that key, not on this one's versions.)"""
+    key_name = owner.kms.describe().key_name
     fields = owner.store.count_fields(
-        encryption_version=EncryptionVersion.KMS_V1.value, key_version_below=version
+        encryption_version=EncryptionVersion.KMS_V1.value,
+        key_version_below=version,
+        key_name=key_name,
     )
     stored = StoredIndexKey.stored_in(owner.store)
-    return fields, stored is not None and stored.wrapped_below(version)
+    return fields, stored is not None and stored.wrapped_below(version, key_name)
 
 
 def set_min_decryption_version(

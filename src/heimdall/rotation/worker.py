@@ -94,6 +94,7 @@ class Worker:
         self._stop = StopRequest()
         self._counts_refreshed = float("-inf")
         self._warned_no_created_at = False
+        self._warned_foreign = ""
 
     def stop(self) -> None:
         """Stop after the batch in flight; from any thread, but not from a signal handler."""
@@ -124,7 +125,12 @@ class Worker:
             rotated_to = self._rotate_if_due()
             started = self._start_if_needed(jobs.active_job(), rotated=rotated_to is not None)
         active = jobs.active_job()
-        if active is not None and active.state is JobState.RUNNING and heimdall.router.kms:
+        if (
+            active is not None
+            and active.state is JobState.RUNNING
+            and heimdall.router.kms
+            and self._ours(active)
+        ):
             worked = self._work(active)
         if writes_kms and self.settings.rotation_enabled and not self._stop.is_set():
             disabled = disable_expired(
@@ -186,15 +192,38 @@ class Worker:
 
     # -- the job ----------------------------------------------------------------------------
 
+    def _ours(self, job: Job) -> bool:
+        """Whether this worker may work *job*: one that brings fields to another key than the
+        one this worker writes under (a move between providers, configured elsewhere) is left
+        alone, with a warning, rather than undone."""
+        if not job.target_key:
+            return True
+        key_name = self.heimdall.kms.describe().key_name
+        if job.target_key == key_name:
+            return True
+        if self._warned_foreign != job.job_id:
+            self._warned_foreign = job.job_id
+            self._log(
+                f"warning: job {job.job_id} moves fields to the key {job.target_key}, and this "
+                f"worker writes under {key_name}; not working it (check HMD_KMS_PROVIDER)"
+            )
+        return False
+
     def _start_if_needed(self, active: Job | None, *, rotated: bool) -> Job | None:
         if not self.settings.auto_reencrypt or (active is not None and not rotated):
+            return None
+        if active is not None and not self._ours(active):
             return None
         if not rotated:
             would = plan(self.heimdall, caller=self.caller)
             if not would.rewrap_fields and not would.reencrypt_fields:
                 return None
             latest = job_store(self.heimdall).latest_job()
-            if latest is not None and latest.target_version == would.target_version:
+            if (
+                latest is not None
+                and latest.target_version == would.target_version
+                and latest.target_key in ("", would.target_key)
+            ):
                 return None  # done, failed or cancelled for this version: that stands
         job = start_job(self.heimdall, caller=self.caller)
         if job is not None:

@@ -78,9 +78,14 @@ class RecordRow:
 
 @dataclass(frozen=True, slots=True)
 class FieldCount:
+    """How many FieldValues are under one key version. *key_name* is the key their envelope
+    names (its key_identifier without ``-v<N>``): None for legacy fields, and for an envelope
+    that names none."""
+
     encryption_version: str
     key_version: int
     count: int
+    key_name: str | None = None
 
 
 class GraphStore(Protocol):
@@ -112,7 +117,8 @@ class GraphStore(Protocol):
         ...
 
     def field_counts(self) -> list[FieldCount]:
-        """FieldValue counts grouped by (encryption_version, key_version), sorted by both."""
+        """FieldValue counts grouped by (encryption_version, key_name, key_version), sorted by
+        the three (no key name first)."""
         ...
 
     def count_fields(
@@ -120,7 +126,11 @@ class GraphStore(Protocol):
         *,
         encryption_version: str | None = None,
         key_version_below: int | None = None,
-    ) -> int: ...
+        key_name: str | None = None,
+    ) -> int:
+        """FieldValues matching every filter given; *key_name* is the key their envelope names
+        (see :class:`FieldCount`)."""
+        ...
 
     def iter_fields(
         self,
@@ -161,6 +171,13 @@ class GraphStore(Protocol):
 def utc_now() -> str:
     """The time stamps the stores write: UTC, to the second."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def field_count(row: Sequence[Any]) -> FieldCount:
+    """A FieldCount from a row of the stores' ``field_counts`` query: encryption_version,
+    key_name, key_version, count."""
+    encryption_version, key_name, key_version, count = row
+    return FieldCount(encryption_version, int(key_version), int(count), key_name)
 
 
 def field_from_row(row: Sequence[Any]) -> FieldValue:

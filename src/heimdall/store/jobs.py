@@ -1,8 +1,12 @@
 """The re-encryption job's persistent state, kept by the store beside the fields.
 
 spec: Migration Strategy, Phase 4 and Runbook: Re-encryption After Migration. The fields table is
-the work queue: a field is *pending* for a job while it is kms_v1 below the job's target
-version, or legacy when the job migrates legacy fields, and has not failed in this job.
+the work queue: a field is *pending* for a job while it is kms_v1 and not under the job's target
+(its ``target_key`` at ``target_version`` or above), or legacy when the job migrates legacy
+fields, and has not failed in this job. A field is under a key when its envelope's
+key_identifier names a version of it (``<target_key>-v<N>``): the stores keep that key name in a
+column derived from the envelope (``key_name``), so fields wrapped under another key (another
+provider's, during a move between providers) are pending too.
 
 A worker :meth:`JobStore.claim` s a batch of pending fields inside one transaction that locks
 them (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, the database write lock on SQLite), computes their
@@ -50,6 +54,9 @@ class JobKind(enum.StrEnum):
     # keys it wrapped, so the field is re-encrypted under a new data key instead.
     EMERGENCY = "emergency"
     MIGRATION = "migration"  # started by the migration to the KMS, for its legacy fields
+    # Started by ``heimdall kms migrate``: fields under another provider's key are moved to this
+    # one, each data key unwrapped there and wrapped here; the data ciphertexts stay as they are.
+    KMS_MIGRATION = "kms-migration"
 
 
 class JobState(enum.StrEnum):
@@ -71,11 +78,27 @@ class Job:
     failed: int = 0
     created_at: str = ""
     updated_at: str = ""
+    # The key name whose versions the job brings fields to (the stores' key_name). Empty for a
+    # job written by a heimdall before key names were recorded: its target is any key's
+    # target_version, as then.
+    target_key: str = ""
 
 
 def job_from_row(row: Sequence[Any]) -> Job:
     """A Job from a row of the stores' job columns (``heimdall.store.sql.JOB_COLUMNS``)."""
-    job_id, kind, target, include_legacy, state, total, completed, failed, created, updated = row
+    (
+        job_id,
+        kind,
+        target,
+        include_legacy,
+        state,
+        total,
+        completed,
+        failed,
+        created,
+        updated,
+        target_key,
+    ) = row
     return Job(
         job_id=job_id,
         kind=JobKind(kind),
@@ -87,6 +110,7 @@ def job_from_row(row: Sequence[Any]) -> Job:
         failed=int(failed),
         created_at=created,
         updated_at=updated,
+        target_key=target_key or "",
     )
 
 
@@ -111,6 +135,7 @@ def job_row(job: Job) -> tuple[object, ...]:
         job.failed,
         job.created_at,
         job.updated_at,
+        job.target_key,
     )
 
 

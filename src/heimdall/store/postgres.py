@@ -61,6 +61,7 @@ from heimdall.store.base import (
     RecordRow,
     Sighting,
     attributes_json,
+    field_count,
     field_from_row,
     swap_params,
     utc_now,
@@ -344,15 +345,16 @@ class PostgresStore(PostgresJobs):
 
     def field_counts(self) -> list[FieldCount]:
         rows = self._fetch_all("field_counts", SQL.field_counts)
-        return [FieldCount(encryption_version=e, key_version=k, count=n) for e, k, n in rows]
+        return [field_count(row) for row in rows]
 
     def count_fields(
         self,
         *,
         encryption_version: str | None = None,
         key_version_below: int | None = None,
+        key_name: str | None = None,
     ) -> int:
-        clauses, params = _field_filter(encryption_version, key_version_below)
+        clauses, params = _field_filter(encryption_version, key_version_below, key_name)
         return int(self._fetch_one("count_fields", SQL.count_fields(clauses), params)[0])
 
     def iter_fields(

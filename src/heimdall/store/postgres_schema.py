@@ -16,10 +16,24 @@ import psycopg
 from heimdall.errors import StorageError
 from heimdall.store.sql import SqlStatements
 
-__all__ = ["COMPARE_AND_SWAP_FIELD", "FIELD_COLUMNS", "JOB_TABLES", "MIGRATIONS", "SQL", "migrate"]
+__all__ = [
+    "COMPARE_AND_SWAP_FIELD",
+    "FIELD_COLUMNS",
+    "JOB_TABLES",
+    "KEY_NAME_PATTERN",
+    "MIGRATIONS",
+    "SQL",
+    "migrate",
+]
 
 # pg_advisory_xact_lock key serialising migrations: the bytes of "heimdall" as a bigint.
 _MIGRATION_LOCK: Final = int.from_bytes(b"heimdall", "big")
+
+# The key name (a POSIX regular expression's group) in a kms_v1 envelope's header, as
+# heimdall.envelope lays it out: see migration 4. Never change it: it is part of that migration.
+KEY_NAME_PATTERN: Final = (
+    r'^\{"encryption_version":"kms_v1","algorithm":"[^"]*","key_identifier":"([^"]*)-v[0-9]+",'
+)
 
 # A FieldValue's columns, in field_from_row's order: the envelope is the JSON string's exact text.
 FIELD_COLUMNS: Final = (
@@ -152,6 +166,29 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             ON sightings (canonical_key, record_id COLLATE "C", source COLLATE "C")
         """,
         "DROP INDEX sightings_by_key",
+    ),
+    # The key each field is wrapped under, without its version: key_name. Derived from the
+    # envelope's header, whose fields come in one fixed order (heimdall.envelope refuses any
+    # other), by position, so that no envelope can make the expression fail: an envelope that
+    # is not kms_v1 in that layout, or whose key_identifier does not end in -v<N>, has none
+    # (NULL). Adding a stored column rewrites the table once, under an exclusive lock, while
+    # the store opens. The re-encryption job finds the fields under another key (another
+    # provider's, while a deployment moves between providers) through the index, which takes
+    # over from field_values_by_version: its leading column still serves every count by
+    # encryption_version, and with key_name fixed it hands out key_version ranges as that one
+    # did. A job records the key name it brings fields to.
+    (
+        f"""
+        ALTER TABLE field_values ADD COLUMN key_name text COLLATE "C"
+            GENERATED ALWAYS AS (substring(properties ->> 'encrypted_data'
+                FROM '{KEY_NAME_PATTERN}')) STORED
+        """,
+        """
+        CREATE INDEX field_values_by_key
+            ON field_values (encryption_version, key_name, key_version)
+        """,
+        "DROP INDEX field_values_by_version",
+        "ALTER TABLE reencrypt_jobs ADD COLUMN target_key text",
     ),
 )
 

@@ -28,7 +28,7 @@ __all__ = ["JOB_COLUMNS", "FetchAll", "SqlStatements"]
 # The reencrypt_jobs columns both stores select and insert, in job_from_row's order.
 JOB_COLUMNS: Final = (
     "job_id, kind, target_version, include_legacy, state, total, completed, failed,"
-    " created_at, updated_at"
+    " created_at, updated_at, target_key"
 )
 
 
@@ -64,9 +64,9 @@ class SqlStatements:
             "SELECT count(*) FROM sightings WHERE canonical_key = {p}"
         )
         self.field_counts: Final = (
-            "SELECT encryption_version, key_version, count(*) FROM field_values"
-            " GROUP BY encryption_version, key_version"
-            " ORDER BY encryption_version, key_version"
+            "SELECT encryption_version, key_name, key_version, count(*) FROM field_values"
+            " GROUP BY encryption_version, key_name, key_version"
+            " ORDER BY encryption_version, key_name NULLS FIRST, key_version"
         )
         # The metadata map; the last one is its compare-and-swap.
         self.get_meta: Final = sql("SELECT value FROM meta WHERE key = {p}")
@@ -108,7 +108,10 @@ class SqlStatements:
         )
 
     def field_filter(
-        self, encryption_version: str | None, key_version_below: int | None
+        self,
+        encryption_version: str | None,
+        key_version_below: int | None,
+        key_name: str | None = None,
     ) -> tuple[list[str], list[object]]:
         """WHERE clauses (constant SQL) and their bound parameters for the optional filters of
         ``count_fields`` and ``iter_fields``."""
@@ -117,6 +120,9 @@ class SqlStatements:
         if encryption_version is not None:
             clauses.append(f"encryption_version = {self._placeholder}")
             params.append(encryption_version)
+        if key_name is not None:
+            clauses.append(f"key_name = {self._placeholder}")
+            params.append(key_name)
         if key_version_below is not None:
             clauses.append(f"key_version < {self._placeholder}")
             params.append(key_version_below)

@@ -38,6 +38,7 @@ from heimdall.store.base import (
     RecordRow,
     Sighting,
     attributes_json,
+    field_count,
     field_from_row,
     swap_params,
     utc_now,
@@ -91,7 +92,11 @@ def _storage_error(operation: str, exc: sqlite3.Error) -> StorageError:
 
 
 def _field_filter(
-    encryption_version: str | None, key_version_below: int | None, *, walk_keys: bool
+    encryption_version: str | None,
+    key_version_below: int | None,
+    key_name: str | None = None,
+    *,
+    walk_keys: bool,
 ) -> tuple[list[str], list[object]]:
     """WHERE clauses (constant SQL) and their bound parameters for the optional filters.
 
@@ -100,7 +105,7 @@ def _field_filter(
     ``key_version < ?`` range, so every page would sort all remaining matches (quadratic over a
     rotation); walking the primary key index from the cursor reads each row at most once in all.
     """
-    clauses, params = SQL.field_filter(encryption_version, key_version_below)
+    clauses, params = SQL.field_filter(encryption_version, key_version_below, key_name)
     if walk_keys:
         clauses = ["+" + clause for clause in clauses]
     return clauses, params
@@ -289,15 +294,18 @@ class SqliteStore(SqliteJobs):
     def field_counts(self) -> list[FieldCount]:
         with self._session("field_counts") as conn:
             rows = conn.execute(SQL.field_counts).fetchall()
-        return [FieldCount(encryption_version=e, key_version=k, count=n) for e, k, n in rows]
+        return [field_count(row) for row in rows]
 
     def count_fields(
         self,
         *,
         encryption_version: str | None = None,
         key_version_below: int | None = None,
+        key_name: str | None = None,
     ) -> int:
-        clauses, params = _field_filter(encryption_version, key_version_below, walk_keys=False)
+        clauses, params = _field_filter(
+            encryption_version, key_version_below, key_name, walk_keys=False
+        )
         with self._session("count_fields") as conn:
             row = conn.execute(SQL.count_fields(clauses), params).fetchone()
         return int(row[0])

@@ -27,23 +27,32 @@ from heimdall.store.sqlite_schema import COMPARE_AND_SWAP_FIELD, FIELD_COLUMNS, 
 
 __all__ = ["SqliteJobs"]
 
+# A pending field (see heimdall.store.jobs): kms_v1 and not under the job's key at its version
+# (any key for a job without one: Job.target_key), or legacy when the job migrates legacy
+# fields; not failed in this job. Parameters: _pending_params. `IS NOT` is SQLite's
+# IS DISTINCT FROM: a field under no key name is pending for a job with one.
 _PENDING: Final = """
-    ((encryption_version = 'kms_v1' AND key_version < ?)
+    ((encryption_version = 'kms_v1'
+      AND (key_version < ? OR (? <> '' AND key_name IS NOT ?)))
      OR (? = 1 AND encryption_version = 'legacy'))
     AND canonical_key NOT IN (SELECT canonical_key FROM reencrypt_failures WHERE job_id = ?)
 """
 # SQLite returns the bare column from one row of each group: one envelope per data key.
 _DATA_KEYS: Final = (
     "SELECT encrypted_data FROM field_values WHERE encryption_version = 'kms_v1'"
-    " AND key_version < ? GROUP BY dek_id LIMIT ?"
+    " AND (key_version < ? OR (? <> '' AND key_name IS NOT ?)) GROUP BY dek_id LIMIT ?"
 )
 # Built from the constants above only; every value is a bound parameter.
 _COUNT_PENDING: Final = f"SELECT count(*) FROM field_values WHERE {_PENDING}"  # noqa: S608
 _CLAIM: Final = f"SELECT {FIELD_COLUMNS} FROM field_values WHERE {_PENDING} LIMIT ?"  # noqa: S608
 
 
-def _pending_params(job: Job) -> tuple[int, int, str]:
-    return (job.target_version, int(job.include_legacy), job.job_id)
+def _kms_params(job: Job) -> tuple[int, str, str]:
+    return (job.target_version, job.target_key, job.target_key)
+
+
+def _pending_params(job: Job) -> tuple[object, ...]:
+    return (*_kms_params(job), int(job.include_legacy), job.job_id)
 
 
 class SqliteJobs:
@@ -106,7 +115,7 @@ class SqliteJobs:
 
     def data_key_envelopes(self, job: Job, limit: int) -> list[str]:
         with self._session("data_key_envelopes") as conn:
-            rows = conn.execute(_DATA_KEYS, (job.target_version, limit)).fetchall()
+            rows = conn.execute(_DATA_KEYS, (*_kms_params(job), limit)).fetchall()
         return [str(row[0]) for row in rows]
 
     @contextmanager

@@ -40,6 +40,25 @@ COMPARE_AND_SWAP_FIELD: Final = """
 # The statements shared with the PostgreSQL store. rowid orders jobs created within a second.
 SQL: Final = SqlStatements(placeholder="?", field_columns=FIELD_COLUMNS, job_order="rowid")
 
+# The key name in a kms_v1 envelope's header, as heimdall.envelope lays it out (by position:
+# no envelope can make it fail), for migration 4. SQLite has no regular expressions, so this is
+# PostgreSQL's KEY_NAME_PATTERN spelled out: the key_identifier follows the fixed start of the
+# header, and loses its -v<N>; NULL when there is none of that form. Never change it.
+_HEADER_START: Final = '{"encryption_version":"kms_v1","algorithm":"'
+_AFTER_ALGORITHM: Final = '","key_identifier":"'
+_IDENTIFIER_ON: Final = (
+    f"substr(encrypted_data, instr(encrypted_data, '{_AFTER_ALGORITHM}') + {len(_AFTER_ALGORITHM)})"
+)
+_IDENTIFIER: Final = f"substr({_IDENTIFIER_ON}, 1, instr({_IDENTIFIER_ON}, '\"') - 1)"
+_WITHOUT_NUMBER: Final = f"rtrim({_IDENTIFIER}, '0123456789')"
+_KEY_NAME: Final = (
+    f"CASE WHEN substr(encrypted_data, 1, {len(_HEADER_START)}) = '{_HEADER_START}'"
+    f" AND instr(encrypted_data, '{_AFTER_ALGORITHM}') > 0"
+    f" AND substr({_WITHOUT_NUMBER}, -2) = '-v'"
+    f" AND length({_WITHOUT_NUMBER}) < length({_IDENTIFIER})"
+    f" THEN substr({_WITHOUT_NUMBER}, 1, length({_WITHOUT_NUMBER}) - 2) END"
+)
+
 # The re-encryption job's state (heimdall.store.jobs): migration 2.
 JOB_TABLES: Final = (
     """
@@ -134,6 +153,21 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             ON sightings (canonical_key, record_id, source)
         """,
         "DROP INDEX sightings_by_key",
+    ),
+    # The key each field is wrapped under, without its version: key_name, as on PostgreSQL
+    # (see postgres_schema's migration 4, and _KEY_NAME above). A virtual column, the only kind
+    # ALTER TABLE can add: computed when read, and kept in the index, which takes over from
+    # field_values_by_version (its leading column still serves every count by
+    # encryption_version).
+    (
+        "ALTER TABLE field_values ADD COLUMN key_name TEXT"
+        f" GENERATED ALWAYS AS ({_KEY_NAME}) VIRTUAL",
+        """
+        CREATE INDEX field_values_by_key
+            ON field_values (encryption_version, key_name, key_version)
+        """,
+        "DROP INDEX field_values_by_version",
+        "ALTER TABLE reencrypt_jobs ADD COLUMN target_key TEXT",
     ),
 )
 
