@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # A tour of heimdall, from the old static env key to KMS envelope encryption: ingest, migrate,
 # rotate, re-encrypt, look up, decrypt, audit. On the embedded default (local keyring + SQLite),
-# or on Vault/OpenBao with HMD_KMS_PROVIDER=vault HMD_VAULT_ADDR=... HMD_VAULT_TOKEN=...
+# or on Vault/OpenBao with HMD_KMS_PROVIDER=vault HMD_VAULT_ADDR=... HMD_VAULT_TOKEN=...,
+# or on AWS KMS with HMD_KMS_PROVIDER=aws (after `heimdall aws bootstrap`; AWS credentials from
+# the SDK's default chain). On AWS the tour's rotation creates a KMS key, which AWS bills.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Only HMD_DATA_DIR (where the tour runs), HMD_AUDIT_FSYNC and the key provider's settings
-# (HMD_KMS_PROVIDER, HMD_KMS_KEY_NAME, HMD_VAULT_*) are taken from the caller: any other inherited
-# HMD_* setting (HMD_KEYRING_PATH, HMD_SQLITE_PATH, HMD_CONFIG, HMD_ROLE, ...) could point the tour
-# at real data or break it.
+# (HMD_KMS_PROVIDER, HMD_KMS_KEY_NAME, HMD_VAULT_*, HMD_AWS_*) are taken from the caller: any
+# other inherited HMD_* setting (HMD_KEYRING_PATH, HMD_SQLITE_PATH, HMD_CONFIG, HMD_ROLE, ...)
+# could point the tour at real data or break it.
 for name in $(compgen -e); do
     case "$name" in
-        HMD_DATA_DIR | HMD_AUDIT_FSYNC | HMD_KMS_PROVIDER | HMD_KMS_KEY_NAME | HMD_VAULT_*) ;;
+        HMD_DATA_DIR | HMD_AUDIT_FSYNC | HMD_KMS_PROVIDER | HMD_KMS_KEY_NAME | \
+            HMD_VAULT_* | HMD_AWS_*) ;;
         HMD_*) unset "$name" ;;
     esac
 done

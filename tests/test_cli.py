@@ -389,7 +389,7 @@ def _unknown_role(cli: Cli) -> BadInput:
 
 
 def _unavailable_kms_provider(cli: Cli) -> BadInput:
-    return BadInput(("status",), {"HMD_KMS_PROVIDER": "aws"}, "HMD_KMS_PROVIDER")
+    return BadInput(("status",), {"HMD_KMS_PROVIDER": "gcp"}, "HMD_KMS_PROVIDER")
 
 
 def _vault_without_address(cli: Cli) -> BadInput:

@@ -93,11 +93,24 @@ def _vault(settings: Settings) -> KeyManagementService:
     return VaultTransit(settings.vault, observer=metrics.record_kms_call)
 
 
+def _aws(settings: Settings) -> KeyManagementService:
+    try:
+        from heimdall.kms.aws import AwsKms  # noqa: PLC0415 - the aws extra (boto3)
+    except ImportError:
+        raise ConfigurationError(
+            "HMD_KMS_PROVIDER=aws needs the aws extra: pip install 'heimdall[aws]'"
+        ) from None
+    assert settings.aws is not None  # Settings.from_env builds it for the aws provider
+    return AwsKms(settings.aws, observer=metrics.record_kms_call)
+
+
 def _kms_provider(
     settings: Settings, store: GraphStore, *, create: bool
 ) -> KeyManagementService | None:
     if settings.kms_provider == "vault":
         return _vault(settings)
+    if settings.kms_provider == "aws":
+        return _aws(settings)
     if settings.kms_provider != "local":
         raise ConfigurationError(
             f"HMD_KMS_PROVIDER={settings.kms_provider} is not available in this version of heimdall"
@@ -267,6 +280,11 @@ def _audit_key(kms: KeyManagementService | None) -> AuditKey | None:
 
         assert isinstance(kms, VaultTransit)
         return VaultAuditKey(kms.transport)
+    if kms is not None and kms.provider == "aws":
+        from heimdall.kms.aws import AwsKms  # noqa: PLC0415 - the aws extra
+
+        assert isinstance(kms, AwsKms)
+        return kms.audit_key()
     return None
 
 
@@ -312,6 +330,8 @@ def open_audit_log(settings: Settings) -> JsonlAuditLog:
     kms: KeyManagementService | None = None
     if settings.kms_provider == "vault":
         kms = _vault(settings)
+    elif settings.kms_provider == "aws":
+        kms = _aws(settings)
     elif settings.kms_provider == "local" and settings.keyring_file.exists():
         kms = LocalKeyring(settings.keyring_file, key_name=settings.kms_key_name, create=False)
     return _audit_log(settings, kms)

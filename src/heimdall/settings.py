@@ -18,7 +18,8 @@ from typing import Any, Final
 
 from heimdall.audit import DEFAULT_CHECKPOINT_EVERY, ForwardSink
 from heimdall.errors import ConfigurationError
-from heimdall.kms import vault_config
+from heimdall.kms import aws_config, vault_config
+from heimdall.kms.aws_config import AwsSettings
 from heimdall.kms.base import KEY_NAME_RULE, valid_key_name
 from heimdall.kms.vault_config import VaultPattern, VaultSettings
 from heimdall.private_files import ConfigFile, read_config
@@ -80,6 +81,7 @@ _FILE_KEYS: Final = (
         }
     )
     | vault_config.FILE_KEYS
+    | aws_config.FILE_KEYS
     | _ROTATION_KEYS
 )
 _PATH_SETTINGS: Final = ("data_dir", "keyring_path", "sqlite_path", "audit_log", "policy")
@@ -129,6 +131,7 @@ class Settings:
     postgres_dsn: str | None = field(default=None, repr=False)  # may hold a password
     postgres_pool_size: int = 8
     vault: VaultSettings | None = None
+    aws: AwsSettings | None = None
     vault_pattern: VaultPattern = VaultPattern.DATAKEY
 
     @property
@@ -174,7 +177,12 @@ class Settings:
         if environ.get("HMD_POSTGRES_DSN"):
             values["postgres_dsn"] = environ["HMD_POSTGRES_DSN"]
         vault_values = {k: values.pop(k) for k in list(values) if k in vault_config.FILE_KEYS}
+        aws_values = {k: values.pop(k) for k in list(values) if k in aws_config.FILE_KEYS}
         settings = _build(values, master_key)
+        if settings.kms_provider == "aws":
+            named = "kms_key_name" in values
+            aws = aws_config.aws_settings(aws_values, settings.kms_key_name, named=named)
+            return replace(settings, aws=aws, kms_key_name=aws.key_name)
         if settings.kms_provider != "vault":
             return settings
         vault, pattern = vault_config.vault_settings(vault_values, environ, settings.kms_key_name)

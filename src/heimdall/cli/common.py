@@ -44,6 +44,8 @@ kms_app = typer.Typer(help="Check the key provider.", no_args_is_help=True)
 vault_app = typer.Typer(help="Set up Vault / OpenBao for heimdall.", no_args_is_help=True)
 app.add_typer(kms_app, name="kms")
 app.add_typer(vault_app, name="vault")
+aws_app = typer.Typer(help="Set up AWS KMS for heimdall.", no_args_is_help=True)
+app.add_typer(aws_app, name="aws")
 reencrypt_app = typer.Typer(
     help="Bring every field to the latest key version (in hybrid mode, legacy fields to the KMS).",
     invoke_without_command=True,

@@ -146,6 +146,12 @@ class Keyset:
     def foreign(self, identifier: str) -> str:
         """Why *identifier* names no key of this keyset, naming the likely cause."""
         name, _, version = identifier.rpartition("-v")
+        if identifier.startswith("aws:"):
+            return (
+                f"the data key was wrapped by another key provider (key {identifier}, an AWS "
+                f"KMS key), not by the {self._provider} provider: set HMD_KMS_PROVIDER to the "
+                "provider the fields were written with"
+            )
         if "/" in identifier:
             return (
                 f"the data key was wrapped by another key provider (key {identifier}, a Vault "

@@ -75,7 +75,9 @@ class KeyProvider(abc.ABC):
     (:class:`heimdall.kms.base.KeyManagementService`). See the module docstring."""
 
     provider: ClassVar[str]
-    concurrency: ClassVar[int] = 1  # items of a batch in flight at once (per-item hooks)
+    # Items of a batch in flight at once (per-item hooks); a provider may set it per instance,
+    # from its settings.
+    concurrency: int = 1
 
     def __init__(self, *, observer: KmsCallObserver | None = None) -> None:
         self._observe: KmsCallObserver = observer or _unobserved

@@ -1,0 +1,105 @@
+"""HMD_AWS_* settings: the key by alias, ARN or ID; region, role, endpoint, limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from heimdall.errors import ConfigurationError
+from heimdall.kms.aws_config import AwsSettings
+from heimdall.settings import Settings, unknown_variables
+
+KEY_ID = "1234abcd-12ab-34cd-56ef-1234567890ab"
+ALL_VARIABLES = {
+    "HMD_KMS_PROVIDER": "aws",
+    "HMD_AWS_KEY": "alias/heimdall-pii",
+    "HMD_AWS_REGION": "eu-west-1",
+    "HMD_AWS_ROLE_ARN": "arn:aws:iam::111122223333:role/heimdall-app",
+    "HMD_AWS_ENDPOINT_URL": "https://vpce-1.kms.eu-west-1.vpce.amazonaws.com",
+    "HMD_AWS_CONCURRENCY": "16",
+    "HMD_AWS_TIMEOUT": "2.5",
+    "HMD_AWS_MAX_ATTEMPTS": "5",
+}
+
+
+def _aws(environ: dict[str, str]) -> AwsSettings:
+    settings = Settings.from_env({"HMD_KMS_PROVIDER": "aws", **environ})
+    assert settings.aws is not None
+    assert settings.kms_key_name == settings.aws.key_name
+    return settings.aws
+
+
+def test_every_aws_variable_is_a_known_setting() -> None:
+    assert unknown_variables(ALL_VARIABLES) == []
+    aws = _aws(ALL_VARIABLES)
+    assert (aws.region, aws.concurrency, aws.timeout, aws.max_attempts) == (
+        "eu-west-1",
+        16,
+        2.5,
+        5,
+    )
+    assert aws.role_arn == ALL_VARIABLES["HMD_AWS_ROLE_ARN"]
+    assert unknown_variables({"HMD_AWS_REGON": "eu-west-1"}) == ["HMD_AWS_REGON"]
+
+
+def test_defaults_name_the_alias_after_the_key_name_and_leave_the_region_to_the_sdk() -> None:
+    aws = _aws({"HMD_KMS_KEY_NAME": "customer-pii"})
+    assert (aws.key_name, aws.region, aws.role_arn, aws.endpoint_url) == (
+        "customer-pii",
+        None,
+        None,
+        None,
+    )
+    assert aws.concurrency == 8
+
+
+def test_the_key_by_alias_or_alias_arn_names_the_key_and_its_region() -> None:
+    assert _aws({"HMD_AWS_KEY": "alias/customer-pii"}).key_name == "customer-pii"
+    arn = _aws({"HMD_AWS_KEY": "arn:aws:kms:us-west-2:111122223333:alias/customer-pii"})
+    assert (arn.key_name, arn.region, arn.account) == ("customer-pii", "us-west-2", "111122223333")
+
+
+def test_a_key_id_or_key_arn_is_the_key_the_bootstrap_adopts_as_version_1() -> None:
+    by_id = _aws({"HMD_AWS_KEY": KEY_ID, "HMD_KMS_KEY_NAME": "customer-pii"})
+    assert (by_id.key_name, by_id.adopt_key) == ("customer-pii", KEY_ID)
+    key_arn = f"arn:aws:kms:eu-central-1:111122223333:key/{KEY_ID}"
+    by_arn = _aws({"HMD_AWS_KEY": key_arn})
+    assert (by_arn.adopt_key, by_arn.region, by_arn.account) == (
+        key_arn,
+        "eu-central-1",
+        "111122223333",
+    )
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"HMD_AWS_KEY": "alias/a", "HMD_KMS_KEY_NAME": "b"}, "set one of them"),
+        ({"HMD_AWS_KEY": "heimdall-pii"}, "must be alias/<name>"),
+        ({"HMD_AWS_KEY": "alias/aws/ebs"}, "letters, digits"),
+        ({"HMD_KMS_KEY_NAME": "pii.v2"}, "no '.'"),
+        ({"HMD_KMS_KEY_NAME": "pii-v2"}, "-v<number> or -audit"),
+        ({"HMD_KMS_KEY_NAME": "pii-audit"}, "-v<number> or -audit"),
+        (
+            {
+                "HMD_AWS_KEY": "arn:aws:kms:us-west-2:111122223333:alias/pii",
+                "HMD_AWS_REGION": "eu-west-1",
+            },
+            "HMD_AWS_REGION is eu-west-1",
+        ),
+        ({"HMD_AWS_REGION": "Europe"}, "not an AWS region"),
+        ({"HMD_AWS_ROLE_ARN": "heimdall-app"}, "IAM role ARN"),
+        ({"HMD_AWS_ENDPOINT_URL": "kms.local:4566"}, "http://"),
+        ({"HMD_AWS_ENDPOINT_URL": "https://key:secret@kms.local"}, "credentials"),
+        ({"HMD_AWS_CONCURRENCY": "0"}, "between 1 and 64"),
+        ({"HMD_AWS_MAX_ATTEMPTS": "many"}, "a number"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_rule(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _aws(environ)
+
+
+def test_a_secret_in_an_endpoint_is_never_echoed() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        _aws({"HMD_AWS_ENDPOINT_URL": "https://key:hunter2@kms.local"})
+    assert "hunter2" not in str(caught.value)
