@@ -509,6 +509,23 @@ class StoreContract:
         assert store.count_fields(encryption_version="kms_v1", key_name="transit/pii") == 1
         assert store.count_fields(key_name="absent") == 0
 
+    def test_key_names_are_the_distinct_keys_of_kms_fields(self, store: GraphStore) -> None:
+        assert store.key_names() == []
+        store.write_batch(
+            [
+                field_value(1, data=keyed_envelope("1", "pii-v1")),
+                field_value(2, data=keyed_envelope("2", "pii-v2"), key_version=2),
+                field_value(3, data=keyed_envelope("3", "aws:alias/pii-v1")),
+                field_value(4, data=keyed_envelope("4", "transit/pii-v7"), key_version=7),
+                field_value(5),
+                field_value(6, encryption_version="legacy", data="legacy"),
+            ],
+            [],
+            [],
+        )
+
+        assert store.key_names() == ["aws:alias/pii", "pii", "transit/pii"]
+
     def test_field_counts_of_empty_store_is_empty(self, store: GraphStore) -> None:
         assert store.field_counts() == []
 

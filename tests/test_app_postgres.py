@@ -36,7 +36,9 @@ def test_ingest_rotate_reencrypt_and_decrypt_on_postgres(
     reencrypted = _run(tmp_path, postgres_store_dsn, "reencrypt")
     assert reencrypted.returncode == 0, reencrypted.stderr
     status = json.loads(_run(tmp_path, postgres_store_dsn, "status", "--json").stdout)
-    assert status["fields"] == [{"encryption_version": "kms_v1", "key_version": 2, "count": 300}]
+    assert status["fields"] == [
+        {"encryption_version": "kms_v1", "key_name": "heimdall-pii", "key_version": 2, "count": 300}
+    ]
     found = json.loads(
         _run(tmp_path, postgres_store_dsn, "lookup", "email", "p7@example.com", "--json").stdout
     )

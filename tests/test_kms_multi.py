@@ -25,6 +25,7 @@ from heimdall.modes import CipherRouter
 from heimdall.policy import default_policy
 from heimdall.rbac import Caller
 from heimdall.rotation.job import JobKind, plan, run_job, start_job
+from heimdall.rotation.migration import require_verified, verify
 from heimdall.rotation.worker import Worker
 from heimdall.secret import SecretBytes
 from heimdall.service import Heimdall
@@ -248,6 +249,28 @@ def test_moving_every_field_keeps_its_ciphertext_and_needs_the_old_provider_no_m
     assert after.lookup("email", "person3@example.com", caller=CALLER).found
 
 
+def test_verify_counts_the_fields_still_under_another_key_until_the_move_is_done(
+    deployment: Deployment, keyring: LocalKeyring, vault: VaultTransit
+) -> None:
+    first = deployment.open(keyring)
+    _ingest(first, 10)
+    written = len(_fields(first))
+    moving = deployment.open(MultiProvider(vault, [keyring]))
+
+    before = verify(moving, caller=CALLER, sample=5)
+    with pytest.raises(LifecycleError, match=f"{written} fields are under another key"):
+        require_verified(before)
+    require_verified(before, one_key=False)  # the env key is not what is missing here
+    job = start_job(moving, caller=CALLER, kind=JobKind.KMS_MIGRATION)
+    assert job is not None
+    run_job(moving, job.job_id, caller=CALLER)
+    after = verify(moving, caller=CALLER, sample=5)
+
+    assert (before.other_key_fields, before.index_key_elsewhere) == (written, True)
+    assert (after.other_key_fields, after.index_key_elsewhere, after.ok) == (0, False, True)
+    assert after.key_name == vault.describe().key_name
+
+
 def test_a_process_still_writing_under_the_old_key_does_not_undo_the_move(
     deployment: Deployment, keyring: LocalKeyring, vault: VaultTransit, tmp_path: Path
 ) -> None:
@@ -272,6 +295,31 @@ def test_a_process_still_writing_under_the_old_key_does_not_undo_the_move(
     current = moving.store.get_job(job.job_id)  # type: ignore[attr-defined]
     assert current is not None and (current.state, current.completed) == (JobState.RUNNING, 0)
     assert _keys_in_use(moving) == {keyring.describe().key_name: written}
+
+
+def test_once_the_move_is_done_a_process_on_the_old_key_does_not_move_fields_back(
+    deployment: Deployment, keyring: LocalKeyring, vault: VaultTransit, tmp_path: Path
+) -> None:
+    _ingest(deployment.open(keyring), 6)
+    moving = deployment.open(MultiProvider(vault, [keyring]))
+    job = start_job(moving, caller=CALLER, kind=JobKind.KMS_MIGRATION)
+    assert job is not None
+    run_job(moving, job.job_id, caller=CALLER)
+    # Its settings name the keyring again, with Vault to read: it could move every field back.
+    stale = deployment.open(MultiProvider(keyring, [vault]))
+
+    with pytest.raises(LifecycleError, match="brought fields to the key"):
+        start_job(stale, caller=CALLER)
+    logged: list[str] = []
+    settings = Settings(data_dir=tmp_path / "unused", reencrypt_interval_seconds=0)
+    report = Worker(stale, settings, caller=CALLER, log=logged.append).cycle()
+
+    assert (report.started, report.worked) == (None, None)
+    assert any("not working it" in line for line in logged)
+    assert _keys_in_use(moving) == {vault.describe().key_name: len(_fields(moving))}
+    # An explicit move back is the operator's to make.
+    back = start_job(stale, caller=CALLER, kind=JobKind.KMS_MIGRATION)
+    assert back is not None and back.target_key == keyring.describe().key_name
 
 
 def test_values_the_old_provider_encrypted_itself_are_sealed_anew_under_the_new_one(

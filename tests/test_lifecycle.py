@@ -9,15 +9,19 @@ import pytest
 
 from heimdall.app import build
 from heimdall.envelope import parse
-from heimdall.errors import LifecycleError
+from heimdall.errors import LifecycleError, PermissionDenied
 from heimdall.ingest import ingest_lines
 from heimdall.kms.base import KeyState
-from heimdall.rbac import Caller
+from heimdall.rbac import Caller, Role
 from heimdall.reencrypt import reencrypt
 from heimdall.rotation.emergency import emergency_rotate
-from heimdall.rotation.lifecycle import disable_expired, retire
+from heimdall.rotation.job import run_job
+from heimdall.rotation.lifecycle import dependents_below, disable_expired, retire
+from heimdall.rotation.worker import Worker
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
+from heimdall.store.base import FieldUpdate
+from heimdall.store.jobs import JobState
 
 CALLER = Caller(actor="test:lifecycle")
 DAY = 86_400.0
@@ -112,3 +116,51 @@ def test_emergency_rotation_reencrypts_under_new_data_keys_and_disables_old_vers
     kinds = [e["event_type"] for e in events]
     assert "key.rotate" in kinds and kinds.count("key.config") >= 2
     assert sum(1 for e in events if e["event_type"] == "crypto.reencrypt") == 50
+
+
+def test_an_admin_emergency_rotation_leaves_the_reencryption_to_a_role_that_may_decrypt(
+    service: Heimdall, tmp_path: Path
+) -> None:
+    # heimdall-admin never sees plaintext (on AWS its policy denies Decrypt outright): it
+    # rotates, retires and starts the job; heimdall-app runs it; the admin then disables.
+    admin = Caller(actor="test:admin", role=Role.ADMIN)
+    app = Caller(actor="test:app", role=Role.APP)
+    before = _values(service)
+
+    result = emergency_rotate(service, caller=admin)
+
+    assert result.job is not None and result.job.completed == 0
+    assert result.disabled_below is None
+    assert service.kms.describe().min_encryption_version == 3  # the old versions are retired
+    with pytest.raises(PermissionDenied, match="may not decrypt"):
+        run_job(service, result.job.job_id, caller=admin)
+    logged: list[str] = []
+    settings = Settings(data_dir=tmp_path / "unused", reencrypt_interval_seconds=0)
+    worker = Worker(
+        service, settings, caller=Caller(actor="w", role=Role.WORKER), log=logged.append
+    )
+    assert worker.cycle().worked is None
+    assert any("heimdall-app" in line for line in logged)
+    done = run_job(service, result.job.job_id, caller=app)
+    assert (done.state, done.completed, done.failed) == (JobState.DONE, 50, 0)
+    service.set_min_decryption_version(3, caller=admin)  # nothing depends on 1 and 2 now
+    assert _states(service) == [KeyState.DISABLED, KeyState.DISABLED, KeyState.ACTIVE]
+    assert _values(service) == before
+
+
+def test_a_field_in_another_envelope_layout_still_counts_as_a_dependent(
+    service: Heimdall,
+) -> None:
+    # The stores name a field's key from heimdall's own layout; one stored otherwise (the
+    # parser still reads it) has no key name, and must not let a floor past it.
+    field = next(iter(service.store.iter_fields(batch_size=1)))[0]
+    spaced = json.dumps(json.loads(field.encrypted_data))  # ", " and ": " separators
+    update = FieldUpdate(spaced, field.key_version, field.encryption_version, field.dek_id)
+    assert service.store.compare_and_swap(field.canonical_key, field.encrypted_data, update)
+    assert service.decrypt(field.canonical_key, reason="test", caller=CALLER)
+
+    fields, _ = dependents_below(service, 2)
+
+    assert fields == 50
+    with pytest.raises(LifecycleError, match="50 stored fields"):
+        service.set_min_decryption_version(2, caller=CALLER)

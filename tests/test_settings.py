@@ -369,3 +369,35 @@ def test_unknown_key_rotation_key_is_refused(tmp_path: Path) -> None:
     config = _config(tmp_path, "[key_rotation]\ncadense_days = 30\n")
 
     assert "key_rotation.cadense_days" in _refusal({"HMD_CONFIG": str(config)})
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"HMD_KMS_READ_PROVIDERS": "vault,elsewhere"}, "names 'elsewhere', not one of"),
+        ({"HMD_KMS_PROVIDER": "local", "HMD_KMS_READ_PROVIDERS": "local"}, "already names"),
+        ({"HMD_VAULT_KEY_NAME": "bad name", "HMD_KMS_READ_PROVIDERS": "vault"}, "VAULT_KEY_NAME"),
+    ],
+)
+def test_read_providers_are_checked(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        Settings.from_env(environ)
+
+
+def test_each_read_provider_gets_its_own_settings() -> None:
+    settings = Settings.from_env(
+        {
+            "HMD_KMS_PROVIDER": "local",
+            "HMD_KMS_READ_PROVIDERS": " vault , aws,vault",
+            "HMD_VAULT_ADDR": "http://127.0.0.1:1",
+            "HMD_VAULT_KEY_NAME": "old-pii",
+            "HMD_AWS_REGION": "eu-west-1",
+            "HMD_AWS_KEY": "alias/other-pii",
+        }
+    )
+
+    assert settings.kms_read_providers == ("vault", "aws")
+    assert settings.vault is not None and settings.vault.key_name == "old-pii"
+    # A reader's alias may differ from HMD_KMS_KEY_NAME: it names the key the fields are under.
+    assert settings.aws is not None and settings.aws.key_name == "other-pii"
+    assert settings.kms_key_name == "heimdall-pii"

@@ -15,7 +15,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from heimdall.errors import StorageError
 from heimdall.store.base import FieldCount, FieldUpdate, FieldValue, GraphStore, RecordRow, Sighting
 from heimdall.store.postgres import PostgresStore, _field_filter, _page_sql
-from heimdall.store.postgres_schema import MIGRATIONS
+from heimdall.store.postgres_schema import MIGRATIONS, SQL
 from postgres_server import connect, free_port, temporary_database
 from store_contract import (
     FILTERS,
@@ -661,3 +661,16 @@ def test_repr_names_the_database_but_never_the_password(dsn: str) -> None:
     assert str(conninfo_to_dict(dsn)["dbname"]) in text
     assert "s3cret-pw" not in text
     assert "in-repr?" not in text
+
+
+def test_key_names_probe_the_key_index_and_read_no_table(plan_dsn: str) -> None:
+    # Run as every process opens the store (it checks each key has a provider): it must stay
+    # cheap however many fields there are.
+    with connect(plan_dsn) as conn:
+        plan = _explain(conn, SQL.key_names, [])
+
+    types = [node["Node Type"] for node in _plan_nodes(plan)]
+    assert "Seq Scan" not in types
+    scans = [n for n in _plan_nodes(plan) if n.get("Relation Name") == "field_values"]
+    assert scans and all(n["Node Type"] == "Index Only Scan" for n in scans)
+    assert {n["Index Name"] for n in scans} == {"field_values_by_key"}

@@ -25,6 +25,7 @@ from heimdall.errors import ConfigurationError, HeimdallError
 from heimdall.kms.base import AuditKey, KeyManagementService
 from heimdall.kms.legacy import LegacyMasterKey, parse_master_key
 from heimdall.kms.local import LocalKeyring
+from heimdall.kms.multi import MultiProvider
 from heimdall.kms.vault_config import VaultPattern
 from heimdall.modes import MIGRATE_HINT, CipherRouter
 from heimdall.policy import FieldAction, default_policy, load_policy
@@ -107,15 +108,37 @@ def _aws(settings: Settings) -> KeyManagementService:
 def _kms_provider(
     settings: Settings, store: GraphStore, *, create: bool
 ) -> KeyManagementService | None:
-    if settings.kms_provider == "vault":
+    """The provider new fields go under (HMD_KMS_PROVIDER), with the ones that are only read
+    (HMD_KMS_READ_PROVIDERS) behind a MultiProvider; None in legacy mode without a keyring."""
+    primary = _provider(settings.kms_provider, settings, store, create=create)
+    if primary is None or not settings.kms_read_providers:
+        return primary
+    readers = []
+    for name in settings.kms_read_providers:
+        reader = _provider(name, settings, store, create=False, reader=True)
+        assert reader is not None  # a reader's keyring must exist: _local refuses otherwise
+        readers.append(reader)
+    return MultiProvider(primary, readers)
+
+
+def _provider(
+    name: str, settings: Settings, store: GraphStore, *, create: bool, reader: bool = False
+) -> KeyManagementService | None:
+    if name == "vault":
         return _vault(settings)
-    if settings.kms_provider == "aws":
+    if name == "aws":
         return _aws(settings)
-    if settings.kms_provider != "local":
-        raise ConfigurationError(
-            f"HMD_KMS_PROVIDER={settings.kms_provider} is not available in this version of heimdall"
+    if name != "local":
+        named = (
+            f"HMD_KMS_READ_PROVIDERS names {name}, which" if reader else f"HMD_KMS_PROVIDER={name}"
         )
+        raise ConfigurationError(f"{named} is not available in this version of heimdall")
     path = settings.keyring_file
+    if reader and not path.exists():
+        raise ConfigurationError(
+            f"HMD_KMS_READ_PROVIDERS names local, but the keyring file {path} does not exist: "
+            "set HMD_KEYRING_PATH to the keyring the fields were written with"
+        )
     if not path.exists():
         if not create:
             return None
@@ -132,6 +155,43 @@ def _kms_provider(
         raise ConfigurationError(
             f"keyring file {path} cannot be opened: {exc.strerror or type(exc).__name__}"
         ) from None
+
+
+def _primary(kms: KeyManagementService | None) -> KeyManagementService | None:
+    """The provider new fields go under."""
+    return kms.primary if isinstance(kms, MultiProvider) else kms
+
+
+def _check_every_key_is_read(store: GraphStore, kms: KeyManagementService) -> None:
+    """Refuse settings under which fields the store holds could not be decrypted: a key no
+    configured provider holds (one removed from HMD_KMS_READ_PROVIDERS before `heimdall kms
+    migrate` had moved every field off it, or the wrong HMD_KMS_PROVIDER). One index probe per
+    distinct key, whatever the number of fields."""
+    members = kms.members if isinstance(kms, MultiProvider) else (kms,)
+    for key_name in store.key_names():
+        if any(member.owns(f"{key_name}-v1") for member in members):
+            continue
+        count = store.count_fields(
+            encryption_version=EncryptionVersion.KMS_V1.value, key_name=key_name
+        )
+        raise ConfigurationError(
+            f"the store holds {count:,} fields under the key {key_name}, which no configured "
+            f"key provider holds: {_provider_hint(key_name)}"
+        )
+
+
+def _provider_hint(key_name: str) -> str:
+    """Which settings would read fields under *key_name*, judged by its form."""
+    if key_name.startswith("aws:"):
+        provider, settings = "aws", "the HMD_AWS_* settings"
+    elif "/" in key_name:
+        provider, settings = "vault", "the HMD_VAULT_* settings"
+    else:
+        provider, settings = "local", "HMD_KEYRING_PATH"
+    return (
+        f"set HMD_KMS_PROVIDER={provider}, or add {provider} to HMD_KMS_READ_PROVIDERS while "
+        f"`heimdall kms migrate` moves them, with {settings} they were written with"
+    )
 
 
 def _store(settings: Settings) -> GraphStore:
@@ -248,17 +308,20 @@ def build(
     try:
         # In legacy mode the KMS is only read (rollback), so its keyring is not created there.
         kms = _kms_provider(settings, store, create=mode is not EncryptionMode.LEGACY)
+        if kms is not None:
+            _check_every_key_is_read(store, kms)
         direct = settings.vault_pattern is VaultPattern.TRANSIT
         kms_cipher = (
             FieldCipher(kms, EncryptionVersion.KMS_V1, cache, direct=direct) if kms else None
         )
         router = CipherRouter(mode, kms=kms_cipher, legacy=legacy_cipher)
-        audit = _audit_sink(settings, kms, audit_stdout)
+        audit = _audit_sink(settings, _primary(kms), audit_stdout)
     except BaseException:
         store.close()
         raise
-    if isinstance(kms, LocalKeyring) and settings.env is Environment.PRODUCTION:
-        warn(LOCAL_KEYRING_WARNING.format(path=kms.path))
+    primary = _primary(kms)
+    if isinstance(primary, LocalKeyring) and settings.env is Environment.PRODUCTION:
+        warn(LOCAL_KEYRING_WARNING.format(path=primary.path))
     return Heimdall(
         router=router,
         store=store,

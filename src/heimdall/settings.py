@@ -60,6 +60,7 @@ _FILE_KEYS: Final = (
             "data_dir",
             "encryption_mode",
             "kms_provider",
+            "kms_read_providers",
             "kms_key_name",
             "keyring_path",
             "store",
@@ -99,6 +100,9 @@ class Settings:
     data_dir: Path = Path(".heimdall")
     encryption_mode: EncryptionMode = EncryptionMode.KMS
     kms_provider: str = "local"
+    # Providers that are only read: fields still under their keys decrypt, and move to
+    # kms_provider's key (heimdall kms migrate). Each needs its own settings (HMD_VAULT_*, ...).
+    kms_read_providers: tuple[str, ...] = ()
     kms_key_name: str = "heimdall-pii"
     keyring_path: Path | None = None
     # From the environment (Settings.from_env with os.environ): the key's base64 text in a
@@ -179,14 +183,27 @@ class Settings:
         vault_values = {k: values.pop(k) for k in list(values) if k in vault_config.FILE_KEYS}
         aws_values = {k: values.pop(k) for k in list(values) if k in aws_config.FILE_KEYS}
         settings = _build(values, master_key)
-        if settings.kms_provider == "aws":
-            named = "kms_key_name" in values
+        if settings.kms_provider in settings.kms_read_providers:
+            raise ConfigurationError(
+                f"HMD_KMS_READ_PROVIDERS names {settings.kms_provider}, which HMD_KMS_PROVIDER "
+                "already names: list only the providers fields are moving away from"
+            )
+        providers = (settings.kms_provider, *settings.kms_read_providers)
+        if "aws" in providers:
+            # A reader's alias (HMD_AWS_KEY) may name another key than the one written under.
+            named = "kms_key_name" in values and settings.kms_provider == "aws"
             aws = aws_config.aws_settings(aws_values, settings.kms_key_name, named=named)
-            return replace(settings, aws=aws, kms_key_name=aws.key_name)
-        if settings.kms_provider != "vault":
-            return settings
-        vault, pattern = vault_config.vault_settings(vault_values, environ, settings.kms_key_name)
-        return replace(settings, vault=vault, vault_pattern=pattern)
+            settings = replace(settings, aws=aws)
+            if settings.kms_provider == "aws":
+                settings = replace(settings, kms_key_name=aws.key_name)
+        if "vault" in providers:
+            vault, pattern = vault_config.vault_settings(
+                vault_values, environ, settings.kms_key_name
+            )
+            settings = replace(settings, vault=vault)
+            if settings.kms_provider == "vault":
+                settings = replace(settings, vault_pattern=pattern)
+        return settings
 
 
 # Variables heimdall reads outside Settings, or that its test suite reads.
@@ -336,6 +353,16 @@ def _kms_provider(name: str, value: str) -> str:
     return value
 
 
+def _kms_read_providers(name: str, value: str) -> tuple[str, ...]:
+    words = [word.strip() for word in value.split(",") if word.strip()]
+    for word in words:
+        if word not in KMS_PROVIDERS:
+            raise ConfigurationError(
+                f"HMD_KMS_READ_PROVIDERS names {word!r}, not one of {'|'.join(KMS_PROVIDERS)}"
+            )
+    return tuple(dict.fromkeys(words))
+
+
 def _key_name(name: str, value: str) -> str:
     # Checked before anything is created under the name (a keyring, a Transit key).
     if not valid_key_name(value):
@@ -356,6 +383,7 @@ def _bounded(kind: type[int] | type[float], low: float, high: float) -> Callable
 _PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
     **{name: lambda _, value: Path(value) for name in _PATH_SETTINGS},
     "kms_provider": _kms_provider,
+    "kms_read_providers": _kms_read_providers,
     "kms_key_name": _key_name,
     "dek_max_uses": _bounded(int, 1, 2**24),
     "dek_max_age_seconds": _bounded(float, 0.001, 86_400),

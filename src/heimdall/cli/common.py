@@ -40,7 +40,9 @@ keys_app = typer.Typer(help="Show and rotate the master key.", no_args_is_help=T
 audit_app = typer.Typer(help="Read and check the audit trail.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
-kms_app = typer.Typer(help="Check the key provider.", no_args_is_help=True)
+kms_app = typer.Typer(
+    help="Check the key provider; move every field to another.", no_args_is_help=True
+)
 vault_app = typer.Typer(help="Set up Vault / OpenBao for heimdall.", no_args_is_help=True)
 app.add_typer(kms_app, name="kms")
 app.add_typer(vault_app, name="vault")

@@ -142,7 +142,7 @@ def lookup(
 
 @app.command()
 def status(as_json: JsonOption = False, actor: ActorOption = None) -> None:
-    """Field counts by encryption_version and key_version."""
+    """Field counts by encryption_version, key and key_version."""
     with open_service() as (service, settings):
         result = service.status(caller=caller_for(settings, actor))
     if as_json:
@@ -155,6 +155,7 @@ def status(as_json: JsonOption = False, actor: ActorOption = None) -> None:
                 "fields": [
                     {
                         "encryption_version": c.encryption_version,
+                        "key_name": c.key_name,
                         "key_version": c.key_version,
                         "count": c.count,
                     }
@@ -170,11 +171,15 @@ def status(as_json: JsonOption = False, actor: ActorOption = None) -> None:
         )
     )
     table.add_column("encryption_version")
+    table.add_column("key")
     table.add_column("key_version", justify="right")
     table.add_column("fields", justify="right")
     for count in result.counts:
         table.add_row(
-            terminal_safe(count.encryption_version), str(count.key_version), f"{count.count:,}"
+            terminal_safe(count.encryption_version),
+            terminal_safe(count.key_name or ""),
+            str(count.key_version),
+            f"{count.count:,}",
         )
-    table.add_row("total", "", f"{result.total:,}", style="bold")
+    table.add_row("total", "", "", f"{result.total:,}", style="bold")
     out.print(table)

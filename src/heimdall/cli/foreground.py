@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+from typing import Annotated
 
 import typer
 
@@ -19,16 +20,42 @@ from heimdall.rbac import Caller
 from heimdall.rotation.job import StopRequest, job_store, run_job, work_left
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
-from heimdall.store.jobs import Job, JobState
+from heimdall.store.jobs import Job, JobKind, JobState
 
-__all__ = ["run_here"]
+__all__ = ["BatchOption", "IntervalOption", "WorkersOption", "run_here"]
+
+# The options of every command that works the job here.
+BatchOption = Annotated[
+    int | None, typer.Option("--batch-size", min=1, max=100_000, help="Fields per batch.")
+]
+IntervalOption = Annotated[
+    float | None,
+    typer.Option(
+        "--interval",
+        min=0,
+        help="Seconds to wait between batches (default: HMD_REENCRYPT_INTERVAL_SECONDS).",
+    ),
+]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(
+        "--workers", min=1, max=64, help="Batches worked side by side (threads) in this process."
+    ),
+]
 
 
 def _summary(job: Job, elapsed: float) -> str:
+    target = f"version {job.target_version}"
+    if job.kind is JobKind.KMS_MIGRATION:
+        target = f"key {job.target_key} {target}"
     return (
-        f"reencrypt to version {job.target_version} in {elapsed:.2f} s: job {job.job_id} "
+        f"{_verb(job)} to {target} in {elapsed:.2f} s: job {job.job_id} "
         f"{job.state.value}, {job.completed:,} of {job.total:,} fields done, {job.failed:,} failed"
     )
+
+
+def _verb(job: Job) -> str:
+    return "kms migrate" if job.kind is JobKind.KMS_MIGRATION else "reencrypt"
 
 
 def run_here(
@@ -57,7 +84,7 @@ def run_here(
         )
 
     started = time.monotonic()
-    with stop_signals(stop.set, announce), progress_bar(remaining, "reencrypt") as progress:
+    with stop_signals(stop.set, announce), progress_bar(remaining, _verb(job)) as progress:
         final = run_job(
             service,
             job.job_id,

@@ -24,30 +24,12 @@ from heimdall.cli.common import (
     out,
     reencrypt_app,
 )
-from heimdall.cli.foreground import run_here
+from heimdall.cli.foreground import BatchOption, IntervalOption, WorkersOption, run_here
 from heimdall.cli.output import write_json
 from heimdall.rbac import Permission
 from heimdall.rotation.job import change_state, job_store, plan, start_job
 from heimdall.service import Heimdall
 from heimdall.store.jobs import Job, JobState
-
-BatchOption = Annotated[
-    int | None, typer.Option("--batch-size", min=1, max=100_000, help="Fields per batch.")
-]
-IntervalOption = Annotated[
-    float | None,
-    typer.Option(
-        "--interval",
-        min=0,
-        help="Seconds to wait between batches (default: HMD_REENCRYPT_INTERVAL_SECONDS).",
-    ),
-]
-WorkersOption = Annotated[
-    int | None,
-    typer.Option(
-        "--workers", min=1, max=64, help="Batches worked side by side (threads) in this process."
-    ),
-]
 
 
 @reencrypt_app.callback()
@@ -135,7 +117,9 @@ def reencrypt_status(as_json: JsonOption = False, actor: ActorOption = None) -> 
     body = {
         "rate_per_second": rate,
         "job_id": job.job_id,
+        "kind": job.kind.value,
         "state": job.state.value,
+        "target_key": job.target_key or None,
         "target_version": job.target_version,
         "total": job.total,
         "completed": job.completed,
@@ -147,10 +131,11 @@ def reencrypt_status(as_json: JsonOption = False, actor: ActorOption = None) -> 
     if as_json:
         write_json(body)
         return
+    target = f"{job.target_key} version " if job.target_key else "version "
     out.print(
-        f"job {job.job_id} {job.state.value}: {job.completed:,} of {job.total:,} done, "
-        f"{job.failed:,} failed, {pending:,} pending, {rate:,.0f} fields/s "
-        f"(target version {job.target_version})",
+        f"{job.kind.value} job {job.job_id} {job.state.value}: {job.completed:,} of "
+        f"{job.total:,} done, {job.failed:,} failed, {pending:,} pending, {rate:,.0f} fields/s "
+        f"(target {target}{job.target_version})",
         markup=False,
     )
 

@@ -18,7 +18,7 @@ from heimdall.cli.common import (
 from heimdall.cli.output import terminal_safe, write_json
 from heimdall.kms.base import KeyDescription
 from heimdall.rotation.emergency import emergency_rotate
-from heimdall.rotation.job import work_left
+from heimdall.rotation.job import may_reencrypt_emergency, work_left
 from heimdall.rotation.lifecycle import disable, retire
 
 
@@ -82,8 +82,15 @@ def keys_rotate(
     """Create a new master key version; new fields use it, old fields still decrypt."""
     if emergency:
         with open_service() as (service, settings):
-            result = emergency_rotate(service, caller=caller_for(settings, actor))
+            caller = caller_for(settings, actor)
+            result = emergency_rotate(service, caller=caller)
         done = f"{result.job.completed:,} fields re-encrypted" if result.job else "no fields"
+        if result.job is not None and not may_reencrypt_emergency(caller):
+            done = (
+                f"job {result.job.job_id} started to re-encrypt {result.job.total:,} fields "
+                f"under new data keys: run `heimdall reencrypt run` as a role that may decrypt "
+                "and encrypt (heimdall-app), then `heimdall keys disable` as this one"
+            )
         disabled = (
             f"versions below {result.disabled_below} disabled"
             if result.disabled_below

@@ -1,13 +1,16 @@
-"""``heimdall kms check`` (the runbook's pre-flight) and ``heimdall vault bootstrap``."""
+"""``heimdall kms check`` (the runbook's pre-flight), ``heimdall kms migrate`` (every field to
+another key provider) and ``heimdall vault bootstrap``."""
 
 from __future__ import annotations
 
 import os
+from typing import Annotated
 
 import typer
 
 from heimdall.audit import AuditEvent, EventType
 from heimdall.cli.common import (
+    ActorOption,
     caller_for,
     fail,
     kms_app,
@@ -16,8 +19,12 @@ from heimdall.cli.common import (
     out,
     vault_app,
 )
+from heimdall.cli.foreground import BatchOption, IntervalOption, WorkersOption, run_here
 from heimdall.errors import ConfigurationError
 from heimdall.preflight import run_checks
+from heimdall.rotation.batch import rewrap_index_key
+from heimdall.rotation.job import JobKind, plan, start_job
+from heimdall.settings import KMS_PROVIDERS
 
 
 @kms_app.command("check")
@@ -46,6 +53,80 @@ def kms_check() -> None:
         out.print(f"{mark} {check.name}: {check.detail}", markup=False)
     if not all(check.ok for check in checks):
         raise typer.Exit(1)
+
+
+@kms_app.command("migrate")
+def kms_migrate(
+    *,
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help=f"The provider every field moves to ({'|'.join(KMS_PROVIDERS)}): the one "
+            "HMD_KMS_PROVIDER names.",
+        ),
+    ],
+    actor: ActorOption = None,
+    batch_size: BatchOption = None,
+    interval: IntervalOption = None,
+    workers: WorkersOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would move.")] = False,
+) -> None:
+    """Move every field, and the blind-index key, to the key of the provider HMD_KMS_PROVIDER
+    names, from the providers in HMD_KMS_READ_PROVIDERS.
+
+    Each distinct data key is unwrapped by the provider it is under and wrapped by the new one;
+    the data ciphertexts are not touched, and every field decrypts at every moment. It runs as
+    the re-encryption job: resumable after any stop (`heimdall reencrypt run`), shared by any
+    number of workers, shown by `heimdall reencrypt status`. When `heimdall migrate verify`
+    shows no field under another key, the old provider's settings can go.
+    """
+    settings = load_settings()
+    if to not in KMS_PROVIDERS:
+        fail(f"--to {to!r} is not one of {'|'.join(KMS_PROVIDERS)}")
+    if settings.kms_provider != to:
+        fail(
+            f"--to {to}: set HMD_KMS_PROVIDER={to} (new fields go under its key from now on) "
+            f"and name the provider the fields are under now in HMD_KMS_READ_PROVIDERS "
+            f"(it is {settings.kms_provider}), with the settings of both"
+        )
+    with open_service() as (service, settings):
+        caller = caller_for(settings, actor)
+        if dry_run:
+            would = plan(service, caller=caller)
+            out.print(
+                f"dry run, nothing written: {would.moved_fields:,} fields would move to the key "
+                f"{would.target_key} version {would.target_version}, and "
+                f"{would.rewrap_fields - would.moved_fields:,} be rewrapped to that version",
+                markup=False,
+            )
+            return
+        job = start_job(service, caller=caller, kind=JobKind.KMS_MIGRATION)
+        if job is None:
+            description = service.kms.describe()
+            cipher = service.router.require_kms("kms migrate")
+            moved = rewrap_index_key(
+                service,
+                cipher,
+                description.latest_version,
+                description.key_name,
+                caller=caller,
+            )
+            out.print(
+                f"nothing to move: every field is under {description.key_name}"
+                + ("; the blind-index key has moved there too" if moved else ""),
+                markup=False,
+            )
+            return
+        run_here(
+            service,
+            settings,
+            job,
+            caller=caller,
+            batch_size=batch_size,
+            interval=interval,
+            workers=workers,
+        )
 
 
 @vault_app.command("bootstrap")

@@ -27,13 +27,19 @@ def migrate_status(as_json: JsonOption = False, actor: ActorOption = None) -> No
         store = service.store
         recorded = recorded_mode(store)
         legacy = store.count_fields(encryption_version=EncryptionVersion.LEGACY.value)
-        kms = store.count_fields(encryption_version=EncryptionVersion.KMS_V1.value)
+        by_key: dict[str, int] = {}
+        for count in store.field_counts():
+            if count.encryption_version == EncryptionVersion.KMS_V1.value:
+                name = count.key_name or "(none)"
+                by_key[name] = by_key.get(name, 0) + count.count
+        kms = sum(by_key.values())
         job = job_store(service).latest_job()
     body = {
         "mode": service.router.mode.value,
         "recorded_mode": recorded.value if recorded else None,
         "legacy_fields": legacy,
         "kms_fields": kms,
+        "kms_fields_by_key": by_key,
         "job": None
         if job is None
         else {
@@ -46,9 +52,10 @@ def migrate_status(as_json: JsonOption = False, actor: ActorOption = None) -> No
     if as_json:
         write_json(body)
         return
+    keys = ", ".join(f"{count:,} under {name}" for name, count in by_key.items())
     out.print(
         f"mode {body['mode']} (recorded: {body['recorded_mode'] or 'none'}): "
-        f"{legacy:,} legacy fields, {kms:,} KMS fields",
+        f"{legacy:,} legacy fields, {kms:,} KMS fields" + (f" ({keys})" if keys else ""),
         markup=False,
     )
 
@@ -76,14 +83,22 @@ def migrate_verify(sample: SampleOption = 50, actor: ActorOption = None) -> None
     """Prove by query that no legacy field remains, and decrypt a random sample for real."""
     with open_service() as (service, settings):
         result = verify(service, caller=caller_for(settings, actor), sample=sample)
+    index_key = "legacy" if result.index_key_legacy else "under the KMS"
+    if result.index_key_elsewhere and not result.index_key_legacy:
+        index_key = "under another KMS key"
     out.print(
-        f"{result.legacy_fields:,} legacy fields, blind-index key "
-        f"{'legacy' if result.index_key_legacy else 'under the KMS'}, "
-        f"{result.sampled - result.sample_failures}/{result.sampled} sampled fields decrypted",
+        f"{result.legacy_fields:,} legacy fields, blind-index key {index_key}, "
+        f"{result.sampled - result.sample_failures}/{result.sampled} sampled fields decrypted, "
+        f"{result.other_key_fields:,} fields under another KMS key than "
+        f"{result.key_name or 'the KMS key'}",
         markup=False,
     )
     require_verified(result)
-    out.print("verified: every field is KMS-encrypted", markup=False)
+    out.print(
+        f"verified: every field is KMS-encrypted under {result.key_name}; only its key "
+        "provider's settings are needed",
+        markup=False,
+    )
 
 
 @migrate_app.command("enforce")
@@ -91,7 +106,7 @@ def migrate_enforce(sample: SampleOption = 50, actor: ActorOption = None) -> Non
     """hybrid -> kms, only when verify passes; the env key is no longer needed after this."""
     with open_service() as (service, settings):
         caller = caller_for(settings, actor)
-        require_verified(verify(service, caller=caller, sample=sample))
+        require_verified(verify(service, caller=caller, sample=sample), one_key=False)
         set_mode(service, EncryptionMode.KMS, caller=caller, reason="migrate enforce")
     out.print(
         "mode is now kms: legacy fields are refused; HMD_MASTER_KEY can be removed", markup=False

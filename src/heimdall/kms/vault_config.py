@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Final
 
 from heimdall.errors import ConfigurationError
+from heimdall.kms.base import KEY_NAME_RULE, valid_key_name
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -106,6 +107,7 @@ FILE_KEYS: Final = frozenset(
     {
         "vault_addr",
         "vault_mount",
+        "vault_key_name",
         "vault_pattern",
         "vault_auth",
         "vault_role_id_file",
@@ -162,6 +164,12 @@ def vault_settings(
         for name in ("vault_role_id_file", "vault_secret_id_file", "vault_k8s_jwt_path")
         if name in values
     }
+    if values.get("vault_key_name"):
+        # Vault's own key name: for a Vault that is only read while fields move to another
+        # provider, whose key HMD_KMS_KEY_NAME names.
+        key_name = values["vault_key_name"]
+        if not valid_key_name(key_name):
+            raise ConfigurationError(f"HMD_VAULT_KEY_NAME {KEY_NAME_RULE}")
     settings = VaultSettings(
         addresses=addresses,
         mount=values.get("vault_mount", "transit"),

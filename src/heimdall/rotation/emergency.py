@@ -4,6 +4,13 @@ spec: Runbook: Emergency Key Compromise Response. Rotate; stop encrypting with e
 re-encrypt every field under new data keys at full speed (the old master key may have exposed
 the old data keys, so a rewrap is not enough: the job is an :attr:`JobKind.EMERGENCY` one);
 then disable the old versions once no field depends on them.
+
+Re-encrypting under new data keys decrypts every field, which heimdall-admin may not do (it
+never sees plaintext; on AWS its IAM policy denies Decrypt and GenerateDataKey outright). As
+the runbook's steps 2 and 3, the work then splits: the admin rotates, retires the old versions
+and starts the job; an identity that may decrypt and encrypt (heimdall-app, or the operator)
+runs it with ``heimdall reencrypt run``; the admin then disables the old versions (``heimdall
+keys disable``), which is refused until nothing depends on them.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from heimdall.audit import EventType
 from heimdall.kms.base import KeyDescription
 from heimdall.rbac import Caller, Permission
 from heimdall.rotation import lifecycle
-from heimdall.rotation.job import JobKind, run_job, start_job
+from heimdall.rotation.job import JobKind, may_reencrypt_emergency, run_job, start_job
 from heimdall.service import Heimdall
 from heimdall.store.jobs import Job
 
@@ -48,7 +55,7 @@ def emergency_rotate(
         )
     )
     job = start_job(heimdall, caller=caller, kind=JobKind.EMERGENCY)
-    if job is not None:
+    if job is not None and may_reencrypt_emergency(caller):
         job = run_job(heimdall, job.job_id, caller=caller, batch_size=batch_size)
     fields, index_key = lifecycle.dependents_below(heimdall, latest)
     disabled = None

@@ -38,6 +38,7 @@ __all__ = [
     "StopRequest",
     "change_state",
     "job_store",
+    "may_reencrypt_emergency",
     "plan",
     "reencrypt",
     "run_job",
@@ -169,10 +170,16 @@ def work_left(heimdall: Heimdall) -> JobPlan:
 
 
 def _foreign_job(job: Job, key_name: str) -> LifecycleError:
+    if job.state in (JobState.RUNNING, JobState.PAUSED):
+        return LifecycleError(
+            f"re-encryption job {job.job_id} moves fields to the key {job.target_key}, and this "
+            f"process writes under {key_name}: run it where HMD_KMS_PROVIDER names that key, "
+            "or cancel it (`heimdall reencrypt cancel`)"
+        )
     return LifecycleError(
-        f"re-encryption job {job.job_id} moves fields to the key {job.target_key}, and this "
-        f"process writes under {key_name}: run it where HMD_KMS_PROVIDER names that key, or "
-        "cancel it (`heimdall reencrypt cancel`)"
+        f"the last re-encryption job ({job.job_id}) brought fields to the key "
+        f"{job.target_key}, and this process writes under {key_name}: set HMD_KMS_PROVIDER to "
+        "that key's provider, or move the fields back with `heimdall kms migrate`"
     )
 
 
@@ -196,6 +203,16 @@ def start_job(
     include_legacy = _includes_legacy(heimdall)
     for _ in range(_START_ATTEMPTS):
         draft = _draft(heimdall, kind, include_legacy=include_legacy)
+        latest = jobs.latest_job()
+        if (
+            latest is not None
+            and latest.target_key
+            and latest.target_key != draft.target_key
+            and draft.kind is not JobKind.KMS_MIGRATION
+        ):
+            # The fields were moved to another key (or are being moved): only an explicit move
+            # brings them back, never a process whose settings still name this key.
+            raise _foreign_job(latest, draft.target_key)
         active = jobs.active_job()
         if active is not None:
             same_key = active.target_key == draft.target_key
@@ -205,8 +222,6 @@ def start_job(
                 and active.include_legacy == include_legacy
             ):
                 return active
-            if active.target_key and not same_key and draft.kind is not JobKind.KMS_MIGRATION:
-                raise _foreign_job(active, draft.target_key)
             # Superseded; what it finished stays finished.
             jobs.set_job_state(active.job_id, JobState.CANCELLED)
             heimdall.record(_event(caller, active, "superseded"))
@@ -295,6 +310,24 @@ def reencrypt(
     return report
 
 
+def may_reencrypt_emergency(caller: Caller) -> bool:
+    """Whether *caller* may work an emergency job: every field is decrypted and encrypted under
+    a new data key, so it takes a role that may do both (see :mod:`heimdall.rotation.
+    emergency`)."""
+    return caller.may(Permission.DECRYPT) and caller.may(Permission.ENCRYPT)
+
+
+def _require_run(heimdall: Heimdall, caller: Caller, job: Job | None) -> None:
+    """A job is worked by a role that may re-encrypt; an emergency one by a role that may
+    decrypt and encrypt, whose key provider policy lets it (heimdall-app), and no other: the
+    provider would refuse every field of it."""
+    if job is not None and job.kind is JobKind.EMERGENCY:
+        heimdall.require(caller, Permission.DECRYPT)
+        heimdall.require(caller, Permission.ENCRYPT)
+    else:
+        heimdall.require(caller, Permission.REENCRYPT)
+
+
 def _run(
     heimdall: Heimdall,
     job_id: str,
@@ -307,12 +340,12 @@ def _run(
     stop: StopRequest | None = None,
 ) -> tuple[Job, ReencryptReport]:
     """:func:`run_job`, and what its first thread's worker did (all of it, with one thread)."""
-    heimdall.require(caller, Permission.REENCRYPT)
     if workers < 1:
         raise ValueError("workers must be at least 1")
     jobs = job_store(heimdall)
-    cipher = heimdall.router.require_kms("re-encryption")
     first = jobs.get_job(job_id)
+    _require_run(heimdall, caller, first)
+    cipher = heimdall.router.require_kms("re-encryption")
     if first is not None and first.target_key:
         key_name = cipher.kms.describe().key_name
         if first.target_key != key_name:

@@ -133,10 +133,15 @@ def dependents_below(owner: KeyOwner, version: int) -> tuple[int, bool]:
     whether the blind-index key is too. (Fields under another provider's key, while a
     deployment moves between providers, depend on that key, not on this one's versions.)"""
     key_name = owner.kms.describe().key_name
-    fields = owner.store.count_fields(
-        encryption_version=EncryptionVersion.KMS_V1.value,
-        key_version_below=version,
-        key_name=key_name,
+    kms_v1 = EncryptionVersion.KMS_V1.value
+    store = owner.store
+    # Counted as every field below the version less those under another named key, so that a
+    # field whose key the store could not name (an envelope not in heimdall's own layout)
+    # counts as a dependent: refusing a floor too early is safe, allowing it is not.
+    fields = store.count_fields(encryption_version=kms_v1, key_version_below=version) - sum(
+        store.count_fields(encryption_version=kms_v1, key_version_below=version, key_name=other)
+        for other in store.key_names()
+        if other != key_name
     )
     stored = StoredIndexKey.stored_in(owner.store)
     return fields, stored is not None and stored.wrapped_below(version, key_name)

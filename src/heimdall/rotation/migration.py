@@ -74,14 +74,30 @@ def set_mode(heimdall: Heimdall, mode: EncryptionMode, *, caller: Caller, reason
 
 @dataclass(frozen=True, slots=True)
 class Verification:
+    """What :func:`verify` found. *key_name* is the KMS key new fields go under (empty in
+    legacy mode); *other_key_fields* counts the KMS fields under any other key (another
+    provider's, while ``heimdall kms migrate`` moves them), *index_key_elsewhere* whether the
+    blind-index key is too."""
+
     legacy_fields: int
     index_key_legacy: bool
     sampled: int
     sample_failures: int
+    key_name: str = ""
+    other_key_fields: int = 0
+    index_key_elsewhere: bool = False
+
+    @property
+    def migrated(self) -> bool:
+        """No field nor the blind-index key under the env key, and the sample decrypted: the
+        env key is no longer needed (``migrate enforce``)."""
+        return not (self.legacy_fields or self.index_key_legacy or self.sample_failures)
 
     @property
     def ok(self) -> bool:
-        return not (self.legacy_fields or self.index_key_legacy or self.sample_failures)
+        """:attr:`migrated`, and everything under the one key: no other key provider is
+        needed either."""
+        return self.migrated and not (self.other_key_fields or self.index_key_elsewhere)
 
 
 def verify(heimdall: Heimdall, *, caller: Caller, sample: int = 50) -> Verification:
@@ -89,6 +105,15 @@ def verify(heimdall: Heimdall, *, caller: Caller, sample: int = 50) -> Verificat
     store = heimdall.store
     legacy_fields = store.count_fields(encryption_version=LEGACY)
     stored = StoredIndexKey.stored_in(store)
+    key_name, other_key_fields, index_key_elsewhere = "", 0, False
+    cipher = heimdall.router.kms
+    if cipher is not None:
+        key_name = cipher.kms.describe().key_name
+        kms_v1 = EncryptionVersion.KMS_V1.value
+        other_key_fields = store.count_fields(encryption_version=kms_v1) - store.count_fields(
+            encryption_version=kms_v1, key_name=key_name
+        )
+        index_key_elsewhere = stored is not None and stored.outdated(1, key_name)
     # Reservoir sampling: one pass, memory bounded by the sample size, not the store.
     rng = random.Random()  # noqa: S311 - which fields to spot-check, not a secret
     chosen: list[str] = []
@@ -109,19 +134,34 @@ def verify(heimdall: Heimdall, *, caller: Caller, sample: int = 50) -> Verificat
         except HeimdallError:
             failures += 1
     return Verification(
-        legacy_fields, stored is not None and stored.is_legacy, len(chosen), failures
+        legacy_fields,
+        stored is not None and stored.is_legacy,
+        len(chosen),
+        failures,
+        key_name,
+        other_key_fields,
+        index_key_elsewhere,
     )
 
 
-def require_verified(result: Verification) -> None:
-    if not result.ok:
-        raise LifecycleError(
-            f"migration is not complete: {result.legacy_fields} legacy fields remain"
-            + (", the blind-index key is still legacy" if result.index_key_legacy else "")
-            + (
-                f", {result.sample_failures} sampled fields failed to decrypt"
-                if result.sample_failures
-                else ""
-            ),
-            dependent_fields=result.legacy_fields,
+def require_verified(result: Verification, *, one_key: bool = True) -> None:
+    """Raise LifecycleError unless *result* is :attr:`~Verification.ok` (with *one_key*
+    False: :attr:`~Verification.migrated`), naming what remains."""
+    if result.ok or (result.migrated and not one_key):
+        return
+    remains = [f"{result.legacy_fields} legacy fields remain"]
+    if result.index_key_legacy:
+        remains.append("the blind-index key is still legacy")
+    if one_key and result.other_key_fields:
+        remains.append(
+            f"{result.other_key_fields} fields are under another key than {result.key_name} "
+            "(`heimdall kms migrate` moves them)"
         )
+    if one_key and result.index_key_elsewhere:
+        remains.append(f"the blind-index key is under another key than {result.key_name}")
+    if result.sample_failures:
+        remains.append(f"{result.sample_failures} sampled fields failed to decrypt")
+    raise LifecycleError(
+        "migration is not complete: " + ", ".join(remains),
+        dependent_fields=result.legacy_fields + (result.other_key_fields if one_key else 0),
+    )

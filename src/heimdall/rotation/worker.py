@@ -40,11 +40,18 @@ from heimdall import metrics
 from heimdall.errors import KmsUnavailable
 from heimdall.kms.base import KeyDescription
 from heimdall.rbac import Caller
-from heimdall.rotation.job import StopRequest, job_store, plan, run_job, start_job
+from heimdall.rotation.job import (
+    StopRequest,
+    job_store,
+    may_reencrypt_emergency,
+    plan,
+    run_job,
+    start_job,
+)
 from heimdall.rotation.lifecycle import disable_expired, rotate
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
-from heimdall.store.jobs import Job, JobState
+from heimdall.store.jobs import Job, JobKind, JobState
 from heimdall.types import EncryptionMode
 
 __all__ = ["ROTATION_CLAIM_META", "CycleReport", "Worker"]
@@ -193,32 +200,48 @@ class Worker:
     # -- the job ----------------------------------------------------------------------------
 
     def _ours(self, job: Job) -> bool:
-        """Whether this worker may work *job*: one that brings fields to another key than the
-        one this worker writes under (a move between providers, configured elsewhere) is left
-        alone, with a warning, rather than undone."""
+        """Whether this worker may work *job*: not an emergency job this worker's role may not
+        run (it decrypts every field), nor one on another key (see :meth:`_on_our_key`)."""
+        if job.kind is JobKind.EMERGENCY and not may_reencrypt_emergency(self.caller):
+            self._warn_once(
+                job,
+                f"warning: emergency job {job.job_id} re-encrypts every field, which this "
+                "worker's role may not do; run `heimdall reencrypt run` as heimdall-app",
+            )
+            return False
+        return self._on_our_key(job)
+
+    def _on_our_key(self, job: Job) -> bool:
+        """Whether *job* brings fields to the key this worker writes under. One that brings
+        them to another key (a move between providers, configured elsewhere) is left alone,
+        with a warning, rather than undone."""
         if not job.target_key:
             return True
         key_name = self.heimdall.kms.describe().key_name
         if job.target_key == key_name:
             return True
+        self._warn_once(
+            job,
+            f"warning: job {job.job_id} moves fields to the key {job.target_key}, and this "
+            f"worker writes under {key_name}; not working it (check HMD_KMS_PROVIDER)",
+        )
+        return False
+
+    def _warn_once(self, job: Job, message: str) -> None:
         if self._warned_foreign != job.job_id:
             self._warned_foreign = job.job_id
-            self._log(
-                f"warning: job {job.job_id} moves fields to the key {job.target_key}, and this "
-                f"worker writes under {key_name}; not working it (check HMD_KMS_PROVIDER)"
-            )
-        return False
+            self._log(message)
 
     def _start_if_needed(self, active: Job | None, *, rotated: bool) -> Job | None:
         if not self.settings.auto_reencrypt or (active is not None and not rotated):
             return None
-        if active is not None and not self._ours(active):
-            return None
+        latest = job_store(self.heimdall).latest_job()
+        if latest is not None and not self._on_our_key(latest):
+            return None  # the fields went (or are going) to another key: not ours to move
         if not rotated:
             would = plan(self.heimdall, caller=self.caller)
             if not would.rewrap_fields and not would.reencrypt_fields:
                 return None
-            latest = job_store(self.heimdall).latest_job()
             if (
                 latest is not None
                 and latest.target_version == would.target_version

@@ -121,6 +121,11 @@ class GraphStore(Protocol):
         the three (no key name first)."""
         ...
 
+    def key_names(self) -> list[str]:
+        """The distinct key names kms_v1 fields are under (see :class:`FieldCount`), sorted;
+        cheap however many fields there are."""
+        ...
+
     def count_fields(
         self,
         *,

@@ -347,6 +347,9 @@ class PostgresStore(PostgresJobs):
         rows = self._fetch_all("field_counts", SQL.field_counts)
         return [field_count(row) for row in rows]
 
+    def key_names(self) -> list[str]:
+        return [str(name) for (name,) in self._fetch_all("key_names", SQL.key_names)]
+
     def count_fields(
         self,
         *,

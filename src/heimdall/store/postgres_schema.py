@@ -168,13 +168,15 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "DROP INDEX sightings_by_key",
     ),
     # The key each field is wrapped under, without its version: key_name. Derived from the
-    # envelope's header, whose fields come in one fixed order (heimdall.envelope refuses any
-    # other), by position, so that no envelope can make the expression fail: an envelope that
-    # is not kms_v1 in that layout, or whose key_identifier does not end in -v<N>, has none
-    # (NULL). Adding a stored column rewrites the table once, under an exclusive lock, while
-    # the store opens. The re-encryption job finds the fields under another key (another
-    # provider's, while a deployment moves between providers) through the index, which takes
-    # over from field_values_by_version: its leading column still serves every count by
+    # envelope's header in the layout heimdall writes (its members in one order, compact), by
+    # position, so that no envelope can make the expression fail: an envelope in another
+    # layout (which heimdall.envelope still reads), not kms_v1, or whose key_identifier does
+    # not end in -v<N>, has none (NULL). Every reader of the column allows for that: a field
+    # without a key name is pending for every job, and counts as a dependent of every version.
+    # Adding a stored column rewrites the table once, under an exclusive lock, while the store
+    # opens. The re-encryption job finds the fields under another key (another provider's,
+    # while a deployment moves between providers) through the index, which takes over from
+    # field_values_by_version: its leading column still serves every count by
     # encryption_version, and with key_name fixed it hands out key_version ranges as that one
     # did. A job records the key name it brings fields to.
     (

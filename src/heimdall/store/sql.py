@@ -68,6 +68,19 @@ class SqlStatements:
             " GROUP BY encryption_version, key_name, key_version"
             " ORDER BY encryption_version, key_name NULLS FIRST, key_version"
         )
+        # The distinct key names of kms_v1 fields, one index probe each (a loose index scan of
+        # field_values_by_key): cheap however many fields there are.
+        self.key_names: Final = """
+            WITH RECURSIVE names (name) AS (
+                SELECT min(key_name) FROM field_values WHERE encryption_version = 'kms_v1'
+                UNION ALL
+                SELECT (
+                    SELECT min(key_name) FROM field_values
+                    WHERE encryption_version = 'kms_v1' AND key_name > names.name
+                ) FROM names WHERE names.name IS NOT NULL
+            )
+            SELECT name FROM names WHERE name IS NOT NULL
+        """
         # The metadata map; the last one is its compare-and-swap.
         self.get_meta: Final = sql("SELECT value FROM meta WHERE key = {p}")
         self.set_meta: Final = sql(

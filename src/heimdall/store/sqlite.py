@@ -296,6 +296,11 @@ class SqliteStore(SqliteJobs):
             rows = conn.execute(SQL.field_counts).fetchall()
         return [field_count(row) for row in rows]
 
+    def key_names(self) -> list[str]:
+        with self._session("key_names") as conn:
+            rows = conn.execute(SQL.key_names).fetchall()
+        return [str(name) for (name,) in rows]
+
     def count_fields(
         self,
         *,
