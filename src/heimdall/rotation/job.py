@@ -429,7 +429,10 @@ class _Batches:
             thread.join()
         if errors:
             raise errors[0]
-        return stopped[0] if stopped else None
+        if not stopped:
+            return None
+        # A thread's snapshot predates the batches the other threads committed after it.
+        return self.jobs.get_job(self.job_id) or stopped[0]
 
     def work(self, worker: BatchWorker) -> Job | None:
         """Claim and do batches until none is left (None), or the job stops running or this run
