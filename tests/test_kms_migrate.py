@@ -277,3 +277,33 @@ def test_kms_migrate_names_what_to_set_when_the_target_is_not_the_provider(  # n
     for result in (wrong, unknown, same):
         assert "Traceback" not in result.stderr
         assert bao.root_token not in result.stderr
+
+
+def test_kms_check_checks_the_provider_written_to_and_each_one_only_read(  # noqa: PLR0917
+    tmp_path: Path,
+    postgres_store_dsn: str,
+    bao: BaoServer,
+    transit_key: str,
+    moto: MotoServer,
+    aws_key: str,
+) -> None:
+    env = _env(
+        tmp_path,
+        dsn=postgres_store_dsn,
+        bao=bao,
+        transit_key=transit_key,
+        moto=moto,
+        aws_key=aws_key,
+    )
+
+    checked = _heimdall(env, "kms", "check")
+    broken = _heimdall({**env, "HMD_VAULT_TOKEN": "s.not-a-token"}, "kms", "check")
+
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    lines = checked.stdout.splitlines()
+    assert any(line.startswith("ok   round trip") for line in lines)
+    assert any(line.startswith("ok   vault (read only): ") for line in lines)
+    assert not any("vault (read only): round trip" in line for line in lines)
+    assert broken.returncode == 1
+    assert any(line.startswith("FAIL vault (read only): ") for line in broken.stdout.splitlines())
+    assert "s.not-a-token" not in broken.stdout + broken.stderr

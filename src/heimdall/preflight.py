@@ -21,10 +21,11 @@ from __future__ import annotations
 import hmac
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from heimdall.errors import HeimdallError
 from heimdall.kms.base import KeyManagementService
+from heimdall.kms.multi import MultiProvider
 from heimdall.rbac import ROLE_PERMISSIONS, Permission, Role
 
 __all__ = ["Check", "key_readable", "run_checks"]
@@ -80,8 +81,22 @@ def _round_trip(kms: KeyManagementService, role: Role | None) -> Check:
 
 
 def run_checks(kms: KeyManagementService, role: Role | None = None) -> list[Check]:
-    """The checks of *kms* for *role* (``None``: the local operator); see the module docstring."""
+    """The checks of *kms* for *role* (``None``: the local operator); see the module docstring.
+
+    Behind a :class:`~heimdall.kms.multi.MultiProvider`, the provider written to is checked in
+    full, and each provider that is only read with its own checks (no round trip: nothing is
+    written under its key any more), each line naming it."""
+    if isinstance(kms, MultiProvider):
+        checks = run_checks(kms.primary, role)
+        for reader in kms.readers:
+            label = f"{reader.provider} (read only)"
+            checks += [
+                replace(check, name=f"{label}: {check.name}") for check in _own(reader, role)
+            ]
+        return checks
+    return [*_own(kms, role), _round_trip(kms, role)]
+
+
+def _own(kms: KeyManagementService, role: Role | None) -> list[Check]:
     own = getattr(kms, "preflight", None)
-    checks: list[Check] = list(own(role)) if callable(own) else [key_readable(kms)]
-    checks.append(_round_trip(kms, role))
-    return checks
+    return list(own(role)) if callable(own) else [key_readable(kms)]
