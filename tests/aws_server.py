@@ -6,6 +6,15 @@ Fixtures:
 ``moto`` (session)
     One ``moto_server`` (KMS, STS and IAM in one process, all in memory). It does not check
     credentials: any are accepted.
+``moto_regions`` (session)
+    A third server for several regions (moto keeps each region's state apart in one process, so
+    ReplicateKey works inside it). moto 5.2.5 stores at most 36 bytes of key ID in its
+    ciphertext blobs, and a multi-Region key's ID (``mrk-`` and a UUID) has 40: nothing
+    encrypted under one would decrypt again, in any region. This server is moto with that field
+    widened to 40 bytes (:data:`_MULTI_REGION_SERVER`); nothing else in moto changes.
+    moto implements neither GetParametersForImport nor ImportKeyMaterial, and two servers share
+    no state, so one server serves every region; a region goes down through a :class:`Relay`
+    that is stopped, or an endpoint nobody listens on.
 ``moto_iam`` (session)
     A second server that enforces IAM: every request's SigV4 signature is checked against the
     IAM user or assumed role it names, and each action is allowed only by that principal's
@@ -20,6 +29,10 @@ Fixtures:
 ``aws_key`` (function)
     A fresh key name, bootstrapped on ``moto`` by ``heimdall.kms.aws_bootstrap`` (version 1,
     aliases, key policy, automatic rotation, the audit key).
+``regions_environment`` (function)
+    As ``aws_environment``, on ``moto_regions``.
+``relay`` (function)
+    A :class:`Relay` to ``moto_regions``: the first region's endpoint, stopped mid-test.
 
 Every server binds to 127.0.0.1 on a free port, runs in its own process group and is stopped by
 pid at teardown; ``tests/vault_server.py``'s ``atexit`` hook and ``PR_SET_PDEATHSIG`` stop what
@@ -33,10 +46,13 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -57,6 +73,7 @@ from vault_server import _LIVE, _LIVE_LOCK, _die_with_parent, _free_ports, _term
 STARTUP_TIMEOUT = 20.0
 STOP_GRACE = 5.0
 REGION = "eu-west-1"
+REGIONS = ("us-west-2", "eu-west-1")  # of moto_regions: the first holds the primaries
 ACCOUNT = "123456789012"  # moto's default account
 # Dummy credentials: moto's non-enforcing server takes any. Distinctive, so a leak check can
 # look for them.
@@ -64,6 +81,26 @@ DUMMY_ACCESS_KEY = "AKIAHEIMDALLDUMMY000"
 DUMMY_SECRET_KEY = "heimdall-dummy-secret-key-never-real-0000"
 _LOOPBACK = "127.0.0.1"
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxies
+# moto's server with room for a multi-Region key's ID in its ciphertext blobs (see the module
+# docstring); a moto that has the room already is left as it is.
+_MULTI_REGION_SERVER = """
+import sys
+from moto.kms import utils
+from moto.server import main
+
+if utils.KEY_ID_LEN < 40:
+    utils.KEY_ID_LEN = 40
+    utils.HEADER_LEN = utils.KEY_ID_LEN + utils.IV_LEN + utils.TAG_LEN
+    utils.CIPHERTEXT_HEADER_FORMAT = f">{utils.KEY_ID_LEN}s{utils.IV_LEN}s{utils.TAG_LEN}s"
+    _unpack = utils._deserialize_ciphertext_blob
+
+    def _deserialize(ciphertext_blob):
+        ciphertext = _unpack(ciphertext_blob=ciphertext_blob)
+        return ciphertext._replace(key_id=ciphertext.key_id.rstrip("\\0"))
+
+    utils._deserialize_ciphertext_blob = _deserialize
+main(sys.argv[1:])
+"""
 
 
 def moto_binary() -> Path | None:
@@ -120,13 +157,16 @@ class MotoServer:
             answer: dict[str, Any] = json.loads(response.read() or b"{}")
         return answer
 
-    def client(self, service: str, credentials: Credentials | None = None) -> Any:
-        """A boto3 client of this server, with *credentials* (default: the dummy ones)."""
+    def client(
+        self, service: str, credentials: Credentials | None = None, region: str = REGION
+    ) -> Any:
+        """A boto3 client of this server in *region*, with *credentials* (default: the dummy
+        ones)."""
         credentials = credentials or Credentials(DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY)
         return boto3.Session(
             aws_access_key_id=credentials.access_key,
             aws_secret_access_key=credentials.secret_key,
-            region_name=REGION,
+            region_name=region,
         ).client(service, endpoint_url=self.url)
 
     def clients(self, credentials: Credentials | None = None) -> AwsClients:
@@ -155,17 +195,21 @@ def _answers(url: str) -> bool:
         return False
 
 
-def start_moto(workdir: Path) -> MotoServer:
-    """A ``moto_server`` on loopback and a free port, answering; see the module docstring."""
+def start_moto(workdir: Path, *, multi_region_keys: bool = False) -> MotoServer:
+    """A ``moto_server`` on loopback and a free port, answering; see the module docstring.
+    *multi_region_keys*: the server of ``moto_regions``."""
     binary = require_moto_binary()
     workdir.mkdir(parents=True, exist_ok=True)
     (port,) = _free_ports(1)
     log_path = workdir / "moto.log"
     # The server needs no credential: none of the caller's AWS_* or HMD_* variables reach it.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HMD_"))}
+    command = [str(binary)]
+    if multi_region_keys:
+        command = [sys.executable, "-c", _MULTI_REGION_SERVER]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [str(binary), "-H", _LOOPBACK, "-p", str(port)],
+            [*command, "-H", _LOOPBACK, "-p", str(port)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -245,6 +289,17 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
 
 
 @pytest.fixture(scope="session")
+def moto_regions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """A moto server for several regions, multi-Region keys decrypting (see the module
+    docstring)."""
+    server = start_moto(tmp_path_factory.mktemp("moto-regions"), multi_region_keys=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def moto_iam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IamServer]:
     """A moto server that enforces IAM identity policies (see the module docstring)."""
     server = start_moto(tmp_path_factory.mktemp("moto-iam"))
@@ -273,18 +328,109 @@ def sdk_environment(tmp_path: Path, server: MotoServer) -> dict[str, str]:
     }
 
 
+def _use_environment(monkeypatch: pytest.MonkeyPatch, environment: dict[str, str]) -> None:
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+
+
 @pytest.fixture
 def aws_environment(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, moto: MotoServer
 ) -> dict[str, str]:
     """:func:`sdk_environment` in this test's os.environ (and every other AWS_* removed)."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
     environment = sdk_environment(tmp_path, moto)
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
+    _use_environment(monkeypatch, environment)
     return environment
+
+
+@pytest.fixture
+def regions_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, moto_regions: MotoServer
+) -> dict[str, str]:
+    """:func:`sdk_environment` of ``moto_regions`` in this test's os.environ."""
+    environment = sdk_environment(tmp_path, moto_regions)
+    _use_environment(monkeypatch, environment)
+    return environment
+
+
+class Relay:
+    """A loopback TCP relay to a server: an endpoint that can go down mid-run. Once stopped,
+    its port refuses connections, and the connections it carried are cut."""
+
+    def __init__(self, target_url: str) -> None:
+        target = urllib.parse.urlsplit(target_url)
+        self._target = (target.hostname or _LOOPBACK, target.port or 80)
+        self._listener = socket.create_server((_LOOPBACK, 0))
+        self._listener.settimeout(0.05)  # so the accepting thread sees stop() soon
+        self.url = f"http://{_LOOPBACK}:{self._listener.getsockname()[1]}"
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self._target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            client.settimeout(None)
+            upstream.settimeout(None)
+            with self._lock:
+                self._open |= {client, upstream}
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        """Refuse new connections and cut the open ones. Idempotent."""
+        self._stopped.set()
+        self._accepting.join()
+        self._listener.close()
+        with self._lock:
+            cut, self._open = self._open, set()
+        for end in cut:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+
+@pytest.fixture
+def relay(moto_regions: MotoServer) -> Iterator[Relay]:
+    """A relay to ``moto_regions``, stopped at teardown if the test did not stop it."""
+    running = Relay(moto_regions.url)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def unreachable_url() -> str:
+    """A loopback URL that nothing listens on: connections are refused."""
+    (port,) = _free_ports(1)
+    return f"http://{_LOOPBACK}:{port}"
 
 
 def new_key_name() -> str:

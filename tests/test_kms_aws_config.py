@@ -1,4 +1,4 @@
-"""HMD_AWS_* settings: the key by alias, ARN or ID; region, role, endpoint, limits."""
+"""HMD_AWS_* settings: the key by alias, ARN or ID; regions, role, endpoints, limits."""
 
 from __future__ import annotations
 
@@ -102,4 +102,91 @@ def test_bad_settings_are_refused_with_the_rule(environ: dict[str, str], message
 def test_a_secret_in_an_endpoint_is_never_echoed() -> None:
     with pytest.raises(ConfigurationError) as caught:
         _aws({"HMD_AWS_ENDPOINT_URL": "https://key:hunter2@kms.local"})
+    assert "hunter2" not in str(caught.value)
+
+
+def test_regions_in_order_of_preference_the_first_holding_the_primaries() -> None:
+    aws = _aws({"HMD_AWS_REGIONS": "us-west-2, eu-west-1,ap-south-1"})
+    assert (aws.region, aws.replica_regions) == ("us-west-2", ("eu-west-1", "ap-south-1"))
+    assert aws.regions == ("us-west-2", "eu-west-1", "ap-south-1")
+    assert unknown_variables({"HMD_AWS_REGIONS": "x", "HMD_AWS_ENDPOINT_URLS": "y"}) == []
+    same = _aws({"HMD_AWS_REGIONS": "us-west-2,eu-west-1", "HMD_AWS_REGION": "us-west-2"})
+    assert same.regions == aws.regions[:2]
+    assert _aws({"HMD_AWS_REGION": "eu-west-1"}).regions == ("eu-west-1",)
+    assert _aws({}).regions == (None,)
+
+
+def test_each_region_has_its_endpoint_or_else_the_common_one() -> None:
+    aws = _aws(
+        {
+            "HMD_AWS_REGIONS": "us-west-2,eu-west-1,ap-south-1",
+            "HMD_AWS_ENDPOINT_URLS": "us-west-2=http://127.0.0.1:1234, eu-west-1=https://vpce-2",
+            "HMD_AWS_ENDPOINT_URL": "http://127.0.0.1:9999",
+        }
+    )
+    assert aws.endpoint_for("us-west-2") == "http://127.0.0.1:1234"
+    assert aws.endpoint_for("eu-west-1") == "https://vpce-2"
+    assert aws.endpoint_for("ap-south-1") == "http://127.0.0.1:9999"
+    assert _aws({"HMD_AWS_REGIONS": "us-west-2,eu-west-1"}).endpoint_for("eu-west-1") is None
+
+
+def test_a_multi_region_key_id_is_adopted_across_regions() -> None:
+    key = "mrk-1234abcd12ab34cd56ef1234567890ab"
+    aws = _aws({"HMD_AWS_REGIONS": "us-west-2,eu-west-1", "HMD_AWS_KEY": key})
+    assert aws.adopt_key == key
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"HMD_AWS_REGIONS": "us-west-2,,eu-west-1"}, "'' is not one"),
+        ({"HMD_AWS_REGIONS": "us-west-2,Europe"}, "'Europe' is not one"),
+        ({"HMD_AWS_REGIONS": "us-west-2,eu-west-1,us-west-2"}, "names a region twice"),
+        (
+            {"HMD_AWS_REGIONS": "us-west-2,eu-west-1", "HMD_AWS_REGION": "eu-west-1"},
+            "HMD_AWS_REGION names eu-west-1 but HMD_AWS_REGIONS starts with us-west-2",
+        ),
+        (
+            {
+                "HMD_AWS_REGIONS": "us-west-2,eu-west-1",
+                "HMD_AWS_KEY": "arn:aws:kms:eu-west-1:111122223333:alias/pii",
+            },
+            "HMD_AWS_KEY names eu-west-1 but HMD_AWS_REGIONS starts with us-west-2",
+        ),
+        (
+            {"HMD_AWS_REGIONS": "us-west-2,eu-west-1", "HMD_AWS_KEY": KEY_ID},
+            "must be a multi-Region key",
+        ),
+        (
+            {"HMD_AWS_REGION": "eu-west-1", "HMD_AWS_ENDPOINT_URLS": "us-west-2=http://a"},
+            "names us-west-2, which is not among the regions",
+        ),
+        ({"HMD_AWS_ENDPOINT_URLS": "http://127.0.0.1:1234"}, "region=URL pairs"),
+        (
+            {
+                "HMD_AWS_REGIONS": "us-west-2,eu-west-1",
+                "HMD_AWS_ENDPOINT_URLS": "us-west-2=http://a,us-west-2=http://b",
+            },
+            "names a region twice",
+        ),
+        (
+            {"HMD_AWS_REGION": "eu-west-1", "HMD_AWS_ENDPOINT_URLS": "eu-west-1=kms.local:4566"},
+            "http://",
+        ),
+    ],
+)
+def test_bad_region_settings_are_refused_with_the_rule(
+    environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        _aws(environ)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["eu-west-1=https://key:hunter2@kms.local", "eu-west-1:https://key:hunter2@kms.local"],
+)
+def test_a_secret_in_an_endpoint_of_a_region_is_never_echoed(value: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        _aws({"HMD_AWS_REGION": "eu-west-1", "HMD_AWS_ENDPOINT_URLS": value})
     assert "hunter2" not in str(caught.value)

@@ -40,8 +40,9 @@ def aws_bootstrap(
     """Set up the KMS keys: version 1, the aliases, the key policy, the audit key (idempotent).
 
     Creates (or adopts, HMD_AWS_KEY) the version-1 KMS key, applies the key policy, turns on
-    automatic rotation, and prints what it found and did. Run it with credentials that may
-    manage KMS keys (the SDK's default chain).
+    automatic rotation, and prints what it found and did. With HMD_AWS_REGIONS the keys are
+    multi-Region keys, replicated, tagged and aliased in every region. Run it with credentials
+    that may manage KMS keys (the SDK's default chain).
     """
     settings = load_settings()
     if settings.kms_provider != "aws" or settings.aws is None:

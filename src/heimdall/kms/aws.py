@@ -23,6 +23,9 @@ Security properties:
 * **Identifiers** in envelopes are ``aws:alias/<name>-v<N>``: with ``:`` and ``/``, so never a
   local keyring's (``<name>-v<N>``), and not a Vault mount path; without a region or account,
   so a multi-Region replica of the keys (with the same aliases) reads the same envelopes.
+* **Regions.** With ``HMD_AWS_REGIONS``, every call here goes to the first region that answers
+  (:mod:`heimdall.kms.aws_regions`): fields stay readable, and new ones writable, while a region
+  is down. A new version and the floors are made in every region.
 
 AWS has no batch API: the items of a batch are sent side by side, ``HMD_AWS_CONCURRENCY`` at a
 time (``KeyProvider.concurrency``). Credentials, retries and error translation are
@@ -43,9 +46,10 @@ from typing import Any, Final
 from heimdall.aead import KEY_SIZE
 from heimdall.errors import KeyNotFound, KeyVersionDisabled, KmsError
 from heimdall.kms.aws_audit import AwsAuditKey
-from heimdall.kms.aws_client import PROVIDER, AwsClients, aws_errors, connect
+from heimdall.kms.aws_client import PROVIDER, AwsClients, RegionClients, aws_errors, connect
 from heimdall.kms.aws_config import AwsSettings
 from heimdall.kms.aws_preflight import aws_checks
+from heimdall.kms.aws_regions import Regions
 from heimdall.kms.aws_rotation import (
     rotate,
     schedule_deletion,
@@ -54,7 +58,6 @@ from heimdall.kms.aws_rotation import (
 )
 from heimdall.kms.aws_versions import KeyChain, VersionKey, key_id_of, list_versions, load_chain
 from heimdall.kms.base import (
-    AuditKey,
     DataKey,
     KeyDescription,
     KeyState,
@@ -102,6 +105,7 @@ class AwsKms(KeyProvider):
         self.concurrency = settings.concurrency
         self.settings = settings
         self.clients = clients or connect(settings)
+        self.regions = Regions(self.clients, monotonic=monotonic)
         self._name = settings.key_name
         self.key_name = f"{PROVIDER}:alias/{self._name}"
         self._monotonic = monotonic
@@ -127,14 +131,14 @@ class AwsKms(KeyProvider):
             if version is not None and version not in chain.versions and stale:
                 return self._reload(now)
             if encrypting and stale:
-                versions, _ = list_versions(self.clients.kms, self._name)
+                versions, _ = self.regions.call(lambda at: list_versions(at.kms, self._name))
                 self._latest_checked = now
                 if versions != chain.aliases():
                     return self._reload(now)
             return chain
 
     def _reload(self, now: float) -> KeyChain:
-        chain = load_chain(self.clients.kms, self._name)
+        chain = self.regions.call(lambda at: load_chain(at.kms, self._name))
         self._chain, self._loaded, self._latest_checked = chain, now, now
         return chain
 
@@ -206,14 +210,30 @@ class AwsKms(KeyProvider):
             "AWS KMS: set HMD_KMS_PROVIDER to the provider the fields were written with"
         )
 
+    def _send(
+        self, action: str, identifier: str, request: Callable[[Any], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """*request*'s answer from the first region that answers; *action* completes "could
+        not ..." in an error's message."""
+
+        def attempt(region: RegionClients) -> dict[str, Any]:
+            with aws_errors(action, key_identifier=identifier):
+                answer: dict[str, Any] = request(region.kms)
+            return answer
+
+        return self.regions.call(attempt)
+
     def _generate_data_key(self, associated_data: bytes) -> DataKey:
         key, identifier = self._encrypting()
-        with aws_errors(f"generate a data key under {identifier}", key_identifier=identifier):
-            answer = self.clients.kms.generate_data_key(
+        answer = self._send(
+            f"generate a data key under {identifier}",
+            identifier,
+            lambda kms: kms.generate_data_key(
                 KeyId=key.key_id,
                 KeySpec="AES_256",
                 EncryptionContext=encryption_context(associated_data),
-            )
+            ),
+        )
         plaintext = SecretBytes(answer.pop("Plaintext", b""))
         try:
             self._check_key(answer, key, identifier)
@@ -224,25 +244,31 @@ class AwsKms(KeyProvider):
 
     def _wrap_one(self, plaintext: SecretBytes, associated_data: bytes) -> WrappedKey:
         key, identifier = self._encrypting()
-        with aws_errors(f"wrap a data key under {identifier}", key_identifier=identifier):
-            answer = self.clients.kms.encrypt(
+        answer = self._send(
+            f"wrap a data key under {identifier}",
+            identifier,
+            lambda kms: kms.encrypt(
                 KeyId=key.key_id,
                 Plaintext=plaintext.view(),
                 EncryptionContext=encryption_context(associated_data),
-            )
+            ),
+        )
         self._check_key(answer, key, identifier)
         return WrappedKey(identifier, key.version, answer["CiphertextBlob"])
 
     def _unwrap_one(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
         key = self._decrypting(wrapped)
         identifier = wrapped.key_identifier
-        with aws_errors(f"unwrap a data key under {identifier}", key_identifier=identifier):
-            answer = self.clients.kms.decrypt(
+        answer = self._send(
+            f"unwrap a data key under {identifier}",
+            identifier,
+            lambda kms: kms.decrypt(
                 CiphertextBlob=wrapped.ciphertext,
                 KeyId=key.key_id,
                 EncryptionContext=encryption_context(associated_data),
                 EncryptionAlgorithm="SYMMETRIC_DEFAULT",
-            )
+            ),
+        )
         plaintext = SecretBytes(answer.pop("Plaintext", b""))
         try:
             self._check_key(answer, key, identifier)
@@ -257,17 +283,17 @@ class AwsKms(KeyProvider):
         source = self._decrypting(wrapped)
         key, identifier = self._encrypting()
         context = encryption_context(associated_data)
-        with aws_errors(
+        answer = self._send(
             f"rewrap a data key from {wrapped.key_identifier} to {identifier}",
-            key_identifier=wrapped.key_identifier,
-        ):
-            answer = self.clients.kms.re_encrypt(
+            wrapped.key_identifier,
+            lambda kms: kms.re_encrypt(
                 CiphertextBlob=wrapped.ciphertext,
                 SourceKeyId=source.key_id,
                 SourceEncryptionContext=context,
                 DestinationKeyId=key.key_id,
                 DestinationEncryptionContext=context,
-            )
+            ),
+        )
         self._check_key(answer, key, identifier)
         return WrappedKey(identifier, key.version, answer["CiphertextBlob"])
 
@@ -336,9 +362,9 @@ class AwsKms(KeyProvider):
 
     # -- the audit key and pre-flight -------------------------------------------------------
 
-    def audit_key(self) -> AuditKey:
+    def audit_key(self) -> AwsAuditKey:
         """The KMS HMAC key that authenticates the audit trail's checkpoints."""
-        return AwsAuditKey(self.clients, self._name)
+        return AwsAuditKey(self.clients, self._name, self.regions)
 
     def preflight(self, role: Role | None = None) -> list[Check]:
         """Credentials, the key and what *role* may do with it (:mod:`heimdall.kms.
@@ -346,5 +372,5 @@ class AwsKms(KeyProvider):
         return aws_checks(self, role)
 
     def __repr__(self) -> str:
-        region = self.settings.region or "the SDK's region"
-        return f"AwsKms(key={self.key_name!r}, region={region!r})"
+        regions = ", ".join(region or "the SDK's region" for region in self.settings.regions)
+        return f"AwsKms(key={self.key_name!r}, regions={regions!r})"

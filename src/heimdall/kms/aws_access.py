@@ -56,9 +56,12 @@ PERMISSION_ACTIONS: Final[Mapping[Permission, frozenset[str]]] = MappingProxyTyp
         # A rotation creates the next version's KMS key with the key policy of the latest one,
         # turns on the automatic rotation of its key material, claims its alias and points
         # alias/<name> at it; a rotation that lost a race schedules its unused key's deletion.
+        # With several regions the key is replicated to each other one (ReplicateKey on the
+        # key, and CreateKey with the version's tags in the replica's region).
         Permission.ROTATE: METADATA
         | {
             "kms:CreateKey",
+            "kms:ReplicateKey",
             "kms:GetKeyPolicy",
             "kms:TagResource",
             "kms:EnableKeyRotation",

@@ -6,17 +6,20 @@ tagged ``heimdall:key`` = ``<name>-audit``. heimdall only calls GenerateMac to s
 and VerifyMac to check one (HMAC-SHA-256), so the key never leaves KMS; the role policies let
 every role whose commands write audit events sign and the roles that read the trail verify
 (:mod:`heimdall.kms.aws_access`). KMS cannot rotate HMAC keys, so the MAC's text names only its
-format (``aws-kms:v1:<base64>``).
+format (``aws-kms:v1:<base64>``). With several regions it is a multi-Region key like the
+version keys, and signing and verifying go to the first region that answers
+(:mod:`heimdall.kms.aws_regions`): a checkpoint signed in one region verifies in any other.
 """
 
 from __future__ import annotations
 
 import binascii
 import re
-from typing import Final
+from typing import Any, Final
 
 from heimdall.errors import DecryptionFailed, KeyNotFound, KmsError
-from heimdall.kms.aws_client import PROVIDER, AwsClients, aws_errors
+from heimdall.kms.aws_client import PROVIDER, AwsClients, RegionClients, aws_errors
+from heimdall.kms.aws_regions import Regions
 
 __all__ = ["AUDIT_KEY_SPEC", "AwsAuditKey", "audit_alias", "audit_key_name"]
 
@@ -39,8 +42,8 @@ def audit_alias(name: str) -> str:
 class AwsAuditKey:
     """An :class:`heimdall.kms.base.AuditKey` over a KMS HMAC key. See the module docstring."""
 
-    def __init__(self, clients: AwsClients, key_name: str) -> None:
-        self._kms = clients.kms
+    def __init__(self, clients: AwsClients, key_name: str, regions: Regions | None = None) -> None:
+        self._regions = regions or Regions(clients)
         self._alias = audit_alias(key_name)
 
     @property
@@ -48,11 +51,15 @@ class AwsAuditKey:
         return f"{PROVIDER}:{self._alias}"
 
     def sign(self, message: bytes) -> str:
-        try:
+        def sign(region: RegionClients) -> dict[str, Any]:
             with aws_errors("sign an audit checkpoint", key_identifier=self.key_identifier):
-                answer = self._kms.generate_mac(
+                answer: dict[str, Any] = region.kms.generate_mac(
                     KeyId=self._alias, Message=message, MacAlgorithm=_ALGORITHM
                 )
+            return answer
+
+        try:
+            answer = self._regions.call(sign)
         except KeyNotFound:
             raise KeyNotFound(
                 f"AWS KMS has no audit key {self._alias}; run `heimdall aws bootstrap`",
@@ -68,11 +75,16 @@ class AwsAuditKey:
         if not _MAC.match(mac):
             return False
         raw = binascii.a2b_base64(mac.removeprefix(_PREFIX))
-        try:
+
+        def verify(region: RegionClients) -> dict[str, Any]:
             with aws_errors("verify an audit checkpoint", key_identifier=self.key_identifier):
-                answer = self._kms.verify_mac(
+                answer: dict[str, Any] = region.kms.verify_mac(
                     KeyId=self._alias, Message=message, MacAlgorithm=_ALGORITHM, Mac=raw
                 )
+            return answer
+
+        try:
+            answer = self._regions.call(verify)
         except DecryptionFailed:
             return False  # KMSInvalidMacException: not this key's MAC of this message
         return answer.get("MacValid") is True

@@ -15,6 +15,9 @@ found or did.
 * ``alias/<name>`` points at the latest version.
 * The audit key (:mod:`heimdall.kms.aws_audit`): ``HMAC_256``, ``GENERATE_VERIFY_MAC``, same
   key policy, alias ``alias/<name>-audit``.
+* With several regions (``HMD_AWS_REGIONS``), the keys it creates are multi-Region keys, and
+  each other region gets their replicas, tags, key policy and aliases
+  (:mod:`heimdall.kms.aws_bootstrap_regions`). The bootstrap needs every region to answer.
 
 No credential is read, returned or printed; AWS's errors are translated by
 :func:`heimdall.kms.aws_client.aws_errors`.
@@ -27,16 +30,17 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from heimdall.errors import ConfigurationError, KeyNotFound
 from heimdall.kms.aws_audit import AUDIT_KEY_SPEC, audit_alias, audit_key_name
+from heimdall.kms.aws_bootstrap_regions import bootstrap_region
 from heimdall.kms.aws_client import AwsClients, aws_errors
 from heimdall.kms.aws_config import AwsSettings
+from heimdall.kms.aws_replicas import apply_key_policy
 from heimdall.kms.aws_rotation import claim_version, create_version_key, point_latest
 from heimdall.kms.aws_versions import (
     TAG_KEY,
-    TAG_STATE,
     TAG_VERSION,
     describe_key,
     is_encryption_key,
@@ -45,8 +49,8 @@ from heimdall.kms.aws_versions import (
     list_versions,
     tags_of,
     version_alias,
+    version_tags,
 )
-from heimdall.kms.base import KeyState
 from heimdall.rbac import Role
 
 __all__ = ["ROLE_PLACEHOLDERS", "BootstrapReport", "bootstrap", "instructions", "key_policy"]
@@ -116,13 +120,15 @@ def bootstrap(
     for version, key_id in sorted(versions.items()):
         actions += _version_key(clients, name, version, key_id, policy)
     latest = max(versions)
-    point_latest(clients, name, versions[latest], latest_target)
+    point_latest(clients.first, name, versions[latest], latest_target)
     pointer = latest_alias(name)
     if latest_target == versions[latest]:
         actions.append(f"{pointer} points at version {latest}")
     else:
         actions.append(f"pointed {pointer} at version {latest}")
     actions += _audit_key(clients, name, policy)
+    for region in clients.replicas:
+        actions += bootstrap_region(clients, region, name, versions, policy)
     return BootstrapReport(key_name=name, account=account, actions=tuple(actions))
 
 
@@ -135,8 +141,9 @@ def _first_version(
         actions.append(f"adopted KMS key {key_id} as version 1")
     else:
         key_id = create_version_key(clients, name, 1, policy)
-        actions.append(f"created KMS key {key_id} for version 1 (symmetric, automatic rotation)")
-    if not claim_version(clients, name, 1, key_id):
+        kind = "symmetric, multi-Region" if clients.replicas else "symmetric"
+        actions.append(f"created KMS key {key_id} for version 1 ({kind}, automatic rotation)")
+    if not claim_version(clients.first, name, 1, key_id):
         raise ConfigurationError(
             f"{version_alias(name, 1)} was created by someone else meanwhile; run the bootstrap "
             "again"
@@ -177,14 +184,7 @@ def _tag_version(clients: AwsClients, name: str, version: int, key_id: str) -> b
             f"KMS key {key_id} is tagged as another heimdall key or version; it is left as it is"
         )
     with aws_errors(f"tag KMS key {key_id} as version {version} of {name}"):
-        clients.kms.tag_resource(
-            KeyId=key_id,
-            Tags=[
-                {"TagKey": TAG_KEY, "TagValue": name},
-                {"TagKey": TAG_VERSION, "TagValue": str(version)},
-                {"TagKey": TAG_STATE, "TagValue": KeyState.ACTIVE.value},
-            ],
-        )
+        clients.kms.tag_resource(KeyId=key_id, Tags=version_tags(name, version))
     return True
 
 
@@ -200,7 +200,7 @@ def _version_key(
     metadata = describe_key(clients.kms, key_id)
     if not is_encryption_key(metadata):
         raise ConfigurationError(f"{version_alias(name, version)} is not a symmetric key")
-    actions.append(_policy(clients, key_id, policy, what))
+    actions.append(apply_key_policy(clients.first, key_id, policy, what))
     if metadata.get("KeyState") != "Enabled":
         actions.append(f"{what} is {metadata.get('KeyState')}: left as it is")
         return actions
@@ -213,24 +213,6 @@ def _version_key(
             clients.kms.enable_key_rotation(KeyId=key_id)
         actions.append(f"turned on automatic rotation of {what}'s key material")
     return actions
-
-
-def _policy(clients: AwsClients, key_id: str, policy: str, what: str) -> str:
-    with aws_errors(f"read the key policy of {what}"):
-        current = clients.kms.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"]
-    if _same_policy(current, policy):
-        return f"key policy of {what} unchanged"
-    with aws_errors(f"write the key policy of {what}"):
-        clients.kms.put_key_policy(KeyId=key_id, PolicyName="default", Policy=policy)
-    return f"wrote the key policy of {what}"
-
-
-def _same_policy(current: str, wanted: str) -> bool:
-    try:
-        parsed: Any = json.loads(current)
-    except ValueError:
-        return False
-    return bool(parsed == json.loads(wanted))
 
 
 def _audit_key(clients: AwsClients, name: str, policy: str) -> list[str]:
@@ -248,6 +230,7 @@ def _audit_key(clients: AwsClients, name: str, policy: str) -> list[str]:
                     KeyUsage="GENERATE_VERIFY_MAC",
                     Policy=policy,
                     Tags=[{"TagKey": TAG_KEY, "TagValue": tag}],
+                    MultiRegion=bool(clients.replicas),
                 )["KeyMetadata"]["KeyId"]
             )
         with aws_errors(f"create the alias {alias}"):
@@ -260,7 +243,10 @@ def _audit_key(clients: AwsClients, name: str, policy: str) -> list[str]:
         raise ConfigurationError(f"{alias} is not an {AUDIT_KEY_SPEC} MAC key")
     if tags_of(clients.kms, key_id).get(TAG_KEY) != tag:
         raise ConfigurationError(f"{alias} points at a KMS key not tagged {TAG_KEY}={tag}")
-    return [f"audit key {alias} exists", _policy(clients, key_id, policy, "the audit key")]
+    return [
+        f"audit key {alias} exists",
+        apply_key_policy(clients.first, key_id, policy, "the audit key"),
+    ]
 
 
 def instructions(report: BootstrapReport, settings: AwsSettings) -> list[str]:
@@ -274,7 +260,9 @@ def instructions(report: BootstrapReport, settings: AwsSettings) -> list[str]:
         "HMD_KMS_PROVIDER=aws",
         f"HMD_KMS_KEY_NAME={name}",
     ]
-    if settings.region:
+    if settings.replica_regions:
+        lines.append(f"HMD_AWS_REGIONS={','.join(map(str, settings.regions))}")
+    elif settings.region:
         lines.append(f"HMD_AWS_REGION={settings.region}")
     lines += [
         "# and its role (with HMD_ENV=production: role = ... in the config file instead):",

@@ -72,7 +72,15 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
         "the AWS KMS provider needs the aws extra: pip install 'heimdall[aws]'"
     ) from exc
 
-__all__ = ["PROVIDER", "AliasTaken", "AwsClients", "aws_errors", "connect", "quiet_sdk_logs"]
+__all__ = [
+    "PROVIDER",
+    "AliasTaken",
+    "AwsClients",
+    "RegionClients",
+    "aws_errors",
+    "connect",
+    "quiet_sdk_logs",
+]
 
 PROVIDER: Final = "aws"
 ROLE_SESSION_NAME: Final = "heimdall"
@@ -121,16 +129,39 @@ _REFUSED: Final = frozenset(
 
 
 class AliasTaken(KmsError):
-    """CreateAlias found the alias already there (another process made it first)."""
+    """CreateAlias found the alias already there (another process made it first), or
+    ReplicateKey the replica."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegionClients:
+    """One region's KMS clients."""
+
+    region: str
+    kms: Any  # idempotent calls: retried (standard mode)
+    once: Any  # KMS calls a retry could repeat: one attempt only
 
 
 @dataclass(frozen=True, slots=True)
 class AwsClients:
-    """The provider's clients. Thread-safe; made once per process."""
+    """The provider's clients. Thread-safe; made once per process. ``kms`` and ``once`` are
+    the first region's, where keys are made; ``replicas`` the other regions', in order of
+    preference (``HMD_AWS_REGIONS``)."""
 
     kms: Any  # idempotent calls: retried (standard mode)
     once: Any  # KMS calls a retry could repeat: one attempt only
     sts: Any
+    region: str = ""  # of kms and once
+    replicas: tuple[RegionClients, ...] = ()
+
+    @property
+    def first(self) -> RegionClients:
+        return RegionClients(self.region, self.kms, self.once)
+
+    @property
+    def regions(self) -> tuple[RegionClients, ...]:
+        """Every region's clients, the first region first."""
+        return (self.first, *self.replicas)
 
 
 class _AssumedRole(CredentialProvider):  # type: ignore[misc]  # botocore is untyped
@@ -185,17 +216,31 @@ def _config(settings: AwsSettings, attempts: int) -> Any:
 
 
 def connect(settings: AwsSettings) -> AwsClients:
-    """The clients of *settings*. Makes no request: credentials resolve at the first call."""
+    """The clients of *settings*, for every region. Makes no request: credentials resolve at
+    the first call."""
     quiet_sdk_logs()
     with aws_errors("set up the AWS SDK"):
         session = boto3.Session(botocore_session=_sdk_session(settings))
-        url = settings.endpoint_url
         retried = _config(settings, settings.max_attempts)
-        return AwsClients(
-            kms=session.client("kms", endpoint_url=url, config=retried),
-            once=session.client("kms", endpoint_url=url, config=_config(settings, 1)),
-            sts=session.client("sts", config=retried),
+        first, *replicas = (
+            _region_clients(session, settings, region) for region in settings.regions
         )
+        return AwsClients(
+            kms=first.kms,
+            once=first.once,
+            sts=session.client("sts", config=retried),
+            region=first.region,
+            replicas=tuple(replicas),
+        )
+
+
+def _region_clients(session: Any, settings: AwsSettings, region: str | None) -> RegionClients:
+    """*region*'s clients (``None``: the SDK's region), at its own endpoint if it has one."""
+    url = settings.endpoint_for(region)
+    retried, single = _config(settings, settings.max_attempts), _config(settings, 1)
+    kms = session.client("kms", region_name=region, endpoint_url=url, config=retried)
+    once = session.client("kms", region_name=region, endpoint_url=url, config=single)
+    return RegionClients(str(kms.meta.region_name), kms, once)
 
 
 class _NoDebug(logging.Filter):

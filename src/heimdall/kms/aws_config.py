@@ -8,8 +8,14 @@ Settings come from ``HMD_AWS_*`` variables (or the config file; none of them is 
                            as version 1; default ``alias/<HMD_KMS_KEY_NAME>``
 ``HMD_AWS_REGION``         region; default the SDK's (``AWS_REGION``, the profile), or the
                            region of an ARN in ``HMD_AWS_KEY``
+``HMD_AWS_REGIONS``        several regions, in order of preference (``us-west-2,eu-west-1``):
+                           the first holds the primary of every multi-Region key, the others
+                           replicas (:mod:`heimdall.kms.aws_regions`)
 ``HMD_AWS_ROLE_ARN``       a role assumed through STS (cross-account access)
 ``HMD_AWS_ENDPOINT_URL``   the KMS endpoint (a VPC endpoint; a test server)
+``HMD_AWS_ENDPOINT_URLS``  an endpoint per region, ``us-west-2=https://...,eu-west-1=https://...``
+                           (a VPC endpoint serves its own region only); the regions it leaves
+                           out use ``HMD_AWS_ENDPOINT_URL`` or the SDK's
 ``HMD_AWS_CONCURRENCY``    items of a batch sent side by side, default 8
 ``HMD_AWS_TIMEOUT``        seconds to connect and to read, per request, default 5
 ``HMD_AWS_MAX_ATTEMPTS``   attempts of an idempotent call (first included), default 3
@@ -40,6 +46,7 @@ __all__ = [
     "AwsSettings",
     "aws_settings",
     "check_aws_key_name",
+    "key_id_of",
 ]
 
 DEFAULT_CONCURRENCY: Final = 8
@@ -50,6 +57,8 @@ FILE_KEYS: Final = frozenset(
         "aws_region",
         "aws_role_arn",
         "aws_endpoint_url",
+        "aws_regions",
+        "aws_endpoint_urls",
         "aws_concurrency",
         "aws_timeout",
         "aws_max_attempts",
@@ -80,6 +89,10 @@ class AwsSettings:
     concurrency: int = DEFAULT_CONCURRENCY
     timeout: float = 5.0
     max_attempts: int = 3
+    # HMD_AWS_REGIONS after its first region (which is *region*), in order of preference.
+    replica_regions: tuple[str, ...] = ()
+    # (region, URL) pairs of HMD_AWS_ENDPOINT_URLS.
+    endpoint_urls: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         check_aws_key_name(self.key_name)
@@ -88,13 +101,50 @@ class AwsSettings:
         if self.role_arn is not None and not _ROLE_ARN.match(self.role_arn):
             raise ConfigurationError("HMD_AWS_ROLE_ARN must be an IAM role ARN")
         if self.endpoint_url is not None:
-            _check_endpoint(self.endpoint_url)
+            _check_endpoint(self.endpoint_url, "HMD_AWS_ENDPOINT_URL")
+        self._check_regions()
         if not 1 <= self.concurrency <= 64:
             raise ConfigurationError("HMD_AWS_CONCURRENCY must be between 1 and 64")
         if not 0.1 <= self.timeout <= 300:
             raise ConfigurationError("HMD_AWS_TIMEOUT must be between 0.1 and 300")
         if not 1 <= self.max_attempts <= 10:
             raise ConfigurationError("HMD_AWS_MAX_ATTEMPTS must be between 1 and 10")
+
+    def _check_regions(self) -> None:
+        if self.replica_regions and self.region is None:
+            raise ConfigurationError("replica regions need a first region (HMD_AWS_REGIONS)")
+        names = self.regions
+        for region in self.replica_regions:
+            if not _REGION.match(region):
+                raise ConfigurationError(f"HMD_AWS_REGIONS: {region!r} is not an AWS region name")
+        if len(set(names)) != len(names):
+            raise ConfigurationError("HMD_AWS_REGIONS names a region twice")
+        mapped = [region for region, _ in self.endpoint_urls]
+        if len(set(mapped)) != len(mapped):
+            raise ConfigurationError("HMD_AWS_ENDPOINT_URLS names a region twice")
+        for region, url in self.endpoint_urls:
+            if region not in names:
+                raise ConfigurationError(
+                    f"HMD_AWS_ENDPOINT_URLS names {region}, which is not among the regions "
+                    "(HMD_AWS_REGIONS or HMD_AWS_REGION)"
+                )
+            _check_endpoint(url, "HMD_AWS_ENDPOINT_URLS")
+        adopted = self.adopt_key and key_id_of(self.adopt_key)
+        if self.replica_regions and adopted and not adopted.startswith("mrk-"):
+            raise ConfigurationError(
+                "HMD_AWS_KEY names a single-Region KMS key; with several regions the key "
+                "adopted as version 1 must be a multi-Region key (mrk-...)"
+            )
+
+    @property
+    def regions(self) -> tuple[str | None, ...]:
+        """Every region in order of preference: the first one holds the primary keys. ``None``
+        is the SDK's region (no HMD_AWS_REGION, HMD_AWS_REGIONS or ARN named one)."""
+        return (self.region, *self.replica_regions)
+
+    def endpoint_for(self, region: str | None) -> str | None:
+        """The KMS endpoint of *region*: its own, else HMD_AWS_ENDPOINT_URL, else the SDK's."""
+        return dict(self.endpoint_urls).get(region or "", self.endpoint_url)
 
 
 def check_aws_key_name(name: str) -> None:
@@ -111,12 +161,17 @@ def check_aws_key_name(name: str) -> None:
         )
 
 
-def _check_endpoint(url: str) -> None:
+def key_id_of(key: str) -> str:
+    """The key ID of a key ARN (``arn:...:key/<id>``), or *key* itself."""
+    return key.rpartition(":key/")[2] if ":key/" in key else key
+
+
+def _check_endpoint(url: str, variable: str) -> None:
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ConfigurationError("HMD_AWS_ENDPOINT_URL must be an http:// or https:// URL")
+        raise ConfigurationError(f"{variable}: an endpoint must be an http:// or https:// URL")
     if parsed.username is not None or parsed.password is not None:
-        raise ConfigurationError("HMD_AWS_ENDPOINT_URL must not carry credentials")
+        raise ConfigurationError(f"{variable} must not carry credentials")
 
 
 def _number(name: str, value: str, kind: type[int] | type[float]) -> float:
@@ -150,6 +205,31 @@ def _key(value: str, key_name: str, named: bool) -> dict[str, str | None]:
     return {"key_name": alias, "region": region, "account": account, "adopt_key": None}
 
 
+def _regions(value: str) -> list[str]:
+    regions = [part.strip() for part in value.split(",")]
+    for region in regions:
+        if not _REGION.match(region):
+            raise ConfigurationError(
+                f"HMD_AWS_REGIONS must be AWS region names separated by commas; {region!r} "
+                "is not one"
+            )
+    return regions
+
+
+def _endpoint_map(value: str) -> tuple[tuple[str, str], ...]:
+    """``region=URL`` pairs separated by commas. A malformed pair is never echoed: a URL may
+    carry credentials by mistake."""
+    pairs = []
+    for part in filter(None, (part.strip() for part in value.split(","))):
+        region, equals, url = part.partition("=")
+        if not equals or not _REGION.match(region.strip()) or not url.strip():
+            raise ConfigurationError(
+                "HMD_AWS_ENDPOINT_URLS must be region=URL pairs separated by commas"
+            )
+        pairs.append((region.strip(), url.strip()))
+    return tuple(pairs)
+
+
 def aws_settings(values: Mapping[str, str], key_name: str, *, named: bool) -> AwsSettings:
     """Build the provider settings from ``aws_*`` values; *named*: whether HMD_KMS_KEY_NAME
     was set (an alias in HMD_AWS_KEY must then agree with it)."""
@@ -161,9 +241,21 @@ def aws_settings(values: Mapping[str, str], key_name: str, *, named: bool) -> Aw
         raise ConfigurationError(
             f"HMD_AWS_REGION is {region} but the ARN in HMD_AWS_KEY is in {key['region']}"
         )
+    replicas: tuple[str, ...] = ()
+    if values.get("aws_regions"):
+        first, *rest = _regions(values["aws_regions"])
+        for given, where in ((region, "HMD_AWS_REGION"), (key.get("region"), "HMD_AWS_KEY")):
+            if given and given != first:
+                raise ConfigurationError(
+                    f"{where} names {given} but HMD_AWS_REGIONS starts with {first}: the "
+                    "first region holds the keys' primaries; set one of them"
+                )
+        region, replicas = first, tuple(rest)
     return AwsSettings(
         key_name=str(key["key_name"]),
         region=region or key.get("region"),
+        replica_regions=replicas,
+        endpoint_urls=_endpoint_map(values.get("aws_endpoint_urls", "")),
         account=key.get("account"),
         adopt_key=key.get("adopt_key"),
         role_arn=values.get("aws_role_arn") or None,

@@ -12,19 +12,23 @@ wrap and unwrap.
 * ``key readable`` and ``latest key``: the versions, the latest one's KMS key enabled, and
   ``alias/<name>`` pointing at it;
 * ``automatic rotation``: of the latest key's material;
-* ``audit key``: signing a checkpoint (GenerateMac) and checking one (VerifyMac).
+* ``audit key``: signing a checkpoint (GenerateMac) and checking one (VerifyMac);
+* with several regions (``HMD_AWS_REGIONS``), ``region <name>`` for each: that it answers, and
+  holds every version's alias naming the same KMS key as the others (a replica it lacks would
+  leave fields unreadable there when it is the region that answers). The checks above go to
+  the first region that answers, as every call does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from heimdall.errors import HeimdallError
 from heimdall.kms.aws_access import METADATA, SIGN_CHECKPOINTS, VERIFY_CHECKPOINTS, may
 from heimdall.kms.aws_audit import AwsAuditKey, audit_alias
-from heimdall.kms.aws_client import aws_errors
-from heimdall.kms.aws_versions import key_id_of, latest_alias
+from heimdall.kms.aws_client import RegionClients, aws_errors
+from heimdall.kms.aws_versions import KeyChain, key_id_of, latest_alias, load_chain, version_alias
 from heimdall.preflight import Check, key_readable
 from heimdall.rbac import Role
 
@@ -53,12 +57,17 @@ def aws_checks(kms: AwsKms, role: Role | None) -> list[Check]:
         checks.append(_attempt("automatic rotation", lambda: _rotation(kms)))
     else:
         checks.append(Check.skip("automatic rotation", f"{role} may not read it"))
-    audit = AwsAuditKey(kms.clients, kms.settings.key_name)
+    audit = kms.audit_key()
     alias = audit_alias(kms.settings.key_name)
     if may(role, SIGN_CHECKPOINTS):
         checks.append(_attempt("audit key signs", lambda: _signs(audit, alias)))
     if may(role, VERIFY_CHECKPOINTS):
         checks.append(_attempt("audit key verifies", lambda: _verifies(audit, alias)))
+    if kms.clients.replicas:
+        if all(may(role, action) for action in METADATA):
+            checks += _region_checks(kms)
+        else:
+            checks.append(Check.skip("regions", f"{role} may not read key metadata"))
     return checks
 
 
@@ -96,16 +105,56 @@ def _latest(kms: AwsKms) -> tuple[bool, str]:
 def _rotation(kms: AwsKms) -> tuple[bool, str]:
     chain = kms.versions()
     key = chain.versions[chain.latest_version]
-    with aws_errors(f"read the rotation status of KMS key {key.key_id}"):
-        enabled = kms.clients.kms.get_key_rotation_status(KeyId=key.key_id).get(
-            "KeyRotationEnabled"
-        )
+
+    def status(region: RegionClients) -> Any:
+        with aws_errors(f"read the rotation status of KMS key {key.key_id}"):
+            return region.kms.get_key_rotation_status(KeyId=key.key_id).get("KeyRotationEnabled")
+
+    enabled = kms.regions.call(status)
     if enabled is not True:
         return False, (
             f"automatic rotation of version {key.version}'s key material is off: run "
             "`heimdall aws bootstrap`"
         )
     return True, f"on for version {key.version}'s key material"
+
+
+def _region_checks(kms: AwsKms) -> list[Check]:
+    """One check per region, each against the versions of the first region that answers."""
+    chains: dict[str, KeyChain | HeimdallError] = {}
+    for region in kms.clients.regions:
+        try:
+            chains[region.region] = load_chain(region.kms, kms.settings.key_name)
+        except HeimdallError as exc:
+            chains[region.region] = exc
+    read = [(name, chain) for name, chain in chains.items() if isinstance(chain, KeyChain)]
+    checks = []
+    for name, chain in chains.items():
+        if isinstance(chain, HeimdallError):
+            checks.append(Check(f"region {name}", False, str(chain)))
+            continue
+        reference_region, reference = read[0]
+        checks.append(Check(f"region {name}", *_agrees(chain, reference, reference_region)))
+    return checks
+
+
+def _agrees(chain: KeyChain, reference: KeyChain, where: str) -> tuple[bool, str]:
+    """Whether *chain* holds every version of *reference* (read in *where*), under the same
+    KMS keys, and its latest version's key is enabled."""
+    for version, key in sorted(reference.versions.items()):
+        here = chain.versions.get(version)
+        alias = version_alias(chain.name, version)
+        if here is None:
+            return False, f"no {alias} here: run `heimdall aws bootstrap`"
+        if here.key_id != key.key_id:
+            return False, f"{alias} names another KMS key than in {where}"
+    if not chain.versions:
+        return False, f"no alias/{chain.name}-v1 here: run `heimdall aws bootstrap`"
+    latest = chain.versions[chain.latest_version]
+    if latest.key_state != "Enabled":
+        return False, f"version {latest.version}'s KMS key is {latest.key_state} here"
+    first = min(chain.versions)
+    return True, f"versions {first}-{latest.version}, version {latest.version} enabled"
 
 
 def _signs(audit: AwsAuditKey, alias: str) -> tuple[bool, str]:

@@ -18,6 +18,15 @@ and every host, heimdall's or not:
 
 CreateKey, CreateAlias and UpdateAlias are never retried (see :mod:`heimdall.kms.aws_client`):
 after a failure the alias is read again to learn what happened.
+
+**Regions** (``HMD_AWS_REGIONS``). A new version is a multi-Region key: made in the first region,
+replicated to every other one (:mod:`heimdall.kms.aws_replicas`), and committed only then, by
+its alias in the first region; its aliases in the others follow. So a rotation needs every
+region: a version some region lacked would leave the fields written under it unreadable there,
+exactly when a failover needs that region. It is never made in whichever region answers, which
+would scatter the primaries. The floors and deletions are made in each region's own keys (KMS
+keeps a key's state per region); a region that cannot be reached is named in the error after
+the others were changed, and running the command again completes it.
 """
 
 from __future__ import annotations
@@ -25,10 +34,18 @@ from __future__ import annotations
 import logging
 from typing import Any, Final
 
-from heimdall.errors import KeyVersionDisabled, KmsError, KmsUnavailable, LifecycleError
-from heimdall.kms.aws_client import AliasTaken, AwsClients, aws_errors
+from heimdall.errors import (
+    HeimdallError,
+    KeyNotFound,
+    KeyVersionDisabled,
+    KmsError,
+    KmsUnavailable,
+    LifecycleError,
+)
+from heimdall.kms.aws_client import PROVIDER, AliasTaken, AwsClients, RegionClients, aws_errors
+from heimdall.kms.aws_regions import in_every_region
+from heimdall.kms.aws_replicas import replicate
 from heimdall.kms.aws_versions import (
-    TAG_KEY,
     TAG_STATE,
     TAG_VERSION,
     KeyChain,
@@ -37,6 +54,7 @@ from heimdall.kms.aws_versions import (
     key_id_of,
     latest_alias,
     version_alias,
+    version_tags,
 )
 from heimdall.kms.base import KeyState
 
@@ -55,20 +73,19 @@ __all__ = [
 MIN_DELETION_DAYS: Final = 7
 MAX_DELETION_DAYS: Final = 30
 ORPHAN_DELETION_DAYS: Final = 7
+_PENDING_DELETION: Final = frozenset({"PendingDeletion", "PendingReplicaDeletion"})
 _log = logging.getLogger("heimdall.kms.aws")
 
 
 def create_version_key(clients: AwsClients, name: str, version: int, policy: str | None) -> str:
-    """A new KMS key for *version* of *name*, with automatic rotation on; its key ID."""
+    """A new KMS key for *version* of *name* in the first region, with automatic rotation on
+    (for a multi-Region key, set on the primary only: its replicas share it); its key ID."""
     arguments: dict[str, Any] = {
         "Description": f"heimdall master key {name}, version {version}",
         "KeySpec": "SYMMETRIC_DEFAULT",
         "KeyUsage": "ENCRYPT_DECRYPT",
-        "Tags": [
-            {"TagKey": TAG_KEY, "TagValue": name},
-            {"TagKey": TAG_VERSION, "TagValue": str(version)},
-            {"TagKey": TAG_STATE, "TagValue": KeyState.ACTIVE.value},
-        ],
+        "Tags": version_tags(name, version),
+        "MultiRegion": bool(clients.replicas),
     }
     if policy is not None:
         arguments["Policy"] = policy
@@ -86,37 +103,38 @@ def create_version_key(clients: AwsClients, name: str, version: int, policy: str
     return key_id
 
 
-def _alias_target(clients: AwsClients, alias: str) -> str | None:
+def alias_target(region: RegionClients, alias: str) -> str | None:
+    """The key ID *alias* points at in *region*; None if it does not exist (or cannot be read)."""
     try:
-        return key_id_of(str(describe_key(clients.kms, alias).get("KeyId") or ""))
+        return key_id_of(str(describe_key(region.kms, alias).get("KeyId") or ""))
     except KmsError:
         return None
 
 
-def claim_version(clients: AwsClients, name: str, version: int, key_id: str) -> bool:
-    """Create *version*'s alias for *key_id*: True if it now names that key, False if another
-    process made the version first."""
+def claim_version(region: RegionClients, name: str, version: int, key_id: str) -> bool:
+    """Create *version*'s alias for *key_id* in *region*: True if it now names that key, False
+    if another process made the version first."""
     alias = version_alias(name, version)
     try:
-        with aws_errors(f"create the alias {alias}"):
-            clients.once.create_alias(AliasName=alias, TargetKeyId=key_id)
+        with aws_errors(f"create the alias {alias} in {region.region}"):
+            region.once.create_alias(AliasName=alias, TargetKeyId=key_id)
     except AliasTaken:
-        return _alias_target(clients, alias) == key_id
+        return alias_target(region, alias) == key_id
     except KmsUnavailable:
-        if _alias_target(clients, alias) == key_id:
+        if alias_target(region, alias) == key_id:
             return True  # created; only the answer was lost
         raise
     return True
 
 
-def point_latest(clients: AwsClients, name: str, key_id: str, current: str | None) -> None:
-    """Point ``alias/<name>`` at *key_id* (its current target: *current*)."""
+def point_latest(region: RegionClients, name: str, key_id: str, current: str | None) -> None:
+    """Point ``alias/<name>`` at *key_id* in *region* (its current target: *current*)."""
     alias = latest_alias(name)
     with aws_errors(f"point {alias} at KMS key {key_id}"):
         if current is None:
-            clients.once.create_alias(AliasName=alias, TargetKeyId=key_id)
+            region.once.create_alias(AliasName=alias, TargetKeyId=key_id)
         elif current != key_id:
-            clients.once.update_alias(AliasName=alias, TargetKeyId=key_id)
+            region.once.update_alias(AliasName=alias, TargetKeyId=key_id)
 
 
 def _key_policy(clients: AwsClients, key: VersionKey) -> str:
@@ -126,31 +144,85 @@ def _key_policy(clients: AwsClients, key: VersionKey) -> str:
 
 def rotate(clients: AwsClients, chain: KeyChain) -> None:
     """Make the next version of *chain*'s key (see the module docstring)."""
-    name, latest = chain.name, chain.latest_version
-    policy = _key_policy(clients, chain.versions[latest])
-    key_id = create_version_key(clients, name, latest + 1, policy)
-    if not claim_version(clients, name, latest + 1, key_id):
+    name, version = chain.name, chain.latest_version + 1
+    key_id = _new_version_key(clients, chain)
+    if not claim_version(clients.first, name, version, key_id):
         # Another process rotated first: its version stands, this key never wrapped anything.
-        try:
-            _schedule(clients, key_id, ORPHAN_DELETION_DAYS, f"unused KMS key {key_id}")
-        except KmsError as exc:
-            _log.warning("%s; KMS key %s is unused: schedule its deletion", exc, key_id)
+        _discard(clients, key_id)
         return
+    for region in clients.replicas:
+        try:
+            if not claim_version(region, name, version, key_id):
+                _log.warning(
+                    "%s in %s names another KMS key than in %s: run `heimdall aws bootstrap`",
+                    version_alias(name, version),
+                    region.region,
+                    clients.region,
+                )
+        except KmsError as exc:
+            # Committed in the first region, which answers while it is up; bootstrap makes
+            # the alias here, and `heimdall kms check` reports it missing until then.
+            _log.warning("%s; run `heimdall aws bootstrap` once it answers", exc)
+    for index, region in enumerate(clients.regions):
+        try:
+            # The chain was read in the first region that answered: a replica names the same key.
+            current = chain.latest_target
+            if index > 0:
+                current = alias_target(region, latest_alias(name))
+            point_latest(region, name, key_id, current)
+        except KmsError as exc:
+            # The new version is committed and used by heimdall; only the alias AWS tools read
+            # lags. `heimdall aws bootstrap` points it, `heimdall kms check` reports it.
+            _log.warning("%s; run `heimdall aws bootstrap` to point it", exc)
+
+
+def _new_version_key(clients: AwsClients, chain: KeyChain) -> str:
+    """The next version's KMS key, with its replicas ready in every other region."""
+    name, version = chain.name, chain.latest_version + 1
     try:
-        point_latest(clients, name, key_id, chain.latest_target)
-    except KmsError as exc:
-        # The new version is committed and used by heimdall; only the alias AWS tools read
-        # lags. `heimdall aws bootstrap` points it, `heimdall kms check` reports it.
-        _log.warning("%s; run `heimdall aws bootstrap` to point it", exc)
+        policy = _key_policy(clients, chain.versions[chain.latest_version])
+        key_id = create_version_key(clients, name, version, policy)
+    except KmsUnavailable as exc:
+        raise _every_region(clients, exc) from None
+    try:
+        replicate(clients, key_id, version_tags(name, version), policy)
+    except HeimdallError as exc:
+        _discard(clients, key_id)
+        if isinstance(exc, KmsUnavailable):
+            raise _every_region(clients, exc) from None
+        raise
+    return key_id
 
 
-def _tag(clients: AwsClients, key: VersionKey, state: KeyState) -> None:
+def _every_region(clients: AwsClients, error: KmsUnavailable) -> KmsUnavailable:
+    if not clients.replicas:
+        return error
+    regions = ", ".join(region.region for region in clients.regions)
+    return KmsUnavailable(
+        f"{error}; a new version is made in every region ({regions}), and none was committed",
+        provider=PROVIDER,
+    )
+
+
+def _discard(clients: AwsClients, key_id: str) -> None:
+    """Schedule the deletion of a key that never wrapped anything, its replicas first (KMS
+    deletes a primary only after them)."""
+    for region in reversed(clients.regions):
+        try:
+            _schedule(region.kms, key_id, ORPHAN_DELETION_DAYS, f"unused KMS key {key_id}")
+        except KeyNotFound:
+            pass  # never replicated here
+        except KmsError as exc:
+            _log.warning(
+                "%s; KMS key %s in %s is unused: schedule its deletion", exc, key_id, region.region
+            )
+
+
+def _tag(kms: Any, key: VersionKey, state: KeyState) -> None:
     if key.marked is state:
         return
     with aws_errors(f"tag version {key.version}'s KMS key {state.value}"):
-        clients.kms.tag_resource(
-            KeyId=key.key_id, Tags=[{"TagKey": TAG_STATE, "TagValue": state.value}]
-        )
+        kms.tag_resource(KeyId=key.key_id, Tags=[{"TagKey": TAG_STATE, "TagValue": state.value}])
 
 
 def _check_floor(chain: KeyChain, version: int, which: str) -> None:
@@ -162,51 +234,61 @@ def _check_floor(chain: KeyChain, version: int, which: str) -> None:
 
 def set_min_decryption_version(clients: AwsClients, chain: KeyChain, floor: int) -> None:
     """Disable every version below *floor* in KMS, enable those at or above it that heimdall
-    disabled. KMS's refusal is what matters, so it changes first and the tag second."""
+    disabled, in every region. KMS's refusal is what matters, so it changes first and the tag
+    second."""
     _check_floor(chain, floor, "min_decryption_version")
     encryption_floor = max(chain.min_encryption_version, floor)
-    for version, key in sorted(chain.versions.items()):
-        if version < floor:
-            if key.key_state == "Enabled":
-                with aws_errors(f"disable version {version}'s KMS key {key.key_id}"):
-                    clients.kms.disable_key(KeyId=key.key_id)
-            _tag(clients, key, KeyState.DISABLED)
-        elif key.marked is KeyState.DISABLED:
-            if key.key_state == "PendingDeletion":
-                _cancel_deletion(clients, key)
-            with aws_errors(f"enable version {version}'s KMS key {key.key_id}"):
-                clients.kms.enable_key(KeyId=key.key_id)
-            state = KeyState.RETIRED if version < encryption_floor else KeyState.ACTIVE
-            _tag(clients, key, state)
+
+    def change(region: RegionClients, here: KeyChain) -> None:
+        kms = region.kms
+        for version, key in sorted(here.versions.items()):
+            if version < floor:
+                if key.key_state == "Enabled":
+                    with aws_errors(f"disable version {version}'s KMS key {key.key_id}"):
+                        kms.disable_key(KeyId=key.key_id)
+                _tag(kms, key, KeyState.DISABLED)
+            elif key.marked is KeyState.DISABLED:
+                if key.key_state in _PENDING_DELETION:
+                    _cancel_deletion(kms, key)
+                with aws_errors(f"enable version {version}'s KMS key {key.key_id}"):
+                    kms.enable_key(KeyId=key.key_id)
+                state = KeyState.RETIRED if version < encryption_floor else KeyState.ACTIVE
+                _tag(kms, key, state)
+
+    in_every_region(clients, chain, f"set the decryption floor to {floor}", change)
 
 
 def set_min_encryption_version(clients: AwsClients, chain: KeyChain, floor: int) -> None:
     """Tag the versions below *floor* retired, those at or above it active (disabled versions
-    stay disabled)."""
+    stay disabled), in every region."""
     _check_floor(chain, floor, "min_encryption_version")
-    for version, key in sorted(chain.versions.items()):
-        if key.marked is not KeyState.DISABLED:
-            _tag(clients, key, KeyState.RETIRED if version < floor else KeyState.ACTIVE)
+
+    def change(region: RegionClients, here: KeyChain) -> None:
+        for version, key in sorted(here.versions.items()):
+            if key.marked is not KeyState.DISABLED:
+                _tag(region.kms, key, KeyState.RETIRED if version < floor else KeyState.ACTIVE)
+
+    in_every_region(clients, chain, f"set the encryption floor to {floor}", change)
 
 
-def _cancel_deletion(clients: AwsClients, key: VersionKey) -> None:
+def _cancel_deletion(kms: Any, key: VersionKey) -> None:
     try:
         with aws_errors(f"cancel the deletion of version {key.version}'s KMS key"):
-            clients.kms.cancel_key_deletion(KeyId=key.key_id)
+            kms.cancel_key_deletion(KeyId=key.key_id)
     except KeyVersionDisabled:
         # KMSInvalidStateException: no deletion is pending (any more): what was wanted.
-        if describe_key(clients.kms, key.key_id).get("KeyState") == "PendingDeletion":
+        if describe_key(kms, key.key_id).get("KeyState") in _PENDING_DELETION:
             raise
 
 
-def _schedule(clients: AwsClients, key_id: str, days: int, what: str) -> str:
+def _schedule(kms: Any, key_id: str, days: int, what: str) -> str:
     """Schedule *key_id*'s deletion; the deletion date (empty if it was scheduled already)."""
     try:
         with aws_errors(f"schedule the deletion of {what}"):
-            answer = clients.kms.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=days)
+            answer = kms.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=days)
     except KeyVersionDisabled:
         # KMSInvalidStateException: scheduled already (a retry of a call that succeeded).
-        if describe_key(clients.kms, key_id).get("KeyState") != "PendingDeletion":
+        if describe_key(kms, key_id).get("KeyState") not in _PENDING_DELETION:
             raise
         return ""
     date = answer.get("DeletionDate")
@@ -217,7 +299,8 @@ def schedule_deletion(
     clients: AwsClients, chain: KeyChain, below: int, days: int
 ) -> list[tuple[int, str]]:
     """Schedule the deletion of the KMS key of every version below *below*, each of which must
-    be disabled already; (version, deletion date) of each scheduled now."""
+    be disabled already, in every region (the replicas first: KMS deletes a primary only after
+    them); (version, deletion date) of each scheduled now in the first region."""
     if not MIN_DELETION_DAYS <= days <= MAX_DELETION_DAYS:
         raise LifecycleError(
             f"the waiting period is {MIN_DELETION_DAYS} to {MAX_DELETION_DAYS} days"
@@ -229,8 +312,17 @@ def schedule_deletion(
             f"version {active[-1]} is not disabled; disable the versions first "
             f"(`heimdall keys disable {below - 1}`)"
         )
-    return [
-        (key.version, _schedule(clients, key.key_id, days, f"version {key.version}'s KMS key"))
-        for key in keys
-        if key.key_state != "PendingDeletion"
-    ]
+    scheduled: list[tuple[int, str]] = []
+
+    def change(region: RegionClients, here: KeyChain) -> None:
+        done = [
+            (key.version, _schedule(region.kms, key.key_id, days, f"version {key.version}'s key"))
+            for version, key in sorted(here.versions.items())
+            if version < below and key.key_state not in _PENDING_DELETION
+        ]
+        if region.region == clients.region:
+            scheduled.extend(done)
+
+    what = f"schedule the deletion of versions below {below}"
+    in_every_region(clients, chain, what, change, replicas_first=True)
+    return scheduled

@@ -32,6 +32,7 @@ from typing import Any, Final
 
 from heimdall.errors import ConfigurationError, KeyNotFound
 from heimdall.kms.aws_client import PROVIDER, aws_errors
+from heimdall.kms.aws_config import key_id_of
 from heimdall.kms.base import KeyDescription, KeyState, KeyVersionInfo
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "load_chain",
     "tags_of",
     "version_alias",
+    "version_tags",
 ]
 
 TAG_KEY: Final = "heimdall:key"
@@ -57,17 +59,23 @@ ENABLED: Final = "Enabled"
 SYMMETRIC: Final = "SYMMETRIC_DEFAULT"
 
 
+def version_tags(
+    name: str, version: int, state: KeyState = KeyState.ACTIVE
+) -> list[dict[str, str]]:
+    """The tags of *version*'s KMS key, in every region it is in."""
+    return [
+        {"TagKey": TAG_KEY, "TagValue": name},
+        {"TagKey": TAG_VERSION, "TagValue": str(version)},
+        {"TagKey": TAG_STATE, "TagValue": state.value},
+    ]
+
+
 def version_alias(name: str, version: int) -> str:
     return f"alias/{name}-v{version}"
 
 
 def latest_alias(name: str) -> str:
     return f"alias/{name}"
-
-
-def key_id_of(key: str) -> str:
-    """The key ID of a key ARN (``arn:...:key/<id>``), or *key* itself."""
-    return key.rpartition(":key/")[2] if ":key/" in key else key
 
 
 @dataclass(frozen=True, slots=True)
