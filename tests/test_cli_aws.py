@@ -58,8 +58,10 @@ def test_aws_bootstrap_is_idempotent(tmp_path: Path, moto: MotoServer) -> None:
     assert "for version 1 (symmetric, automatic rotation)" in first.stdout
     assert f"created alias/{key}-v1" in first.stdout
     assert f"alias/{key}-audit" in first.stdout
-    second = _heimdall(env, "aws", "bootstrap", "--app-role", arn)
+    # Without the role options: the roles the key policy grants are kept, not stripped.
+    second = _heimdall(env, "aws", "bootstrap")
     assert second.returncode == 0, second.stderr
+    assert "kept the roles the key policies grant: heimdall-app" in second.stdout
     assert "created" not in second.stdout and "wrote" not in second.stdout
     assert "key policy of version 1 unchanged" in second.stdout
     assert "automatic rotation of version 1's key material is on" in second.stdout
@@ -190,3 +192,42 @@ def test_no_region_is_one_error_line(tmp_path: Path, moto: MotoServer) -> None:
     result = _heimdall(env, "status")
     assert result.returncode == 1
     assert result.stderr == "error: no AWS region: set HMD_AWS_REGION (or the SDK's AWS_REGION)\n"
+
+
+def test_kms_check_fails_on_a_version_key_heimdall_did_not_make(
+    tmp_path: Path, moto: MotoServer
+) -> None:
+    key = new_key_name()
+    env = _env(tmp_path, moto, key)
+    assert _heimdall(env, "aws", "bootstrap").returncode == 0
+    kms = moto.client("kms")
+    imported = kms.create_key(Origin="EXTERNAL")["KeyMetadata"]["KeyId"]
+    tags = [
+        {"TagKey": "heimdall:key", "TagValue": key},
+        {"TagKey": "heimdall:version", "TagValue": "2"},
+    ]
+    kms.tag_resource(KeyId=imported, Tags=tags)
+    kms.create_alias(AliasName=f"alias/{key}-v2", TargetKeyId=imported)
+    result = _heimdall(env, "kms", "check")
+    assert result.returncode == 1
+    assert f"FAIL key readable: alias/{key}-v2 points at KMS key {imported}" in result.stdout
+    people = tmp_path / "people.jsonl"
+    people.write_text('{"id": "p1", "email": "p1@example.org"}\n')
+    ingested = _heimdall(env, "ingest", str(people))
+    assert ingested.returncode == 1
+    assert ingested.stderr.startswith(f"error: alias/{key}-v2 points at KMS key {imported}")
+    assert ingested.stderr.count("\n") == 1
+
+
+def test_a_malformed_endpoint_is_one_error_line(tmp_path: Path, moto: MotoServer) -> None:
+    runs = [
+        ("http://[::1", ("status",)),
+        ("https://kms.local:abc", ("kms", "check")),
+        ("http://kms.example.com", ("aws", "bootstrap")),
+    ]
+    for url, command in runs:
+        env = _env(tmp_path, moto, new_key_name(), HMD_AWS_ENDPOINT_URL=url)
+        result = _heimdall(env, *command)
+        assert result.returncode == 1, (url, command, result.stderr)
+        assert result.stderr.startswith("error: HMD_AWS_ENDPOINT_URL: ")
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

@@ -10,6 +10,7 @@ a test needs those, it checks heimdall's own refusal and says so.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from aws_server import (
+    ACCOUNT,
     DUMMY_SECRET_KEY,
     IamServer,
     MotoServer,
@@ -35,6 +37,7 @@ from heimdall.errors import (
 from heimdall.kms.aws import AwsKms, encryption_context
 from heimdall.kms.aws_bootstrap import bootstrap
 from heimdall.kms.aws_rotation import rotate
+from heimdall.kms.aws_trust import Ownership
 from heimdall.kms.aws_versions import load_chain, version_alias
 from heimdall.kms.base import KeyManagementService, KeyState, WrappedKey
 from heimdall.kms.local import LocalKeyring
@@ -45,6 +48,8 @@ from heimdall.secret import SecretBytes
 from kms_contract import AccessControlContract, KmsContract
 
 AD = b"heimdall.data-key.v1\x00aws"
+OWNED = Ownership(ACCOUNT)
+ROOT = f"arn:aws:iam::{ACCOUNT}:root"
 OTHER_AD = b"heimdall.data-key.v1\x00another field"
 
 
@@ -104,7 +109,7 @@ def test_another_encryption_context_fails_inside_kms(provider: AwsKms, moto: Mot
     data_key = provider.generate_data_key(AD)
     expected = _plain(data_key.plaintext)
     kms = moto.client("kms")
-    key_id = load_chain(kms, provider.settings.key_name).versions[1].key_id
+    key_id = load_chain(kms, provider.settings.key_name, OWNED).versions[1].key_id
     blob = data_key.wrapped.ciphertext
     with pytest.raises(ClientError) as refused:
         kms.decrypt(
@@ -178,7 +183,7 @@ def test_a_rewrap_names_both_keys_and_keeps_the_context(provider: AwsKms, moto: 
         provider.rewrap(old.wrapped, AD)
     finally:
         events.unregister("provide-client-params.kms.ReEncrypt", record)
-    chain = load_chain(moto.client("kms"), provider.settings.key_name)
+    chain = load_chain(moto.client("kms"), provider.settings.key_name, OWNED)
     (params,) = sent
     assert params["SourceKeyId"] == chain.versions[1].key_id
     assert params["DestinationKeyId"] == chain.versions[2].key_id
@@ -195,7 +200,7 @@ def test_each_version_is_a_kms_key_of_its_own_found_through_aliases(
     name = provider.settings.key_name
     provider.rotate()
     kms = moto.client("kms")
-    ids = {v: load_chain(kms, name).versions[v].key_id for v in (1, 2)}
+    ids = {v: load_chain(kms, name, OWNED).versions[v].key_id for v in (1, 2)}
     assert ids[1] != ids[2]
     latest = kms.describe_key(KeyId=f"alias/{name}")["KeyMetadata"]["KeyId"]
     assert latest == ids[2]
@@ -206,10 +211,54 @@ def test_each_version_is_a_kms_key_of_its_own_found_through_aliases(
         "heimdall:state": "active",
     }
     assert kms.get_key_rotation_status(KeyId=ids[2])["KeyRotationEnabled"] is True
-    assert (
-        kms.get_key_policy(KeyId=ids[2], PolicyName="default")["Policy"]
-        == (kms.get_key_policy(KeyId=ids[1], PolicyName="default")["Policy"])
+
+
+def _policy(kms: Any, key_id: str) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(
+        kms.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"]
     )
+    return document
+
+
+def test_a_rotation_never_chooses_a_key_policy_and_the_bootstrap_writes_heimdalls(
+    provider: AwsKms, moto: MotoServer
+) -> None:
+    """AWS creates a key with a key policy only if that policy lets the creator call
+    PutKeyPolicy (the lockout safety check), and heimdall-admin, who rotates, is denied it: a
+    rotation's CreateKey (and ReplicateKey) carries no Policy, never BypassPolicyLockoutSafety
+    Check, and the key gets AWS's default key policy until the bootstrap writes heimdall's.
+    moto runs no lockout check: what heimdall sends is what this shows."""
+    sent: list[dict[str, Any]] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        sent.append(dict(params))
+
+    events = provider.clients.once.meta.events
+    events.register("provide-client-params.kms.CreateKey", record)
+    try:
+        provider.rotate()
+    finally:
+        events.unregister("provide-client-params.kms.CreateKey", record)
+    (params,) = sent
+    assert "Policy" not in params and "BypassPolicyLockoutSafetyCheck" not in params
+    assert params["Origin"] == "AWS_KMS"
+    kms, name = moto.client("kms"), provider.settings.key_name
+    ids = {v: key.key_id for v, key in load_chain(kms, name, OWNED).versions.items()}
+    (default,) = _policy(kms, ids[2])["Statement"]
+    assert (default["Principal"], default["Action"]) == ({"AWS": f"{ROOT}"}, "kms:*")
+    checks = {check.name: check for check in provider.preflight()}
+    assert checks["key policies"].ok and "version 2: AWS's default" in checks["key policies"].detail
+
+    arn = "arn:aws:iam::123456789012:role/heimdall-app"
+    sent.clear()
+    events.register("provide-client-params.kms.CreateKey", record)
+    try:
+        bootstrap(provider.clients, provider.settings, {Role.APP: arn})
+    finally:
+        events.unregister("provide-client-params.kms.CreateKey", record)
+    assert sent == []  # every key exists already
+    assert _policy(kms, ids[2]) == _policy(kms, ids[1])
+    assert arn in json.dumps(_policy(kms, ids[2]))
 
 
 def test_another_process_agrees_on_the_versions_from_aws_alone(
@@ -234,7 +283,7 @@ def test_two_rotations_from_the_same_version_make_one(provider: AwsKms, moto: Mo
     """Both read version 1 as the latest; the second to claim alias v2 loses, and its unused
     key is scheduled for deletion."""
     kms = moto.client("kms")
-    stale = load_chain(kms, provider.settings.key_name)
+    stale = load_chain(kms, provider.settings.key_name, OWNED)
     rotate(provider.clients, stale)
     created: list[str] = []
 
@@ -247,7 +296,7 @@ def test_two_rotations_from_the_same_version_make_one(provider: AwsKms, moto: Mo
         rotate(provider.clients, stale)
     finally:
         events.unregister("after-call.kms.CreateKey", record)
-    chain = load_chain(kms, provider.settings.key_name)
+    chain = load_chain(kms, provider.settings.key_name, OWNED)
     assert chain.latest_version == 2
     (orphan,) = created
     assert orphan not in {key.key_id for key in chain.versions.values()}
@@ -332,7 +381,7 @@ def test_a_key_disabled_outside_heimdall_is_reported_disabled(
 ) -> None:
     provider.rotate()
     kms = moto.client("kms")
-    kms.disable_key(KeyId=load_chain(kms, provider.settings.key_name).versions[1].key_id)
+    kms.disable_key(KeyId=load_chain(kms, provider.settings.key_name, OWNED).versions[1].key_id)
     states = {v.version: v.state for v in provider.describe().versions}
     assert states == {1: KeyState.DISABLED, 2: KeyState.ACTIVE}
 

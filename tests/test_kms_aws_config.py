@@ -90,6 +90,30 @@ def test_a_key_id_or_key_arn_is_the_key_the_bootstrap_adopts_as_version_1() -> N
         ({"HMD_AWS_ROLE_ARN": "heimdall-app"}, "IAM role ARN"),
         ({"HMD_AWS_ENDPOINT_URL": "kms.local:4566"}, "http://"),
         ({"HMD_AWS_ENDPOINT_URL": "https://key:secret@kms.local"}, "credentials"),
+        ({"HMD_AWS_ENDPOINT_URL": "http://[::1"}, "http://"),
+        ({"HMD_AWS_ENDPOINT_URL": "https://kms.local:abc"}, "http://"),
+        ({"HMD_AWS_ENDPOINT_URL": "https://kms.local:99999"}, "http://"),
+        ({"HMD_AWS_ENDPOINT_URL": "https://kms .local"}, "no spaces"),
+        ({"HMD_AWS_ENDPOINT_URL": "https://kms.local/?x=1"}, "no query"),
+        ({"HMD_AWS_ENDPOINT_URL": "https://kms_local!"}, "a name or an IP"),
+        ({"HMD_AWS_ENDPOINT_URL": "http://kms.example.com"}, "must be https://"),
+        ({"HMD_AWS_ENDPOINT_URL": "http://10.0.0.5:4566"}, "must be https://"),
+        ({"HMD_AWS_ACCOUNT_ID": "12345"}, "12 digits"),
+        (
+            {
+                "HMD_AWS_ACCOUNT_ID": "111122223333",
+                "HMD_AWS_KEY": "arn:aws:kms:us-west-2:444455556666:alias/pii",
+            },
+            "HMD_AWS_KEY is in account 444455556666 but HMD_AWS_ACCOUNT_ID names 111122223333",
+        ),
+        (
+            {
+                "HMD_AWS_KEY": "arn:aws:kms:us-west-2:444455556666:alias/pii",
+                "HMD_AWS_ROLE_ARN": "arn:aws:iam::111122223333:role/heimdall-app",
+            },
+            "HMD_AWS_ROLE_ARN is in account 111122223333",
+        ),
+        ({"HMD_AWS_KEY_ORIGINS": "EXTERNAL,IMPORTED"}, "origins of KMS key material"),
         ({"HMD_AWS_CONCURRENCY": "0"}, "between 1 and 64"),
         ({"HMD_AWS_MAX_ATTEMPTS": "many"}, "a number"),
     ],
@@ -190,3 +214,43 @@ def test_a_secret_in_an_endpoint_of_a_region_is_never_echoed(value: str) -> None
     with pytest.raises(ConfigurationError) as caught:
         _aws({"HMD_AWS_REGION": "eu-west-1", "HMD_AWS_ENDPOINT_URLS": value})
     assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:4566", "http://localhost:4566", "http://[::1]:4566", "https://kms.example"],
+)
+def test_plain_http_reaches_only_this_machine(url: str) -> None:
+    assert _aws({"HMD_AWS_ENDPOINT_URL": url}).endpoint_url == url
+
+
+def test_the_account_comes_from_the_setting_or_an_arn_and_they_must_agree() -> None:
+    assert _aws({}).account is None  # the credentials' own, asked of STS
+    assert _aws({"HMD_AWS_ACCOUNT_ID": "111122223333"}).account == "111122223333"
+    role = "arn:aws:iam::111122223333:role/heimdall-app"
+    assert _aws({"HMD_AWS_ROLE_ARN": role}).account == "111122223333"
+    key = "arn:aws:kms:us-west-2:111122223333:alias/pii"
+    same = {"HMD_AWS_ACCOUNT_ID": "111122223333", "HMD_AWS_KEY": key, "HMD_AWS_ROLE_ARN": role}
+    assert _aws(same).account == "111122223333"
+
+
+def test_key_origins_add_to_aws_kms_which_is_always_accepted() -> None:
+    assert _aws({}).key_origins == {"AWS_KMS"}
+    origins = _aws({"HMD_AWS_KEY_ORIGINS": " EXTERNAL, AWS_CLOUDHSM "}).key_origins
+    assert origins == {"AWS_KMS", "EXTERNAL", "AWS_CLOUDHSM"}
+    with pytest.raises(ConfigurationError, match="may add only"):
+        AwsSettings(key_origins=frozenset({"EXTERNAL"}))
+
+
+@pytest.mark.parametrize(
+    "url", ["https://key:hunter2@[::1", "https://key:hunter2@kms.local:port", "http://hunter2 x"]
+)
+def test_a_malformed_endpoint_is_refused_without_echoing_it(url: str) -> None:
+    for variable, value in (
+        ("HMD_AWS_ENDPOINT_URL", url),
+        ("HMD_AWS_ENDPOINT_URLS", f"eu-west-1={url}"),
+    ):
+        with pytest.raises(ConfigurationError) as caught:
+            _aws({"HMD_AWS_REGION": "eu-west-1", variable: value})
+        assert "hunter2" not in str(caught.value)
+        assert (caught.value.__cause__, caught.value.__context__) == (None, None)

@@ -49,7 +49,8 @@ from heimdall.kms.aws_client import AwsClients, RegionClients, connect
 from heimdall.kms.aws_config import AwsSettings
 from heimdall.kms.aws_regions import COOL_DOWN_SECONDS, Regions
 from heimdall.kms.aws_replicas import REPLICA_WAIT_SECONDS, await_replica
-from heimdall.kms.aws_versions import version_alias
+from heimdall.kms.aws_trust import UntrustedKey
+from heimdall.kms.aws_versions import version_alias, version_tags
 from heimdall.kms.base import WrappedKey
 from heimdall.secret import SecretBytes
 
@@ -359,6 +360,25 @@ def test_a_rotation_needs_every_region_and_commits_nothing_without_one(
     assert _keys_tagged(moto_regions, FIRST, name, 2) == (
         ["PendingDeletion"] if down == SECOND else []
     )
+    # A failover never sends what cannot be repeated: no key was made in the second region.
+    assert _keys_tagged(moto_regions, SECOND, name, 2) == []
+
+
+def test_a_region_failed_over_to_cannot_hand_heimdall_a_key_of_its_own(
+    moto_regions: MotoServer, regions_environment: dict[str, str]
+) -> None:
+    """With the first region down, the versions are read in the second: a version alias made
+    there for a key of that region alone (not a replica of heimdall's multi-Region key) is
+    refused, before any data key is wrapped under it."""
+    name = _bootstrapped(moto_regions)
+    second = moto_regions.client("kms", region=SECOND)
+    local = second.create_key(Tags=version_tags(name, 2))["KeyMetadata"]["KeyId"]
+    second.create_alias(AliasName=version_alias(name, 2), TargetKeyId=local)
+    kms = AwsKms(_settings(moto_regions, name, first=unreachable_url()))
+    refused = pytest.raises(UntrustedKey, match=f"{local}, which is a single-Region key in")
+    with recorded_calls(kms.clients.replicas[0].kms) as in_second, refused:
+        kms.generate_data_key(AD)
+    assert "GenerateDataKey" not in in_second
 
 
 def test_the_floors_reach_every_region_and_a_region_missed_is_named(

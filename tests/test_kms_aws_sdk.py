@@ -21,7 +21,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from aws_server import DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY, REGION, MotoServer
+from aws_server import ACCOUNT, DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY, REGION, MotoServer
 from heimdall.errors import (
     AccessDenied,
     ConfigurationError,
@@ -33,9 +33,11 @@ from heimdall.errors import (
     KmsUnavailable,
 )
 from heimdall.kms.aws import AwsKms
-from heimdall.kms.aws_client import AliasTaken, aws_errors, connect
+from heimdall.kms.aws_bootstrap import bootstrap
+from heimdall.kms.aws_client import AliasTaken, AwsClients, aws_call, connect
 from heimdall.kms.aws_config import AwsSettings
 from heimdall.kms.aws_rotation import create_version_key
+from heimdall.kms.aws_trust import UntrustedKey
 from heimdall.kms.base import WrappedKey
 
 AD = b"heimdall.data-key.v1\x00sdk"
@@ -79,12 +81,16 @@ def _client_error(code: str, status: int = 400) -> ClientError:
 def test_aws_errors_become_heimdall_errors_without_aws_message_or_cause(
     code: str, status: int, expected: type[HeimdallError]
 ) -> None:
-    translating = aws_errors("unwrap a data key", key_identifier="aws:alias/k-v1")
-    with pytest.raises(HeimdallError) as caught, translating:
+    def failing() -> None:
         raise _client_error(code, status)
+
+    with pytest.raises(HeimdallError) as caught:
+        aws_call("unwrap a data key", failing, key_identifier="aws:alias/k-v1")
     error = caught.value
     assert type(error) is expected
-    assert caught.value.__cause__ is None
+    # Nothing leads back to the SDK's exception: its answer, or the frames of its traceback
+    # that built the request (a data key, a session token).
+    assert (error.__cause__, error.__context__) == (None, None)
     assert "ASIA" not in str(error) and "arn:aws:sts" not in str(error)
     if isinstance(error, KmsError):
         assert error.provider == "aws" and error.key_identifier == "aws:alias/k-v1"
@@ -104,9 +110,12 @@ def test_aws_errors_become_heimdall_errors_without_aws_message_or_cause(
 def test_sdk_failures_become_heimdall_errors(
     raised: Exception, expected: type[HeimdallError]
 ) -> None:
-    with pytest.raises(expected) as caught, aws_errors("describe the key"):
+    def failing() -> None:
         raise raised
-    assert caught.value.__cause__ is None
+
+    with pytest.raises(expected) as caught:
+        aws_call("describe the key", failing)
+    assert (caught.value.__cause__, caught.value.__context__) == (None, None)
 
 
 # -- retries ----------------------------------------------------------------------------------
@@ -164,11 +173,15 @@ def sdk_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # STS is never needed here (the settings name the account); were it asked, nothing listens.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", "http://127.0.0.1:9")
     yield
 
 
 def _settings(url: str, **options: Any) -> AwsSettings:
-    return AwsSettings(key_name="retried", region=REGION, endpoint_url=url, **options)
+    return AwsSettings(
+        key_name="retried", region=REGION, endpoint_url=url, account=ACCOUNT, **options
+    )
 
 
 def test_throttling_is_retried_with_backoff(sdk_credentials: None) -> None:
@@ -262,11 +275,24 @@ KEY_ID = "1234abcd-12ab-34cd-56ef-1234567890ab"
 
 
 def _one_version(
+    described: dict[str, Any] | None = None,
     **answers: tuple[int, dict[str, Any]],
 ) -> dict[str, list[tuple[int, dict[str, Any]]]]:
-    """A stand-in KMS holding version 1 of the key ``retried`` (KEY_ID), and *answers*."""
+    """A stand-in KMS holding version 1 of the key ``retried`` (KEY_ID), described with
+    *described* over the defaults, and *answers*."""
+    described = described or {}
     tags = {"heimdall:key": "retried", "heimdall:version": "1", "heimdall:state": "active"}
-    metadata = {"KeyId": KEY_ID, "KeyState": "Enabled", "KeySpec": "SYMMETRIC_DEFAULT"}
+    metadata = {
+        "KeyId": KEY_ID,
+        "Arn": f"arn:aws:kms:{REGION}:{ACCOUNT}:key/{KEY_ID}",
+        "AWSAccountId": ACCOUNT,
+        "KeyState": "Enabled",
+        "KeySpec": "SYMMETRIC_DEFAULT",
+        "KeyUsage": "ENCRYPT_DECRYPT",
+        "KeyManager": "CUSTOMER",
+        "Origin": "AWS_KMS",
+        **described,
+    }
     script: dict[str, list[tuple[int, dict[str, Any]]]] = {
         "ListAliases": [
             (200, {"Aliases": [{"AliasName": "alias/retried-v1", "TargetKeyId": KEY_ID}]})
@@ -305,3 +331,62 @@ def test_an_unwrapped_data_key_of_the_wrong_size_is_refused(sdk_credentials: Non
     refused = pytest.raises(KmsError, match="wrong size")
     with _KmsStandIn(_one_version(Decrypt=(200, answer))) as kms, refused:
         AwsKms(_settings(kms.url)).unwrap(wrapped, AD)
+
+
+def test_an_aws_managed_key_behind_a_version_alias_is_refused_before_any_call(
+    sdk_credentials: None,
+) -> None:
+    """moto calls its own AWS managed keys customer managed: a stand-in says what AWS says."""
+    generated = (200, {"KeyId": KEY_ID, "Plaintext": _blob(b"k" * 32)})
+    script = _one_version({"KeyManager": "AWS"}, GenerateDataKey=generated)
+    refused = pytest.raises(UntrustedKey, match="not a customer managed key")
+    with _KmsStandIn(script) as kms, refused:
+        AwsKms(_settings(kms.url)).generate_data_key(AD)
+    assert "GenerateDataKey" not in kms.calls
+
+
+def test_a_data_key_kms_made_in_another_account_is_refused(sdk_credentials: None) -> None:
+    answer = {
+        "KeyId": f"arn:aws:kms:eu-west-1:111111111111:key/{KEY_ID}",
+        "Plaintext": _blob(b"k" * 32),
+        "CiphertextBlob": _blob(b"c" * 64),
+    }
+    refused = pytest.raises(KmsError, match="another key")
+    with _KmsStandIn(_one_version(GenerateDataKey=(200, answer))) as kms, refused:
+        AwsKms(_settings(kms.url)).generate_data_key(AD)
+
+
+def test_a_translated_error_leads_nowhere_near_the_request(moto: MotoServer, aws_key: str) -> None:
+    """An error from KMS while wrapping a data key: nothing chained to it holds the request."""
+    provider = AwsKms(moto.settings(aws_key), moto.clients())
+    data_key = provider.generate_data_key(AD)
+    with pytest.raises(DecryptionFailed) as caught:
+        provider.unwrap(data_key.wrapped, b"another context")
+    assert (caught.value.__cause__, caught.value.__context__) == (None, None)
+    data_key.plaintext.wipe()
+
+
+class _OneAccount:
+    """STS as far as the bootstrap asks it."""
+
+    def get_caller_identity(self) -> dict[str, str]:
+        return {"Account": ACCOUNT, "Arn": f"arn:aws:iam::{ACCOUNT}:user/operator"}
+
+
+def test_a_key_policy_refused_at_creation_is_explained(sdk_credentials: None) -> None:
+    """AWS's lockout safety check (moto runs none): CreateKey with a key policy that would not
+    let the creator call PutKeyPolicy answers MalformedPolicyDocumentException."""
+    refused = (400, {"__type": "MalformedPolicyDocumentException", "message": AWS_MESSAGE})
+    script: dict[str, list[tuple[int, dict[str, Any]]]] = {
+        "ListAliases": [NO_ALIASES],
+        "DescribeKey": [(400, {"__type": "NotFoundException"})],
+        "CreateKey": [refused],
+    }
+    with _KmsStandIn(script) as kms, pytest.raises(ConfigurationError) as caught:
+        made = connect(_settings(kms.url))
+        clients = AwsClients(kms=made.kms, once=made.once, sts=_OneAccount())
+        bootstrap(clients, _settings(kms.url), {})
+    message = str(caught.value)
+    assert "(MalformedPolicyDocumentException)" in message
+    assert "kms:PutKeyPolicy" in message and "ASIA" not in message
+    assert kms.calls["CreateKey"] == 1

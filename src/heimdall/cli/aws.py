@@ -40,9 +40,12 @@ def aws_bootstrap(
     """Set up the KMS keys: version 1, the aliases, the key policy, the audit key (idempotent).
 
     Creates (or adopts, HMD_AWS_KEY) the version-1 KMS key, applies the key policy, turns on
-    automatic rotation, and prints what it found and did. With HMD_AWS_REGIONS the keys are
-    multi-Region keys, replicated, tagged and aliased in every region. Run it with credentials
-    that may manage KMS keys (the SDK's default chain).
+    automatic rotation, and prints what it found and did. Without any --*-role option it keeps
+    the roles the key policies grant already; with them, it grants the roles given (name every
+    role). A key it did not create and HMD_AWS_KEY does not name is refused, never tagged. With
+    HMD_AWS_REGIONS the keys are multi-Region keys, replicated, tagged and aliased in every
+    region. Run it with credentials that may manage KMS keys, kms:PutKeyPolicy included (the
+    SDK's default chain): an account administrator, not heimdall-admin.
     """
     settings = load_settings()
     if settings.kms_provider != "aws" or settings.aws is None:

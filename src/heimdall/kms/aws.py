@@ -16,6 +16,12 @@ Security properties:
 * **The expected key.** Decrypt and ReEncrypt always name the KMS key of the version the
   envelope records, never "whatever key the ciphertext names"; a wrapped key relabelled to
   another version is refused by KMS.
+* **heimdall's keys only.** Every version's KMS key is checked on every read of the versions
+  to be one heimdall made or adopted (:mod:`heimdall.kms.aws_trust`: customer managed,
+  symmetric, key material made by KMS, in the expected account, tagged as the version), and a
+  version's key never changes within a process (a version alias pointed elsewhere since is
+  refused): nothing is wrapped under a key an alias was pointed at by someone else. KMS's
+  answers must name the key asked for, in that account.
 * **Floors.** A version below the decryption floor, or disabled, is refused here before any
   call, and its KMS key is disabled in KMS too, so a stolen host cannot use it either.
   heimdall's own view of the floors may lag another process's change by up to a minute
@@ -46,7 +52,7 @@ from typing import Any, Final
 from heimdall.aead import KEY_SIZE
 from heimdall.errors import KeyNotFound, KeyVersionDisabled, KmsError
 from heimdall.kms.aws_audit import AwsAuditKey
-from heimdall.kms.aws_client import PROVIDER, AwsClients, RegionClients, aws_errors, connect
+from heimdall.kms.aws_client import PROVIDER, AwsClients, RegionClients, aws_call, connect
 from heimdall.kms.aws_config import AwsSettings
 from heimdall.kms.aws_preflight import aws_checks
 from heimdall.kms.aws_regions import Regions
@@ -56,7 +62,16 @@ from heimdall.kms.aws_rotation import (
     set_min_decryption_version,
     set_min_encryption_version,
 )
-from heimdall.kms.aws_versions import KeyChain, VersionKey, key_id_of, list_versions, load_chain
+from heimdall.kms.aws_trust import Ownership, UntrustedKey, arn_account, ownership_of
+from heimdall.kms.aws_versions import (
+    KeyChain,
+    VersionKey,
+    key_id_of,
+    list_versions,
+    load_chain,
+    version_alias,
+    version_fix,
+)
 from heimdall.kms.base import (
     DataKey,
     KeyDescription,
@@ -110,6 +125,9 @@ class AwsKms(KeyProvider):
         self.key_name = f"{PROVIDER}:alias/{self._name}"
         self._monotonic = monotonic
         self._lock = threading.Lock()
+        self._ownership_lock = threading.Lock()
+        self._ownership: Ownership | None = None
+        self._pinned: dict[int, str] = {}  # version: the key ID this process has used for it
         self._chain: KeyChain | None = None
         self._loaded = -math.inf
         self._latest_checked = -math.inf
@@ -137,10 +155,33 @@ class AwsKms(KeyProvider):
                     return self._reload(now)
             return chain
 
+    def ownership(self) -> Ownership:
+        """Where heimdall's keys must be and what they may be (:mod:`heimdall.kms.aws_trust`);
+        the account asked of STS once, when no setting names it."""
+        with self._ownership_lock:
+            if self._ownership is None:
+                self._ownership = ownership_of(self.settings, self.clients)
+            return self._ownership
+
     def _reload(self, now: float) -> KeyChain:
-        chain = self.regions.call(lambda at: load_chain(at.kms, self._name))
+        ownership = self.ownership()
+        chain = self.regions.call(lambda at: load_chain(at.kms, self._name, ownership))
+        self._pin(chain)
         self._chain, self._loaded, self._latest_checked = chain, now, now
         return chain
+
+    def _pin(self, chain: KeyChain) -> None:
+        """Refuse a version whose key changed since this process read it: a version's key is
+        one KMS key for good (its replicas share its key ID), so another one is not heimdall's
+        doing, whichever region answered."""
+        for version, key in chain.versions.items():
+            pinned = self._pinned.setdefault(version, key.key_id)
+            if pinned != key.key_id:
+                raise UntrustedKey(
+                    f"{version_alias(self._name, version)} points at KMS key {key.key_id}, "
+                    f"which is not the key {pinned} it named before: "
+                    f"{version_fix(self._name, version)}"
+                )
 
     def _forget(self) -> None:
         with self._lock:
@@ -217,8 +258,9 @@ class AwsKms(KeyProvider):
         not ..." in an error's message."""
 
         def attempt(region: RegionClients) -> dict[str, Any]:
-            with aws_errors(action, key_identifier=identifier):
-                answer: dict[str, Any] = request(region.kms)
+            answer: dict[str, Any] = aws_call(
+                action, lambda: request(region.kms), key_identifier=identifier
+            )
             return answer
 
         return self.regions.call(attempt)
@@ -297,12 +339,16 @@ class AwsKms(KeyProvider):
         self._check_key(answer, key, identifier)
         return WrappedKey(identifier, key.version, answer["CiphertextBlob"])
 
-    @staticmethod
-    def _check_key(answer: dict[str, Any], key: VersionKey, identifier: str) -> None:
-        """KMS says which key it used: it must be the one asked for."""
-        used = key_id_of(str(answer.get("KeyId") or ""))
+    def _check_key(self, answer: dict[str, Any], key: VersionKey, identifier: str) -> None:
+        """KMS says which key it used: it must be the one asked for, in the expected account."""
+        named = str(answer.get("KeyId") or "")
+        account = arn_account(named)
         blob = answer.get("CiphertextBlob", b"")
-        if used != key.key_id or not isinstance(blob, bytes):
+        if (
+            key_id_of(named) != key.key_id
+            or (account is not None and account != self.ownership().account)
+            or not isinstance(blob, bytes)
+        ):
             raise KmsError(
                 f"AWS KMS answered for another key than {identifier}",
                 provider=PROVIDER,
@@ -364,7 +410,7 @@ class AwsKms(KeyProvider):
 
     def audit_key(self) -> AwsAuditKey:
         """The KMS HMAC key that authenticates the audit trail's checkpoints."""
-        return AwsAuditKey(self.clients, self._name, self.regions)
+        return AwsAuditKey(self.clients, self._name, self.regions, ownership=self.ownership)
 
     def preflight(self, role: Role | None = None) -> list[Check]:
         """Credentials, the key and what *role* may do with it (:mod:`heimdall.kms.

@@ -15,10 +15,16 @@ Where heimdall's table and AWS's differ:
   states. Metadata holds no key material;
 * writing the blind index (encrypt) and looking a value up both unwrap the blind-index key;
 * every permission whose commands write audit events may sign the trail's checkpoints with the
-  audit key (GenerateMac); reading the audit trail verifies them (VerifyMac);
+  audit key (GenerateMac); reading the audit trail verifies them (VerifyMac). Either first reads
+  the audit key's metadata (DescribeKey, ListResourceTags: :data:`AUDIT_KEY_METADATA`), to check
+  that the key its alias names is heimdall's audit key;
+* reading the keys (``heimdall kms check``) lists their grants (ListGrants): a grant lets
+  another principal use a key whatever its key policy says;
 * heimdall-admin creates the KMS key of each new version, and whoever creates a key chooses its
   key policy. Its IAM policy therefore also denies, explicitly, every action that yields a
   plaintext data key (:data:`ADMIN_DENIED`): an explicit deny wins over any key policy or grant.
+  PutKeyPolicy is among them, so heimdall-admin creates keys without a key policy (AWS's
+  default): AWS refuses one at creation that would not let the creator call PutKeyPolicy.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from heimdall.rbac import ROLE_PERMISSIONS, Permission, Role
 __all__ = [
     "ACCOUNT_ACTIONS",
     "ADMIN_DENIED",
+    "AUDIT_KEY_METADATA",
     "METADATA",
     "PERMISSION_ACTIONS",
     "SIGN_CHECKPOINTS",
@@ -42,6 +49,7 @@ __all__ = [
 ]
 
 METADATA: Final = frozenset({"kms:DescribeKey", "kms:ListAliases", "kms:ListResourceTags"})
+AUDIT_KEY_METADATA: Final = frozenset({"kms:DescribeKey", "kms:ListResourceTags"})
 SIGN_CHECKPOINTS: Final = "kms:GenerateMac"
 VERIFY_CHECKPOINTS: Final = "kms:VerifyMac"
 
@@ -51,13 +59,14 @@ PERMISSION_ACTIONS: Final[Mapping[Permission, frozenset[str]]] = MappingProxyTyp
         | {"kms:GenerateDataKey", "kms:Encrypt", "kms:Decrypt", SIGN_CHECKPOINTS},
         Permission.DECRYPT: METADATA | {"kms:Decrypt", SIGN_CHECKPOINTS},
         Permission.LOOKUP: METADATA | {"kms:Decrypt", SIGN_CHECKPOINTS},
-        Permission.READ_KEYS: METADATA | {"kms:GetKeyRotationStatus"},
+        Permission.READ_KEYS: METADATA | {"kms:GetKeyRotationStatus", "kms:ListGrants"},
         Permission.READ_STATUS: METADATA,
-        # A rotation creates the next version's KMS key with the key policy of the latest one,
-        # turns on the automatic rotation of its key material, claims its alias and points
-        # alias/<name> at it; a rotation that lost a race schedules its unused key's deletion.
-        # With several regions the key is replicated to each other one (ReplicateKey on the
-        # key, and CreateKey with the version's tags in the replica's region).
+        # A rotation creates the next version's KMS key (AWS's default key policy, the
+        # version's tags), turns on the automatic rotation of its key material, claims its
+        # alias and points alias/<name> at it; a rotation that lost a race schedules its unused
+        # key's deletion. With several regions the key is replicated to each other one
+        # (ReplicateKey on the key, and CreateKey with the version's tags in the replica's
+        # region). Who rotates also reads the keys' policies (heimdall kms check).
         Permission.ROTATE: METADATA
         | {
             "kms:CreateKey",
@@ -83,7 +92,7 @@ PERMISSION_ACTIONS: Final[Mapping[Permission, frozenset[str]]] = MappingProxyTyp
         },
         # Rewrap: ReEncrypt never shows the caller the data key.
         Permission.REENCRYPT: METADATA | {"kms:ReEncryptFrom", "kms:ReEncryptTo", SIGN_CHECKPOINTS},
-        Permission.READ_AUDIT: frozenset({VERIFY_CHECKPOINTS}),
+        Permission.READ_AUDIT: AUDIT_KEY_METADATA | {VERIFY_CHECKPOINTS},
     }
 )
 

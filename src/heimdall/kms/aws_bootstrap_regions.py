@@ -23,7 +23,7 @@ from typing import Any
 
 from heimdall.errors import ConfigurationError, KeyNotFound
 from heimdall.kms.aws_audit import audit_alias, audit_key_name
-from heimdall.kms.aws_client import AwsClients, RegionClients, aws_errors
+from heimdall.kms.aws_client import AwsClients, RegionClients, aws_call
 from heimdall.kms.aws_replicas import (
     apply_key_policy,
     await_replica,
@@ -150,8 +150,12 @@ class _RegionBootstrap:
         try:
             aliased = key_id_of(str(describe_key(target.kms, alias).get("KeyId") or ""))
         except KeyNotFound:
-            with aws_errors(f"create the alias {alias} in {target.region}"):
-                target.once.create_alias(AliasName=alias, TargetKeyId=key_id)
+            aliased = ""
+        if not aliased:
+            aws_call(
+                f"create the alias {alias} in {target.region}",
+                lambda: target.once.create_alias(AliasName=alias, TargetKeyId=key_id),
+            )
             actions.append(f"created {alias}")
             return actions
         if aliased != key_id:

@@ -14,9 +14,10 @@
   second key; CreateAlias or UpdateAlias could undo another process's change) go through
   :attr:`AwsClients.once`, a client that never retries; their callers read the state again
   after a failure instead.
-* **Errors** are translated in one place, :func:`aws_errors`, with messages written here: an
-  AWS message (which may name principals and resources) is never shown, and ``__cause__`` is
-  never set, so no credential, ARN or data key reaches a message.
+* **Errors** are translated in one place, :func:`aws_call`, with messages written here: an
+  AWS message (which may name principals and resources) is never shown, and neither
+  ``__cause__`` nor ``__context__`` leads back to the SDK's exception, so no credential, ARN or
+  data key reaches a message or can be reached from the error.
 * **Logs**: botocore logs request and response bodies, headers and signing steps at DEBUG: the
   Plaintext of every GenerateDataKey and Decrypt, the session token. :func:`connect` keeps
   those records from ever being made (:func:`quiet_sdk_logs`).
@@ -24,12 +25,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from heimdall.errors import (
     AccessDenied,
@@ -77,12 +78,13 @@ __all__ = [
     "AliasTaken",
     "AwsClients",
     "RegionClients",
-    "aws_errors",
+    "aws_call",
     "connect",
     "quiet_sdk_logs",
 ]
 
 PROVIDER: Final = "aws"
+_Result = TypeVar("_Result")
 ROLE_SESSION_NAME: Final = "heimdall"
 _CODE: Final = re.compile(r"[A-Za-z0-9.]{1,64}\Z")
 
@@ -219,7 +221,8 @@ def connect(settings: AwsSettings) -> AwsClients:
     """The clients of *settings*, for every region. Makes no request: credentials resolve at
     the first call."""
     quiet_sdk_logs()
-    with aws_errors("set up the AWS SDK"):
+
+    def clients() -> AwsClients:
         session = boto3.Session(botocore_session=_sdk_session(settings))
         retried = _config(settings, settings.max_attempts)
         first, *replicas = (
@@ -232,6 +235,12 @@ def connect(settings: AwsSettings) -> AwsClients:
             region=first.region,
             replicas=tuple(replicas),
         )
+
+    # botocore's ValueError quotes the URL, which could carry a secret by mistake; the settings
+    # refuse such URLs before this (heimdall.kms.aws_config).
+    with contextlib.suppress(ValueError):
+        return aws_call("set up the AWS SDK", clients)
+    raise ConfigurationError("the AWS SDK refused an endpoint URL (HMD_AWS_ENDPOINT_URL[S])")
 
 
 def _region_clients(session: Any, settings: AwsSettings, region: str | None) -> RegionClients:
@@ -326,29 +335,32 @@ def _client_error(exc: ClientError, action: str, key_identifier: str) -> Heimdal
     return kind(message, provider=PROVIDER, key_identifier=key_identifier)
 
 
-@contextmanager
-def aws_errors(action: str, *, key_identifier: str = "") -> Iterator[None]:
-    """Translate whatever the SDK raises into :mod:`heimdall.errors`; *action* completes
-    "could not ..." in the message. Never chains the SDK's exception (``from None``)."""
-    ids = {"provider": PROVIDER, "key_identifier": key_identifier}
+def aws_call(action: str, call: Callable[[], _Result], *, key_identifier: str = "") -> _Result:
+    """*call*'s result; whatever the SDK raises becomes one of :mod:`heimdall.errors`, with a
+    message written here (*action* completes "could not ..."). The error is raised after the
+    ``except`` block has ended, so neither its ``__cause__`` nor its ``__context__`` holds the
+    SDK's exception: that one carries AWS's answer, and its traceback the frames that built the
+    request (a data key being wrapped, the session token that signed it)."""
     try:
-        yield
-    except ClientError as exc:
-        raise _client_error(exc, action, key_identifier) from None
-    except NoRegionError:
-        raise ConfigurationError(
-            "no AWS region: set HMD_AWS_REGION (or the SDK's AWS_REGION)"
-        ) from None
-    except (NoCredentialsError, PartialCredentialsError):
-        raise ConfigurationError(
+        return call()
+    except (ClientError, BotoCoreError) as exc:
+        error = _translate(exc, action, key_identifier)
+    raise error
+
+
+def _translate(exc: Exception, action: str, key_identifier: str) -> HeimdallError:
+    ids = {"provider": PROVIDER, "key_identifier": key_identifier}
+    if isinstance(exc, ClientError):
+        return _client_error(exc, action, key_identifier)
+    if isinstance(exc, NoRegionError):
+        return ConfigurationError("no AWS region: set HMD_AWS_REGION (or the SDK's AWS_REGION)")
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return ConfigurationError(
             f"no AWS credentials were found to {action}; heimdall uses the SDK's default chain "
             "(instance profile, ECS/EKS role, environment, SSO)"
-        ) from None
-    except (CredentialRetrievalError, TokenRetrievalError, SSOError):
-        raise AccessDenied(
-            f"the AWS credentials could not be obtained to {action}", **ids
-        ) from None
-    except (SdkConnectionError, HTTPClientError):
-        raise KmsUnavailable(f"AWS KMS could not be reached to {action}", **ids) from None
-    except BotoCoreError:
-        raise KmsError(f"the AWS SDK failed to {action}", **ids) from None
+        )
+    if isinstance(exc, CredentialRetrievalError | TokenRetrievalError | SSOError):
+        return AccessDenied(f"the AWS credentials could not be obtained to {action}", **ids)
+    if isinstance(exc, SdkConnectionError | HTTPClientError):
+        return KmsUnavailable(f"AWS KMS could not be reached to {action}", **ids)
+    return KmsError(f"the AWS SDK failed to {action}", **ids)

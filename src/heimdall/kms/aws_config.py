@@ -11,8 +11,17 @@ Settings come from ``HMD_AWS_*`` variables (or the config file; none of them is 
 ``HMD_AWS_REGIONS``        several regions, in order of preference (``us-west-2,eu-west-1``):
                            the first holds the primary of every multi-Region key, the others
                            replicas (:mod:`heimdall.kms.aws_regions`)
-``HMD_AWS_ROLE_ARN``       a role assumed through STS (cross-account access)
-``HMD_AWS_ENDPOINT_URL``   the KMS endpoint (a VPC endpoint; a test server)
+``HMD_AWS_ACCOUNT_ID``     the account every KMS key heimdall uses must be in; default the
+                           account of an ARN in ``HMD_AWS_KEY`` or ``HMD_AWS_ROLE_ARN`` (which
+                           must agree), else the credentials' own (STS GetCallerIdentity, asked
+                           once per process)
+``HMD_AWS_KEY_ORIGINS``    origins of key material heimdall accepts besides ``AWS_KMS``:
+                           ``EXTERNAL`` (imported), ``AWS_CLOUDHSM``, ``EXTERNAL_KEY_STORE``;
+                           default none (:mod:`heimdall.kms.aws_trust`)
+``HMD_AWS_ROLE_ARN``       a role assumed through STS (cross-account access: a role in the
+                           keys' account)
+``HMD_AWS_ENDPOINT_URL``   the KMS endpoint (a VPC endpoint; a test server): ``https://``, or
+                           ``http://`` to a loopback address only (data keys travel in it)
 ``HMD_AWS_ENDPOINT_URLS``  an endpoint per region, ``us-west-2=https://...,eu-west-1=https://...``
                            (a VPC endpoint serves its own region only); the regions it leaves
                            out use ``HMD_AWS_ENDPOINT_URL`` or the SDK's
@@ -32,6 +41,7 @@ another key's aliases, so those are refused here, before anything is created.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import urllib.parse
 from collections.abc import Mapping
@@ -43,6 +53,7 @@ from heimdall.errors import ConfigurationError
 __all__ = [
     "DEFAULT_CONCURRENCY",
     "FILE_KEYS",
+    "KEY_ORIGINS",
     "AwsSettings",
     "aws_settings",
     "check_aws_key_name",
@@ -54,6 +65,8 @@ DEFAULT_CONCURRENCY: Final = 8
 FILE_KEYS: Final = frozenset(
     {
         "aws_key",
+        "aws_account_id",
+        "aws_key_origins",
         "aws_region",
         "aws_role_arn",
         "aws_endpoint_url",
@@ -73,7 +86,15 @@ _ARN: Final = re.compile(
     r"(?P<kind>alias|key)/(?P<rest>[A-Za-z0-9_/-]{1,256})\Z"
 )
 _KEY_ID: Final = re.compile(r"(?:mrk-[0-9a-f]{32}|[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})\Z")
-_ROLE_ARN: Final = re.compile(r"arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}\Z")
+_ROLE_ARN: Final = re.compile(
+    r"arn:aws[a-z-]*:iam::(?P<account>[0-9]{12}):role/[A-Za-z0-9+=,.@_/-]{1,512}\Z"
+)
+_ACCOUNT: Final = re.compile(r"[0-9]{12}\Z")
+# Where key material can come from (DescribeKey's Origin). AWS_KMS is always accepted: it is what
+# heimdall's own rotations make.
+AWS_KMS_ORIGIN: Final = "AWS_KMS"
+KEY_ORIGINS: Final = frozenset({AWS_KMS_ORIGIN, "EXTERNAL", "AWS_CLOUDHSM", "EXTERNAL_KEY_STORE"})
+_HOST: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +103,10 @@ class AwsSettings:
 
     key_name: str = "heimdall-pii"
     region: str | None = None
-    account: str | None = None  # from an ARN in HMD_AWS_KEY: the account the key must be in
+    # HMD_AWS_ACCOUNT_ID, or the account of an ARN in HMD_AWS_KEY or HMD_AWS_ROLE_ARN: the
+    # account every key must be in (None: the credentials' own, from STS).
+    account: str | None = None
+    key_origins: frozenset[str] = frozenset({AWS_KMS_ORIGIN})
     adopt_key: str | None = None  # key ID or ARN the bootstrap adopts as version 1
     role_arn: str | None = None
     endpoint_url: str | None = None
@@ -100,6 +124,11 @@ class AwsSettings:
             raise ConfigurationError(f"HMD_AWS_REGION {self.region!r} is not an AWS region name")
         if self.role_arn is not None and not _ROLE_ARN.match(self.role_arn):
             raise ConfigurationError("HMD_AWS_ROLE_ARN must be an IAM role ARN")
+        if self.account is not None and not _ACCOUNT.match(self.account):
+            raise ConfigurationError("HMD_AWS_ACCOUNT_ID must be an AWS account ID (12 digits)")
+        if AWS_KMS_ORIGIN not in self.key_origins or not self.key_origins <= KEY_ORIGINS:
+            others = ", ".join(sorted(KEY_ORIGINS - {AWS_KMS_ORIGIN}))
+            raise ConfigurationError(f"HMD_AWS_KEY_ORIGINS may add only {others} to AWS_KMS")
         if self.endpoint_url is not None:
             _check_endpoint(self.endpoint_url, "HMD_AWS_ENDPOINT_URL")
         self._check_regions()
@@ -167,11 +196,58 @@ def key_id_of(key: str) -> str:
 
 
 def _check_endpoint(url: str, variable: str) -> None:
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ConfigurationError(f"{variable}: an endpoint must be an http:// or https:// URL")
-    if parsed.username is not None or parsed.password is not None:
-        raise ConfigurationError(f"{variable} must not carry credentials")
+    """Refuse an endpoint URL heimdall should not send requests to; never echoes it (a URL may
+    carry credentials by mistake). Requests hold data keys (Encrypt's plaintext, the answers of
+    GenerateDataKey and Decrypt), so plain http:// may only reach this machine."""
+    problem = _endpoint_problem(url)
+    if problem:
+        raise ConfigurationError(f"{variable}: {problem}")
+
+
+def _endpoint_problem(url: str) -> str:
+    parsed = _split(url)
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return "an endpoint must be an http:// or https:// URL with a host name, and no spaces"
+    host = parsed.hostname
+    problems = (
+        ("@" in parsed.netloc, "an endpoint URL must not carry credentials"),
+        ("?" in url or "#" in url, "an endpoint URL takes no query or fragment"),
+        (not (_HOST.match(host) or _is_ip(host)), "an endpoint's host must be a name or an IP"),
+        (
+            parsed.scheme == "http" and not _is_loopback(host),
+            "an endpoint must be https:// (data keys travel in it); http:// is for loopback only",
+        ),
+    )
+    return next((message for failed, message in problems if failed), "")
+
+
+def _split(url: str) -> urllib.parse.SplitResult | None:
+    """*url* split, or None when it cannot be (spaces, control characters, a bad port)."""
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        return None
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        parsed.port  # noqa: B018 - raises ValueError unless the port is a number 0-65535
+    except ValueError:
+        return None
+    return parsed
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _number(name: str, value: str, kind: type[int] | type[float]) -> float:
@@ -230,6 +306,47 @@ def _endpoint_map(value: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _account(values: Mapping[str, str], from_key: str | None) -> str | None:
+    """The account the keys must be in: HMD_AWS_ACCOUNT_ID, and the accounts of the ARNs in
+    HMD_AWS_KEY and HMD_AWS_ROLE_ARN, which must all agree (heimdall finds its keys through
+    aliases, which name keys of the caller's own account only)."""
+    given = values.get("aws_account_id") or ""
+    if given and not _ACCOUNT.match(given):
+        raise ConfigurationError("HMD_AWS_ACCOUNT_ID must be an AWS account ID (12 digits)")
+    named = [
+        (where, account)
+        for where, account in (
+            ("HMD_AWS_ACCOUNT_ID", values.get("aws_account_id") or None),
+            ("HMD_AWS_KEY", from_key),
+            ("HMD_AWS_ROLE_ARN", _role_account(values.get("aws_role_arn") or "")),
+        )
+        if account
+    ]
+    for where, account in named[1:]:
+        if account != named[0][1]:
+            raise ConfigurationError(
+                f"{where} is in account {account} but {named[0][0]} names {named[0][1]}: "
+                "heimdall's keys, and the role that uses them, are in one account"
+            )
+    return named[0][1] if named else None
+
+
+def _role_account(role_arn: str) -> str | None:
+    match = _ROLE_ARN.match(role_arn)
+    return match["account"] if match else None
+
+
+def _origins(value: str) -> frozenset[str]:
+    origins = {part.strip() for part in value.split(",") if part.strip()}
+    unknown = origins - KEY_ORIGINS
+    if unknown:
+        raise ConfigurationError(
+            "HMD_AWS_KEY_ORIGINS must be origins of KMS key material separated by commas: "
+            f"{', '.join(sorted(KEY_ORIGINS - {AWS_KMS_ORIGIN}))}"
+        )
+    return frozenset(origins | {AWS_KMS_ORIGIN})
+
+
 def aws_settings(values: Mapping[str, str], key_name: str, *, named: bool) -> AwsSettings:
     """Build the provider settings from ``aws_*`` values; *named*: whether HMD_KMS_KEY_NAME
     was set (an alias in HMD_AWS_KEY must then agree with it)."""
@@ -256,7 +373,8 @@ def aws_settings(values: Mapping[str, str], key_name: str, *, named: bool) -> Aw
         region=region or key.get("region"),
         replica_regions=replicas,
         endpoint_urls=_endpoint_map(values.get("aws_endpoint_urls", "")),
-        account=key.get("account"),
+        account=_account(values, key.get("account")),
+        key_origins=_origins(values.get("aws_key_origins", "")),
         adopt_key=key.get("adopt_key"),
         role_arn=values.get("aws_role_arn") or None,
         endpoint_url=values.get("aws_endpoint_url") or None,

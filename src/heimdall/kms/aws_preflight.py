@@ -9,9 +9,12 @@ wrap and unwrap.
 
 * ``credentials``: STS GetCallerIdentity (allowed to every principal): the SDK's chain (or the
   role in ``HMD_AWS_ROLE_ARN``) yields credentials AWS accepts, in the key's account;
-* ``key readable`` and ``latest key``: the versions, the latest one's KMS key enabled, and
-  ``alias/<name>`` pointing at it;
+* ``key readable`` and ``latest key``: the versions, every one's KMS key heimdall's
+  (:mod:`heimdall.kms.aws_trust`), the latest one's enabled, and ``alias/<name>`` pointing at
+  it;
 * ``automatic rotation``: of the latest key's material;
+* ``grants`` and ``key policies`` (:mod:`heimdall.kms.aws_key_access`): who else the keys let
+  in;
 * ``audit key``: signing a checkpoint (GenerateMac) and checking one (VerifyMac);
 * with several regions (``HMD_AWS_REGIONS``), ``region <name>`` for each: that it answers, and
   holds every version's alias naming the same KMS key as the others (a replica it lacks would
@@ -22,12 +25,14 @@ wrap and unwrap.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from heimdall.errors import HeimdallError
 from heimdall.kms.aws_access import METADATA, SIGN_CHECKPOINTS, VERIFY_CHECKPOINTS, may
 from heimdall.kms.aws_audit import AwsAuditKey, audit_alias
-from heimdall.kms.aws_client import RegionClients, aws_errors
+from heimdall.kms.aws_client import RegionClients, aws_call
+from heimdall.kms.aws_key_access import grants, key_policies
 from heimdall.kms.aws_versions import KeyChain, key_id_of, latest_alias, load_chain, version_alias
 from heimdall.preflight import Check, key_readable
 from heimdall.rbac import Role
@@ -57,6 +62,14 @@ def aws_checks(kms: AwsKms, role: Role | None) -> list[Check]:
         checks.append(_attempt("automatic rotation", lambda: _rotation(kms)))
     else:
         checks.append(Check.skip("automatic rotation", f"{role} may not read it"))
+    for name, action, check in (
+        ("grants", "kms:ListGrants", grants),
+        ("key policies", "kms:GetKeyPolicy", key_policies),
+    ):
+        if may(role, action):
+            checks.append(_attempt(name, partial(check, kms)))
+        else:
+            checks.append(Check.skip(name, f"{role} may not read them"))
     audit = kms.audit_key()
     alias = audit_alias(kms.settings.key_name)
     if may(role, SIGN_CHECKPOINTS):
@@ -72,8 +85,7 @@ def aws_checks(kms: AwsKms, role: Role | None) -> list[Check]:
 
 
 def _credentials(kms: AwsKms) -> tuple[bool, str]:
-    with aws_errors("ask STS who the credentials are"):
-        identity = kms.clients.sts.get_caller_identity()
+    identity = aws_call("ask STS who the credentials are", kms.clients.sts.get_caller_identity)
     account, arn = str(identity.get("Account", "")), str(identity.get("Arn", ""))
     wanted = kms.settings.account
     if wanted and account != wanted:
@@ -107,8 +119,11 @@ def _rotation(kms: AwsKms) -> tuple[bool, str]:
     key = chain.versions[chain.latest_version]
 
     def status(region: RegionClients) -> Any:
-        with aws_errors(f"read the rotation status of KMS key {key.key_id}"):
-            return region.kms.get_key_rotation_status(KeyId=key.key_id).get("KeyRotationEnabled")
+        answer = aws_call(
+            f"read the rotation status of KMS key {key.key_id}",
+            lambda: region.kms.get_key_rotation_status(KeyId=key.key_id),
+        )
+        return answer.get("KeyRotationEnabled")
 
     enabled = kms.regions.call(status)
     if enabled is not True:
@@ -124,7 +139,7 @@ def _region_checks(kms: AwsKms) -> list[Check]:
     chains: dict[str, KeyChain | HeimdallError] = {}
     for region in kms.clients.regions:
         try:
-            chains[region.region] = load_chain(region.kms, kms.settings.key_name)
+            chains[region.region] = load_chain(region.kms, kms.settings.key_name, kms.ownership())
         except HeimdallError as exc:
             chains[region.region] = exc
     read = [(name, chain) for name, chain in chains.items() if isinstance(chain, KeyChain)]

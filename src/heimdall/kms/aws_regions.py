@@ -157,7 +157,7 @@ def in_every_region(
     failed = []
     for region in reversed(clients.regions) if replicas_first else clients.regions:
         try:
-            change(region, load_chain(region.kms, chain.name))
+            change(region, load_chain(region.kms, chain.name, chain.ownership))
         except KmsUnavailable:
             failed.append(region.region)
     if failed:

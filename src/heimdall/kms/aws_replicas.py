@@ -3,8 +3,9 @@
 KMS shares a multi-Region key's ID, key material and automatic rotation between its primary and
 its replicas, and nothing else: aliases, tags, the key policy and the key state (enabled,
 disabled, pending deletion) are each region's own. heimdall finds its versions through aliases
-and tags (:mod:`heimdall.kms.aws_versions`), so a replica gets the version's tags and key policy
-here, and its alias from the rotation (:mod:`heimdall.kms.aws_rotation`) or the bootstrap
+and tags (:mod:`heimdall.kms.aws_versions`), so a replica gets the version's tags here, its key
+policy from the bootstrap (a rotation's replicas start, as its new key does, on AWS's default
+key policy), and its alias from the rotation (:mod:`heimdall.kms.aws_rotation`) or the bootstrap
 (:mod:`heimdall.kms.aws_bootstrap_regions`).
 
 AWS makes a replica asynchronously: it is ``Creating`` for a few seconds and cannot be used
@@ -14,13 +15,14 @@ while a region could not yet unwrap what it wraps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
 from heimdall.errors import ConfigurationError, KeyNotFound, KmsUnavailable
-from heimdall.kms.aws_client import PROVIDER, AliasTaken, AwsClients, RegionClients, aws_errors
+from heimdall.kms.aws_client import PROVIDER, AliasTaken, AwsClients, RegionClients, aws_call
 from heimdall.kms.aws_versions import TAG_KEY, TAG_VERSION, describe_key, tags_of
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "apply_key_policy",
     "await_replica",
     "ensure_tags",
+    "key_policy_of",
     "primary_region",
     "replica_exists",
     "replicate",
@@ -43,7 +46,8 @@ def replicate(
     clients: AwsClients, key_id: str, tags: list[dict[str, str]], policy: str | None
 ) -> None:
     """Replicate the new multi-Region key *key_id*, made in the first region, to every other
-    region, with *tags* and *policy*; return once every replica can be used."""
+    region, with *tags* and *policy* (None: AWS's default key policy; the lockout safety check
+    is never bypassed); return once every replica can be used."""
     for target in clients.replicas:
         replicate_to(clients.first, target, key_id, tags, policy)
     for target in clients.replicas:
@@ -63,11 +67,12 @@ def replicate_to(
     arguments: dict[str, Any] = {"KeyId": key_id, "ReplicaRegion": target.region, "Tags": tags}
     if policy is not None:
         arguments["Policy"] = policy
-    try:
-        with aws_errors(f"replicate KMS key {key_id} to {target.region}"):
-            source.kms.replicate_key(**arguments)
-    except AliasTaken:
-        pass  # AlreadyExistsException: made by an attempt whose answer was lost
+    # AlreadyExistsException (AliasTaken): made by an attempt whose answer was lost.
+    with contextlib.suppress(AliasTaken):
+        aws_call(
+            f"replicate KMS key {key_id} to {target.region}",
+            lambda: source.kms.replicate_key(**arguments),
+        )
 
 
 def await_replica(
@@ -104,8 +109,10 @@ def ensure_tags(region: RegionClients, key_id: str, tags: list[dict[str, str]]) 
             )
     missing = [tag for tag in tags if tag["TagKey"] not in current]
     if missing:
-        with aws_errors(f"tag KMS key {key_id} in {region.region}"):
-            region.kms.tag_resource(KeyId=key_id, Tags=missing)
+        aws_call(
+            f"tag KMS key {key_id} in {region.region}",
+            lambda: region.kms.tag_resource(KeyId=key_id, Tags=missing),
+        )
     return bool(missing)
 
 
@@ -132,13 +139,23 @@ def primary_region(clients: AwsClients, metadata: dict[str, Any]) -> RegionClien
 
 def apply_key_policy(region: RegionClients, key_id: str, policy: str, what: str) -> str:
     """Give *key_id* in *region* the key policy *policy* unless it has it; what was done."""
-    with aws_errors(f"read the key policy of {what}"):
-        current = region.kms.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"]
+    current = key_policy_of(region, key_id, what)
     if _same_policy(current, policy):
         return f"key policy of {what} unchanged"
-    with aws_errors(f"write the key policy of {what}"):
-        region.kms.put_key_policy(KeyId=key_id, PolicyName="default", Policy=policy)
+    aws_call(
+        f"write the key policy of {what}",
+        lambda: region.kms.put_key_policy(KeyId=key_id, PolicyName="default", Policy=policy),
+    )
     return f"wrote the key policy of {what}"
+
+
+def key_policy_of(region: RegionClients, key_id: str, what: str) -> str:
+    """*key_id*'s key policy in *region*, as AWS keeps it (JSON text)."""
+    answer = aws_call(
+        f"read the key policy of {what}",
+        lambda: region.kms.get_key_policy(KeyId=key_id, PolicyName="default"),
+    )
+    return str(answer["Policy"])
 
 
 def _same_policy(current: str, wanted: str) -> bool:

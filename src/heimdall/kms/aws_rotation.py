@@ -4,11 +4,16 @@ spec: Key Rotation Strategy and Runbook: Emergency Key Compromise Response. The 
 :mod:`heimdall.kms.aws_versions`'. Every change here is made in AWS, so it binds every process
 and every host, heimdall's or not:
 
-* **a new version** is a new KMS key (symmetric, created with the latest version's key policy
-  and tagged as the version), with automatic rotation of its key material turned on (AWS's
-  practice for every customer managed key: yearly new backing material under the same key, which
-  heimdall's versions cannot see and need not), committed by creating its version alias. Then
-  ``alias/<name>`` is pointed at it;
+* **a new version** is a new KMS key (symmetric, tagged as the version), with automatic
+  rotation of its key material turned on (AWS's practice for every customer managed key: yearly
+  new backing material under the same key, which heimdall's versions cannot see and need not),
+  committed by creating its version alias. Then ``alias/<name>`` is pointed at it. It is created
+  with AWS's default key policy (the account's IAM policies apply, as the first statement of
+  heimdall's does), never with one of heimdall's choosing: AWS refuses a key policy at creation
+  unless it lets the creating principal call PutKeyPolicy afterwards (the lockout safety check,
+  which heimdall never bypasses), and heimdall-admin, who rotates, is denied PutKeyPolicy. The
+  roles reach it through their IAM policies (``deploy/aws``); ``heimdall aws bootstrap`` writes
+  heimdall's key policy on it, and ``heimdall kms check`` reports a key still on the default;
 * **the decryption floor** disables, in KMS itself, the key of every version below it (KMS then
   refuses it to anyone, not only to heimdall) and tags it ``disabled``; lowering the floor
   enables them again (cancelling a scheduled deletion first);
@@ -32,6 +37,7 @@ the others were changed, and running the command again completes it.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any, Final
 
 from heimdall.errors import (
@@ -42,7 +48,7 @@ from heimdall.errors import (
     KmsUnavailable,
     LifecycleError,
 )
-from heimdall.kms.aws_client import PROVIDER, AliasTaken, AwsClients, RegionClients, aws_errors
+from heimdall.kms.aws_client import PROVIDER, AliasTaken, AwsClients, RegionClients, aws_call
 from heimdall.kms.aws_regions import in_every_region
 from heimdall.kms.aws_replicas import replicate
 from heimdall.kms.aws_versions import (
@@ -79,27 +85,39 @@ _log = logging.getLogger("heimdall.kms.aws")
 
 def create_version_key(clients: AwsClients, name: str, version: int, policy: str | None) -> str:
     """A new KMS key for *version* of *name* in the first region, with automatic rotation on
-    (for a multi-Region key, set on the primary only: its replicas share it); its key ID."""
+    (for a multi-Region key, set on the primary only: its replicas share it); its key ID.
+    *policy*: its key policy (None: AWS's default); the lockout safety check is never
+    bypassed."""
     arguments: dict[str, Any] = {
         "Description": f"heimdall master key {name}, version {version}",
         "KeySpec": "SYMMETRIC_DEFAULT",
         "KeyUsage": "ENCRYPT_DECRYPT",
+        "Origin": "AWS_KMS",
         "Tags": version_tags(name, version),
         "MultiRegion": bool(clients.replicas),
     }
     if policy is not None:
         arguments["Policy"] = policy
     try:
-        with aws_errors(f"create the KMS key of version {version} of {name}"):
-            key_id = str(clients.once.create_key(**arguments)["KeyMetadata"]["KeyId"])
+        answer = aws_call(
+            f"create the KMS key of version {version} of {name}",
+            lambda: clients.once.create_key(**arguments),
+        )
     except KmsUnavailable as exc:
+        failed = str(exc)
+    else:
+        failed = ""
+    if failed:
         raise KmsUnavailable(
-            f"{exc}; not retried, as a retry could create a second key (a key tagged "
+            f"{failed}; not retried, as a retry could create a second key (a key tagged "
             f"{TAG_VERSION}={version} may exist without its alias)",
-            provider=exc.provider,
-        ) from None
-    with aws_errors(f"turn on automatic rotation of KMS key {key_id}"):
-        clients.kms.enable_key_rotation(KeyId=key_id)
+            provider=PROVIDER,
+        )
+    key_id = str(answer["KeyMetadata"]["KeyId"])
+    aws_call(
+        f"turn on automatic rotation of KMS key {key_id}",
+        lambda: clients.kms.enable_key_rotation(KeyId=key_id),
+    )
     return key_id
 
 
@@ -116,8 +134,10 @@ def claim_version(region: RegionClients, name: str, version: int, key_id: str) -
     if another process made the version first."""
     alias = version_alias(name, version)
     try:
-        with aws_errors(f"create the alias {alias} in {region.region}"):
-            region.once.create_alias(AliasName=alias, TargetKeyId=key_id)
+        aws_call(
+            f"create the alias {alias} in {region.region}",
+            lambda: region.once.create_alias(AliasName=alias, TargetKeyId=key_id),
+        )
     except AliasTaken:
         return alias_target(region, alias) == key_id
     except KmsUnavailable:
@@ -130,16 +150,11 @@ def claim_version(region: RegionClients, name: str, version: int, key_id: str) -
 def point_latest(region: RegionClients, name: str, key_id: str, current: str | None) -> None:
     """Point ``alias/<name>`` at *key_id* in *region* (its current target: *current*)."""
     alias = latest_alias(name)
-    with aws_errors(f"point {alias} at KMS key {key_id}"):
-        if current is None:
-            region.once.create_alias(AliasName=alias, TargetKeyId=key_id)
-        elif current != key_id:
-            region.once.update_alias(AliasName=alias, TargetKeyId=key_id)
-
-
-def _key_policy(clients: AwsClients, key: VersionKey) -> str:
-    with aws_errors(f"read the key policy of KMS key {key.key_id}"):
-        return str(clients.kms.get_key_policy(KeyId=key.key_id, PolicyName="default")["Policy"])
+    action = f"point {alias} at KMS key {key_id}"
+    if current is None:
+        aws_call(action, lambda: region.once.create_alias(AliasName=alias, TargetKeyId=key_id))
+    elif current != key_id:
+        aws_call(action, lambda: region.once.update_alias(AliasName=alias, TargetKeyId=key_id))
 
 
 def rotate(clients: AwsClients, chain: KeyChain) -> None:
@@ -177,15 +192,15 @@ def rotate(clients: AwsClients, chain: KeyChain) -> None:
 
 
 def _new_version_key(clients: AwsClients, chain: KeyChain) -> str:
-    """The next version's KMS key, with its replicas ready in every other region."""
+    """The next version's KMS key, with its replicas ready in every other region; AWS's
+    default key policy on each (see the module docstring)."""
     name, version = chain.name, chain.latest_version + 1
     try:
-        policy = _key_policy(clients, chain.versions[chain.latest_version])
-        key_id = create_version_key(clients, name, version, policy)
+        key_id = create_version_key(clients, name, version, None)
     except KmsUnavailable as exc:
         raise _every_region(clients, exc) from None
     try:
-        replicate(clients, key_id, version_tags(name, version), policy)
+        replicate(clients, key_id, version_tags(name, version), None)
     except HeimdallError as exc:
         _discard(clients, key_id)
         if isinstance(exc, KmsUnavailable):
@@ -221,8 +236,11 @@ def _discard(clients: AwsClients, key_id: str) -> None:
 def _tag(kms: Any, key: VersionKey, state: KeyState) -> None:
     if key.marked is state:
         return
-    with aws_errors(f"tag version {key.version}'s KMS key {state.value}"):
-        kms.tag_resource(KeyId=key.key_id, Tags=[{"TagKey": TAG_STATE, "TagValue": state.value}])
+    tags = [{"TagKey": TAG_STATE, "TagValue": state.value}]
+    aws_call(
+        f"tag version {key.version}'s KMS key {state.value}",
+        lambda: kms.tag_resource(KeyId=key.key_id, Tags=tags),
+    )
 
 
 def _check_floor(chain: KeyChain, version: int, which: str) -> None:
@@ -244,14 +262,18 @@ def set_min_decryption_version(clients: AwsClients, chain: KeyChain, floor: int)
         for version, key in sorted(here.versions.items()):
             if version < floor:
                 if key.key_state == "Enabled":
-                    with aws_errors(f"disable version {version}'s KMS key {key.key_id}"):
-                        kms.disable_key(KeyId=key.key_id)
+                    aws_call(
+                        f"disable version {version}'s KMS key {key.key_id}",
+                        partial(kms.disable_key, KeyId=key.key_id),
+                    )
                 _tag(kms, key, KeyState.DISABLED)
             elif key.marked is KeyState.DISABLED:
                 if key.key_state in _PENDING_DELETION:
                     _cancel_deletion(kms, key)
-                with aws_errors(f"enable version {version}'s KMS key {key.key_id}"):
-                    kms.enable_key(KeyId=key.key_id)
+                aws_call(
+                    f"enable version {version}'s KMS key {key.key_id}",
+                    partial(kms.enable_key, KeyId=key.key_id),
+                )
                 state = KeyState.RETIRED if version < encryption_floor else KeyState.ACTIVE
                 _tag(kms, key, state)
 
@@ -273,8 +295,10 @@ def set_min_encryption_version(clients: AwsClients, chain: KeyChain, floor: int)
 
 def _cancel_deletion(kms: Any, key: VersionKey) -> None:
     try:
-        with aws_errors(f"cancel the deletion of version {key.version}'s KMS key"):
-            kms.cancel_key_deletion(KeyId=key.key_id)
+        aws_call(
+            f"cancel the deletion of version {key.version}'s KMS key",
+            lambda: kms.cancel_key_deletion(KeyId=key.key_id),
+        )
     except KeyVersionDisabled:
         # KMSInvalidStateException: no deletion is pending (any more): what was wanted.
         if describe_key(kms, key.key_id).get("KeyState") in _PENDING_DELETION:
@@ -284,8 +308,10 @@ def _cancel_deletion(kms: Any, key: VersionKey) -> None:
 def _schedule(kms: Any, key_id: str, days: int, what: str) -> str:
     """Schedule *key_id*'s deletion; the deletion date (empty if it was scheduled already)."""
     try:
-        with aws_errors(f"schedule the deletion of {what}"):
-            answer = kms.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=days)
+        answer = aws_call(
+            f"schedule the deletion of {what}",
+            lambda: kms.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=days),
+        )
     except KeyVersionDisabled:
         # KMSInvalidStateException: scheduled already (a retry of a call that succeeded).
         if describe_key(kms, key_id).get("KeyState") not in _PENDING_DELETION:

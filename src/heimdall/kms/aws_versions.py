@@ -11,8 +11,13 @@ key named N:
 * ``alias/N``: the latest version, kept for AWS tooling and the spec's naming. heimdall itself
   always names a version's key, never this alias;
 * tags on each version's KMS key: ``heimdall:key`` = N and ``heimdall:version`` = the version,
-  checked on every load (an alias pointed at any other key is refused), and ``heimdall:state``,
-  ``active``, ``retired`` or ``disabled``: heimdall's floors, the same for every process.
+  and ``heimdall:state``, ``active``, ``retired`` or ``disabled``: heimdall's floors, the same
+  for every process.
+
+Every version's key is checked on every load to be heimdall's (:mod:`heimdall.kms.aws_trust`:
+customer managed, symmetric, key material made by KMS, in the expected account, tagged as the
+version): an alias pointed at any other key refuses the whole chain with
+:class:`~heimdall.kms.aws_trust.UntrustedKey`, before any data key is wrapped or unwrapped.
 
 A version is *disabled* when heimdall disabled it (its tag) or when KMS will not use its key
 (disabled, pending deletion); *retired* when tagged so; *active* otherwise.
@@ -31,8 +36,9 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from heimdall.errors import ConfigurationError, KeyNotFound
-from heimdall.kms.aws_client import PROVIDER, aws_errors
+from heimdall.kms.aws_client import PROVIDER, aws_call
 from heimdall.kms.aws_config import key_id_of
+from heimdall.kms.aws_trust import VERSION_KEY, Ownership, check_key
 from heimdall.kms.base import KeyDescription, KeyState, KeyVersionInfo
 
 __all__ = [
@@ -42,13 +48,13 @@ __all__ = [
     "KeyChain",
     "VersionKey",
     "describe_key",
-    "is_encryption_key",
     "key_id_of",
     "latest_alias",
     "list_versions",
     "load_chain",
     "tags_of",
     "version_alias",
+    "version_fix",
     "version_tags",
 ]
 
@@ -56,7 +62,6 @@ TAG_KEY: Final = "heimdall:key"
 TAG_VERSION: Final = "heimdall:version"
 TAG_STATE: Final = "heimdall:state"
 ENABLED: Final = "Enabled"
-SYMMETRIC: Final = "SYMMETRIC_DEFAULT"
 
 
 def version_tags(
@@ -97,11 +102,13 @@ class VersionKey:
 
 @dataclass(frozen=True, slots=True)
 class KeyChain:
-    """Every version of one key, and where ``alias/<name>`` points."""
+    """Every version of one key, and where ``alias/<name>`` points; *ownership*: what each
+    version's key was checked against (and is again, when read in another region)."""
 
     name: str
     versions: Mapping[int, VersionKey]
     latest_target: str | None
+    ownership: Ownership
 
     @property
     def latest_version(self) -> int:
@@ -143,41 +150,51 @@ class KeyChain:
         )
 
 
+def version_fix(name: str, version: int) -> str:
+    """What to do about a version alias naming a key that is not heimdall's."""
+    return (
+        f"point {version_alias(name, version)} back at version {version}'s key, or delete it; "
+        "heimdall uses only the keys it made or adopted"
+    )
+
+
 def list_versions(kms: Any, name: str) -> tuple[dict[int, str], str | None]:
     """The key ID of every version alias of *name*, and the target of ``alias/<name>``."""
     pattern = re.compile(rf"alias/{re.escape(name)}-v([1-9][0-9]{{0,8}})\Z")
     versions: dict[int, str] = {}
     latest: str | None = None
-    with aws_errors(f"list the aliases of {latest_alias(name)}"):
-        for page in kms.get_paginator("list_aliases").paginate():
-            for alias in page.get("Aliases", []):
-                alias_name, target = alias.get("AliasName", ""), alias.get("TargetKeyId")
-                if not target:
-                    continue
-                if alias_name == latest_alias(name):
-                    latest = target
-                elif (match := pattern.match(alias_name)) is not None:
-                    versions[int(match.group(1))] = target
+    pages = aws_call(
+        f"list the aliases of {latest_alias(name)}",
+        lambda: list(kms.get_paginator("list_aliases").paginate()),
+    )
+    for page in pages:
+        for alias in page.get("Aliases", []):
+            alias_name, target = alias.get("AliasName", ""), alias.get("TargetKeyId")
+            if not target:
+                continue
+            if alias_name == latest_alias(name):
+                latest = target
+            elif (match := pattern.match(alias_name)) is not None:
+                versions[int(match.group(1))] = target
     return versions, latest
 
 
 def tags_of(kms: Any, key_id: str) -> dict[str, str]:
-    with aws_errors(f"read the tags of KMS key {key_id}"):
-        pages = kms.get_paginator("list_resource_tags").paginate(KeyId=key_id)
-        return {t["TagKey"]: t["TagValue"] for page in pages for t in page.get("Tags", [])}
+    pages = aws_call(
+        f"read the tags of KMS key {key_id}",
+        lambda: list(kms.get_paginator("list_resource_tags").paginate(KeyId=key_id)),
+    )
+    return {t["TagKey"]: t["TagValue"] for page in pages for t in page.get("Tags", [])}
 
 
 def describe_key(kms: Any, key_id: str, key_identifier: str = "") -> dict[str, Any]:
-    with aws_errors(f"describe KMS key {key_id}", key_identifier=key_identifier):
-        metadata: dict[str, Any] = kms.describe_key(KeyId=key_id)["KeyMetadata"]
+    answer = aws_call(
+        f"describe KMS key {key_id}",
+        lambda: kms.describe_key(KeyId=key_id),
+        key_identifier=key_identifier,
+    )
+    metadata: dict[str, Any] = answer["KeyMetadata"]
     return metadata
-
-
-def is_encryption_key(metadata: dict[str, Any]) -> bool:
-    """Whether DescribeKey's *metadata* is of a symmetric encryption key (KeyUsage defaults to
-    ENCRYPT_DECRYPT, and an emulator may leave the default out)."""
-    usage = metadata.get("KeyUsage") or "ENCRYPT_DECRYPT"
-    return metadata.get("KeySpec", SYMMETRIC) == SYMMETRIC and usage == "ENCRYPT_DECRYPT"
 
 
 def _stamp(value: object) -> str:
@@ -186,31 +203,33 @@ def _stamp(value: object) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _version_key(kms: Any, name: str, version: int, key_id: str) -> VersionKey | None:
-    """*version*'s key, checked to be what heimdall made; None if it was deleted meanwhile."""
+def _version_key(
+    kms: Any, name: str, version: int, key_id: str, ownership: Ownership
+) -> VersionKey | None:
+    """*version*'s key, checked to be heimdall's; None if it was deleted meanwhile."""
     try:
         metadata = describe_key(kms, key_id)
         tags = tags_of(kms, key_id)
     except KeyNotFound:
         return None
     alias = version_alias(name, version)
-    if not is_encryption_key(metadata):
-        raise ConfigurationError(
-            f"{alias} points at KMS key {key_id}, which is not a symmetric encryption key"
-        )
-    if tags.get(TAG_KEY) != name or tags.get(TAG_VERSION) != str(version):
-        raise ConfigurationError(
-            f"{alias} points at KMS key {key_id}, which is not tagged {TAG_KEY}={name}, "
-            f"{TAG_VERSION}={version}: heimdall uses only the keys it made or adopted (run "
-            "`heimdall aws bootstrap`, or point the alias back at version "
-            f"{version}'s key)"
-        )
+    check_key(
+        metadata,
+        tags,
+        ownership,
+        VERSION_KEY,
+        {TAG_KEY: name, TAG_VERSION: str(version)},
+        what=alias,
+        fix=version_fix(name, version),
+    )
     try:
         marked = KeyState(tags.get(TAG_STATE, KeyState.ACTIVE.value))
     except ValueError:
+        marked = None
+    if marked is None:
         raise ConfigurationError(
             f"KMS key {key_id} ({alias}) has a {TAG_STATE} tag heimdall does not know"
-        ) from None
+        )
     return VersionKey(
         version=version,
         key_id=str(metadata.get("KeyId") or key_id),
@@ -220,13 +239,13 @@ def _version_key(kms: Any, name: str, version: int, key_id: str) -> VersionKey |
     )
 
 
-def load_chain(kms: Any, name: str) -> KeyChain:
-    """Every version of the key *name*, read from AWS: one ListAliases, then one DescribeKey
-    and one ListResourceTags per version."""
+def load_chain(kms: Any, name: str, ownership: Ownership) -> KeyChain:
+    """Every version of the key *name*, read from AWS (one ListAliases, then one DescribeKey
+    and one ListResourceTags per version), each checked against *ownership*."""
     aliases, latest = list_versions(kms, name)
     versions: dict[int, VersionKey] = {}
     for version, key_id in sorted(aliases.items()):
-        key = _version_key(kms, name, version, key_id)
+        key = _version_key(kms, name, version, key_id, ownership)
         if key is not None:
             versions[version] = key
-    return KeyChain(name=name, versions=versions, latest_target=latest)
+    return KeyChain(name=name, versions=versions, latest_target=latest, ownership=ownership)

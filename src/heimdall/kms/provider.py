@@ -22,6 +22,7 @@ nothing but a :class:`heimdall.errors.HeimdallError` comes out of a batch item.
 from __future__ import annotations
 
 import abc
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -82,6 +83,7 @@ class KeyProvider(abc.ABC):
     def __init__(self, *, observer: KmsCallObserver | None = None) -> None:
         self._observe: KmsCallObserver = observer or _unobserved
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     # -- the interface -------------------------------------------------------------------
 
@@ -296,11 +298,21 @@ class KeyProvider(abc.ABC):
 
         if self.concurrency <= 1 or len(items) <= 1:
             return [one(item) for item in items]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(
-                self.concurrency, thread_name_prefix=f"heimdall-{self.provider}"
-            )
-        return list(self._pool.map(one, items))
+        return list(self._batch_pool().map(one, items))
+
+    def _batch_pool(self) -> ThreadPoolExecutor:
+        """The provider's one pool, made at the first batch that needs it. Batches arrive from
+        many threads at once (the API's, a job's): without the lock two could each make a pool,
+        and one would leak its threads."""
+        pool = self._pool
+        if pool is None:
+            with self._pool_lock:
+                pool = self._pool
+                if pool is None:
+                    pool = self._pool = ThreadPoolExecutor(
+                        self.concurrency, thread_name_prefix=f"heimdall-{self.provider}"
+                    )
+        return pool
 
 
 def _one(results: list[_Result | HeimdallError]) -> _Result:
