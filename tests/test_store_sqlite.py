@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -275,6 +277,28 @@ def test_two_stores_on_one_file_see_each_others_writes_and_cas_conflicts(path: P
     finally:
         first.close()
         second.close()
+
+
+def test_another_store_opened_in_the_process_leaves_the_first_ones_locks_alone(
+    path: Path,
+) -> None:
+    # Closing any descriptor of a file drops every POSIX lock the process holds on it: had
+    # opening a store checked the database's files by opening and closing them, the first
+    # store would lose its locks, and another process closing the database would then take it
+    # for the last user, checkpoint and delete the WAL under it, and the first would read stale.
+    first = SqliteStore(path)
+    try:
+        first.set_meta("owner", "first")
+        SqliteStore(path).close()
+        writer = (
+            "import sys; from pathlib import Path; from heimdall.store.sqlite import SqliteStore; "
+            "s = SqliteStore(Path(sys.argv[1])); s.set_meta('owner', 'other'); s.close()"
+        )
+        subprocess.run([sys.executable, "-c", writer, str(path)], check=True, timeout=60)
+        assert path.with_name(path.name + "-wal").exists()
+        assert first.get_meta("owner") == "other"
+    finally:
+        first.close()
 
 
 def test_write_waits_for_another_writer_instead_of_failing(path: Path) -> None:

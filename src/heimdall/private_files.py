@@ -33,7 +33,14 @@ from typing import Final
 
 from heimdall.errors import ConfigurationError
 
-__all__ = ["ConfigFile", "ensure_private_dir", "open_private", "read_config", "write_all"]
+__all__ = [
+    "ConfigFile",
+    "check_private_file",
+    "ensure_private_dir",
+    "open_private",
+    "read_config",
+    "write_all",
+]
 
 _GROUP_OR_OTHER_WRITE = stat.S_IWGRP | stat.S_IWOTH
 _GROUP_OR_OTHER_ANY = 0o077
@@ -96,6 +103,39 @@ def open_private(path: Path, flags: int, *, what: str, secret: bool = False) -> 
             os.close(fd)
             raise
         return fd
+    finally:
+        os.close(dir_fd)
+
+
+def check_private_file(path: Path, *, what: str, create: bool = False) -> bool:
+    """Check *path* as :func:`open_private` does, without opening it if it exists; whether it
+    exists (it does after *create*, which makes a missing file with mode 0600).
+
+    For files another library opens by name while this process may already have them open
+    (SQLite's database, -wal and -shm files): closing any descriptor of a file drops every
+    POSIX lock the process holds on it, so opening and closing one to check it would silently
+    release the locks of a connection already using it. A new file is created and closed, as
+    nothing can hold a lock on it yet."""
+    path = Path(path)
+    dir_fd = _open_parent(path.parent, what, path)
+    try:
+        if create:
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                os.close(os.open(path.name, flags, 0o600, dir_fd=dir_fd))
+                return True
+            except FileExistsError:
+                pass  # checked below as an existing file
+        try:
+            info = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISLNK(info.st_mode):
+            raise ConfigurationError(
+                f"{what} {path} is a symbolic link; heimdall follows none: use the real file"
+            )
+        _check_file(info, path, what, secret=False)
+        return True
     finally:
         os.close(dir_fd)
 

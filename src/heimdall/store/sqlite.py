@@ -21,7 +21,6 @@ Invariants:
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from heimdall.errors import StorageError
-from heimdall.private_files import ensure_private_dir, open_private
+from heimdall.private_files import check_private_file, ensure_private_dir
 from heimdall.store.base import (
     FieldCount,
     FieldUpdate,
@@ -122,11 +121,11 @@ def _create_private_file(path: Path) -> None:
     try:
         if not path.parent.exists():
             ensure_private_dir(path.parent, "database directory")
-        os.close(open_private(path, os.O_RDWR | os.O_CREAT, what="database file"))
+        # Checked without opening: closing a descriptor of these files would drop the locks
+        # of another connection this process has open on them (another store on this file).
+        check_private_file(path, what="database file", create=True)
         for suffix in ("-wal", "-shm"):
-            side = path.with_name(path.name + suffix)
-            if os.path.lexists(side):
-                os.close(open_private(side, os.O_RDONLY, what="database file"))
+            check_private_file(path.with_name(path.name + suffix), what="database file")
     except OSError as exc:
         raise StorageError(f"cannot create database file {path}: {exc.strerror}") from exc
 
