@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sqlite3
+import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
+from heimdall.blind_index import BlindIndex
 from heimdall.ingest import IngestReport, LineError
 from heimdall.rbac import Caller
 from heimdall.service import Heimdall
@@ -23,6 +25,7 @@ from heimdall.store.sqlite import SqliteStore
 
 ServiceFactory = Callable[..., Heimdall]
 Ingest = Callable[..., IngestReport]
+AuditReader = Callable[[], list[dict[str, Any]]]
 
 REASON = "test:ingest"
 
@@ -315,3 +318,24 @@ def test_oversized_value_is_reported_and_the_rest_ingest(
     assert "Quillfeather" not in report.errors[0].message
     assert set(_records(service)) == {"before", "after"}
     assert _field_count(service) == 2
+
+
+def test_threads_asking_a_new_store_for_its_blind_index_share_one_key(
+    make_service: ServiceFactory, caller: Caller, audit_events: AuditReader
+) -> None:
+    service = make_service()
+    start = threading.Barrier(16)
+    seen: list[BlindIndex] = []
+
+    def ask() -> None:
+        start.wait()
+        seen.append(service.blind_index(caller))
+
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(seen) == 16 and len({id(index) for index in seen}) == 1
+    created = [e for e in audit_events() if e.get("operation") == "blind_index_key"]
+    assert len(created) == 1  # one key made (and unwrapped) for the process, none left unwiped

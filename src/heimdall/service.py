@@ -10,6 +10,7 @@ methods: rotate, set a floor, count dependents), and so is re-encryption.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -79,6 +80,7 @@ class Heimdall:
         self.audit = audit
         self.policy = policy
         self._index: BlindIndex | None = None
+        self._index_lock = threading.Lock()  # one blind-index key per process, however many threads
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -106,8 +108,15 @@ class Heimdall:
 
     def blind_index(self, caller: Caller) -> BlindIndex:
         """The blind index, creating and storing its wrapped key on first use."""
-        if self._index is not None:
+        index = self._index
+        if index is not None:
+            return index
+        with self._index_lock:
+            if self._index is None:
+                self._index = self._load_blind_index(caller)
             return self._index
+
+    def _load_blind_index(self, caller: Caller) -> BlindIndex:
         stored_text = self.store.get_meta(META_KEY)
         if stored_text is None:
             cipher = self.router.writer
@@ -124,16 +133,14 @@ class Heimdall:
                 )
             )
             if self.store.insert_meta_if_absent(META_KEY, stored.to_json()):
-                self._index = BlindIndex(plaintext)
-                return self._index
+                return BlindIndex(plaintext)
             plaintext.wipe()  # another process created it first; use theirs
             stored_text = self.store.get_meta(META_KEY)
             if stored_text is None:
                 raise StorageError("the blind-index key vanished while it was being created")
         stored = StoredIndexKey.from_json(stored_text)
         kms = self.router.reader(stored.encryption_version).kms
-        self._index = BlindIndex(kms.unwrap(stored.wrapped, stored.associated_data))
-        return self._index
+        return BlindIndex(kms.unwrap(stored.wrapped, stored.associated_data))
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -287,9 +294,10 @@ class Heimdall:
     def close(self) -> None:
         """Wipe the blind-index key, close the store, and close the audit sink (which writes
         a checkpoint of what this process recorded)."""
-        if self._index is not None:
-            self._index.wipe()
-            self._index = None
+        with self._index_lock:
+            if self._index is not None:
+                self._index.wipe()
+                self._index = None
         try:
             self.store.close()
         finally:
