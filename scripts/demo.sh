@@ -4,17 +4,20 @@
 # or on Vault/OpenBao with HMD_KMS_PROVIDER=vault HMD_VAULT_ADDR=... HMD_VAULT_TOKEN=...,
 # or on AWS KMS with HMD_KMS_PROVIDER=aws (after `heimdall aws bootstrap`; AWS credentials from
 # the SDK's default chain). On AWS the tour's rotation creates a KMS key, which AWS bills.
+# The fields go to SQLite in the data dir, or with HMD_STORE=postgres|age and HMD_POSTGRES_DSN
+# (HMD_AGE_GRAPH) to an empty PostgreSQL database or Apache AGE graph.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Only HMD_DATA_DIR (where the tour runs), HMD_AUDIT_FSYNC and the key provider's settings
-# (HMD_KMS_PROVIDER, HMD_KMS_KEY_NAME, HMD_VAULT_*, HMD_AWS_*) are taken from the caller: any
-# other inherited HMD_* setting (HMD_KEYRING_PATH, HMD_SQLITE_PATH, HMD_CONFIG, HMD_ROLE, ...)
-# could point the tour at real data or break it.
+# Only HMD_DATA_DIR (where the tour runs), HMD_AUDIT_FSYNC, the key provider's settings
+# (HMD_KMS_PROVIDER, HMD_KMS_KEY_NAME, HMD_VAULT_*, HMD_AWS_*) and the store's (HMD_STORE,
+# HMD_POSTGRES_DSN, HMD_AGE_GRAPH; the tour refuses a store that holds fields already) are taken
+# from the caller: any other inherited HMD_* setting (HMD_KEYRING_PATH, HMD_SQLITE_PATH,
+# HMD_CONFIG, HMD_ROLE, ...) could point the tour at real data or break it.
 for name in $(compgen -e); do
     case "$name" in
         HMD_DATA_DIR | HMD_AUDIT_FSYNC | HMD_KMS_PROVIDER | HMD_KMS_KEY_NAME | \
-            HMD_VAULT_* | HMD_AWS_*) ;;
+            HMD_VAULT_* | HMD_AWS_* | HMD_STORE | HMD_POSTGRES_DSN | HMD_AGE_GRAPH) ;;
         HMD_*) unset "$name" ;;
     esac
 done
@@ -54,6 +57,17 @@ fi
 # A throwaway static master key, standing in for the env key heimdall replaces.
 HMD_MASTER_KEY=$(python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')
 export HMD_MASTER_KEY
+
+if [ "${HMD_STORE:-sqlite}" != sqlite ]; then
+    # A database outlives the data dir: the tour starts only from an empty one.
+    HELD=$(HMD_ENCRYPTION_MODE=legacy heimdall migrate status --json |
+        python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["legacy_fields"] + s["kms_fields"])')
+    if [ "$HELD" != 0 ]; then
+        echo "error: the HMD_STORE=$HMD_STORE store already holds $HELD fields;" \
+            "point HMD_POSTGRES_DSN at an empty database" >&2
+        exit 1
+    fi
+fi
 
 step "1. The old world: fields encrypted under the static HMD_MASTER_KEY (legacy mode)"
 HMD_ENCRYPTION_MODE=legacy run heimdall ingest "$TMP/old-system.jsonl"

@@ -25,7 +25,7 @@ from heimdall.service import Heimdall
 from heimdall.settings import Settings
 from heimdall.types import EncryptionMode
 
-pytest_plugins = ["vault_server", "postgres_server", "aws_server", "cli_runner"]
+pytest_plugins = ["vault_server", "postgres_server", "age_server", "aws_server", "cli_runner"]
 PEOPLE_FILE = Path(__file__).resolve().parent.parent / "examples" / "people.jsonl"
 PEOPLE_SAMPLE_SIZE = 40
 

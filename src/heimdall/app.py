@@ -198,13 +198,21 @@ def _store(settings: Settings) -> GraphStore:
     if settings.store is StoreKind.SQLITE:
         return SqliteStore(settings.sqlite_file)
     if not settings.postgres_dsn:
-        raise ConfigurationError("HMD_STORE=postgres needs HMD_POSTGRES_DSN")
+        raise ConfigurationError(f"HMD_STORE={settings.store.value} needs HMD_POSTGRES_DSN")
     try:
-        from heimdall.store.postgres import PostgresStore  # noqa: PLC0415 - optional extra
+        from heimdall.store.age import AgeStore  # noqa: PLC0415 - optional extra
+        from heimdall.store.postgres import PostgresStore  # noqa: PLC0415 - likewise
     except ImportError:
         raise ConfigurationError(
-            "HMD_STORE=postgres needs the postgres extra: pip install 'heimdall[postgres]'"
+            f"HMD_STORE={settings.store.value} needs the postgres extra: "
+            "pip install 'heimdall[postgres]'"
         ) from None
+    if settings.store is StoreKind.AGE:
+        return AgeStore(
+            settings.postgres_dsn,
+            graph=settings.age_graph,
+            pool_size=settings.postgres_pool_size,
+        )
     return PostgresStore(settings.postgres_dsn, pool_size=settings.postgres_pool_size)
 
 

@@ -25,6 +25,7 @@ from heimdall.kms.vault_config import VaultPattern, VaultSettings
 from heimdall.private_files import ConfigFile, read_config
 from heimdall.rbac import Role
 from heimdall.secret import SecretBytes, take_environment_variable
+from heimdall.store.age_names import DEFAULT_GRAPH, GRAPH_NAME_RULE, valid_graph_name
 from heimdall.types import EncryptionMode
 
 __all__ = ["Environment", "Settings", "StoreKind", "unknown_variables"]
@@ -38,6 +39,7 @@ class Environment(enum.StrEnum):
 class StoreKind(enum.StrEnum):
     SQLITE = "sqlite"
     POSTGRES = "postgres"
+    AGE = "age"  # PostgreSQL with Apache AGE: the fields as graph nodes (HMD_AGE_GRAPH)
 
 
 KMS_PROVIDERS: Final = ("local", "vault", "aws", "gcp", "azure")
@@ -79,6 +81,7 @@ _FILE_KEYS: Final = (
             "dek_max_age_seconds",
             "ingest_batch_size",
             "postgres_pool_size",
+            "age_graph",
         }
     )
     | vault_config.FILE_KEYS
@@ -134,6 +137,7 @@ class Settings:
     grace_period_days: float = 30
     postgres_dsn: str | None = field(default=None, repr=False)  # may hold a password
     postgres_pool_size: int = 8
+    age_graph: str = DEFAULT_GRAPH  # HMD_STORE=age: the graph, in HMD_POSTGRES_DSN's database
     vault: VaultSettings | None = None
     aws: AwsSettings | None = None
     vault_pattern: VaultPattern = VaultPattern.DATAKEY
@@ -370,6 +374,13 @@ def _key_name(name: str, value: str) -> str:
     return value
 
 
+def _graph_name(name: str, value: str) -> str:
+    # AGE takes it only as a literal in the SQL text: checked before anything connects.
+    if not valid_graph_name(value):
+        raise ConfigurationError(f"HMD_{name.upper()}={value!r} {GRAPH_NAME_RULE}")
+    return value
+
+
 def _audit_sinks(name: str, value: str) -> tuple[ForwardSink, ...]:
     words = [word.strip() for word in value.split(",") if word.strip()]
     return tuple(dict.fromkeys(_choice(name, word, ForwardSink) for word in words))
@@ -389,6 +400,7 @@ _PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
     "dek_max_age_seconds": _bounded(float, 0.001, 86_400),
     "ingest_batch_size": _bounded(int, 1, 100_000),
     "postgres_pool_size": _bounded(int, 1, 256),
+    "age_graph": _graph_name,
     "reencrypt_batch_size": _bounded(int, 1, 100_000),
     "reencrypt_interval_seconds": _bounded(float, 0, 86_400),
     "reencrypt_workers": _bounded(int, 1, 64),

@@ -36,6 +36,7 @@ class EventType(enum.StrEnum):
     MODE_CHANGE = "config.mode"
     AUDIT_CHECKPOINT = "audit.checkpoint"  # written by the file sink itself (chain, jsonl)
     AUDIT_REPAIR = "audit.repair"
+    NODE_ADOPT = "graph.adopt"  # a graph node heimdall did not write, given its properties
 
 
 class Result(enum.StrEnum):

@@ -208,7 +208,9 @@ class PostgresStore(PostgresJobs):
         options = _connect_options(params)
         try:
             with psycopg.connect(dsn, **options) as conn:
+                self._configure(conn)
                 migrate(conn)
+                self._migrated(conn)
         except psycopg.OperationalError as exc:
             if exc.sqlstate is None:
                 raise _connect_error(exc) from exc
@@ -220,6 +222,7 @@ class PostgresStore(PostgresJobs):
             min_size=1,
             max_size=pool_size,
             kwargs=options,
+            configure=self._configure,
             open=False,
             name="heimdall-store",
             timeout=_POOL_TIMEOUT_SECONDS,
@@ -235,6 +238,14 @@ class PostgresStore(PostgresJobs):
     def __repr__(self) -> str:
         target = ", ".join(f"{k}={v!r}" for k, v in self._target.items())
         return f"{type(self).__name__}({target})"
+
+    # -- for a store built on this one (heimdall.store.age) -------------------------------------
+
+    def _configure(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        """Prepare a new connection, the pool's too, before its first use. Nothing here."""
+
+    def _migrated(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        """Once at open, after the migrations, on their connection. Nothing here."""
 
     # -- connection plumbing -------------------------------------------------------------------
 

@@ -133,15 +133,16 @@ def _missing_job(job_id: str) -> StorageError:
 class _PostgresClaim(ClaimedBatch):
     """A claimed batch, written with one statement for all its updates."""
 
-    def write(self, cursor: Cursor, job_id: str) -> None:
-        """The batch's updates (each a compare-and-swap), failures and counters."""
+    def write(self, cursor: Cursor, job_id: str, update_fields: str = _UPDATE_FIELDS) -> None:
+        """The batch's updates (each a compare-and-swap), failures and counters.
+        *update_fields* takes the parameters of _UPDATE_FIELDS (the AGE store's has its own)."""
         if not self.updates and not self.failed:
             return
         now = utc_now()
         done = failed = 0
         if self.updates:
             cursor.execute(
-                _UPDATE_FIELDS,
+                update_fields,
                 (
                     now,
                     [f.canonical_key for f, _ in self.updates],
