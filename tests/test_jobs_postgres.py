@@ -196,7 +196,7 @@ def test_a_version_1_database_gains_the_job_tables_and_keeps_its_fields(
 ) -> None:
     PostgresStore(postgres_store_dsn).close()
     with connect(postgres_store_dsn) as conn:  # back to schema version 1, as released
-        conn.execute("DROP TABLE reencrypt_failures, reencrypt_jobs")
+        conn.execute("DROP TABLE reencrypt_failures, reencrypt_jobs, service_tokens")
         conn.execute("ALTER TABLE field_values DROP COLUMN key_name")  # and its index
         conn.execute(
             "CREATE INDEX field_values_by_version ON field_values (encryption_version, key_version)"

@@ -36,14 +36,17 @@ LAYERS: dict[str, int] = {
     "heimdall.modes": 4,
     "heimdall.metrics": 4,
     "heimdall.settings": 4,
+    "heimdall.api.config": 4,  # the service's settings, read by heimdall.settings
     "heimdall.preflight": 3,  # the check framework the providers fill in
     "heimdall.service": 5,
+    "heimdall.tokens": 5,  # service tokens, managed beside the service
     "heimdall.ingest": 5,
     "heimdall.rotation.lifecycle": 5,  # below the service, which offers its steps as methods
     "heimdall.rotation": 6,
     "heimdall.reencrypt": 6,
     "heimdall.app": 7,
     "heimdall.cli": 8,
+    "heimdall.api": 8,  # the HTTP service, beside the command line
     "heimdall": 9,  # the package itself re-exports the public API
 }
 

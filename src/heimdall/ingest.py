@@ -107,8 +107,12 @@ def ingest_lines(
     source_name: str,
     batch_size: int = 1000,
     progress: Callable[[int], None] | None = None,
+    on_written: Callable[[int, tuple[tuple[str, str], ...]], None] | None = None,
 ) -> IngestReport:
-    """Ingest JSON Lines. Raises only for failures that stop the run (KMS, store, audit)."""
+    """Ingest JSON Lines. Raises only for failures that stop the run (KMS, store, audit).
+
+    *on_written* is told, once its batch is committed, each stored record's line number and
+    its encrypted fields as (field name, canonical key) pairs."""
     heimdall.require(caller, Permission.ENCRYPT)
     report = IngestReport()
     cipher = heimdall.router.writer
@@ -176,6 +180,9 @@ def ingest_lines(
         report.dropped_fields += sum(item.dropped for item in prepared)
         report.sightings += len(sightings)
         report.lines = batch[-1][0]
+        if on_written is not None:
+            for item in prepared:
+                on_written(item.line, tuple((name, key) for key, name, _ in item.values))
         if progress is not None:
             progress(len(batch))
     return report

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
+from heimdall.api import config as api_config
+from heimdall.api.config import ApiSettings
 from heimdall.audit import DEFAULT_CHECKPOINT_EVERY, ForwardSink
 from heimdall.errors import ConfigurationError
 from heimdall.kms import aws_config, vault_config
@@ -86,6 +88,7 @@ _FILE_KEYS: Final = (
     )
     | vault_config.FILE_KEYS
     | aws_config.FILE_KEYS
+    | api_config.FILE_KEYS
     | _ROTATION_KEYS
 )
 _PATH_SETTINGS: Final = ("data_dir", "keyring_path", "sqlite_path", "audit_log", "policy")
@@ -141,6 +144,7 @@ class Settings:
     vault: VaultSettings | None = None
     aws: AwsSettings | None = None
     vault_pattern: VaultPattern = VaultPattern.DATAKEY
+    api: ApiSettings = field(default_factory=ApiSettings)  # heimdall serve (HMD_API_*, HMD_OIDC_*)
 
     @property
     def keyring_file(self) -> Path:
@@ -186,7 +190,9 @@ class Settings:
             values["postgres_dsn"] = environ["HMD_POSTGRES_DSN"]
         vault_values = {k: values.pop(k) for k in list(values) if k in vault_config.FILE_KEYS}
         aws_values = {k: values.pop(k) for k in list(values) if k in aws_config.FILE_KEYS}
+        api_values = {k: values.pop(k) for k in list(values) if k in api_config.FILE_KEYS}
         settings = _build(values, master_key)
+        settings = replace(settings, api=api_config.api_settings(api_values))
         if settings.kms_provider in settings.kms_read_providers:
             raise ConfigurationError(
                 f"HMD_KMS_READ_PROVIDERS names {settings.kms_provider}, which HMD_KMS_PROVIDER "

@@ -37,6 +37,9 @@ class EventType(enum.StrEnum):
     AUDIT_CHECKPOINT = "audit.checkpoint"  # written by the file sink itself (chain, jsonl)
     AUDIT_REPAIR = "audit.repair"
     NODE_ADOPT = "graph.adopt"  # a graph node heimdall did not write, given its properties
+    # A service token issued or revoked: its name and role, never the token.
+    TOKEN_CREATE = "token.create"  # noqa: S105 - an event name, not a secret
+    TOKEN_REVOKE = "token.revoke"  # noqa: S105 - likewise
 
 
 class Result(enum.StrEnum):
@@ -59,6 +62,8 @@ _OPTIONAL_FIELDS = (
     "operation",
     "error",
     "count",
+    "token_name",
+    "role",
 )
 
 
@@ -78,6 +83,8 @@ class AuditEvent:
     operation: str | None = None
     error: str | None = None
     count: int | None = None
+    token_name: str | None = None  # a service token's name (heimdall.tokens), never the token
+    role: str | None = None  # the role a service token grants
     timestamp: str = field(default_factory=utc_now_ms)
 
     @classmethod

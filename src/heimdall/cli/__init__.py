@@ -12,12 +12,12 @@ import sys
 
 import typer
 
-from heimdall.cli import age, audit, aws, data, jobs, keys, kms, migrate, worker
+from heimdall.cli import age, audit, aws, data, jobs, keys, kms, migrate, serve, tokens, worker
 from heimdall.cli.common import app, err, out
 from heimdall.errors import HeimdallError
 
 # The command modules register their commands on ``app`` when imported.
-_COMMANDS = (age, audit, aws, data, jobs, keys, kms, migrate, worker)
+_COMMANDS = (age, audit, aws, data, jobs, keys, kms, migrate, serve, tokens, worker)
 
 __all__ = ["app", "main"]
 

@@ -1,23 +1,28 @@
-"""``heimdall audit``: tail and verify the audit trail, and repair a torn final line."""
+"""``heimdall audit``: tail, query and verify the audit trail, and repair a torn final line."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Any
 
+import orjson
 import typer
 
 from heimdall.app import check_environment, open_audit_log
 from heimdall.audit import AuditEvent, JsonlAuditLog, VerifyReport
+from heimdall.audit.query import MAX_LIMIT, AuditFilter, parse_time, query_audit
 from heimdall.cli.common import (
     ActorOption,
+    JsonOption,
     audit_app,
     caller_for,
+    err,
     fail,
     load_settings,
     out,
 )
-from heimdall.cli.output import write_json_lines
-from heimdall.errors import AuditError, HeimdallError
+from heimdall.cli.output import terminal_safe, write_json, write_json_lines
+from heimdall.errors import AuditError, HeimdallError, InvalidInput
 from heimdall.rbac import Caller, Permission, Role
 from heimdall.settings import Settings
 
@@ -69,6 +74,90 @@ def audit_tail(
     """Print the last N audit records as JSON lines (ASCII-escaped on a terminal)."""
     settings, _ = _reader(actor)
     write_json_lines(JsonlAuditLog(settings.audit_file).tail(lines))
+
+
+def _time_option(value: str | None, option: str) -> datetime | None:
+    try:
+        return None if value is None else parse_time(value)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{option}: {exc}") from None
+
+
+# The members every line of the text form starts with; the others follow as name=value.
+_LEADING = ("timestamp", "event_type", "result")
+
+
+def _text_line(record: dict[str, Any]) -> str:
+    """A record as one line for a reader: each value terminal-safe (a newline in a value is
+    shown as \\n, so a line is always one record)."""
+
+    def shown(value: Any) -> str:
+        return terminal_safe(value if isinstance(value, str) else orjson.dumps(value).decode())
+
+    leading = [shown(record.get(name, "-")) for name in _LEADING]
+    rest = [
+        f"{terminal_safe(str(name))}={shown(value)}"
+        for name, value in record.items()
+        if name not in _LEADING and name != "hash"
+    ]
+    return " ".join(leading + rest)
+
+
+@audit_app.command("query")
+def audit_query(  # keyword-only: one per option
+    *,
+    since: Annotated[
+        str | None, typer.Option(help="From this ISO-8601 time, inclusive (no offset: UTC).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Up to this time, exclusive.")] = None,
+    event: Annotated[
+        list[str] | None,
+        typer.Option("--event", help="Only this event type (e.g. crypto.decrypt); repeatable."),
+    ] = None,
+    actor: Annotated[str | None, typer.Option("--actor", help="Only this actor's events.")] = None,
+    key_version: Annotated[
+        int | None, typer.Option("--key-version", help="Only events under this key version.")
+    ] = None,
+    field: Annotated[
+        str | None, typer.Option("--field", help="Only events on this field identifier.")
+    ] = None,
+    result: Annotated[
+        str | None, typer.Option("--result", help="Only this result: success, failure, denied.")
+    ] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", help=f"At most this many events (1 to {MAX_LIMIT:,}).")
+    ] = 1000,
+    cursor: Annotated[
+        str | None, typer.Option("--cursor", help="Continue where a previous query stopped.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print the events that match every filter given, oldest first: e.g. every decryption
+    under key version 3 in a compromise window (--event crypto.decrypt --key-version 3
+    --since ... --until ...)."""
+    settings, _ = _reader(None)  # --actor filters here; the reader is HMD_ACTOR or the user
+    flt = AuditFilter(
+        since=_time_option(since, "--since"),
+        until=_time_option(until, "--until"),
+        event_types=frozenset(event or ()),
+        actor=actor,
+        key_version=key_version,
+        field_identifier=field,
+        result=result,
+    )
+    page = query_audit(settings.audit_file, flt, cursor=cursor, limit=limit)
+    if as_json:
+        write_json({"events": page.events, "next_cursor": page.next_cursor})
+        return
+    for record in page.events:
+        out.print(_text_line(record), markup=False)
+    if page.next_cursor is not None:
+        err.print(
+            f"more events match: run the same query with --cursor {page.next_cursor}",
+            markup=False,
+        )
+    elif not page.events:
+        err.print("no event matches", markup=False)
 
 
 @audit_app.command("verify")

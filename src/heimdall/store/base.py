@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from heimdall.store.tokens import TokenStore
+
 __all__ = [
     "FieldCount",
     "FieldUpdate",
@@ -88,8 +90,9 @@ class FieldCount:
     key_name: str | None = None
 
 
-class GraphStore(Protocol):
-    """Persistent FieldValue / Sighting / Record graph plus a small metadata map."""
+class GraphStore(TokenStore, Protocol):
+    """Persistent FieldValue / Sighting / Record graph plus a small metadata map, and the
+    service tokens (:class:`heimdall.store.tokens.TokenStore`)."""
 
     def existing_keys(self, canonical_keys: Sequence[str]) -> set[str]:
         """The subset of *canonical_keys* that already have a FieldValue."""

@@ -68,6 +68,7 @@ from heimdall.store.base import (
 )
 from heimdall.store.postgres_jobs import PostgresJobs
 from heimdall.store.postgres_schema import COMPARE_AND_SWAP_FIELD, SQL, migrate
+from heimdall.store.postgres_tokens import PostgresTokens
 
 __all__ = ["PostgresStore"]
 
@@ -180,7 +181,7 @@ def _connect_options(params: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-class PostgresStore(PostgresJobs):
+class PostgresStore(PostgresJobs, PostgresTokens):
     """A :class:`~heimdall.store.base.GraphStore` in one PostgreSQL database.
 
     ``dsn`` is a libpq connection string or URI; ``pool_size`` caps the connections this store

@@ -192,6 +192,26 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "DROP INDEX field_values_by_version",
         "ALTER TABLE reencrypt_jobs ADD COLUMN target_key text",
     ),
+    # Service tokens (heimdall.store.tokens): the SHA-256 of each token, never the token, found
+    # through its unique index; names unique for ever, revoked tokens included. Bytewise
+    # (COLLATE "C"), as every key here.
+    (
+        """
+        CREATE TABLE service_tokens (
+            token_id   text COLLATE "C" PRIMARY KEY,
+            name       text COLLATE "C" NOT NULL,
+            role       text NOT NULL,
+            token_hash text COLLATE "C" NOT NULL CHECK (length(token_hash) = 64),
+            created_at text NOT NULL,
+            expires_at text,
+            revoked_at text,
+            created_by text NOT NULL,
+            revoked_by text
+        )
+        """,
+        "CREATE UNIQUE INDEX service_tokens_by_hash ON service_tokens (token_hash)",
+        "CREATE UNIQUE INDEX service_tokens_by_name ON service_tokens (name)",
+    ),
 )
 
 _CREATE_MIGRATIONS_TABLE: Final = """

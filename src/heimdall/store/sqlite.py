@@ -44,6 +44,7 @@ from heimdall.store.base import (
 )
 from heimdall.store.sqlite_jobs import SqliteJobs
 from heimdall.store.sqlite_schema import COMPARE_AND_SWAP_FIELD, SQL, is_current, migrate
+from heimdall.store.sqlite_tokens import SqliteTokens
 
 __all__ = ["SqliteStore"]
 
@@ -130,7 +131,7 @@ def _create_private_file(path: Path) -> None:
         raise StorageError(f"cannot create database file {path}: {exc.strerror}") from exc
 
 
-class SqliteStore(SqliteJobs):
+class SqliteStore(SqliteJobs, SqliteTokens):
     """A :class:`~heimdall.store.base.GraphStore` in one SQLite database file."""
 
     def __init__(self, path: Path) -> None:

@@ -169,6 +169,25 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "DROP INDEX field_values_by_version",
         "ALTER TABLE reencrypt_jobs ADD COLUMN target_key TEXT",
     ),
+    # Service tokens (heimdall.store.tokens): the SHA-256 of each token, never the token, found
+    # through its unique index; names unique for ever, revoked tokens included.
+    (
+        """
+        CREATE TABLE service_tokens (
+            token_id   TEXT PRIMARY KEY,
+            name       TEXT NOT NULL,
+            role       TEXT NOT NULL,
+            token_hash TEXT NOT NULL CHECK (length(token_hash) = 64),
+            created_at TEXT NOT NULL,
+            expires_at TEXT,
+            revoked_at TEXT,
+            created_by TEXT NOT NULL,
+            revoked_by TEXT
+        )
+        """,
+        "CREATE UNIQUE INDEX service_tokens_by_hash ON service_tokens (token_hash)",
+        "CREATE UNIQUE INDEX service_tokens_by_name ON service_tokens (name)",
+    ),
 )
 
 _CREATE_MIGRATIONS_TABLE: Final = """

@@ -1,0 +1,116 @@
+"""Reading and checking the audit trail. spec: Audit and Compliance; Runbook: Emergency Key
+Compromise Response, step 4 ("audit all decryption events during the compromise window").
+
+``GET /admin/audit`` answers one page of the records that match every filter given, oldest
+first, as a JSON object ``{"events": [...], "next_cursor": ...}``; the next page is the same
+query with ``cursor=<next_cursor>``, until it is null. The log is read line by line by
+:func:`heimdall.audit.query.query_audit` (never whole into memory, nor the page's matches beyond
+``limit``, at most 10,000). Records are as stored, ``hash`` included, so a page can be checked
+against the chain. ``GET /admin/audit/verify`` checks the chain, the head record and every keyed
+checkpoint, as ``heimdall audit verify`` does, and answers 200 with ``"ok": false`` and the
+first bad line when the trail is broken. Both need read_audit; a refusal is audited, as
+``heimdall audit tail`` and ``query`` audit theirs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel
+
+from heimdall.api.auth import AuthenticatedCaller
+from heimdall.api.deps import service_of, settings_of
+from heimdall.audit import ForwardedAuditLog, JsonlAuditLog
+from heimdall.audit.query import MAX_LIMIT, AuditFilter, parse_time, query_audit
+from heimdall.errors import InvalidInput
+from heimdall.rbac import Permission
+from heimdall.service import Heimdall
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/admin/audit", tags=["audit"])
+
+
+class AuditPageBody(BaseModel):
+    events: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+class VerifyBody(BaseModel):
+    ok: bool
+    lines: int
+    events: int
+    checkpoints: int
+    events_after_checkpoint: int
+    key_identifier: str | None
+    first_bad_line: int | None
+    problem: str | None
+    torn_tail: bool
+
+
+def _time(value: str | None, name: str) -> Any:
+    try:
+        return None if value is None else parse_time(value)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{name}: {exc}") from None
+
+
+@router.get("", response_model=AuditPageBody)
+def query_trail(
+    request: Request,
+    caller: AuthenticatedCaller,
+    *,
+    since: Annotated[str | None, Query(description="ISO-8601, inclusive; no offset: UTC")] = None,
+    until: Annotated[str | None, Query(description="ISO-8601, exclusive")] = None,
+    event_type: Annotated[
+        list[str] | None, Query(description="e.g. crypto.decrypt; repeatable")
+    ] = None,
+    actor: str | None = None,
+    key_version: Annotated[int | None, Query(ge=0)] = None,
+    field: Annotated[str | None, Query(description="a field identifier (canonical key)")] = None,
+    result: Annotated[str | None, Query(description="success, failure or denied")] = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 1000,
+) -> AuditPageBody:
+    """One page of the audit records matching every filter given (permission: read_audit)."""
+    service_of(request).require(caller, Permission.READ_AUDIT)
+    flt = AuditFilter(
+        since=_time(since, "since"),
+        until=_time(until, "until"),
+        event_types=frozenset(event_type or ()),
+        actor=actor,
+        key_version=key_version,
+        field_identifier=field,
+        result=result,
+    )
+    page = query_audit(settings_of(request).audit_file, flt, cursor=cursor, limit=limit)
+    return AuditPageBody(events=page.events, next_cursor=page.next_cursor)
+
+
+def _log_of(service: Heimdall) -> JsonlAuditLog:
+    sink = service.audit
+    if isinstance(sink, ForwardedAuditLog):
+        return sink.log
+    assert isinstance(sink, JsonlAuditLog)  # what heimdall.app builds
+    return sink
+
+
+@router.get("/verify", response_model=VerifyBody)
+def verify_trail(request: Request, caller: AuthenticatedCaller) -> VerifyBody:
+    """Check the hash chain, the head record and every keyed checkpoint (permission:
+    read_audit)."""
+    service = service_of(request)
+    service.require(caller, Permission.READ_AUDIT)
+    report = _log_of(service).verify()
+    return VerifyBody(
+        ok=report.ok,
+        lines=report.lines,
+        events=report.events,
+        checkpoints=report.checkpoints,
+        events_after_checkpoint=report.events_after_checkpoint,
+        key_identifier=report.key_identifier,
+        first_bad_line=report.first_bad_line,
+        problem=report.problem,
+        torn_tail=report.torn_tail,
+    )
