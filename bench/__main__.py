@@ -5,9 +5,15 @@ The Vault rows run against a throwaway OpenBao dev server on 127.0.0.1 that the 
 stops itself (bench/vault.py); without the ``bao`` binary they are skipped, with the reason
 printed. The re-encryption rows run the background job on a throwaway PostgreSQL cluster the
 bench starts and stops itself (bench/reencrypt.py); without the PostgreSQL server programs they
-are skipped, with the reason printed.
+are skipped, with the reason printed. The AWS KMS rows run against a throwaway moto server
+(``moto_server``) the bench starts and stops itself (bench/aws.py); without it they are skipped,
+with the reason printed. The API rows run ``heimdall serve`` on loopback, with an OpenBao dev
+server of their own for their Vault row (bench/api.py). The Apache AGE rows run on a PostgreSQL
+cluster of their own (bench/age.py); without the ``age`` extension they are skipped, with the
+reason printed.
 
-Exits 0 whenever every benchmark ran (or was skipped for want of ``bao`` or PostgreSQL), targets
+Exits 0 whenever every benchmark ran (or was skipped for want of ``bao``, PostgreSQL or
+``moto_server``), targets
 met or not (a missed target is printed as MISSED); non-zero if something crashed or a server did
 not start.
 """
@@ -30,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from bench import envelopes, ingest, reencrypt
+from bench import age, api, aws, envelopes, ingest, reencrypt
 from bench.machine import contention, machine_info
 from bench.report import Result, Row, format_report, write_json
 from bench.timing import Measurement, measure
@@ -162,7 +168,7 @@ FULL = Sizes(20_000, 7, 1, 20_000, 3, 1_000, 20_000, 3, 2_000, 2_000, 100_000, 3
 QUICK = Sizes(2_000, 3, 1, 300, 1, 100, 100, 1, 20, 200, 2_000, 1, 500)
 # --large: the re-encryption rows once more at 1,000,000 fields, one timed run each.
 LARGE_REENCRYPT = (1_000_000, 1)
-SECTIONS = ("crypto", "ingest", "vault", "reencrypt")
+SECTIONS = ("crypto", "ingest", "vault", "aws", "reencrypt", "age", "api")
 
 
 @dataclass
@@ -272,17 +278,29 @@ def _start_vault(stack: contextlib.ExitStack, outcome: VaultOutcome) -> DevServe
 
 
 def run_servers(
-    sizes: Sizes, sections: Sequence[str], reencrypt_sizes: Sequence[tuple[int, int]]
-) -> tuple[VaultOutcome, reencrypt.ReencryptOutcome | None]:
-    """The Vault rows against a throwaway OpenBao dev server, then the re-encryption rows on a
-    throwaway PostgreSQL cluster (their Vault rows on the same OpenBao server); both servers
-    are started and stopped here."""
+    sizes: Sizes,
+    sections: Sequence[str],
+    reencrypt_sizes: Sequence[tuple[int, int]],
+    *,
+    quick: bool = False,
+) -> tuple[VaultOutcome, reencrypt.ReencryptOutcome | None, aws.AwsOutcome | None]:
+    """The Vault rows against a throwaway OpenBao dev server, then the AWS rows against a
+    throwaway moto server, then the re-encryption rows on a throwaway PostgreSQL cluster (the
+    Vault side of the AWS migration row and the re-encryption rows' Vault rows on the same
+    OpenBao server); every server is started and stopped here."""
     outcome = VaultOutcome()
     reencrypt_outcome = None
+    aws_outcome = None
     with contextlib.ExitStack() as stack:
         server = _start_vault(stack, outcome)
         if server is not None and "vault" in sections:
             outcome.results = _vault_rows(server, sizes)
+        if "aws" in sections:
+            aws_outcome = aws.run_rows(
+                quick=quick,
+                vault_server=server,
+                vault_unavailable=outcome.notes[-1] if outcome.notes else None,
+            )
         if "reencrypt" in sections:
             reencrypt_outcome = reencrypt.run_rows(
                 reencrypt_sizes,
@@ -294,7 +312,7 @@ def run_servers(
         from bench import vault  # noqa: PLC0415 - see _start_vault
 
         outcome.notes = vault.notes(outcome.results, outcome.server)
-    return outcome, reencrypt_outcome
+    return outcome, reencrypt_outcome, aws_outcome
 
 
 def _vault_rows(server: DevServer, sizes: Sizes) -> list[Result]:
@@ -363,6 +381,52 @@ def _vault_rows(server: DevServer, sizes: Sizes) -> list[Result]:
     )
     results.append(result(VAULT_REWRAP, m, VAULT_REWRAP_REFERENCE, "keys"))
     return results
+
+
+def _add_aws(
+    outcome: aws.AwsOutcome | None,
+    results: list[Result],
+    notes: list[str],
+    machine: dict[str, str | int | float | bool | None],
+) -> bool:
+    """The AWS rows' results, notes and server added to the run's; whether a server failed."""
+    if outcome is None:
+        return False
+    results.extend(outcome.results)
+    notes.extend(["", *outcome.notes] if notes else outcome.notes)
+    machine["moto"] = outcome.server
+    return outcome.failed
+
+
+def _add_age(
+    sections: Sequence[str],
+    sizes: Sequence[tuple[int, int]],
+    results: list[Result],
+    notes: list[str],
+    machine: dict[str, str | int | float | bool | None],
+) -> bool:
+    """The Apache AGE rows (AGE beside plain PostgreSQL on a cluster of their own:
+    bench/age.py) at the re-encryption sizes, added to the run's; whether a server failed."""
+    if "age" not in sections:
+        return False
+    outcome = age.run_rows(sizes)
+    results.extend(outcome.results)
+    notes.extend(["", *outcome.notes] if notes else outcome.notes)
+    machine["postgres_age"] = outcome.server
+    return outcome.failed
+
+
+def _add_api(
+    sections: Sequence[str], results: list[Result], notes: list[str], *, quick: bool
+) -> bool:
+    """The API rows, when *sections* has them (heimdall serve on loopback, with servers of
+    their own: bench/api.py), added to the run's results and notes; whether a server failed."""
+    if "api" not in sections:
+        return False
+    outcome = api.run_rows(quick=quick)
+    results.extend(outcome.results)
+    notes.extend(["", *outcome.notes] if notes else outcome.notes)
+    return outcome.failed
 
 
 def _insert_notes(report: str, notes: Sequence[str]) -> str:
@@ -438,18 +502,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(run_ingest(sizes))
     notes: list[str] = []
     failed = False
-    if "vault" in sections or "reencrypt" in sections:
-        vault_outcome, reencrypt_outcome = run_servers(sizes, sections, reencrypt_sizes)
+    if {"vault", "aws", "reencrypt"} & set(sections):
+        vault_outcome, reencrypt_outcome, aws_outcome = run_servers(
+            sizes, sections, reencrypt_sizes, quick=quick
+        )
         results.extend(vault_outcome.results)
         machine["openbao"] = vault_outcome.server
         if "vault" in sections:
             notes.extend(vault_outcome.notes)
         failed = vault_outcome.failed  # a dev server that does not start fails the run
+        failed = _add_aws(aws_outcome, results, notes, machine) or failed
         if reencrypt_outcome is not None:
             results.extend(reencrypt_outcome.results)
             machine["postgres"] = reencrypt_outcome.server
             notes.extend(["", *reencrypt_outcome.notes] if notes else reencrypt_outcome.notes)
             failed = failed or reencrypt_outcome.failed
+    # Rows on servers of their own: each section runs whatever the other did.
+    failed = (
+        any(
+            [
+                _add_age(sections, reencrypt_sizes, results, notes, machine),
+                _add_api(sections, results, notes, quick=quick),
+            ]
+        )
+        or failed
+    )
     busy["at end"] = contention()
     duration = time.perf_counter() - start
 

@@ -497,6 +497,7 @@ class _Worker:
     vault_key: str | None = None
     openbao_pid: int = 0
     master_key: str | None = None
+    store: str = StoreKind.POSTGRES.value  # or "age": the graph store (bench/age.py)
 
 
 def _settings(worker: _Worker, *, legacy_mode: bool, load: bool) -> Settings:
@@ -516,7 +517,7 @@ def _settings(worker: _Worker, *, legacy_mode: bool, load: bool) -> Settings:
         mode = EncryptionMode.KMS
     return Settings(
         data_dir=Path(worker.data_dir),
-        store=StoreKind.POSTGRES,
+        store=StoreKind(worker.store),
         postgres_dsn=worker.dsn,
         kms_provider=worker.provider,
         kms_key_name=key_name,
