@@ -31,6 +31,28 @@ _TERMINAL_OVERRIDES = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
 ANSI = re.compile(r"\x1b\[")
 
 
+def repair_torn_audit_tail(env: Mapping[str, str]) -> None:
+    """What an operator does after a SIGKILL that landed inside an audit append (the trail then
+    refuses every operation until told): repair it, which is audited. Nothing if the kill missed
+    the append."""
+
+    def heimdall(*args: str) -> subprocess.CompletedProcess[str]:
+        assert HEIMDALL is not None
+        return subprocess.run(
+            [HEIMDALL, "audit", "verify", *args],
+            env=dict(env),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+
+    verified = heimdall()
+    if verified.returncode != 0 and "--repair-torn-tail" in verified.stderr:
+        repaired = heimdall("--repair-torn-tail")
+        assert repaired.returncode == 0, repaired.stderr
+
+
 def clean_environ() -> dict[str, str]:
     """os.environ without any HMD_* variable or terminal override."""
     return {

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from cli_runner import repair_torn_audit_tail
 from heimdall.app import build
 from heimdall.envelope import EncryptionContext
 from heimdall.ingest import ingest_lines
@@ -190,6 +191,7 @@ def test_worker_killed_at_five_random_points_finishes_exactly_on_postgres_and_va
         time.sleep(rng.uniform(0.8, 1.6))
         process.send_signal(signal.SIGKILL)
         process.wait()
+        repair_torn_audit_tail(env)
     finish = subprocess.run(worker, env=env, capture_output=True, text=True, check=False)
     assert finish.returncode == 0, finish.stderr
     final = job_store(service).get_job(job.job_id)

@@ -16,7 +16,13 @@ from typing import Any
 
 import pytest
 
-from cli_runner import PEOPLE_FILE, REPO, assert_one_line_error, clean_environ
+from cli_runner import (
+    PEOPLE_FILE,
+    REPO,
+    assert_one_line_error,
+    clean_environ,
+    repair_torn_audit_tail,
+)
 from heimdall.app import build
 from heimdall.envelope import EncryptionContext, parse
 from heimdall.ingest import ingest_lines
@@ -247,15 +253,6 @@ def _rewraps(data_dir: Path) -> list[dict[str, Any]]:
     ]
 
 
-def _repair_torn_audit_tail(env: dict[str, str]) -> None:
-    """What an operator does after a kill that landed inside an audit append (the trail then
-    refuses every operation until told): repair it, audited. Nothing if the kill missed it."""
-    verified = _heimdall(env, "audit", "verify")
-    if verified.returncode != 0 and "--repair-torn-tail" in verified.stderr:
-        repaired = _heimdall(env, "audit", "verify", "--repair-torn-tail")
-        assert repaired.returncode == 0, repaired.stderr
-
-
 def test_a_sigkilled_reencryption_on_age_resumes_and_every_field_decrypts(
     tmp_path: Path, age_store_dsn: str
 ) -> None:
@@ -283,7 +280,7 @@ def test_a_sigkilled_reencryption_on_age_resumes_and_every_field_decrypts(
         process.send_signal(signal.SIGKILL)
         process.wait()
         kills += 1
-        _repair_torn_audit_tail(env)
+        repair_torn_audit_tail(env)
     finish = _heimdall(env, "reencrypt", "--batch-size", "200", "--interval", "0")
     assert finish.returncode == 0, finish.stderr
 

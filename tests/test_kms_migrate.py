@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from aws_server import DUMMY_SECRET_KEY, MotoServer, sdk_environment
+from cli_runner import repair_torn_audit_tail
 from heimdall.app import build
 from heimdall.envelope import parse
 from heimdall.errors import ConfigurationError
@@ -205,6 +206,7 @@ def test_kms_migrate_from_vault_to_aws_survives_three_sigkills_and_leaves_nothin
         time.sleep(rng.uniform(1.5, 3.0))
         process.send_signal(signal.SIGKILL)
         process.wait()
+        repair_torn_audit_tail(env)
         kills += 1
         # Every field decrypts at every moment: under Vault or under AWS, whichever it is now.
         assert _values(moving, every=97) == expected

