@@ -8,17 +8,27 @@ each check of :mod:`heimdall.api.oidc` (signature, algorithm allow-list, key bin
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
+import signal
+import ssl
+import subprocess
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import NameOID
 
-from api_server import AUDIENCE, ISSUER, Issuer, SigningKey, rsa_key
-from cli_runner import Cli, assert_one_line_error
+from api_server import AUDIENCE, ISSUER, LOOPBACK, Issuer, SigningKey, free_port, rsa_key
+from cli_runner import HEIMDALL, Cli, assert_one_line_error, clean_environ
 from heimdall.api.config import DEFAULT_ALGORITHMS, OidcSettings
 from heimdall.api.errors import Unauthenticated
 from heimdall.api.oidc import OidcVerifier
@@ -348,3 +358,77 @@ def test_serve_openapi_prints_the_document(cli: Cli) -> None:
         assert path in paths
     assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     assert not (cli.data_dir / "heimdall.db").exists()  # describing the API opens no store
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made in the test."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "heimdall test")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def test_serve_speaks_tls_with_the_configured_certificate_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    assert HEIMDALL is not None
+    cert, key = _self_signed(tmp_path)
+    port = free_port()
+    env = {
+        **clean_environ(),
+        "HMD_DATA_DIR": str(tmp_path / "data"),
+        "HMD_API_LISTEN": f"{LOOPBACK}:{port}",
+        "HMD_API_TLS_CERT": str(cert),
+        "HMD_API_TLS_KEY": str(key),
+    }
+    proc = subprocess.Popen(
+        [HEIMDALL, "serve"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        trusted = ssl.create_default_context(cafile=str(cert))
+        deadline = time.monotonic() + 30
+        answer: httpx.Response | None = None
+        while answer is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                answer = httpx.get(
+                    f"https://{LOOPBACK}:{port}/healthz", verify=trusted, trust_env=False
+                )
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        assert answer is not None and answer.status_code == 200
+        with pytest.raises(httpx.HTTPError):  # no plain HTTP beside it
+            httpx.get(f"http://{LOOPBACK}:{port}/healthz", trust_env=False, timeout=5)
+        with pytest.raises(httpx.ConnectError):  # and a client that checks finds no public CA
+            httpx.get(f"https://{LOOPBACK}:{port}/healthz", trust_env=False, timeout=5)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
