@@ -23,6 +23,7 @@ from heimdall.errors import StorageError
 from heimdall.store.age_names import FIELD_LABEL, SIGHTING_EDGE, SIGHTING_LABEL, valid_graph_name
 from heimdall.store.base import FieldValue
 from heimdall.store.nodes import NODE_PROPERTIES
+from heimdall.store.postgres_schema import key_name_of
 
 __all__ = [
     "CANONICAL_KEY",
@@ -67,28 +68,8 @@ ENCRYPTION_VERSION: Final = text_prop("encryption_version")
 KEY_VERSION: Final = prop("key_version")
 DEK_ID: Final = prop("dek_id")
 
-# The key name: what heimdall.store.postgres_schema.KEY_NAME_PATTERN captures, found by splitting
-# the envelope at its quotes instead (the header as heimdall.envelope lays it out, compared
-# part by part; the identifier, a part of its own, then matched alone). The same result for
-# every text (tests/test_store_age.py compares the two on generated envelopes), twenty times
-# cheaper: PostgreSQL's regular expression engine takes some 80 microseconds for the whole
-# pattern on an envelope, which every claimed and every rewritten field would pay.
-_HEADER: Final = '{"encryption_version":"kms_v1","algorithm":"'
-
-
-def _key_name(envelope: str) -> str:
-    def part(n: int) -> str:
-        return f"split_part({envelope}, '\"', {n})"
-
-    return (
-        f"(CASE WHEN starts_with({envelope}, '{_HEADER}') AND {part(9)} = ','"
-        f" AND {part(10)} = 'key_identifier' AND {part(11)} = ':'"
-        f" AND starts_with({part(13)}, ',')"
-        f" THEN substring({part(12)} FROM '^(.*)-v[0-9]+$') END COLLATE \"C\")"
-    )
-
-
-KEY_NAME: Final = _key_name(text_prop("encrypted_data"))
+# The key name, as the PostgreSQL store's column computes it (by splitting at quotes).
+KEY_NAME: Final = key_name_of(text_prop("encrypted_data"))
 _KMS_V1: Final = "'kms_v1'"
 _LEGACY: Final = "'legacy'"
 _AGTYPE: Final = "::ag_catalog.agtype"
