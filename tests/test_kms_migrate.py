@@ -137,6 +137,26 @@ def _env(
     return env
 
 
+@pytest.fixture
+def moving_env(  # noqa: PLR0917 - the servers and keys a move between providers needs
+    tmp_path: Path,
+    postgres_store_dsn: str,
+    bao: BaoServer,
+    transit_key: str,
+    moto: MotoServer,
+    aws_key: str,
+) -> dict[str, str]:
+    """The CLI's environment for a store on PostgreSQL moving from Vault to AWS."""
+    return _env(
+        tmp_path,
+        dsn=postgres_store_dsn,
+        bao=bao,
+        transit_key=transit_key,
+        moto=moto,
+        aws_key=aws_key,
+    )
+
+
 def _heimdall(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "heimdall"), *args],
@@ -153,8 +173,8 @@ def test_kms_migrate_from_vault_to_aws_survives_three_sigkills_and_leaves_nothin
     postgres_store_dsn: str,
     bao: BaoServer,
     transit_key: str,
-    moto: MotoServer,
     aws_key: str,
+    moving_env: dict[str, str],
 ) -> None:
     on_vault = build(
         Settings(
@@ -176,14 +196,7 @@ def test_kms_migrate_from_vault_to_aws_survives_three_sigkills_and_leaves_nothin
         for f in b
     }
     on_vault.close()
-    env = _env(
-        tmp_path,
-        dsn=postgres_store_dsn,
-        bao=bao,
-        transit_key=transit_key,
-        moto=moto,
-        aws_key=aws_key,
-    )
+    env = moving_env
     # Before the move, the AWS settings alone cannot open the store: Vault still holds keys.
     alone = {k: v for k, v in env.items() if k != "HMD_KMS_READ_PROVIDERS"}
     refused = _heimdall(alone, "status")
@@ -251,22 +264,10 @@ def test_kms_migrate_from_vault_to_aws_survives_three_sigkills_and_leaves_nothin
     assert '"operation":"start ' in trail and '"operation":"done ' in trail
 
 
-def test_kms_migrate_names_what_to_set_when_the_target_is_not_the_provider(  # noqa: PLR0917
-    tmp_path: Path,
-    postgres_store_dsn: str,
-    bao: BaoServer,
-    transit_key: str,
-    moto: MotoServer,
-    aws_key: str,
+def test_kms_migrate_names_what_to_set_when_the_target_is_not_the_provider(
+    bao: BaoServer, moving_env: dict[str, str]
 ) -> None:
-    env = _env(
-        tmp_path,
-        dsn=postgres_store_dsn,
-        bao=bao,
-        transit_key=transit_key,
-        moto=moto,
-        aws_key=aws_key,
-    )
+    env = moving_env
 
     wrong = _heimdall(env, "kms", "migrate", "--to", "vault")
     unknown = _heimdall(env, "kms", "migrate", "--to", "nowhere")
@@ -281,22 +282,10 @@ def test_kms_migrate_names_what_to_set_when_the_target_is_not_the_provider(  # n
         assert bao.root_token not in result.stderr
 
 
-def test_kms_check_checks_the_provider_written_to_and_each_one_only_read(  # noqa: PLR0917
-    tmp_path: Path,
-    postgres_store_dsn: str,
-    bao: BaoServer,
-    transit_key: str,
-    moto: MotoServer,
-    aws_key: str,
+def test_kms_check_checks_the_provider_written_to_and_each_one_only_read(
+    moving_env: dict[str, str],
 ) -> None:
-    env = _env(
-        tmp_path,
-        dsn=postgres_store_dsn,
-        bao=bao,
-        transit_key=transit_key,
-        moto=moto,
-        aws_key=aws_key,
-    )
+    env = moving_env
 
     checked = _heimdall(env, "kms", "check")
     broken = _heimdall({**env, "HMD_VAULT_TOKEN": "s.not-a-token"}, "kms", "check")
