@@ -229,6 +229,12 @@ def test_parse_time_refuses_what_is_not_a_time() -> None:
         parse_time("yesterday")
 
 
+@pytest.mark.parametrize("text", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_parse_time_refuses_a_time_utc_cannot_hold(text: str) -> None:
+    with pytest.raises(InvalidInput, match="years 1 to 9999"):
+        parse_time(text)
+
+
 # -- checkpoints, torn and uncommitted lines ------------------------------------------------------
 
 

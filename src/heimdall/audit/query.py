@@ -81,10 +81,11 @@ class InvalidCursor(InvalidInput):
 def parse_time(text: str) -> datetime:
     """An ISO-8601 time (``2025-12-09T02:00:00Z``; without an offset, UTC) as a UTC datetime."""
     try:
-        moment = datetime.fromisoformat(text)
+        return _utc(datetime.fromisoformat(text))
     except (TypeError, ValueError):
         raise InvalidInput("not an ISO-8601 time such as 2025-12-09T02:00:00Z") from None
-    return _utc(moment)
+    except OverflowError:  # 0001-01-01T00:00+01:00: before the first UTC moment there is
+        raise InvalidInput("a time outside the years 1 to 9999 once in UTC") from None
 
 
 @dataclass(frozen=True, slots=True)
