@@ -369,8 +369,8 @@ def notes(results: Sequence[Result], server: str) -> list[str]:
         lines.append(
             f"aws KMS calls ceiling (<= {r.calls_ceiling} per 1,000 {r.unit}, {r.row.id}) "
             f"{'met' if r.ceiling_met else 'MISSED'}: {_per_1000(r.kms_calls_per_1000)} per "
-            f"1,000, of which the audit checkpoints' {AUDIT_OPERATION} (one per "
-            f"HMD_AUDIT_CHECKPOINT_EVERY events, one event per field) "
+            f"1,000, of which the audit checkpoints' {AUDIT_OPERATION} (one event per field; "
+            f"see HMD_AUDIT_CHECKPOINT_EVERY and _SECONDS) "
             f"{_per_1000(r.audit_calls_per_1000)} and the data keys and key reads "
             f"{_per_1000(without_audit)}"
         )

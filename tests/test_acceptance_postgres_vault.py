@@ -59,10 +59,15 @@ def _lines(count: int) -> list[str]:
 def test_hundred_thousand_fields_rewrap_with_kms_calls_bounded_by_data_keys(
     tmp_path: Path, postgres_store_dsn: str, bao: BaoServer, transit_key: str
 ) -> None:
-    # Audit checkpoints (an hmac call per 1,000 events by default) go through the same
-    # transport; this test counts the calls on data keys, so it checkpoints rarely.
+    # Audit checkpoints (an hmac call each) go through the same transport; this test counts
+    # the calls on data keys, so it checkpoints rarely.
     service = _service(
-        tmp_path, postgres_store_dsn, bao, transit_key, audit_checkpoint_every=1_000_000
+        tmp_path,
+        postgres_store_dsn,
+        bao,
+        transit_key,
+        audit_checkpoint_every=1_000_000,
+        audit_checkpoint_seconds=86_400,
     )
     ingest_lines(service, _lines(50_000), caller=CALLER, source_name="t", batch_size=2000)
     distinct_keys = {

@@ -25,7 +25,7 @@ from audit_tools import (
     write_events,
 )
 from cli_runner import Cli, assert_one_line_error
-from heimdall.audit import JsonlAuditLog
+from heimdall.audit import MIN_EVENTS_PER_CHECKPOINT, JsonlAuditLog
 from heimdall.errors import AuditError, ConfigurationError, KmsUnavailable
 from heimdall.ingest import IngestReport
 from heimdall.kms.base import AuditKey
@@ -99,6 +99,67 @@ def test_the_key_provider_is_called_once_per_checkpoint(tmp_path: Path, key: Aud
 
     assert counting.signed == 4
     assert log.verify().checkpoints == 4
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_busy_writer_seals_its_events_after_the_configured_seconds(
+    tmp_path: Path, key: AuditKey
+) -> None:
+    """Below the interval, time seals too: once the seconds have passed, the next append that
+    leaves at least MIN_EVENTS_PER_CHECKPOINT events unsealed ends with a checkpoint; fewer
+    events, or less time, make none (at most one MAC per that many events)."""
+    clock = Clock()
+    counting = CountingKey(key)
+    log = JsonlAuditLog(
+        tmp_path / "audit.log",
+        fsync=False,
+        key=counting,
+        checkpoint_every=1_000_000,
+        checkpoint_seconds=5,
+        monotonic=clock,
+    )
+    log.write(sample_events(MIN_EVENTS_PER_CHECKPOINT - 1))
+    clock.now += 60
+    log.write(sample_events(0))  # nothing to write: no append at all
+    assert counting.signed == 0
+    log.write(sample_events(1, start=MIN_EVENTS_PER_CHECKPOINT - 1))  # enough, and late enough
+    assert counting.signed == 1
+    assert _kinds(log.path)[-1] == "audit.checkpoint"
+
+    log.write(sample_events(2 * MIN_EVENTS_PER_CHECKPOINT, start=MIN_EVENTS_PER_CHECKPOINT))
+    clock.now += 4.9
+    log.write(sample_events(10, start=3 * MIN_EVENTS_PER_CHECKPOINT))
+    assert counting.signed == 1  # many events, but not five seconds since the last checkpoint
+    clock.now += 0.1
+    log.write(sample_events(1, start=3 * MIN_EVENTS_PER_CHECKPOINT + 10))
+    assert counting.signed == 2
+    report = log.verify()
+    assert report.ok and report.events_after_checkpoint == 0
+
+
+def test_the_interval_still_bounds_the_events_between_checkpoints(
+    tmp_path: Path, key: AuditKey
+) -> None:
+    """However little time passes, a checkpoint follows every interval's worth of events."""
+    clock = Clock()
+    log = JsonlAuditLog(
+        tmp_path / "audit.log",
+        fsync=False,
+        key=key,
+        checkpoint_every=10,
+        checkpoint_seconds=5,
+        monotonic=clock,
+    )
+    log.write(sample_events(25))
+    kinds = _kinds(log.path)
+    assert [n for n, kind in enumerate(kinds) if kind == "audit.checkpoint"] == [10, 21]
 
 
 def test_removing_every_decrypt_and_recomputing_the_chain_and_head_fails_verify(

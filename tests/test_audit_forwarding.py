@@ -240,6 +240,7 @@ def test_audit_sinks_are_read_from_the_environment_and_checked() -> None:
             "HMD_AUDIT_SYSLOG_ADDRESS": "udp://127.0.0.1:514",
             "HMD_AUDIT_SINKS_REQUIRED": "false",
             "HMD_AUDIT_CHECKPOINT_EVERY": "250",
+            "HMD_AUDIT_CHECKPOINT_SECONDS": "0.5",
         }
     )
     assert settings.audit_sinks == (ForwardSink.SYSLOG, ForwardSink.STDOUT)
@@ -247,13 +248,17 @@ def test_audit_sinks_are_read_from_the_environment_and_checked() -> None:
         "udp://127.0.0.1:514",
         False,
     )
-    assert settings.audit_checkpoint_every == 250
+    assert (settings.audit_checkpoint_every, settings.audit_checkpoint_seconds) == (250, 0.5)
     assert Settings().audit_sinks == ()
-    assert (Settings().audit_sinks_required, Settings().audit_checkpoint_every) == (True, 1000)
+    defaults = Settings()
+    assert (defaults.audit_sinks_required, defaults.audit_checkpoint_every) == (True, 20_000)
+    assert defaults.audit_checkpoint_seconds == 5.0
     with pytest.raises(ConfigurationError, match="HMD_AUDIT_SINKS='kafka' is not one of"):
         Settings.from_env({"HMD_AUDIT_SINKS": "syslog,kafka"})
     with pytest.raises(ConfigurationError, match="HMD_AUDIT_CHECKPOINT_EVERY must be between"):
         Settings.from_env({"HMD_AUDIT_CHECKPOINT_EVERY": "0"})
+    with pytest.raises(ConfigurationError, match="HMD_AUDIT_CHECKPOINT_SECONDS must be between"):
+        Settings.from_env({"HMD_AUDIT_CHECKPOINT_SECONDS": "0"})
 
 
 def test_a_bad_syslog_address_fails_the_build_not_the_first_operation(tmp_path: Path) -> None:

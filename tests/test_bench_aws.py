@@ -106,8 +106,8 @@ def test_the_ingest_ceiling_counts_every_kms_request_audit_checkpoints_included(
     assert round(with_audit.kms_calls_per_1000, 3) == round(162 / 140, 3)
     assert (
         "aws KMS calls ceiling (<= 0.2 per 1,000 fields, aws/ingest) MISSED: 1.16 per 1,000, of "
-        "which the audit checkpoints' GenerateMac (one per HMD_AUDIT_CHECKPOINT_EVERY events, "
-        "one event per field) 1.00 and the data keys and key reads 0.157"
+        "which the audit checkpoints' GenerateMac (one event per field; see "
+        "HMD_AUDIT_CHECKPOINT_EVERY and _SECONDS) 1.00 and the data keys and key reads 0.157"
     ) in lines
     assert any(
         line.startswith("- aws/ingest: KMS calls per 1,000 fields: 1.16 (162 per run of ")

@@ -269,7 +269,7 @@ def test_another_process_agrees_on_the_versions_from_aws_alone(
     assert other.generate_data_key(AD).wrapped.key_version == 1
     provider.rotate()
     provider.set_min_encryption_version(2)
-    clock.now += 1.1  # past the second a process may wrap under the version it knows
+    clock.now += 10.1  # past the seconds a process may wrap under the version it knows
     described = other.describe()
     assert described.latest_version == 2
     assert {v.version: v.state for v in described.versions} == {
@@ -277,6 +277,57 @@ def test_another_process_agrees_on_the_versions_from_aws_alone(
         2: KeyState.ACTIVE,
     }
     assert other.generate_data_key(AD).wrapped.key_version == 2
+
+
+def test_a_version_made_elsewhere_is_encrypted_under_within_ten_seconds(
+    provider: AwsKms, moto: MotoServer
+) -> None:
+    """Before encrypting, the version aliases are listed again at most every ten seconds: a
+    version another process made is used from then on, and no sooner than that (until then the
+    version before it, still active, serves)."""
+    clock = _Clock()
+    other = AwsKms(provider.settings, moto.clients(), monotonic=clock)
+    other.generate_data_key(AD).plaintext.wipe()
+    provider.rotate()
+    clock.now += 9.9
+    first = other.generate_data_key(AD)
+    first.plaintext.wipe()
+    assert first.wrapped.key_version == 1
+    clock.now += 0.2
+    second = other.generate_data_key(AD)
+    second.plaintext.wipe()
+    assert second.wrapped.key_version == 2
+
+
+def test_a_latest_key_kms_refuses_as_disabled_is_left_for_the_version_made_since(
+    provider: AwsKms, moto: MotoServer
+) -> None:
+    """Another process's emergency rotation disables the key this one still wraps under: the
+    refusal makes it read the versions again and wrap under the new one, so no write fails.
+    moto does not refuse a disabled key; KMS's DisabledException is injected for the old one."""
+    clock = _Clock()
+    other = AwsKms(provider.settings, moto.clients(), monotonic=clock)
+    other.generate_data_key(AD).plaintext.wipe()
+    kms = moto.client("kms")
+    old_key = load_chain(kms, provider.settings.key_name, OWNED).versions[1].key_id
+    provider.rotate()
+    refused: list[str] = []
+
+    def refuse(params: dict[str, Any], **_: Any) -> None:
+        if params.get("KeyId") == old_key:
+            refused.append(params["KeyId"])
+            error = {"Error": {"Code": "DisabledException", "Message": "key is disabled"}}
+            raise ClientError(error, "GenerateDataKey")
+
+    events = other.clients.kms.meta.events
+    events.register("provide-client-params.kms.GenerateDataKey", refuse)
+    try:
+        fresh = other.generate_data_key(AD)
+    finally:
+        events.unregister("provide-client-params.kms.GenerateDataKey", refuse)
+    fresh.plaintext.wipe()
+    assert refused == [old_key]
+    assert fresh.wrapped.key_version == 2
 
 
 def test_two_rotations_from_the_same_version_make_one(provider: AwsKms, moto: MotoServer) -> None:

@@ -365,6 +365,7 @@ def _audit_log(settings: Settings, kms: KeyManagementService | None) -> JsonlAud
         fsync=settings.audit_fsync,
         key=_audit_key(kms),
         checkpoint_every=settings.audit_checkpoint_every,
+        checkpoint_seconds=settings.audit_checkpoint_seconds,
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from heimdall.api import config as api_config
 from heimdall.api.config import ApiSettings
-from heimdall.audit import DEFAULT_CHECKPOINT_EVERY, ForwardSink
+from heimdall.audit import DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_SECONDS, ForwardSink
 from heimdall.errors import ConfigurationError
 from heimdall.kms import aws_config, vault_config
 from heimdall.kms.aws_config import AwsSettings
@@ -72,6 +72,7 @@ _FILE_KEYS: Final = (
             "audit_log",
             "audit_fsync",
             "audit_checkpoint_every",
+            "audit_checkpoint_seconds",
             "audit_sinks",
             "audit_sinks_required",
             "audit_syslog_address",
@@ -120,6 +121,7 @@ class Settings:
     audit_fsync: bool = True
     # spec: Audit Log Requirements. Keyed checkpoints and forwarding, see heimdall.audit.
     audit_checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    audit_checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS
     audit_sinks: tuple[ForwardSink, ...] = ()  # besides the file, which always stays
     audit_sinks_required: bool = True  # a sink that cannot deliver refuses the operation
     audit_syslog_address: str = "/dev/log"
@@ -414,6 +416,7 @@ _PARSERS: Final[dict[str, Callable[[str, str], Any]]] = {
     "grace_period_days": _bounded(float, 0, 36_500),
     "audit_fsync": _flag,
     "audit_checkpoint_every": _bounded(int, 1, 1_000_000),
+    "audit_checkpoint_seconds": _bounded(float, 0.001, 86_400),
     "audit_sinks": _audit_sinks,
     "audit_sinks_required": _flag,
     "rotation_enabled": _flag,

@@ -14,11 +14,13 @@ Four layers, and what each does and does not protect against:
   log, replaced atomically under the log's lock. It shows lines cut off the end, which the
   chain alone cannot. Keyless too, and beside the log: it stops accidents and naive edits, not
   an attacker who rewrites both files.
-* **Keyed checkpoints** (:mod:`.chain`, :mod:`.jsonl`): every ``HMD_AUDIT_CHECKPOINT_EVERY``
-  events and (best effort) when a process closes its log, a checkpoint line authenticates the
-  chain position (line and event counts, the hash of the line before it) with a MAC by the key
-  provider's audit key (:class:`heimdall.kms.base.AuditKey`): the keyring file's HMAC key, or a
-  Transit key that never leaves Vault. An attacker who can rewrite the log but cannot use that
+* **Keyed checkpoints** (:mod:`.chain`, :mod:`.jsonl`): at least once every
+  ``HMD_AUDIT_CHECKPOINT_EVERY`` events, sooner in a busy process (after
+  ``HMD_AUDIT_CHECKPOINT_SECONDS``, once enough events wait), and (best effort) when a process
+  closes its log, a checkpoint line authenticates the chain position (line and event counts,
+  the hash of the line before it) with a MAC by the key provider's audit key
+  (:class:`heimdall.kms.base.AuditKey`): the keyring file's HMAC key, a Transit key that never
+  leaves Vault, or an AWS KMS HMAC key. An attacker who can rewrite the log but cannot use that
   key can no longer remove, edit or reorder anything a checkpoint covers, nor drop a
   checkpoint in the middle (each announces when the next is due), nor add lines past the head
   for a later checkpoint to vouch for, without ``heimdall audit verify`` failing. Such an
@@ -54,12 +56,19 @@ from heimdall.audit.forward import (
     StdoutForwarder,
     SyslogForwarder,
 )
-from heimdall.audit.jsonl import DEFAULT_CHECKPOINT_EVERY, JsonlAuditLog
+from heimdall.audit.jsonl import (
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_CHECKPOINT_SECONDS,
+    MIN_EVENTS_PER_CHECKPOINT,
+    JsonlAuditLog,
+)
 from heimdall.audit.scan import VerifyReport
 
 __all__ = [
     "DEFAULT_CHECKPOINT_EVERY",
+    "DEFAULT_CHECKPOINT_SECONDS",
     "GENESIS",
+    "MIN_EVENTS_PER_CHECKPOINT",
     "AuditEvent",
     "AuditSink",
     "EventType",

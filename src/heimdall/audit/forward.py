@@ -39,6 +39,7 @@ from typing import Final, Protocol, TextIO
 import orjson
 
 from heimdall.audit.events import AuditEvent, Result
+from heimdall.audit.group import GroupCommit
 from heimdall.audit.jsonl import JsonlAuditLog
 from heimdall.errors import AuditError, ConfigurationError
 
@@ -215,8 +216,14 @@ class ForwardedAuditLog:
         self.log = log
         self._forwarders = tuple(forwarders)
         self._required = required
+        # Threads share appends as on the file alone; each append is forwarded whole, by the
+        # thread that made it, so every sink gets the lines in the order of the file.
+        self._group = GroupCommit(self._append)
 
     def write(self, events: Sequence[AuditEvent]) -> None:
+        self._group.write(events)
+
+    def _append(self, events: Sequence[AuditEvent]) -> None:
         self._forward(self.log.append(events), "the operation is refused")
 
     def close(self) -> None:

@@ -14,8 +14,16 @@ Invariants, each kept under an exclusive ``flock`` on the log, which every writi
 * A checkpoint is due when the events since the last one reach the interval: this process's
   ``checkpoint_every``, or the last checkpoint's announced interval if that is smaller (so
   writers configured differently still keep every promise a checkpoint made). The counters
-  live in the head record, so several processes share them. Closing the log checkpoints the
-  events this process wrote since its last checkpoint.
+  live in the head record, so several processes share them. A busy writer seals sooner: once
+  ``checkpoint_seconds`` have passed since this process's last checkpoint (or its start), the
+  next append that leaves at least ``MIN_EVENTS_PER_CHECKPOINT`` events unsealed ends with a
+  checkpoint. So the events a checkpoint does not cover yet are at most the interval, and, in
+  a process that writes steadily, a few seconds' worth; and the key provider is asked for at
+  most one MAC per ``MIN_EVENTS_PER_CHECKPOINT`` events and, below the interval, one per
+  ``checkpoint_seconds``. Closing the log checkpoints the events this process wrote since its
+  last checkpoint.
+* The threads of one process that append at once share appends (:mod:`.group`) through
+  :meth:`JsonlAuditLog.write`: one lock, two fsyncs and one head record for all of them.
 * Every file is opened through :func:`heimdall.private_files.open_private`: never through a
   symlink, never a file of another user or one that group or others may write.
 """
@@ -25,7 +33,8 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -34,6 +43,7 @@ import orjson
 
 from heimdall.audit.chain import ChainError, ChainState, advance, seal_checkpoint, seal_event
 from heimdall.audit.events import AuditEvent, EventType
+from heimdall.audit.group import GroupCommit
 from heimdall.audit.head import LegacyHead, head_path, read_head, write_head
 from heimdall.audit.scan import (
     VerifyReport,
@@ -48,9 +58,16 @@ from heimdall.kms.base import AuditKey
 from heimdall.private_files import ensure_private_dir, open_private, write_all
 from heimdall.rbac import Caller
 
-__all__ = ["DEFAULT_CHECKPOINT_EVERY", "JsonlAuditLog"]
+__all__ = [
+    "DEFAULT_CHECKPOINT_EVERY",
+    "DEFAULT_CHECKPOINT_SECONDS",
+    "MIN_EVENTS_PER_CHECKPOINT",
+    "JsonlAuditLog",
+]
 
-DEFAULT_CHECKPOINT_EVERY: Final = 1000
+DEFAULT_CHECKPOINT_EVERY: Final = 20_000
+DEFAULT_CHECKPOINT_SECONDS: Final = 5.0
+MIN_EVENTS_PER_CHECKPOINT: Final = 1000  # below this many unsealed events, time alone seals none
 _log = logging.getLogger("heimdall.audit")
 _WHAT: Final = "audit log"
 
@@ -59,7 +76,10 @@ class JsonlAuditLog:
     """Append-only, hash-chained JSON Lines file (mode 0600). See the module docstring.
 
     *key* is the key provider's audit key (None: no checkpoints, as in legacy mode without a
-    key provider); *checkpoint_every* the number of events between checkpoints.
+    key provider); *checkpoint_every* the most events between two checkpoints (announced in
+    each); *checkpoint_seconds* how long this process lets at least
+    ``MIN_EVENTS_PER_CHECKPOINT`` events go unsealed (None: never, the interval alone).
+    *monotonic* is the clock of that rule.
     """
 
     def __init__(
@@ -69,14 +89,22 @@ class JsonlAuditLog:
         fsync: bool = True,
         key: AuditKey | None = None,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        checkpoint_seconds: float | None = DEFAULT_CHECKPOINT_SECONDS,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if checkpoint_every < 1:
             raise ValueError("checkpoint_every must be at least 1")
+        if checkpoint_seconds is not None and not checkpoint_seconds > 0:
+            raise ValueError("checkpoint_seconds must be positive")
         self.path = Path(path)
         self._fsync = fsync
         self._key = key
         self._every = checkpoint_every
+        self._seconds = checkpoint_seconds
+        self._monotonic = monotonic
+        self._sealed_at = monotonic()  # this process's last checkpoint, or its start
         self._unsealed = False  # this process wrote events that no checkpoint covers yet
+        self._group = GroupCommit(self.append)
 
     @property
     def head_path(self) -> Path:
@@ -85,12 +113,13 @@ class JsonlAuditLog:
     # -- writing ----------------------------------------------------------------------------
 
     def write(self, events: Sequence[AuditEvent]) -> None:
-        self.append(events)
+        """Append *events* in the next append this process's threads share (:mod:`.group`)."""
+        _refuse_checkpoints(events)
+        self._group.write(events)
 
     def append(self, events: Sequence[AuditEvent]) -> list[bytes]:
-        """Append *events*, and any checkpoint falling due among them; the lines written."""
-        if any(event.event_type is EventType.AUDIT_CHECKPOINT for event in events):
-            raise ValueError("checkpoints are written by the audit log itself")
+        """Append *events* now, and any checkpoint falling due among them; the lines written."""
+        _refuse_checkpoints(events)
         if not events:
             return []
         with self._exclusive() as fd:
@@ -191,6 +220,8 @@ class JsonlAuditLog:
                 raise AuditError(str(exc)) from None
             raise
         self._unsealed = after.pending > 0
+        if after.last_checkpoint_line != state.last_checkpoint_line:
+            self._sealed_at = self._monotonic()
         return lines
 
     def _cut_back(self, fd: int, size: int) -> None:
@@ -215,6 +246,8 @@ class JsonlAuditLog:
             lines.append(line)
             if self._due(state):
                 state = self._checkpoint(lines, state)
+        if self._overdue(state):
+            state = self._checkpoint(lines, state)
         return lines, state
 
     def _due(self, state: ChainState) -> bool:
@@ -222,6 +255,15 @@ class JsonlAuditLog:
             # Without a key no checkpoint is made, but one a checkpoint promised is still due.
             return state.every is not None and state.pending >= state.every
         return state.pending >= min(self._every, state.every or self._every)
+
+    def _overdue(self, state: ChainState) -> bool:
+        """Enough events have waited long enough: see the module docstring."""
+        return (
+            self._key is not None
+            and self._seconds is not None
+            and state.pending >= MIN_EVENTS_PER_CHECKPOINT
+            and self._monotonic() - self._sealed_at >= self._seconds
+        )
 
     def _checkpoint(self, lines: list[bytes], state: ChainState) -> ChainState:
         if self._key is None:
@@ -345,3 +387,8 @@ class JsonlAuditLog:
                     yield orjson.loads(line)
         finally:
             os.close(fd)
+
+
+def _refuse_checkpoints(events: Sequence[AuditEvent]) -> None:
+    if any(event.event_type is EventType.AUDIT_CHECKPOINT for event in events):
+        raise ValueError("checkpoints are written by the audit log itself")

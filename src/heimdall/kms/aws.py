@@ -47,7 +47,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from heimdall.aead import KEY_SIZE
 from heimdall.errors import KeyNotFound, KeyVersionDisabled, KmsError
@@ -86,8 +86,13 @@ from heimdall.secret import SecretBytes
 
 __all__ = ["AwsKms", "encryption_context"]
 
+_T = TypeVar("_T")
+
 _STATE_SECONDS: Final = 60.0  # the versions' states (floors) are read again at least this often
-_LATEST_SECONDS: Final = 1.0  # the version aliases, before encrypting; and on an unknown version
+_LATEST_SECONDS: Final = 1.0  # the version aliases, on a version this process does not know
+# ... and before encrypting: a version made by another process is wrapped under within this
+# long (until then the one before it, still active, serves; one ListAliases per period).
+_NEW_VERSION_SECONDS: Final = 10.0
 _CONTEXT_KEY: Final = "heimdall:associated-data"
 _CONTEXT_DIGEST_KEY: Final = "heimdall:associated-data-sha256"
 _CONTEXT_MAX: Final = 3 * 1024
@@ -145,10 +150,11 @@ class AwsKms(KeyProvider):
             chain = self._chain
             if chain is None or now - self._loaded >= _STATE_SECONDS:
                 return self._reload(now)
-            stale = now - self._latest_checked >= _LATEST_SECONDS
-            if version is not None and version not in chain.versions and stale:
-                return self._reload(now)
-            if encrypting and stale:
+            checked = now - self._latest_checked
+            if version is not None and version not in chain.versions:
+                if checked >= _LATEST_SECONDS:
+                    return self._reload(now)
+            elif encrypting and checked >= _NEW_VERSION_SECONDS:
                 versions, _ = self.regions.call(lambda at: list_versions(at.kms, self._name))
                 self._latest_checked = now
                 if versions != chain.aliases():
@@ -265,38 +271,54 @@ class AwsKms(KeyProvider):
 
         return self.regions.call(attempt)
 
-    def _generate_data_key(self, associated_data: bytes) -> DataKey:
-        key, identifier = self._encrypting()
-        answer = self._send(
-            f"generate a data key under {identifier}",
-            identifier,
-            lambda kms: kms.generate_data_key(
-                KeyId=key.key_id,
-                KeySpec="AES_256",
-                EncryptionContext=encryption_context(associated_data),
-            ),
-        )
-        plaintext = SecretBytes(answer.pop("Plaintext", b""))
+    def _under_latest(self, call: Callable[[VersionKey, str], _T]) -> _T:
+        """*call* under the latest version's key. KMS refusing that key as disabled means
+        another process rotated away from it since this one last looked (emergency
+        rotation): the versions are read again and *call* (which stores nothing) is made
+        once more under the version that is latest now."""
         try:
-            self._check_key(answer, key, identifier)
-        except KmsError:
-            plaintext.wipe()
-            raise
-        return DataKey(plaintext, WrappedKey(identifier, key.version, answer["CiphertextBlob"]))
+            return call(*self._encrypting())
+        except KeyVersionDisabled:
+            self._forget()
+            return call(*self._encrypting())
+
+    def _generate_data_key(self, associated_data: bytes) -> DataKey:
+        def generate(key: VersionKey, identifier: str) -> DataKey:
+            answer = self._send(
+                f"generate a data key under {identifier}",
+                identifier,
+                lambda kms: kms.generate_data_key(
+                    KeyId=key.key_id,
+                    KeySpec="AES_256",
+                    EncryptionContext=encryption_context(associated_data),
+                ),
+            )
+            plaintext = SecretBytes(answer.pop("Plaintext", b""))
+            try:
+                self._check_key(answer, key, identifier)
+            except KmsError:
+                plaintext.wipe()
+                raise
+            wrapped = WrappedKey(identifier, key.version, answer["CiphertextBlob"])
+            return DataKey(plaintext, wrapped)
+
+        return self._under_latest(generate)
 
     def _wrap_one(self, plaintext: SecretBytes, associated_data: bytes) -> WrappedKey:
-        key, identifier = self._encrypting()
-        answer = self._send(
-            f"wrap a data key under {identifier}",
-            identifier,
-            lambda kms: kms.encrypt(
-                KeyId=key.key_id,
-                Plaintext=plaintext.view(),
-                EncryptionContext=encryption_context(associated_data),
-            ),
-        )
-        self._check_key(answer, key, identifier)
-        return WrappedKey(identifier, key.version, answer["CiphertextBlob"])
+        def wrap(key: VersionKey, identifier: str) -> WrappedKey:
+            answer = self._send(
+                f"wrap a data key under {identifier}",
+                identifier,
+                lambda kms: kms.encrypt(
+                    KeyId=key.key_id,
+                    Plaintext=plaintext.view(),
+                    EncryptionContext=encryption_context(associated_data),
+                ),
+            )
+            self._check_key(answer, key, identifier)
+            return WrappedKey(identifier, key.version, answer["CiphertextBlob"])
+
+        return self._under_latest(wrap)
 
     def _unwrap_one(self, wrapped: WrappedKey, associated_data: bytes) -> SecretBytes:
         key = self._decrypting(wrapped)
