@@ -271,6 +271,31 @@ class StoreContract:
             key(n) for n in range(0, 2400, 2)
         }
 
+    def test_get_fields_returns_each_stored_field_once_and_leaves_out_the_missing(
+        self, store: GraphStore
+    ) -> None:
+        encrypted = field_value(1, key_version=7)
+        in_clear = field_value(3, encryption_version="legacy", is_encrypted=False)
+        store.write_batch([encrypted, in_clear, field_value(5)], [], [])
+
+        got = store.get_fields([key(1), key(2), key(3), key(1), key(4)])
+
+        assert got == {key(1): encrypted, key(3): in_clear}
+        assert store.get_fields([key(4)]) == {}
+        assert store.get_fields([]) == {}
+
+    def test_get_fields_answers_more_keys_than_one_query_binds(self, store: GraphStore) -> None:
+        # A decrypt batch asks for up to HMD_API_MAX_BATCH keys at once; SQLite binds at most
+        # 999 per query. Stored keys sit on both sides of each place a 500-key chunk ends (the
+        # keys asked for again at the end change no chunk).
+        stored = sorted({*range(0, 1202, 3), 499, 500, 999, 1000, 1001})
+        store.write_batch([field_value(n) for n in stored], [], [])
+        asked = [key(n) for n in range(1202)]
+
+        got = store.get_fields([*asked, key(499), key(1000)])
+
+        assert got == {key(n): field_value(n) for n in stored}
+
     # -- Sightings and Records ---------------------------------------------------------------
 
     def test_sightings_are_counted_per_canonical_key(self, store: GraphStore) -> None:

@@ -128,6 +128,56 @@ def test_ingest_lookup_and_decrypt_round_trip_with_an_error_per_item(setup: Setu
     assert SECRET_MARKER not in server.audit_log.read_text()
 
 
+def _tamper(server: ApiServer, key: str) -> None:
+    """Flip one character of a stored field's ciphertext, in the database file itself."""
+    with sqlite3.connect(server.database) as conn:
+        query = "SELECT encrypted_data FROM field_values WHERE canonical_key = ?"
+        (data,) = conn.execute(query, (key,)).fetchone()
+        at = data.index('"ciphertext":"') + len('"ciphertext":"')
+        tampered = data[:at] + ("B" if data[at] == "A" else "A") + data[at + 1 :]
+        update = "UPDATE field_values SET encrypted_data = ? WHERE canonical_key = ?"
+        assert conn.execute(update, (tampered, key)).rowcount == 1
+    conn.close()
+
+
+def test_a_field_that_fails_to_decrypt_fails_alone_and_each_key_is_audited_once(
+    setup: Setup,
+) -> None:
+    server = setup.server
+    emails = [f"once-{n}-{uuid.uuid4().hex[:8]}@example.com" for n in range(3)]
+    with server.client(setup.app) as app:
+        stored = app.post("/v1/records", json={"records": [{"email": e} for e in emails]})
+        keys = [r["canonical_keys"]["email"] for r in stored.json()["results"]]
+        _tamper(server, keys[1])
+        answer = app.post(
+            "/v1/decrypt",
+            json={"keys": [*keys, keys[0]], "reason": "support:once"},
+            headers={"X-Request-ID": "decrypt-once"},
+        )
+    assert answer.status_code == 200
+    assert answer.json()["results"] == [
+        {"canonical_key": keys[0], "ok": True, "plaintext": emails[0], "error": None},
+        {
+            "canonical_key": keys[1],
+            "ok": False,
+            "plaintext": None,
+            "error": {"code": "decryption_failed", "message": "decryption failed"},
+        },
+        {"canonical_key": keys[2], "ok": True, "plaintext": emails[2], "error": None},
+        {"canonical_key": keys[0], "ok": True, "plaintext": emails[0], "error": None},
+    ]
+    decrypts = [e for e in _events(server, "decrypt-once") if e["event_type"] == "crypto.decrypt"]
+    outcomes = sorted((e["field_identifier"], e["result"], e.get("error")) for e in decrypts)
+    assert outcomes == sorted(  # each key once, the good ones not again after the bad one
+        [
+            (keys[0], "success", None),
+            (keys[1], "failure", "DecryptionFailed"),
+            (keys[2], "success", None),
+        ]
+    )
+    assert all(e["key_identifier"].startswith("heimdall-pii-v") for e in decrypts)
+
+
 @dataclass(frozen=True)
 class BadInput:
     name: str

@@ -183,6 +183,22 @@ def test_decrypt_counts_fields_and_an_all_or_nothing_failure(
     assert crypto_ops(rise, "decrypt", "local", "success") == 25
 
 
+def test_decrypt_each_counts_each_field_by_its_own_outcome(
+    make_service: ServiceFactory, ingest: Ingest, caller: Caller, people: list[dict[str, Any]]
+) -> None:
+    service = make_service()
+    ingest(service, people)
+    keys = [field.canonical_key for batch in service.store.iter_fields() for field in batch][:5]
+    rise = Rise()
+    outcomes = service.decrypt_each(
+        [*keys, MISSING_KEY, "not a key"], reason="test:metrics", caller=caller
+    )
+    assert isinstance(outcomes[MISSING_KEY], FieldNotFound)
+    assert crypto_ops(rise, "decrypt", "local", "success") == 5
+    assert crypto_ops(rise, "decrypt", "local", "failure") == 1  # text that is no key: not a field
+    assert crypto_batches(rise, "decrypt", "local") == 1
+
+
 def test_a_batch_that_raises_counts_all_its_fields_as_failed() -> None:
     rise = Rise()
     with pytest.raises(KmsUnavailable), metrics.CryptoBatch("encrypt", 12):

@@ -419,10 +419,11 @@ def test_counting_sightings_and_key_names_read_only_indexes(plan_dsn: str) -> No
         sightings = _index_scans(_explain(conn, statements.count_sightings, [json.dumps(key(3))]))
         names = _index_scans(_explain(conn, statements.key_names, []))
         keys = _index_scans(_explain(conn, statements.existing_keys, [[json.dumps(key(3))]]))
+        fields = _index_scans(_explain(conn, statements.get_fields, [[json.dumps(key(3))]]))
 
     assert sightings == {"heimdall_sighting_key"}
     assert names == {"heimdall_fieldvalue_by_key_name"}
-    assert keys == {"heimdall_fieldvalue_key"}
+    assert keys == fields == {"heimdall_fieldvalue_key"}
 
 
 # -- opening: the extension, the graph, the session --------------------------------------------

@@ -14,7 +14,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from heimdall.errors import StorageError
 from heimdall.store.base import FieldCount, FieldUpdate, FieldValue, GraphStore, RecordRow, Sighting
-from heimdall.store.postgres import PostgresStore, _field_filter, _page_sql
+from heimdall.store.postgres import _GET_FIELDS, PostgresStore, _field_filter, _page_sql
 from heimdall.store.postgres_schema import MIGRATIONS, SQL
 from postgres_server import connect, free_port, temporary_database
 from store_contract import (
@@ -439,6 +439,18 @@ def test_counting_a_minority_version_uses_the_key_index(plan_dsn: str) -> None:
     assert "Seq Scan" not in types
     indexes = {node.get("Index Name") for node in _plan_nodes(plan)}
     assert "field_values_by_key" in indexes
+
+
+def test_a_batch_of_fields_is_read_through_the_primary_key(plan_dsn: str) -> None:
+    # A decrypt batch reads up to HMD_API_MAX_BATCH fields in one query: a probe each. (On this
+    # small table the planner may rather scan it all, so scans are forbidden, as above: the
+    # plan shows that the index can serve the query.)
+    keys = [key(n) for n in range(0, PLAN_TABLE_ROWS, 5)]
+    with connect(plan_dsn) as conn:
+        _forbid_sorts_and_table_scans(conn)
+        plan = _explain(conn, _GET_FIELDS, [keys])
+
+    assert (plan["Node Type"], plan["Index Name"]) == ("Index Scan", "field_values_pkey")
 
 
 def test_counting_sightings_uses_the_unique_sightings_index(plan_dsn: str) -> None:

@@ -13,7 +13,7 @@ import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeGuard
 
 from heimdall import metrics
 from heimdall.audit import AuditEvent, AuditSink, EventType, utc_now_ms
@@ -21,9 +21,14 @@ from heimdall.blind_index import META_KEY, BlindIndex, StoredIndexKey, is_canoni
 from heimdall.cipher import FieldCipher
 from heimdall.envelope import EncryptionContext, load
 from heimdall.errors import (
+    DecryptionFailed,
     FieldNotFound,
     HeimdallError,
+    InvalidEnvelope,
     InvalidInput,
+    KeyNotFound,
+    KeyVersionDisabled,
+    ModeViolation,
     PermissionDenied,
     StorageError,
 )
@@ -35,10 +40,46 @@ from heimdall.rbac import Caller, Permission
 from heimdall.rotation import lifecycle
 from heimdall.store.base import FieldCount, FieldValue, GraphStore
 
-__all__ = ["FIELD_LABEL", "Heimdall", "LookupResult", "Status"]
+__all__ = [
+    "DECRYPT_ITEM_ERRORS",
+    "FIELD_LABEL",
+    "DecryptOutcome",
+    "Heimdall",
+    "LookupResult",
+    "Status",
+]
 
 FIELD_LABEL: Final = "FieldValue"
 _REASON_RE: Final = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,199}\Z")
+
+# What fails one field of Heimdall.decrypt_each and not the call: the key is not a canonical key
+# or names no field, or the field cannot be decrypted as stored. Anything else (the store or the
+# key provider unavailable or refusing, the audit trail unwritable, the caller refused) fails the
+# whole call.
+DECRYPT_ITEM_ERRORS: Final[tuple[type[HeimdallError], ...]] = (
+    FieldNotFound,
+    DecryptionFailed,
+    InvalidEnvelope,
+    KeyVersionDisabled,
+    KeyNotFound,
+    ModeViolation,
+    InvalidInput,
+)
+
+# A field's plaintext, or the error of its own item.
+DecryptOutcome = str | HeimdallError
+
+_NOT_A_KEY: Final = (
+    "(<field>:hash:<64 hex digits>); decrypt takes the key `heimdall lookup` prints, never a value"
+)
+# What the audit event of a decrypted value that is not UTF-8 names as its error.
+_NOT_TEXT: Final = UnicodeDecodeError("utf-8", b"", 0, 0, "not UTF-8 text")
+# The key_identifier member of an envelope that decrypted, as its text holds it. Such an envelope
+# passed the parser (heimdall.envelope.load): a JSON object of unique members, none of whose
+# values holds a quote or a backslash, so the first match is that member and its value's text is
+# its value. A member written otherwise (spaced, escaped) does not match, and is read by the
+# parser instead (_key_identifier).
+_KEY_IDENTIFIER_MEMBER: Final = re.compile(r'"key_identifier":"([A-Za-z0-9._:/@+=,\-]{1,512})"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,14 +192,10 @@ class Heimdall:
     def decrypt_many(
         self, canonical_keys: Sequence[str], *, reason: str, caller: Caller
     ) -> dict[str, str]:
-        """Plaintexts by canonical key. One audit event per field; all-or-nothing."""
-        self.require(caller, Permission.DECRYPT)
-        if not isinstance(reason, str) or not _REASON_RE.match(reason):
-            self.record(AuditEvent.denial(caller, "decrypt", "no valid reason given"))
-            raise PermissionDenied(
-                "decrypt requires a reason: 1-200 printable ASCII characters, "
-                "e.g. 'support:ticket-1234'"
-            )
+        """Plaintexts by canonical key; all-or-nothing. The first key that fails fails the call
+        with its error: one audit event per field up to and including it (the fields after it
+        are not audited, and no plaintext is returned)."""
+        self._check_decrypt(caller, reason)
         malformed = sum(1 for key in canonical_keys if not is_canonical_key(key))
         if malformed:
             # Most likely a value typed where its key belongs: it must reach neither the
@@ -166,51 +203,124 @@ class Heimdall:
             self.record(self._decrypt_event(caller, None, None, reason, InvalidInput("")))
             raise InvalidInput(
                 f"{malformed} of the {len(canonical_keys)} keys given is not a canonical key "
-                "(<field>:hash:<64 hex digits>); decrypt takes the key `heimdall lookup` "
-                "prints, never a value"
+                + _NOT_A_KEY
             )
         router = self.router
         batch = metrics.CryptoBatch("decrypt", len(canonical_keys), router.writer, router.kms)
-        results = self._decrypt_fields(canonical_keys)
+        try:
+            looked_up = self._look_up(canonical_keys)
+        except HeimdallError as exc:
+            batch.finish(failed=len(canonical_keys))
+            if canonical_keys:
+                self.record(self._decrypt_event(caller, canonical_keys[0], None, reason, exc))
+            raise
+        # Nothing after the first key that cannot even be looked up is decrypted.
+        first = next((i for i, (_, _, c) in enumerate(looked_up) if not _is_cipher(c)), None)
+        opened = self._open(looked_up if first is None else looked_up[: first + 1])
+        stamp = utc_now_ms()  # one time for the batch: its fields are decrypted together
         plaintexts: dict[str, str] = {}
         events: list[AuditEvent] = []
-        for key, field, result in results:
-            try:
-                if isinstance(result, BaseException):
-                    raise result
-                plaintexts[key] = result.decode()
-            except (HeimdallError, UnicodeDecodeError) as exc:
+        for key, field, outcome, audited in opened:
+            events.append(self._decrypt_event(caller, key, field, reason, audited, timestamp=stamp))
+            if isinstance(outcome, HeimdallError):
                 batch.finish(failed=len(canonical_keys))
-                events.append(self._decrypt_event(caller, key, field, reason, exc))
                 self.record(*events)
-                if isinstance(exc, UnicodeDecodeError):
-                    raise InvalidInput("the decrypted value is not UTF-8 text") from None
-                raise
-            events.append(self._decrypt_event(caller, key, field, reason, None))
+                raise outcome
+            plaintexts[key] = outcome
         batch.finish()
         self.record(*events)
         return plaintexts
 
-    def _decrypt_fields(
+    def decrypt_each(
+        self, canonical_keys: Sequence[str], *, reason: str, caller: Caller
+    ) -> dict[str, DecryptOutcome]:
+        """Each distinct key's plaintext, or the error of its own item: one bad key fails only
+        itself. Item errors are :data:`DECRYPT_ITEM_ERRORS`: a key that is not a canonical key
+        (InvalidInput), names no field (FieldNotFound), or whose field cannot be decrypted as
+        stored (DecryptionFailed, InvalidEnvelope, KeyVersionDisabled, KeyNotFound,
+        ModeViolation, InvalidInput for a value that is not UTF-8 text).
+
+        Every distinct key is audited exactly once, all in one append before any plaintext is
+        returned: a ``crypto.decrypt`` event of success, or of failure naming its error's type.
+        Text that is not a canonical key is audited without it (it may be a value typed where
+        its key belongs) and is never in a message. Fields are read from the store in one query
+        per chunk of keys, and decrypted in one batch per cipher.
+
+        Anything else fails the whole call, and no plaintext leaves it: PermissionDenied (the
+        caller's role, or no valid reason: audited as ``access.denied``, nothing read);
+        StorageError, ConfigurationError or a KmsError other than the item errors (the store or
+        the key provider failed): every key is then audited as a failure, naming its own item
+        error or else the error that failed the call; AuditError (the events could not be
+        written).
+        """
+        self._check_decrypt(caller, reason)
+        unique = list(dict.fromkeys(canonical_keys))
+        keys = [key for key in unique if is_canonical_key(key)]
+        malformed = len(unique) - len(keys)
+        not_a_key = InvalidInput("not a canonical key " + _NOT_A_KEY)
+        outcomes: dict[str, DecryptOutcome] = dict.fromkeys(unique, not_a_key)
+        router = self.router
+        batch = metrics.CryptoBatch("decrypt", len(keys), router.writer, router.kms)
+        try:
+            opened = self._open(self._look_up(keys)) if keys else []
+        except HeimdallError as exc:
+            opened = [(key, None, exc, exc) for key in keys]
+        stamp = utc_now_ms()  # one time for the batch: its fields are decrypted together
+        # One event per text that is not a canonical key, naming no field.
+        refused = self._decrypt_event(caller, None, None, reason, not_a_key, timestamp=stamp)
+        events = [refused] * malformed
+        fatal = next((o for _, _, o, _ in opened if _fails_the_call(o)), None)
+        failed = 0
+        for key, field, outcome, own_error in opened:
+            if isinstance(outcome, HeimdallError):
+                failed += 1
+            outcomes[key] = outcome
+            # A field that decrypted while the call fails is withheld: a failure, of that error.
+            error = own_error if own_error is not None or fatal is None else fatal
+            events.append(self._decrypt_event(caller, key, field, reason, error, timestamp=stamp))
+        batch.finish(failed=len(keys) if fatal is not None else failed)
+        self.record(*events)
+        if fatal is not None:
+            raise fatal
+        return outcomes
+
+    def _check_decrypt(self, caller: Caller, reason: str) -> None:
+        """PermissionDenied (audited) unless *caller* may decrypt, for a valid *reason*."""
+        self.require(caller, Permission.DECRYPT)
+        if not isinstance(reason, str) or not _REASON_RE.match(reason):
+            self.record(AuditEvent.denial(caller, "decrypt", "no valid reason given"))
+            raise PermissionDenied(
+                "decrypt requires a reason: 1-200 printable ASCII characters, "
+                "e.g. 'support:ticket-1234'"
+            )
+
+    def _look_up(
         self, canonical_keys: Sequence[str]
-    ) -> list[tuple[str, FieldValue | None, bytes | HeimdallError]]:
-        """Each key's field and plaintext (or error), in order, up to the first key that cannot
-        even be looked up. Fields are decrypted in one batch per cipher, so values the KMS
-        encrypted itself (pattern B) go to it in batch calls."""
+    ) -> list[tuple[str, FieldValue | None, FieldCipher | HeimdallError]]:
+        """Each key's field and the cipher that reads it (or the error why not), in order: one
+        store query per chunk of keys. Raises the StorageError of a store that fails."""
+        fields = self.store.get_fields(canonical_keys)
+        reader = self.router.reader
         looked_up: list[tuple[str, FieldValue | None, FieldCipher | HeimdallError]] = []
         for key in canonical_keys:
-            field: FieldValue | None = None
+            field = fields.get(key)
             try:
-                field = self.store.get_field(key)
                 if field is None:
                     raise FieldNotFound("no field has this canonical key")
-                looked_up.append((key, field, self.router.reader(field.encryption_version)))
+                looked_up.append((key, field, reader(field.encryption_version)))
             except HeimdallError as exc:
                 looked_up.append((key, field, exc))
-                break
+        return looked_up
+
+    def _open(
+        self, looked_up: Sequence[tuple[str, FieldValue | None, FieldCipher | HeimdallError]]
+    ) -> list[tuple[str, FieldValue | None, DecryptOutcome, BaseException | None]]:
+        """Each looked-up field's plaintext (or error), in order, with what its audit event
+        names as the error (None on success). Fields are decrypted in one batch per cipher, so
+        values the KMS encrypted itself (pattern B) go to it in batch calls."""
         by_cipher: dict[int, list[int]] = {}
         for index, (_, _, cipher) in enumerate(looked_up):
-            if isinstance(cipher, FieldCipher):
+            if _is_cipher(cipher):
                 by_cipher.setdefault(id(cipher), []).append(index)
         plaintexts: dict[int, bytes | HeimdallError] = {}
         for indexes in by_cipher.values():
@@ -222,10 +332,20 @@ class Heimdall:
                 assert field is not None
                 items.append((field.encrypted_data, field_context(field)))
             plaintexts.update(zip(indexes, cipher.decrypt_many(items), strict=True))
-        return [
-            (key, field, plaintexts[i] if isinstance(cipher, FieldCipher) else cipher)
-            for i, (key, field, cipher) in enumerate(looked_up)
-        ]
+        opened: list[tuple[str, FieldValue | None, DecryptOutcome, BaseException | None]] = []
+        for index, (key, field, cipher) in enumerate(looked_up):
+            result = plaintexts[index] if isinstance(cipher, FieldCipher) else cipher
+            if isinstance(result, HeimdallError):
+                opened.append((key, field, result, result))
+                continue
+            try:
+                opened.append((key, field, result.decode(), None))
+            except UnicodeDecodeError:
+                # Audited as what happened, with none of the value (the codec's own error holds
+                # it); the caller gets the error type of bad input.
+                refused = InvalidInput("the decrypted value is not UTF-8 text")
+                opened.append((key, field, refused, _NOT_TEXT))
+        return opened
 
     def _decrypt_event(
         self,
@@ -234,15 +354,17 @@ class Heimdall:
         field: FieldValue | None,
         reason: str,
         error: BaseException | None,
+        *,
+        timestamp: str | None = None,
     ) -> AuditEvent:
-        return AuditEvent.of(
-            EventType.DECRYPT,
+        return AuditEvent.decryption(
             caller,
-            error=error,
             field_identifier=key,
-            key_identifier=_key_identifier(field),
+            key_identifier=_key_identifier(field, decrypted=error is None),
             key_version=field.key_version if field else None,
             reason=reason,
+            error=error,
+            timestamp=timestamp or utc_now_ms(),
         )
 
     def lookup(self, field_name: str, value: str, *, caller: Caller) -> LookupResult:
@@ -304,9 +426,24 @@ class Heimdall:
             self.audit.close()
 
 
-def _key_identifier(field: FieldValue | None) -> str | None:
+def _is_cipher(cipher: FieldCipher | HeimdallError) -> bool:
+    return isinstance(cipher, FieldCipher)
+
+
+def _fails_the_call(outcome: DecryptOutcome) -> TypeGuard[HeimdallError]:
+    return isinstance(outcome, HeimdallError) and not isinstance(outcome, DECRYPT_ITEM_ERRORS)
+
+
+def _key_identifier(field: FieldValue | None, *, decrypted: bool = False) -> str | None:
+    """The key_identifier *field*'s envelope names, None where it cannot be read. The envelope
+    of a field that *decrypted* is valid, and its member is read from the text without parsing
+    it again (see _KEY_IDENTIFIER_MEMBER)."""
     if field is None:
         return None
+    if decrypted:
+        member = _KEY_IDENTIFIER_MEMBER.search(field.encrypted_data)
+        if member is not None:
+            return member.group(1)
     try:
         return str(load(field.encrypted_data)["key_identifier"])
     except HeimdallError:

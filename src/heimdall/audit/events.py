@@ -101,7 +101,7 @@ class AuditEvent:
         """The event *caller* caused: actor, request id and source address from the caller;
         the result from *denied*, *error* (whose type name, never its message, is recorded)
         and *failed*; *details* are the other fields. Every event heimdall records is built
-        here."""
+        here (or, for a batch of decrypts, by :meth:`decryption`, which makes the same event)."""
         if denied:
             result = Result.DENIED
         else:
@@ -114,6 +114,39 @@ class AuditEvent:
             source_ip=caller.source_ip,
             error=type(error).__name__ if error is not None else None,
             **details,
+        )
+
+    @classmethod
+    def decryption(
+        cls,
+        caller: Caller,
+        *,
+        field_identifier: str | None,
+        key_identifier: str | None,
+        key_version: int | None,
+        reason: str,
+        error: BaseException | None,
+        timestamp: str,
+    ) -> AuditEvent:
+        """The ``crypto.decrypt`` event :meth:`of` builds from the same arguments, without its
+        keyword plumbing: a batch decrypt builds one per field, all at the *timestamp* of the
+        batch."""
+        return cls(
+            EventType.DECRYPT,
+            caller.actor,
+            Result.SUCCESS if error is None else Result.FAILURE,
+            caller.request_id,
+            field_identifier,
+            key_identifier,
+            key_version,
+            reason,
+            caller.source_ip,
+            None,  # operation
+            None if error is None else type(error).__name__,
+            None,  # count
+            None,  # token_name
+            None,  # role
+            timestamp,
         )
 
     @classmethod

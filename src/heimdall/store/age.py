@@ -181,6 +181,17 @@ class AgeStore(AgeJobs):
         row = self._fetch_one("get_field", self._sql.get_field, (agtype(canonical_key),))
         return None if row is None else field_from_node(row)
 
+    def get_fields(self, canonical_keys: Sequence[str]) -> dict[str, FieldValue]:
+        """One query, the keys bound as one array of agtype text (a probe of the unique index
+        on canonical_key each). A vertex lacking what heimdall needs fails the whole call."""
+        unique = list(dict.fromkeys(canonical_keys))
+        if not unique:
+            return {}
+        params = ([agtype(key) for key in unique],)
+        rows = self._fetch_all("get_fields", self._sql.get_fields, params)
+        fields = (field_from_node(row) for row in rows)
+        return {field.canonical_key: field for field in fields}
+
     def count_sightings(self, canonical_key: str) -> int:
         query = self._sql.count_sightings
         return int(self._fetch_one("count_sightings", query, (agtype(canonical_key),))[0])

@@ -158,6 +158,10 @@ class AgeStatements:
         self.get_field: Final = (
             f"SELECT {FIELD_COLUMNS} FROM {fv} WHERE {CANONICAL_KEY} = %s{_AGTYPE}"  # noqa: S608 - constant text
         )
+        self.get_fields: Final = (
+            f"SELECT {FIELD_COLUMNS} FROM {fv}"  # noqa: S608 - constant text
+            f" WHERE {CANONICAL_KEY} = ANY(%s::text[]::ag_catalog.agtype[])"
+        )
         self.count_sightings: Final = (
             f"SELECT count(*) FROM {s} WHERE {prop('canonical_key')} = %s{_AGTYPE}"  # noqa: S608 - constant text
         )

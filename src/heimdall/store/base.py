@@ -115,6 +115,12 @@ class GraphStore(TokenStore, Protocol):
 
     def get_field(self, canonical_key: str) -> FieldValue | None: ...
 
+    def get_fields(self, canonical_keys: Sequence[str]) -> dict[str, FieldValue]:
+        """The FieldValues of *canonical_keys*, by canonical_key: a key without one is absent
+        from the answer, a key given twice is in it once. One query per chunk of keys (a batch
+        decrypt costs one round trip, not one per key), however many are given."""
+        ...
+
     def count_sightings(self, canonical_key: str) -> int:
         """The number of distinct (record_id, source) that have sighted *canonical_key*."""
         ...
@@ -193,15 +199,9 @@ def field_from_row(row: Sequence[Any]) -> FieldValue:
     field_name, encrypted_data, is_encrypted, key_version, encryption_version, dek_id,
     updated_at."""
     key, name, data, is_encrypted, key_version, encryption_version, dek_id, updated_at = row
+    # Positional, in FieldValue's field order: a batch read builds thousands of these.
     return FieldValue(
-        canonical_key=key,
-        field_name=name,
-        encrypted_data=data,
-        key_version=key_version,
-        encryption_version=encryption_version,
-        dek_id=dek_id,
-        is_encrypted=bool(is_encrypted),
-        updated_at=updated_at,
+        key, name, data, key_version, encryption_version, dek_id, bool(is_encrypted), updated_at
     )
 
 

@@ -67,7 +67,7 @@ from heimdall.store.base import (
     utc_now,
 )
 from heimdall.store.postgres_jobs import PostgresJobs
-from heimdall.store.postgres_schema import COMPARE_AND_SWAP_FIELD, SQL, migrate
+from heimdall.store.postgres_schema import COMPARE_AND_SWAP_FIELD, FIELD_COLUMNS, SQL, migrate
 from heimdall.store.postgres_tokens import PostgresTokens
 
 __all__ = ["PostgresStore"]
@@ -128,6 +128,11 @@ _UPSERT_RECORDS: Final = """
         source = excluded.source, ingested_at = excluded.ingested_at,
         attributes = excluded.attributes
 """
+
+# The FieldValues of a batch of keys, through the primary key's index.
+_GET_FIELDS: Final = (
+    f"SELECT {FIELD_COLUMNS} FROM field_values WHERE canonical_key = ANY(%s::text[])"  # noqa: S608
+)
 
 # Readable causes for the SQLSTATEs a caller can provoke; the rest are reported by name and code.
 _EXPLANATIONS: Final = {
@@ -351,6 +356,15 @@ class PostgresStore(PostgresJobs, PostgresTokens):
     def get_field(self, canonical_key: str) -> FieldValue | None:
         row = self._fetch_one("get_field", SQL.get_field, (canonical_key,))
         return None if row is None else field_from_row(row)
+
+    def get_fields(self, canonical_keys: Sequence[str]) -> dict[str, FieldValue]:
+        """One query, the keys bound as one array (PostgreSQL has no cap to chunk around)."""
+        unique = list(dict.fromkeys(canonical_keys))
+        if not unique:
+            return {}
+        rows = self._fetch_all("get_fields", _GET_FIELDS, (unique,))
+        fields = (field_from_row(row) for row in rows)
+        return {field.canonical_key: field for field in fields}
 
     def count_sightings(self, canonical_key: str) -> int:
         return int(self._fetch_one("count_sightings", SQL.count_sightings, (canonical_key,))[0])

@@ -43,7 +43,13 @@ from heimdall.store.base import (
     utc_now,
 )
 from heimdall.store.sqlite_jobs import SqliteJobs
-from heimdall.store.sqlite_schema import COMPARE_AND_SWAP_FIELD, SQL, is_current, migrate
+from heimdall.store.sqlite_schema import (
+    COMPARE_AND_SWAP_FIELD,
+    FIELD_COLUMNS,
+    SQL,
+    is_current,
+    migrate,
+)
 from heimdall.store.sqlite_tokens import SqliteTokens
 
 __all__ = ["SqliteStore"]
@@ -285,6 +291,22 @@ class SqliteStore(SqliteJobs, SqliteTokens):
         with self._session("get_field") as conn:
             row = conn.execute(SQL.get_field, (canonical_key,)).fetchone()
         return None if row is None else field_from_row(row)
+
+    def get_fields(self, canonical_keys: Sequence[str]) -> dict[str, FieldValue]:
+        unique = list(dict.fromkeys(canonical_keys))
+        rows: list[Any] = []
+        with self._session("get_fields") as conn:
+            for start in range(0, len(unique), _IN_CHUNK):
+                chunk = unique[start : start + _IN_CHUNK]
+                # Only placeholders are interpolated; the keys themselves are bound. Every full
+                # chunk is the same text, so SQLite's statement cache prepares it once.
+                sql = (
+                    f"SELECT {FIELD_COLUMNS} FROM field_values"  # noqa: S608
+                    f" WHERE canonical_key IN ({', '.join('?' * len(chunk))})"
+                )
+                rows.extend(conn.execute(sql, chunk).fetchall())
+        fields = (field_from_row(row) for row in rows)
+        return {field.canonical_key: field for field in fields}
 
     def count_sightings(self, canonical_key: str) -> int:
         with self._session("count_sightings") as conn:
