@@ -7,7 +7,10 @@ spec: Key Rotation Strategy (Re-encryption) and Migration Strategy, Phase 4. Two
   and original timestamp; only its data key is rewrapped, inside the KMS (or, from another
   provider, unwrapped there and wrapped here: :class:`heimdall.kms.multi.MultiProvider`), once
   per distinct data key (a memo shared by the threads of one run remembers the keys rewrapped
-  already, so a data key whose fields span many batches costs one call).
+  already, so a data key whose fields span many batches costs one call). A field in the layout
+  heimdall writes, under a data key the memo knows, is rewrapped as text: its header (every
+  member before the ciphertext) is swapped for the rewrapped one, once its body is checked to
+  be canonical, which gives the very text that parsing and serialising it again would.
 * **re-encrypt** (legacy migration; every field after a key compromise): decrypt with the
   source cipher, encrypt under a new KMS data key.
 
@@ -22,10 +25,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from heimdall.audit import AuditEvent, EventType
+from heimdall.audit import AuditEvent, EventType, utc_now_ms
 from heimdall.blind_index import META_KEY, StoredIndexKey
 from heimdall.cipher import FieldCipher
-from heimdall.envelope import KMS_DIRECT, EncryptionContext, EncryptionVersion, Envelope, parse
+from heimdall.envelope import (
+    KMS_DIRECT,
+    EncryptionContext,
+    EncryptionVersion,
+    Envelope,
+    canonical_body,
+    canonical_header,
+    parse,
+)
 from heimdall.errors import HeimdallError
 from heimdall.kms.base import WrappedKey
 from heimdall.rbac import Caller
@@ -46,6 +57,17 @@ _Wrapping = tuple[str, int, str, bytes]
 
 def _wrapping(envelope: Envelope) -> _Wrapping:
     return (envelope.key_identifier, envelope.key_version, envelope.dek_id, envelope.encrypted_dek)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rewrapped:
+    """A data key's new wrapping, as the fields under it get it: the header text
+    (:meth:`Envelope.header_json`) their envelopes now begin with, its key version, and the
+    data key's id (which a rewrap keeps)."""
+
+    header: str
+    key_version: int
+    dek_id: str
 
 
 @dataclass(slots=True)
@@ -88,16 +110,25 @@ class BatchWorker:
         self.cipher = cipher
         self.report = report or ReencryptReport()
         self._memo: dict[_Wrapping, WrappedKey] = {}
+        # The same rewraps by the header text of the envelopes they apply to (that of an
+        # envelope that passed parse): the text fast path of :meth:`rewrap`.
+        self._headers: dict[str, _Rewrapped] = {}
 
     def sibling(self) -> BatchWorker:
         """Another worker for a second thread of the same run: its own report, this one's
         memo."""
         other = BatchWorker(self.heimdall, self.caller, self.cipher)
         other._memo = self._memo
+        other._headers = self._headers
         return other
 
     def _event(
-        self, kind: EventType, field: FieldValue, version: int | None, error: HeimdallError | None
+        self,
+        kind: EventType,
+        field: FieldValue,
+        version: int | None,
+        error: HeimdallError | None,
+        timestamp: str,
     ) -> AuditEvent:
         return AuditEvent.of(
             kind,
@@ -106,10 +137,41 @@ class BatchWorker:
             field_identifier=field.canonical_key,
             key_version=version,
             operation="reencrypt",
+            timestamp=timestamp,
         )
 
     def rewrap(self, fields: list[FieldValue], sink: Sink) -> None:
-        """Rewrap the data keys of *fields* (kms_v1) under the latest version."""
+        """Rewrap the data keys of *fields* (kms_v1) under the latest version. The events of
+        one batch share the time it was done."""
+        now = utc_now_ms()
+        events = []
+        rest: list[FieldValue] = []
+        for field in fields:
+            update = self._rewrap_text(field.encrypted_data)
+            if update is None:
+                rest.append(field)
+                continue
+            sink.update(field, update)
+            events.append(self._event(EventType.REWRAP, field, update.key_version, None, now))
+        self.report.rewrapped += len(events)
+        if rest:
+            events += self._rewrap_parsed(rest, sink, now)
+        self.heimdall.record(*events)
+
+    def _rewrap_text(self, text: str) -> FieldUpdate | None:
+        """*text* rewrapped without parsing it: its header swapped for the rewrapped one the
+        memo holds, when the rest of it is canonical (so it is the text ``parse`` and
+        ``to_json`` would give); None for any other envelope, which is parsed."""
+        header = canonical_header(text)
+        if header is None:
+            return None
+        done = self._headers.get(header)
+        if done is None or canonical_body(text, header) is None:
+            return None
+        return FieldUpdate(done.header + text[len(header) :], done.key_version, KMS_V1, done.dek_id)
+
+    def _rewrap_parsed(self, fields: list[FieldValue], sink: Sink, now: str) -> list[AuditEvent]:
+        """Rewrap *fields* by parsing them: the events of what was done."""
         parsed: list[Envelope | HeimdallError] = []
         for field in fields:
             try:
@@ -128,17 +190,18 @@ class BatchWorker:
             if isinstance(result, HeimdallError):
                 self.report.failed += 1
                 sink.fail(field, type(result).__name__)
-                events.append(self._event(EventType.REWRAP, field, None, result))
+                events.append(self._event(EventType.REWRAP, field, None, result, now))
                 continue
             sink.update(
                 field, FieldUpdate(result.to_json(), result.key_version, KMS_V1, result.dek_id)
             )
             self.report.rewrapped += 1
-            events.append(self._event(EventType.REWRAP, field, result.key_version, None))
-        self.heimdall.record(*events)
+            events.append(self._event(EventType.REWRAP, field, result.key_version, None, now))
+        return events
 
     def reencrypt(self, fields: list[FieldValue], source: FieldCipher, sink: Sink) -> None:
         """Decrypt *fields* with *source* and encrypt them under new KMS data keys."""
+        now = utc_now_ms()
         events = []
         for field in fields:
             context = field_context(field)
@@ -148,13 +211,13 @@ class BatchWorker:
             except HeimdallError as exc:
                 self.report.failed += 1
                 sink.fail(field, type(exc).__name__)
-                events.append(self._event(EventType.REENCRYPT, field, None, exc))
+                events.append(self._event(EventType.REENCRYPT, field, None, exc, now))
                 continue
             sink.update(
                 field, FieldUpdate(sealed.envelope, sealed.key_version, KMS_V1, sealed.dek_id)
             )
             self.report.reencrypted += 1
-            events.append(self._event(EventType.REENCRYPT, field, sealed.key_version, None))
+            events.append(self._event(EventType.REENCRYPT, field, sealed.key_version, None, now))
         self.heimdall.record(*events)
 
     def prefetch(self, envelopes: Iterable[str]) -> None:
@@ -198,8 +261,12 @@ class BatchWorker:
             return
         if len(self._memo) >= REWRAP_MEMO_MAX:
             self._memo.clear()
+            self._headers.clear()
         self._memo[_wrapping(envelope)] = WrappedKey(
             result.key_identifier, result.key_version, result.encrypted_dek
+        )
+        self._headers[envelope.header_json()] = _Rewrapped(
+            result.header_json(), result.key_version, result.dek_id
         )
 
 
