@@ -129,13 +129,14 @@ def checkpoint_message(doc: dict[str, Any]) -> bytes:
 def seal_event(state: ChainState, body: bytes) -> tuple[bytes, ChainState]:
     """The line of the event *body* (its JSON) after *state*, and the position after it."""
     line, digest = seal(body, state.hash)
-    after = replace(
-        state,
-        size=state.size + len(line),
-        lines=state.lines + 1,
-        events=state.events + 1,
-        hash=digest,
-        pending=state.pending + 1,
+    after = ChainState(  # built directly: dataclasses.replace costs more than the hash here
+        state.size + len(line),
+        state.lines + 1,
+        state.events + 1,
+        digest,
+        state.pending + 1,
+        state.every,
+        state.last_checkpoint_line,
     )
     return line, after
 
