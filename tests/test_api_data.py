@@ -8,6 +8,8 @@ the database file itself); a batch's bad item is an error of its own, not of the
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import sqlite3
 import time
 import uuid
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import httpx
 import pytest
 
 from api_server import ApiServer, audit_records, start_server
@@ -501,3 +504,20 @@ def test_metrics_show_the_job_progress_the_runbook_watches(setup: Setup) -> None
     assert "heimdall_crypto_operations_total" in text
     with setup.server.client() as anonymous:
         assert anonymous.get("/metrics").status_code == 401
+
+
+def test_oversized_request_headers_are_refused_before_they_are_read_whole(setup: Setup) -> None:
+    """Before any authentication, a request's line and headers are bounded (h11's 16 KiB):
+    a client offering a header of many MiB is cut off, and the server goes on serving."""
+    url = httpx.URL(setup.server.url)
+    assert url.host and url.port
+    offered = 0
+    with socket.create_connection((url.host, url.port), timeout=10) as conn:
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: heimdall\r\nX-Padding: ")
+        with contextlib.suppress(OSError):
+            for _ in range(64):
+                conn.sendall(b"a" * (1 << 20))
+                offered += 1
+    assert offered < 64  # cut off long before the 64 MiB were read
+    with setup.server.client() as client:
+        assert client.get("/healthz").status_code == 200

@@ -11,12 +11,14 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from api_server import start_server
 from audit_tools import (
     records,
     rewrite_trail,
@@ -26,6 +28,7 @@ from audit_tools import (
 )
 from cli_runner import Cli, assert_one_line_error
 from heimdall.audit import MIN_EVENTS_PER_CHECKPOINT, JsonlAuditLog
+from heimdall.audit.group import Sealer
 from heimdall.errors import AuditError, ConfigurationError, KmsUnavailable
 from heimdall.ingest import IngestReport
 from heimdall.kms.base import AuditKey
@@ -109,6 +112,18 @@ class Clock:
         return self.now
 
 
+def _log_on(tmp_path: Path, key: AuditKey, clock: Clock, *, every: int) -> JsonlAuditLog:
+    """A log sealed every *every* events, or after five seconds of *clock* (enough waiting)."""
+    return JsonlAuditLog(
+        tmp_path / "audit.log",
+        fsync=False,
+        key=key,
+        checkpoint_every=every,
+        checkpoint_seconds=5,
+        monotonic=clock,
+    )
+
+
 def test_a_busy_writer_seals_its_events_after_the_configured_seconds(
     tmp_path: Path, key: AuditKey
 ) -> None:
@@ -117,14 +132,7 @@ def test_a_busy_writer_seals_its_events_after_the_configured_seconds(
     events, or less time, make none (at most one MAC per that many events)."""
     clock = Clock()
     counting = CountingKey(key)
-    log = JsonlAuditLog(
-        tmp_path / "audit.log",
-        fsync=False,
-        key=counting,
-        checkpoint_every=1_000_000,
-        checkpoint_seconds=5,
-        monotonic=clock,
-    )
+    log = _log_on(tmp_path, counting, clock, every=1_000_000)
     log.write(sample_events(MIN_EVENTS_PER_CHECKPOINT - 1))
     clock.now += 60
     log.write(sample_events(0))  # nothing to write: no append at all
@@ -148,18 +156,70 @@ def test_the_interval_still_bounds_the_events_between_checkpoints(
     tmp_path: Path, key: AuditKey
 ) -> None:
     """However little time passes, a checkpoint follows every interval's worth of events."""
-    clock = Clock()
-    log = JsonlAuditLog(
-        tmp_path / "audit.log",
-        fsync=False,
-        key=key,
-        checkpoint_every=10,
-        checkpoint_seconds=5,
-        monotonic=clock,
-    )
+    log = _log_on(tmp_path, key, Clock(), every=10)
     log.write(sample_events(25))
     kinds = _kinds(log.path)
     assert [n for n, kind in enumerate(kinds) if kind == "audit.checkpoint"] == [10, 21]
+
+
+def test_seal_covers_a_quiet_processs_events_once_the_seconds_have_passed(
+    tmp_path: Path, key: AuditKey
+) -> None:
+    """What the timer of a long-running process calls: however few events wait, they are
+    sealed once the seconds have passed, and a seal with nothing to cover makes no MAC."""
+    clock = Clock()
+    counting = CountingKey(key)
+    log = _log_on(tmp_path, counting, clock, every=1_000_000)
+    assert log.seal() == []  # nothing written yet
+    log.write(sample_events(3))
+    clock.now += 4.9
+    assert log.seal() == []
+    clock.now += 0.1
+    assert len(log.seal()) == 1 and counting.signed == 1
+    report = log.verify()
+    assert report.ok and report.events_after_checkpoint == 0
+    clock.now += 60
+    assert log.seal() == [] and counting.signed == 1  # nothing new to cover
+
+
+def test_the_sealer_calls_seal_until_it_stops_and_survives_a_refusal() -> None:
+    calls: list[float] = []
+
+    class Sink:
+        def seal(self) -> None:
+            calls.append(time.monotonic())
+            if len(calls) == 2:
+                raise AuditError("the forwarder refused")
+
+    with Sealer(Sink(), 0.02):
+        deadline = time.monotonic() + 10
+        while len(calls) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    stopped = len(calls)
+    time.sleep(0.1)
+    assert stopped >= 4 and len(calls) == stopped  # went on after the refusal; then stopped
+
+
+def test_heimdall_serve_seals_its_events_within_the_seconds_with_no_more_requests(
+    tmp_path: Path,
+) -> None:
+    """A burst, then silence: the server's own timer seals the burst with a checkpoint, so
+    cutting it off the trail (and rewriting the head) would fail verification."""
+    server = start_server(tmp_path, {"HMD_AUDIT_CHECKPOINT_SECONDS": "0.5"})
+    try:
+        with server.client("hmd_not-a-token") as client:
+            for _ in range(3):
+                assert client.get("/admin/crypto/reencrypt/status").status_code == 401
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            kinds = [record["event_type"] for record in records(server.audit_log)]
+            if kinds and kinds[-1] == "audit.checkpoint" and kinds.count("access.denied") == 3:
+                break
+            time.sleep(0.1)
+        assert kinds[-1] == "audit.checkpoint" and kinds.count("access.denied") == 3
+        assert server.running  # sealed while it serves, not by closing
+    finally:
+        server.stop()
 
 
 def test_removing_every_decrypt_and_recomputing_the_chain_and_head_fails_verify(

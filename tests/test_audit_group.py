@@ -7,6 +7,7 @@ every member's operation and leaves the trail as it was.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from audit_tools import records, sample_events
-from heimdall.audit import AuditEvent, JsonlAuditLog
+from heimdall.audit import AuditEvent, EventType, JsonlAuditLog, Result
 from heimdall.audit.group import GroupCommit
 from heimdall.errors import AuditError
 from heimdall.kms.base import AuditKey
@@ -47,7 +48,7 @@ def _gathered(commit: GroupCommit, count: int) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         group = commit._gathering
-        if group is not None and len(group.events) == count:
+        if group is not None and len(group.events()) == count:
             return
         time.sleep(0.001)
     raise AssertionError(f"{count} events never gathered")
@@ -122,6 +123,44 @@ def test_a_failed_group_append_refuses_every_member_with_an_error_of_its_own(
     flush.fail_after_first = None
     commit.write(sample_events(1, start=9))
     assert flush.groups[-1] == [9]
+
+
+def test_a_writer_interrupted_while_it_waits_takes_its_events_back() -> None:
+    """Interrupted (KeyboardInterrupt) before its group's append began, a writer's events are
+    not committed later on behalf of an operation that was refused."""
+    main = threading.main_thread()
+    assert threading.current_thread() is main  # where Python raises KeyboardInterrupt
+    flush = GatedFlush()
+    commit = GroupCommit(flush)
+    leader, _ = _writers(commit, 0, 1)
+    assert flush.first_started.wait(10)
+
+    def interrupt() -> None:
+        _gathered(commit, 1)
+        assert main.ident is not None
+        signal.pthread_kill(main.ident, signal.SIGINT)  # a real signal: it interrupts the wait
+
+    interrupter = threading.Thread(target=interrupt)
+    interrupter.start()
+    with pytest.raises(KeyboardInterrupt):
+        commit.write(sample_events(1, start=1))
+    interrupter.join(10)
+    later, outcomes = _writers(commit, 2, 1)
+    _gathered(commit, 1)
+    flush.release.set()
+    for thread in leader + later:
+        thread.join(10)
+    assert outcomes == {2: None}
+    assert flush.groups == [[0], [2]]
+
+
+def test_a_checkpoint_event_is_refused_before_it_joins_a_group() -> None:
+    flush = GatedFlush()
+    commit = GroupCommit(flush)
+    checkpoint = AuditEvent(EventType.AUDIT_CHECKPOINT, "heimdall", Result.SUCCESS, "req-1")
+    with pytest.raises(ValueError, match="written by the audit log itself"):
+        commit.write([*sample_events(1), checkpoint])
+    assert flush.groups == [] and commit._gathering is None
 
 
 @pytest.fixture

@@ -216,19 +216,29 @@ class ForwardedAuditLog:
         self.log = log
         self._forwarders = tuple(forwarders)
         self._required = required
-        # Threads share appends as on the file alone; each append is forwarded whole, by the
-        # thread that made it, so every sink gets the lines in the order of the file.
+        # Threads share appends as on the file alone. Each append (and a closing or timed
+        # checkpoint) is forwarded whole, by the thread that made it, under one lock: this
+        # process's lines reach every sink in the order of the file.
         self._group = GroupCommit(self._append)
+        self._in_order = threading.Lock()
 
     def write(self, events: Sequence[AuditEvent]) -> None:
         self._group.write(events)
 
     def _append(self, events: Sequence[AuditEvent]) -> None:
-        self._forward(self.log.append(events), "the operation is refused")
+        with self._in_order:
+            self._forward(self.log.append(events), "the operation is refused")
+
+    def seal(self) -> None:
+        """:meth:`JsonlAuditLog.seal`, forwarded."""
+        with self._in_order:
+            self._forward(self.log.seal(), "its checkpoint is not there")
 
     def close(self) -> None:
         try:
-            self._forward(self.log.checkpoint_on_close(), "its closing checkpoint is not there")
+            with self._in_order:
+                lines = self.log.checkpoint_on_close()
+                self._forward(lines, "its closing checkpoint is not there")
         finally:
             for forwarder in self._forwarders:
                 forwarder.close()

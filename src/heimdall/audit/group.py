@@ -7,34 +7,47 @@ events of every other thread gather into the next group; when it ends, the first
 thread makes that group's append for all of them, and each returns when its own events are
 committed. No thread waits for a timer: a lone writer appends at once, as before.
 
-Nothing about fail-closed changes. Every event of a group is in one append, so they are all
-committed or none is (a full disk, an unreachable key provider, a required forwarder that
-fails); then every member of the group gets :class:`AuditError` and refuses its operation, and
-the trail is as it was. The append that a group makes is the sink's own, so the order of
-lines, checkpoints and forwarded copies is the order of the file.
+Nothing about fail-closed changes. Every event of a group is in one append of the file, so
+they are all committed or none is (a full disk, an unreachable key provider); then every member
+of the group gets :class:`AuditError` and refuses its operation, and the file is as it was. A
+required forwarder that fails after the file append refuses every member's operation too (the
+file then holds their events, as it would without grouping). A thread interrupted while it
+waits (KeyboardInterrupt) takes its events back unless their append has begun.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
+from types import TracebackType
 from typing import Final
 
-from heimdall.audit.events import AuditEvent
-from heimdall.errors import AuditError
+from heimdall.audit.events import AuditEvent, EventType
+from heimdall.errors import AuditError, HeimdallError
 
-__all__ = ["GroupCommit"]
+__all__ = ["GroupCommit", "Sealer"]
 
 _WHAT_FAILED: Final = "the audit trail could not be written"
+_log = logging.getLogger("heimdall.audit")
 
 
 class _Group:
-    __slots__ = ("done", "error", "events")
+    __slots__ = ("done", "error", "members")
 
     def __init__(self) -> None:
-        self.events: list[AuditEvent] = []
+        self.members: list[list[AuditEvent]] = []  # each writer's events, in arrival order
         self.done = False
         self.error: BaseException | None = None
+
+    def events(self) -> list[AuditEvent]:
+        return [event for member in self.members for event in member]
+
+    def withdraw(self, member: list[AuditEvent]) -> None:
+        for index, other in enumerate(self.members):
+            if other is member:
+                del self.members[index]
+                return
 
 
 class GroupCommit:
@@ -53,32 +66,55 @@ class GroupCommit:
     def write(self, events: Sequence[AuditEvent]) -> None:
         """Return once *events* are committed; AuditError (or the flush's own exception, in
         the thread that ran it) when they are not."""
+        if any(event.event_type is EventType.AUDIT_CHECKPOINT for event in events):
+            raise ValueError("checkpoints are written by the audit log itself")
         if not events:
             return
-        with self._changed:
-            group = self._gathering
-            if group is None:
-                group = self._gathering = _Group()
-            group.events.extend(events)
-            while not group.done and (self._flushing or self._gathering is not group):
-                self._changed.wait()
-            if not group.done:  # this thread commits the group
-                self._flushing = True
-                self._gathering = None
-        if group.done:
-            if group.error is not None:
-                raise _refusal(group.error)
-            return
+        member = list(events)
+        group: _Group | None = None
+        leading = committed = False
         try:
-            self._flush(group.events)
+            with self._changed:
+                group = self._gathering
+                if group is None:
+                    group = self._gathering = _Group()
+                group.members.append(member)
+                self._wait(group, member)
+                if not group.done:  # this thread commits the group
+                    leading = True
+                    self._flushing = True
+                    self._gathering = None
+            if not leading:
+                if group.error is not None:
+                    raise _refusal(group.error)
+                return
+            self._flush(group.events())
+            committed = True
         except BaseException as exc:
-            group.error = exc
+            if leading and group is not None:
+                group.error = exc
             raise
         finally:
-            with self._changed:
-                group.done = True
-                self._flushing = False
-                self._changed.notify_all()
+            if leading and group is not None:
+                with self._changed:
+                    if not committed and group.error is None:
+                        group.error = AuditError(f"{_WHAT_FAILED}: the append was interrupted")
+                    group.done = True
+                    self._flushing = False
+                    self._changed.notify_all()
+
+    def _wait(self, group: _Group, member: list[AuditEvent]) -> None:
+        """Until *group* is committed, or may be (nothing else being flushed); called with the
+        lock held. Interrupted before the group's append began, the events are taken back."""
+        try:
+            while not group.done and (self._flushing or self._gathering is not group):
+                self._changed.wait()
+        except BaseException:
+            if self._gathering is group:
+                group.withdraw(member)
+                if not group.members:
+                    self._gathering = None
+            raise
 
 
 def _refusal(error: BaseException) -> AuditError:
@@ -87,3 +123,38 @@ def _refusal(error: BaseException) -> AuditError:
     if isinstance(error, AuditError):
         return AuditError(str(error))
     return AuditError(f"{_WHAT_FAILED} ({type(error).__name__}); the operation is refused")
+
+
+class Sealer:
+    """A timer thread that calls *sink*'s ``seal`` every *seconds* (a sink without one is left
+    alone), for processes that run long: what they wrote is sealed by a keyed checkpoint
+    within about that time even when no more events come. Used as a context manager."""
+
+    def __init__(self, sink: object, seconds: float) -> None:
+        self._seal: Callable[[], object] | None = getattr(sink, "seal", None)
+        self._seconds = seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heimdall-audit-sealer", daemon=True)
+
+    def __enter__(self) -> Sealer:
+        if self._seal is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        assert self._seal is not None
+        while not self._stop.wait(self._seconds):
+            try:
+                self._seal()
+            except HeimdallError as exc:  # a forwarder refusing: said, and tried again later
+                _log.warning("audit trail not sealed: %s", exc)

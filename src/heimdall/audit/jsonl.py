@@ -17,11 +17,13 @@ Invariants, each kept under an exclusive ``flock`` on the log, which every writi
   live in the head record, so several processes share them. A busy writer seals sooner: once
   ``checkpoint_seconds`` have passed since this process's last checkpoint (or its start), the
   next append that leaves at least ``MIN_EVENTS_PER_CHECKPOINT`` events unsealed ends with a
-  checkpoint. So the events a checkpoint does not cover yet are at most the interval, and, in
-  a process that writes steadily, a few seconds' worth; and the key provider is asked for at
-  most one MAC per ``MIN_EVENTS_PER_CHECKPOINT`` events and, below the interval, one per
-  ``checkpoint_seconds``. Closing the log checkpoints the events this process wrote since its
-  last checkpoint.
+  checkpoint. And a long-running process (``heimdall serve``, ``heimdall worker``) seals
+  whatever it wrote once that time has passed, by a timer (:meth:`JsonlAuditLog.seal`), even
+  when no more events come. So the events a checkpoint does not cover yet are at most the
+  interval, and in those processes a few seconds' worth; the key provider is asked for at most
+  one MAC per ``MIN_EVENTS_PER_CHECKPOINT`` events or per ``checkpoint_seconds``, whichever
+  is fewer. Closing the log checkpoints the events this process wrote since its last
+  checkpoint.
 * The threads of one process that append at once share appends (:mod:`.group`) through
   :meth:`JsonlAuditLog.write`: one lock, two fsyncs and one head record for all of them.
 * Every file is opened through :func:`heimdall.private_files.open_private`: never through a
@@ -128,6 +130,17 @@ class JsonlAuditLog:
     def close(self) -> None:
         self.checkpoint_on_close()
 
+    def seal(self) -> list[bytes]:
+        """A checkpoint over the events this process wrote that none covers yet, once
+        ``checkpoint_seconds`` have passed since its last checkpoint (or its start); the lines
+        written. What a long-running process's timer calls (:class:`.group.Sealer`), so that
+        its events are sealed within seconds even when no more come. Best effort, as closing."""
+        if self._key is None or self._seconds is None or not self._unsealed:
+            return []
+        if self._monotonic() - self._sealed_at < self._seconds:
+            return []
+        return self.checkpoint_on_close()
+
     def checkpoint_on_close(self) -> list[bytes]:
         """A checkpoint over the events this process wrote, unless one covers them already.
 
@@ -177,7 +190,9 @@ class JsonlAuditLog:
                 operation="repair_torn_tail",
                 count=size - end,
             )
-            self._append_locked(fd, [event], closing=False)
+            # Not sealed by time here: a checkpoint the key provider refused would leave the
+            # tail cut with no event saying so.
+            self._append_locked(fd, [event], closing=False, timed=False)
         return size - end
 
     @contextmanager
@@ -197,11 +212,11 @@ class JsonlAuditLog:
             os.close(fd)
 
     def _append_locked(
-        self, fd: int, events: Sequence[AuditEvent], *, closing: bool
+        self, fd: int, events: Sequence[AuditEvent], *, closing: bool, timed: bool = True
     ) -> list[bytes]:
         size = os.fstat(fd).st_size
         state = self._state(fd, size)
-        lines, after = self._seal(state, events, closing=closing)
+        lines, after = self._seal(state, events, closing=closing, timed=timed)
         if not lines:
             return []
         try:
@@ -236,7 +251,7 @@ class JsonlAuditLog:
             ) from None
 
     def _seal(
-        self, state: ChainState, events: Sequence[AuditEvent], *, closing: bool
+        self, state: ChainState, events: Sequence[AuditEvent], *, closing: bool, timed: bool
     ) -> tuple[list[bytes], ChainState]:
         lines: list[bytes] = []
         if self._due(state) or (closing and state.pending):
@@ -246,7 +261,7 @@ class JsonlAuditLog:
             lines.append(line)
             if self._due(state):
                 state = self._checkpoint(lines, state)
-        if self._overdue(state):
+        if timed and self._overdue(state):
             state = self._checkpoint(lines, state)
         return lines, state
 

@@ -24,6 +24,7 @@ from typing import Annotated, Any
 import typer
 
 from heimdall.app import build
+from heimdall.audit.group import Sealer
 from heimdall.cli.common import app, err, load_settings
 from heimdall.cli.output import write_json
 from heimdall.errors import ConfigurationError
@@ -115,6 +116,9 @@ def serve_command(
                 application,
                 host=api.host,
                 port=api.port,
+                # h11 bounds a request's line and headers (16 KiB) before any authentication;
+                # httptools, uvicorn's choice when installed, reads them without a limit.
+                http="h11",
                 ssl_certfile=str(api.tls_cert) if api.tls_cert else None,
                 ssl_keyfile=str(api.tls_key) if api.tls_key else None,
                 proxy_headers=bool(api.trusted_proxies),
@@ -128,7 +132,8 @@ def serve_command(
         # returns here, so the service below is closed and the exit status is 0.
         previous = signal.signal(signal.SIGTERM, lambda *_: None)
         try:
-            server.run()
+            with Sealer(service.audit, settings.audit_checkpoint_seconds):
+                server.run()
         finally:
             signal.signal(signal.SIGTERM, previous)
     finally:

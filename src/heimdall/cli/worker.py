@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from heimdall import metrics
+from heimdall.audit.group import Sealer
 from heimdall.cli.common import ActorOption, app, caller_for, err, open_service
 from heimdall.cli.signals import stop_signals
 from heimdall.rotation.worker import Worker
@@ -57,7 +58,10 @@ def worker_command(
             )
 
         try:
-            with stop_signals(worker.stop, announce):
+            with (
+                stop_signals(worker.stop, announce),
+                Sealer(service.audit, settings.audit_checkpoint_seconds),
+            ):
                 worker.run(once=once)
         finally:
             if server is not None:
