@@ -330,6 +330,27 @@ def test_a_latest_key_kms_refuses_as_disabled_is_left_for_the_version_made_since
     assert fresh.wrapped.key_version == 2
 
 
+def test_a_latest_version_heimdall_itself_refuses_costs_no_call_to_aws(
+    provider: AwsKms, moto: MotoServer
+) -> None:
+    """Only KMS's refusal makes the provider read the versions again: a latest version that
+    heimdall's own view shows disabled is refused at once, without a call."""
+    clock = _Clock()
+    other = AwsKms(provider.settings, moto.clients(), monotonic=clock)
+    provider.rotate()
+    other.generate_data_key(AD).plaintext.wipe()
+    kms = moto.client("kms")
+    kms.disable_key(KeyId=load_chain(kms, provider.settings.key_name, OWNED).versions[2].key_id)
+    clock.now += 61  # the view is read again, and shows version 2 disabled
+    with pytest.raises(KeyVersionDisabled):
+        other.generate_data_key(AD)
+    with recorded_calls(other.clients.kms) as calls:
+        for _ in range(3):
+            with pytest.raises(KeyVersionDisabled):
+                other.generate_data_key(AD)
+    assert calls == []
+
+
 def test_two_rotations_from_the_same_version_make_one(provider: AwsKms, moto: MotoServer) -> None:
     """Both read version 1 as the latest; the second to claim alias v2 loses, and its unused
     key is scheduled for deletion."""

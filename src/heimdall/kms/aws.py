@@ -275,9 +275,11 @@ class AwsKms(KeyProvider):
         """*call* under the latest version's key. KMS refusing that key as disabled means
         another process rotated away from it since this one last looked (emergency
         rotation): the versions are read again and *call* (which stores nothing) is made
-        once more under the version that is latest now."""
+        once more under the version that is latest now. heimdall's own refusal of the latest
+        version (disabled or below the floor in its view) is final: nothing was asked of KMS."""
+        key, identifier = self._encrypting()
         try:
-            return call(*self._encrypting())
+            return call(key, identifier)
         except KeyVersionDisabled:
             self._forget()
             return call(*self._encrypting())
