@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from heimdall.app import build
-from heimdall.envelope import Envelope, parse
+from heimdall.envelope import ALGORITHM, KMS_DIRECT, EncryptionVersion, Envelope, parse
 from heimdall.ingest import ingest_lines
 from heimdall.rbac import Caller
 from heimdall.rotation.batch import BatchWorker
@@ -174,3 +174,56 @@ def test_a_damaged_body_under_a_known_data_key_fails_and_is_not_rewritten(
     assert sink.failed == {field.canonical_key: "InvalidEnvelope"}
     assert list(sink.updates) == [fields[1].canonical_key]
     assert (worker.report.failed, worker.report.rewrapped) == (1, 1)
+
+
+class _ResealingCipher:
+    """Answers as FieldCipher.rewrap_many does for a value the KMS encrypted itself when the
+    move goes to a provider that does not: a new data key, a new ciphertext."""
+
+    kms_calls = 0
+
+    def __init__(self, resealed: Envelope) -> None:
+        self.resealed = resealed
+
+    def rewrap_many(self, items: list[tuple[Envelope, object]]) -> list[Envelope]:
+        return [self.resealed for _ in items]
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.events: list[object] = []
+
+    def record(self, *events: object) -> None:
+        self.events.extend(events)
+
+
+def test_a_resealed_value_never_lends_its_new_header_to_another_field() -> None:
+    """A value the KMS encrypted itself comes back resealed under a new data key: the same
+    header met again (a copy of the field) is resealed again, never given that data key's
+    header over the KMS's ciphertext, which nothing could decrypt."""
+    direct = Envelope(
+        EncryptionVersion.KMS_V1,
+        KMS_DIRECT,
+        "vault:transit/keys/pii",
+        1,
+        "a" * 32,
+        b"",
+        b"vault:v1:" + bytes(range(40)),
+        "2026-01-01T00:00:00Z",
+    )
+    resealed = Envelope(
+        EncryptionVersion.KMS_V1,
+        ALGORITHM,
+        "heimdall-pii-v1",
+        1,
+        "b" * 32,
+        bytes(60),
+        bytes(range(48)),
+        "2026-01-01T00:00:00Z",
+    )
+    worker = BatchWorker(_Recorder(), CALLER, _ResealingCipher(resealed))  # type: ignore[arg-type]
+    for n in (1, 2):
+        sink = RecordingSink()
+        key = f"email:hash:{str(n) * 64}"
+        worker.rewrap([FieldValue(key, "email", direct.to_json(), 1, "kms_v1", "a" * 32)], sink)
+        assert parse(sink.updates[key].encrypted_data) == resealed

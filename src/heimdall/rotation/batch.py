@@ -256,8 +256,15 @@ class BatchWorker:
         return out
 
     def _remember(self, envelope: Envelope, result: Envelope | HeimdallError) -> None:
-        """Keep a data key's new wrapping for the other fields under it (bounded)."""
-        if isinstance(result, HeimdallError) or result.algorithm == KMS_DIRECT:
+        """Keep a data key's new wrapping for the other fields under it (bounded). Only a pure
+        rewrap is kept: the same data key under the same algorithm, newly wrapped. A value the
+        KMS encrypted itself, or resealed under a new data key (a move from such a provider),
+        is not: its ciphertext is not the one the new header speaks of."""
+        if (
+            isinstance(result, HeimdallError)
+            or KMS_DIRECT in (envelope.algorithm, result.algorithm)
+            or (result.algorithm, result.dek_id) != (envelope.algorithm, envelope.dek_id)
+        ):
             return
         if len(self._memo) >= REWRAP_MEMO_MAX:
             self._memo.clear()
