@@ -20,10 +20,10 @@ Invariants, each kept under an exclusive ``flock`` on the log, which every writi
   checkpoint. And a long-running process (``heimdall serve``, ``heimdall worker``) seals
   whatever it wrote once that time has passed, by a timer (:meth:`JsonlAuditLog.seal`), even
   when no more events come. So the events a checkpoint does not cover yet are at most the
-  interval, and in those processes a few seconds' worth; the key provider is asked for at most
-  one MAC per ``MIN_EVENTS_PER_CHECKPOINT`` events or per ``checkpoint_seconds``, whichever
-  is fewer. Closing the log checkpoints the events this process wrote since its last
-  checkpoint.
+  interval, and in those processes a few seconds' worth; the key provider is asked for about
+  one MAC per ``checkpoint_seconds`` while events come (more only when over the interval's
+  worth come in that time), and none while none do. Closing the log checkpoints the events
+  this process wrote since its last checkpoint.
 * The threads of one process that append at once share appends (:mod:`.group`) through
   :meth:`JsonlAuditLog.write`: one lock, two fsyncs and one head record for all of them.
 * Every file is opened through :func:`heimdall.private_files.open_private`: never through a
