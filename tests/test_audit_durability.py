@@ -17,7 +17,9 @@ import pytest
 from audit_tools import records, sample_events, write_events
 from heimdall.audit import JsonlAuditLog
 from heimdall.audit.scan import UNVOUCHED_TAIL
-from heimdall.errors import AuditError
+from heimdall.errors import AuditError, KmsUnavailable
+from heimdall.kms.base import AuditKey
+from heimdall.kms.local import LocalKeyring
 from heimdall.rbac import Role
 
 _FULL_DISK = """
@@ -230,3 +232,45 @@ def test_cli_repairs_a_torn_tail_as_admin_and_refuses_the_audit_role(cli: object
     assert "audit trail intact" in output
     kinds = [record["event_type"] for record in records(cli.data_dir / "audit.log")]
     assert kinds[-2:] == ["audit.repair", "audit.checkpoint"]  # closing checkpoints the repair
+
+
+class _RefusingKey:
+    """An audit key whose provider refuses to sign (unreachable)."""
+
+    def __init__(self, key: AuditKey) -> None:
+        self.key = key
+
+    @property
+    def key_identifier(self) -> str:
+        return self.key.key_identifier
+
+    def sign(self, message: bytes) -> str:
+        raise KmsUnavailable("the key service is down", provider="test")
+
+    def verify(self, message: bytes, mac: str) -> bool:
+        return self.key.verify(message, mac)
+
+    def exists(self) -> bool:
+        return self.key.exists()
+
+
+def test_a_repair_whose_checkpoint_cannot_be_signed_leaves_the_tail_in_place(
+    tmp_path: Path,
+) -> None:
+    """The repair's own event makes a checkpoint due and the key provider refuses it: the
+    tail is still there (the repair can be run again), never cut without its audit.repair."""
+    key = LocalKeyring(tmp_path / "keys" / "keyring.json").audit_key()
+    log = JsonlAuditLog(tmp_path / "audit.log", fsync=False, key=key, checkpoint_every=5)
+    log.write(sample_events(4))  # the fifth event makes a checkpoint due
+    with log.path.open("ab") as out:
+        out.write(b'{"torn": ')
+    before = log.path.read_bytes()
+    refusing = JsonlAuditLog(log.path, fsync=False, key=_RefusingKey(key), checkpoint_every=5)
+
+    with pytest.raises(AuditError, match="could not be signed"):
+        refusing.repair_torn_tail(actor="ops", request_id="req-1")
+
+    assert log.path.read_bytes() == before
+    assert log.repair_torn_tail(actor="ops", request_id="req-2") == len(b'{"torn": ')
+    assert records(log.path)[-2]["event_type"] == "audit.repair"
+    assert log.verify().ok

@@ -12,7 +12,9 @@ they are all committed or none is (a full disk, an unreachable key provider); th
 of the group gets :class:`AuditError` and refuses its operation, and the file is as it was. A
 required forwarder that fails after the file append refuses every member's operation too (the
 file then holds their events, as it would without grouping). A thread interrupted while it
-waits (KeyboardInterrupt) takes its events back unless their append has begun.
+waits (KeyboardInterrupt) takes its events back unless their append has begun; an interrupted
+leader hands its role back (best effort: Python cannot make a ``finally`` block itself immune
+to a second asynchronous exception).
 """
 
 from __future__ import annotations
@@ -59,9 +61,11 @@ class GroupCommit:
 
     def __init__(self, flush: Callable[[Sequence[AuditEvent]], object]) -> None:
         self._flush = flush
-        self._changed = threading.Condition(threading.Lock())
+        # An RLock's condition: a signal cannot interrupt its re-acquire after a wait, so a
+        # waiter interrupted there still holds the lock when it takes its events back.
+        self._changed = threading.Condition()
         self._gathering: _Group | None = None  # the group new events join
-        self._flushing = False
+        self._flushing: _Group | None = None  # the group whose append is being made
 
     def write(self, events: Sequence[AuditEvent]) -> None:
         """Return once *events* are committed; AuditError (or the flush's own exception, in
@@ -71,43 +75,45 @@ class GroupCommit:
         if not events:
             return
         member = list(events)
-        group: _Group | None = None
-        leading = committed = False
-        try:
-            with self._changed:
-                group = self._gathering
-                if group is None:
-                    group = self._gathering = _Group()
-                group.members.append(member)
-                self._wait(group, member)
-                if not group.done:  # this thread commits the group
-                    leading = True
-                    self._flushing = True
-                    self._gathering = None
-            if not leading:
+        with self._changed:
+            group = self._join(member)
+            if group.done:
                 if group.error is not None:
                     raise _refusal(group.error)
                 return
+            # This thread commits the group: one store makes it the leader, which the finally
+            # below undoes whatever happens from here.
+            self._flushing = group
+        committed = False
+        try:
+            if self._gathering is group:
+                self._gathering = None
             self._flush(group.events())
             committed = True
         except BaseException as exc:
-            if leading and group is not None:
-                group.error = exc
+            group.error = exc
             raise
         finally:
-            if leading and group is not None:
-                with self._changed:
-                    if not committed and group.error is None:
-                        group.error = AuditError(f"{_WHAT_FAILED}: the append was interrupted")
-                    group.done = True
-                    self._flushing = False
-                    self._changed.notify_all()
+            with self._changed:
+                if not committed and group.error is None:
+                    group.error = AuditError(f"{_WHAT_FAILED}: the append was interrupted")
+                if self._gathering is group:
+                    self._gathering = None
+                group.done = True
+                if self._flushing is group:
+                    self._flushing = None
+                self._changed.notify_all()
 
-    def _wait(self, group: _Group, member: list[AuditEvent]) -> None:
-        """Until *group* is committed, or may be (nothing else being flushed); called with the
-        lock held. Interrupted before the group's append began, the events are taken back."""
+    def _join(self, member: list[AuditEvent]) -> _Group:
+        """The group *member* joined, once it is committed or this thread may commit it
+        (nothing else being flushed); called with the lock held. Interrupted before the
+        group's append began, the events are taken back."""
+        group = self._gathering
+        if group is None:
+            group = self._gathering = _Group()
         try:
-            while not group.done and (self._flushing or self._gathering is not group):
+            group.members.append(member)
+            while not group.done and (self._flushing is not None or self._gathering is not group):
                 self._changed.wait()
         except BaseException:
             if self._gathering is group:
@@ -115,6 +121,7 @@ class GroupCommit:
                 if not group.members:
                     self._gathering = None
             raise
+        return group
 
 
 def _refusal(error: BaseException) -> AuditError:
@@ -156,5 +163,7 @@ class Sealer:
         while not self._stop.wait(self._seconds):
             try:
                 self._seal()
-            except HeimdallError as exc:  # a forwarder refusing: said, and tried again later
+            except HeimdallError as exc:  # the key provider or a forwarder refusing: said
                 _log.warning("audit trail not sealed: %s", exc)
+            except Exception as exc:  # the timer outlives any one failure: said, by type only
+                _log.warning("audit trail not sealed: %s", type(exc).__name__)

@@ -183,16 +183,19 @@ class JsonlAuditLog:
                     f"(line {report.first_bad_line}: {report.problem}); only the tail of an "
                     "interrupted append is repaired"
                 )
-            self._cut_back(fd, end)
             event = AuditEvent.of(
                 EventType.AUDIT_REPAIR,
                 Caller(actor, request_id=request_id),
                 operation="repair_torn_tail",
                 count=size - end,
             )
-            # Not sealed by time here: a checkpoint the key provider refused would leave the
-            # tail cut with no event saying so.
-            self._append_locked(fd, [event], closing=False, timed=False)
+            # The event's lines (and any checkpoint due, the key provider's MAC) are made
+            # before anything is cut: a refusal leaves the tail in place, never cut without the
+            # event that says so.
+            state = self._state(fd, end)
+            lines, after = self._seal(state, [event], closing=False, timed=False)
+            self._cut_back(fd, end)
+            self._commit(fd, end, state, lines, after)
         return size - end
 
     @contextmanager
@@ -219,6 +222,14 @@ class JsonlAuditLog:
         lines, after = self._seal(state, events, closing=closing, timed=timed)
         if not lines:
             return []
+        self._commit(fd, size, state, lines, after)
+        return lines
+
+    def _commit(
+        self, fd: int, size: int, state: ChainState, lines: list[bytes], after: ChainState
+    ) -> None:
+        """Write *lines* at *size* (where *state* is), fsync, and replace the head with
+        *after*: all or nothing, the log cut back to *size* on any failure."""
         try:
             write_all(fd, b"".join(lines))
             if self._fsync:
@@ -237,7 +248,6 @@ class JsonlAuditLog:
         self._unsealed = after.pending > 0
         if after.last_checkpoint_line != state.last_checkpoint_line:
             self._sealed_at = self._monotonic()
-        return lines
 
     def _cut_back(self, fd: int, size: int) -> None:
         try:
