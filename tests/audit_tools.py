@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from heimdall.audit import AuditEvent, EventType, JsonlAuditLog, Result
+from heimdall.errors import KmsUnavailable
 from heimdall.kms.base import AuditKey
 
 GENESIS = "0" * 64
@@ -93,3 +94,28 @@ def rewrite_trail(path: Path, keep: Callable[[Record], bool]) -> None:
 
 def without_decrypts(record: Record) -> bool:
     return bool(record["event_type"] != "crypto.decrypt")
+
+
+class CountingKey:
+    """An audit key that counts its calls and can be made to fail."""
+
+    def __init__(self, key: AuditKey) -> None:
+        self.key = key
+        self.signed = 0
+        self.down = False
+
+    @property
+    def key_identifier(self) -> str:
+        return self.key.key_identifier
+
+    def sign(self, message: bytes) -> str:
+        if self.down:
+            raise KmsUnavailable("the key service is down", provider="test")
+        self.signed += 1
+        return self.key.sign(message)
+
+    def verify(self, message: bytes, mac: str) -> bool:
+        return self.key.verify(message, mac)
+
+    def exists(self) -> bool:
+        return self.key.exists()

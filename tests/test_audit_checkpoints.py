@@ -20,6 +20,7 @@ import pytest
 
 from api_server import start_server
 from audit_tools import (
+    CountingKey,
     records,
     rewrite_trail,
     sample_events,
@@ -29,7 +30,7 @@ from audit_tools import (
 from cli_runner import Cli, assert_one_line_error
 from heimdall.audit import MIN_EVENTS_PER_CHECKPOINT, JsonlAuditLog
 from heimdall.audit.group import Sealer
-from heimdall.errors import AuditError, ConfigurationError, KmsUnavailable
+from heimdall.errors import AuditError, ConfigurationError
 from heimdall.ingest import IngestReport
 from heimdall.kms.base import AuditKey
 from heimdall.kms.local import LocalKeyring
@@ -43,31 +44,6 @@ Ingest = Callable[..., IngestReport]
 @pytest.fixture
 def key(tmp_path: Path) -> AuditKey:
     return LocalKeyring(tmp_path / "keys" / "keyring.json").audit_key()
-
-
-class CountingKey:
-    """An audit key that counts its calls and can be made to fail."""
-
-    def __init__(self, key: AuditKey) -> None:
-        self.key = key
-        self.signed = 0
-        self.down = False
-
-    @property
-    def key_identifier(self) -> str:
-        return self.key.key_identifier
-
-    def sign(self, message: bytes) -> str:
-        if self.down:
-            raise KmsUnavailable("the key service is down", provider="test")
-        self.signed += 1
-        return self.key.sign(message)
-
-    def verify(self, message: bytes, mac: str) -> bool:
-        return self.key.verify(message, mac)
-
-    def exists(self) -> bool:
-        return self.key.exists()
 
 
 def _kinds(path: Path) -> list[str]:

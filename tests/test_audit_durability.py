@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from audit_tools import records, sample_events, write_events
+from audit_tools import CountingKey, records, sample_events, write_events
 from heimdall.audit import JsonlAuditLog
 from heimdall.audit.scan import UNVOUCHED_TAIL
-from heimdall.errors import AuditError, KmsUnavailable
-from heimdall.kms.base import AuditKey
+from heimdall.errors import AuditError
 from heimdall.kms.local import LocalKeyring
 from heimdall.rbac import Role
 
@@ -234,26 +233,6 @@ def test_cli_repairs_a_torn_tail_as_admin_and_refuses_the_audit_role(cli: object
     assert kinds[-2:] == ["audit.repair", "audit.checkpoint"]  # closing checkpoints the repair
 
 
-class _RefusingKey:
-    """An audit key whose provider refuses to sign (unreachable)."""
-
-    def __init__(self, key: AuditKey) -> None:
-        self.key = key
-
-    @property
-    def key_identifier(self) -> str:
-        return self.key.key_identifier
-
-    def sign(self, message: bytes) -> str:
-        raise KmsUnavailable("the key service is down", provider="test")
-
-    def verify(self, message: bytes, mac: str) -> bool:
-        return self.key.verify(message, mac)
-
-    def exists(self) -> bool:
-        return self.key.exists()
-
-
 def test_a_repair_whose_checkpoint_cannot_be_signed_leaves_the_tail_in_place(
     tmp_path: Path,
 ) -> None:
@@ -265,7 +244,9 @@ def test_a_repair_whose_checkpoint_cannot_be_signed_leaves_the_tail_in_place(
     with log.path.open("ab") as out:
         out.write(b'{"torn": ')
     before = log.path.read_bytes()
-    refusing = JsonlAuditLog(log.path, fsync=False, key=_RefusingKey(key), checkpoint_every=5)
+    down = CountingKey(key)
+    down.down = True
+    refusing = JsonlAuditLog(log.path, fsync=False, key=down, checkpoint_every=5)
 
     with pytest.raises(AuditError, match="could not be signed"):
         refusing.repair_torn_tail(actor="ops", request_id="req-1")
