@@ -81,13 +81,13 @@ class GroupCommit:
                 if group.error is not None:
                     raise _refusal(group.error)
                 return
-            # This thread commits the group: one store makes it the leader, which the finally
-            # below undoes whatever happens from here.
+            # This thread commits the group: it is the leader (the finally below hands the role
+            # back whatever happens from here), and the group takes no more events.
             self._flushing = group
-        committed = False
-        try:
             if self._gathering is group:
                 self._gathering = None
+        committed = False
+        try:
             self._flush(group.events())
             committed = True
         except BaseException as exc:
