@@ -19,10 +19,18 @@ Both stores run the statements below; only the placeholder differs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
-__all__ = ["ROW_COLUMNS", "StoredToken", "TokenStatements", "TokenStore", "token_from_row"]
+__all__ = [
+    "ROW_COLUMNS",
+    "SqlTokens",
+    "StoredToken",
+    "TokenStatements",
+    "TokenStore",
+    "token_from_row",
+]
 
 # The service_tokens columns both stores select and insert, in token_from_row's order.
 ROW_COLUMNS: Final = (
@@ -103,3 +111,51 @@ class TokenStore(Protocol):
         """Mark the token *name* revoked unless it is already; the token as stored afterwards,
         or None if no token has that name."""
         ...
+
+
+class _Executes(Protocol):
+    """A DB-API connection or cursor, as far as these statements need one."""
+
+    def execute(self, query: str, params: Any = ..., /) -> Any: ...
+
+
+class SqlTokens:
+    """:class:`TokenStore` over the statements above, mixed into a SQL store: the store gives
+    its placeholder and how it lends a connection for one read, and for one transaction."""
+
+    _token_sql: ClassVar[TokenStatements]
+
+    def _token_read(self, operation: str) -> AbstractContextManager[_Executes]:
+        raise NotImplementedError
+
+    def _token_write(self, operation: str) -> AbstractContextManager[_Executes]:
+        raise NotImplementedError
+
+    def insert_token(self, token: StoredToken) -> bool:
+        row = (
+            token.token_id,
+            token.name,
+            token.role,
+            token.token_hash,
+            token.created_at,
+            token.expires_at,
+            token.created_by,
+        )
+        with self._token_read("insert_token") as conn:
+            return bool(conn.execute(self._token_sql.insert, row).rowcount == 1)
+
+    def token_by_hash(self, token_hash: str) -> StoredToken | None:
+        with self._token_read("token_by_hash") as conn:
+            row = conn.execute(self._token_sql.by_hash, (token_hash,)).fetchone()
+        return None if row is None else token_from_row(row)
+
+    def list_tokens(self) -> list[StoredToken]:
+        with self._token_read("list_tokens") as conn:
+            rows = conn.execute(self._token_sql.all).fetchall()
+        return [token_from_row(row) for row in rows]
+
+    def revoke_token(self, name: str, *, revoked_at: str, revoked_by: str) -> StoredToken | None:
+        with self._token_write("revoke_token") as conn:
+            conn.execute(self._token_sql.revoke, (revoked_at, revoked_by, name))
+            row = conn.execute(self._token_sql.by_name, (name,)).fetchone()
+        return None if row is None else token_from_row(row)
