@@ -221,6 +221,8 @@ class JsonlAuditLog:
         state = self._state(fd, size)
         lines, after = self._seal(state, events, closing=closing, timed=timed)
         if not lines:
+            if closing:  # nothing pending: another writer's checkpoint covers this one's events
+                self._unsealed = False
             return []
         self._commit(fd, size, state, lines, after)
         return lines
