@@ -5,15 +5,19 @@ spec: Audit and Compliance, Audit Log Requirements.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from heimdall.audit import AuditEvent, EventType, JsonlAuditLog, Result
+from heimdall.audit.chain import ChainState, advance, seal, seal_events
+from heimdall.audit.events import _OPTIONAL_FIELDS
 from heimdall.envelope import parse
 from heimdall.errors import (
     AuditError,
@@ -474,3 +478,47 @@ def test_verify_detects_a_missing_chain_head(tmp_path: Path) -> None:
 
     assert not report.ok
     assert report.problem == "chain head record is missing"
+
+
+def test_an_event_writes_every_member_it_has_in_the_log_order() -> None:
+    every: dict[str, Any] = {
+        "field_identifier": "email:hash:" + "a" * 64,
+        "key_identifier": "local/heimdall",
+        "key_version": 3,
+        "reason": "support:1",
+        "source_ip": "10.0.0.1",
+        "operation": "POST /v1/decrypt",
+        "error": "DecryptionFailed",
+        "count": 7,
+        "token_name": "enrich-1",
+        "role": "heimdall-worker",
+    }
+    event = AuditEvent(EventType.DECRYPT, "token:a", Result.FAILURE, "req-1", **every)
+
+    doc = event.to_dict()
+
+    fields = [f.name for f in dataclasses.fields(AuditEvent)]
+    assert sorted(doc) == sorted(fields)  # a field added to the event reaches the trail
+    assert list(doc) == ["timestamp", "event_type", "actor", *_OPTIONAL_FIELDS, "result"]
+    assert (type(doc["event_type"]), type(doc["result"])) == (str, str)
+    assert (doc["event_type"], doc["result"]) == ("crypto.decrypt", "failure")
+    assert {name: doc[name] for name in every} == every
+    bare = AuditEvent(EventType.KEY_ROTATE, "op", Result.SUCCESS, "req-2").to_dict()
+    assert list(bare) == ["timestamp", "event_type", "actor", "request_id", "result"]
+
+
+def test_events_sealed_together_chain_exactly_as_sealed_one_by_one() -> None:
+    bodies = [orjson.dumps({"timestamp": "t", "event_type": "x", "n": n}) for n in range(5)]
+    start = ChainState(size=100, lines=4, events=3, hash="ab" * 32, pending=3, every=10)
+
+    lines, after = seal_events(start, bodies)
+
+    state, previous, expected = start, start.hash, []
+    for body in bodies:
+        line, previous = seal(body, previous)
+        expected.append(line)
+        state, _ = advance(state, line)
+    assert lines == expected
+    assert after == state
+    assert after == ChainState(100 + sum(map(len, lines)), 9, 8, previous, 8, 10, 0)
+    assert seal_events(start, []) == ([], start)

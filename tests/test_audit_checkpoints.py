@@ -50,8 +50,11 @@ def _kinds(path: Path) -> list[str]:
     return [record["event_type"] for record in records(path)]
 
 
-def test_a_checkpoint_follows_every_n_events_and_the_close(tmp_path: Path, key: AuditKey) -> None:
-    log = write_events(tmp_path / "audit.log", 25, key=key, every=10, batch=3)
+@pytest.mark.parametrize("batch", [3, 25], ids=["small-writes", "one-write-of-all"])
+def test_a_checkpoint_follows_every_n_events_and_the_close(
+    tmp_path: Path, key: AuditKey, batch: int
+) -> None:
+    log = write_events(tmp_path / "audit.log", 25, key=key, every=10, batch=batch)
 
     kinds = _kinds(log.path)
     assert [n for n, kind in enumerate(kinds) if kind == "audit.checkpoint"] == [10, 21]
@@ -66,6 +69,30 @@ def test_a_checkpoint_follows_every_n_events_and_the_close(tmp_path: Path, key: 
     checkpoint = records(log.path)[-1]
     assert (checkpoint["lines"], checkpoint["events"], checkpoint["every"]) == (27, 25, 10)
     assert checkpoint["mac"].startswith("hmac-sha256:v1:")
+
+
+@pytest.mark.parametrize(
+    ("first", "second_every", "expected"),
+    [
+        pytest.param((5, 6), 10, [5, 11], id="the-announced-interval-is-shorter"),
+        pytest.param((20, 21), 5, [20, 26, 32], id="the-writers-own-interval-is-shorter"),
+    ],
+)
+def test_one_write_of_many_events_keeps_the_shorter_of_both_intervals(
+    tmp_path: Path, key: AuditKey, first: tuple[int, int], second_every: int, expected: list[int]
+) -> None:
+    """A first writer (interval, events written) announces its interval; a second writer with
+    another interval then appends twelve events in one write."""
+    first_every, first_count = first
+    path = tmp_path / "audit.log"
+    write_events(path, first_count, key=key, every=first_every, batch=first_count)
+    second = JsonlAuditLog(path, fsync=False, key=key, checkpoint_every=second_every)
+
+    second.write(sample_events(12))
+
+    kinds = _kinds(path)
+    assert [n for n, kind in enumerate(kinds) if kind == "audit.checkpoint"] == expected
+    assert second.verify().ok
 
 
 def test_the_key_provider_is_called_once_per_checkpoint(tmp_path: Path, key: AuditKey) -> None:

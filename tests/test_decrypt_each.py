@@ -326,3 +326,39 @@ def test_a_decryption_event_is_the_event_of_builds(error: HeimdallError | None) 
 
     assert built == AuditEvent.of(EventType.DECRYPT, caller, error=error, **details)
     assert built.to_dict()["result"] == ("success" if error is None else "failure")
+
+
+def test_each_event_of_a_batch_names_the_key_of_its_own_envelope(
+    stored: tuple[Heimdall, dict[str, str]],
+    caller: Caller,
+    audit_events: AuditReader,
+    ingest: Ingest,
+    people: list[dict[str, Any]],
+) -> None:
+    service, expected = stored
+    before = _stored(service)
+    admin = Caller(actor="op", role=Role.ADMIN)
+    service.rotate_keys(caller=admin)
+    ingest(service, people[10:12])  # under version 2, with new data keys
+    after = sorted(set(_stored(service)) - set(before))
+    expected |= service.decrypt_many(after, reason="test:expected", caller=caller)
+    field = service.store.get_field(before[0])
+    assert field is not None
+    # One field of version 1 spelled otherwise: its header is a header of its own.
+    _replace_envelope(service, before[0], field.encrypted_data.replace('-v1"', '-v\\u0031"', 1))
+    batch = [*before[:4], *after[:4], *before[4:8]]
+    mark = len(audit_events())
+
+    assert service.decrypt_each(batch, reason=REASON, caller=caller) == {
+        key: expected[key] for key in batch
+    }
+
+    events = _decrypts_since(audit_events, mark)
+    named = {e["field_identifier"]: (e["key_identifier"], e["key_version"]) for e in events}
+    for key in batch:
+        stored_field = service.store.get_field(key)
+        assert stored_field is not None
+        version = stored_field.key_version
+        assert named[key] == (f"heimdall-pii-v{version}", version)
+    assert {named[key][1] for key in after[:4]} == {2}
+    assert {named[key][1] for key in before[:8]} == {1}

@@ -164,16 +164,37 @@ class AuditEvent:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The event's JSON object: the three members every event has, then the optional ones
+        that are set (in _OPTIONAL_FIELDS order), then the result. Written out member by
+        member: the audit log serialises one of these per decrypted field."""
         out: dict[str, Any] = {
             "timestamp": self.timestamp,
-            "event_type": self.event_type.value,
+            "event_type": self.event_type._value_,
             "actor": self.actor,
         }
-        for name in _OPTIONAL_FIELDS:
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
-        out["result"] = self.result.value
+        if self.field_identifier is not None:
+            out["field_identifier"] = self.field_identifier
+        if self.key_identifier is not None:
+            out["key_identifier"] = self.key_identifier
+        if self.key_version is not None:
+            out["key_version"] = self.key_version
+        if self.request_id is not None:
+            out["request_id"] = self.request_id
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.source_ip is not None:
+            out["source_ip"] = self.source_ip
+        if self.operation is not None:
+            out["operation"] = self.operation
+        if self.error is not None:
+            out["error"] = self.error
+        if self.count is not None:
+            out["count"] = self.count
+        if self.token_name is not None:
+            out["token_name"] = self.token_name
+        if self.role is not None:
+            out["role"] = self.role
+        out["result"] = self.result._value_
         return out
 
 

@@ -43,7 +43,7 @@ from typing import Any, Final
 
 import orjson
 
-from heimdall.audit.chain import ChainError, ChainState, advance, seal_checkpoint, seal_event
+from heimdall.audit.chain import ChainError, ChainState, advance, seal_checkpoint, seal_events
 from heimdall.audit.events import AuditEvent, EventType
 from heimdall.audit.group import GroupCommit
 from heimdall.audit.head import LegacyHead, head_path, read_head, write_head
@@ -72,6 +72,7 @@ DEFAULT_CHECKPOINT_SECONDS: Final = 5.0
 MIN_EVENTS_PER_CHECKPOINT: Final = 1000  # below this many unsealed events, time alone seals none
 _log = logging.getLogger("heimdall.audit")
 _WHAT: Final = "audit log"
+_UNBOUNDED: Final = 1 << 62  # no checkpoint is ever due: a log without any and no audit key
 
 
 class JsonlAuditLog:
@@ -268,9 +269,15 @@ class JsonlAuditLog:
         lines: list[bytes] = []
         if self._due(state) or (closing and state.pending):
             state = self._checkpoint(lines, state)
-        for event in events:
-            line, state = seal_event(state, orjson.dumps(event.to_dict()))
-            lines.append(line)
+        events = list(events)  # sliced below, whatever sequence the caller gave
+        start = 0
+        while start < len(events):
+            # As many events as fit before the next checkpoint is due (at least one: a due one
+            # was just made), sealed in one loop.
+            chunk = events[start : start + self._room(state)]
+            sealed, state = seal_events(state, [orjson.dumps(e.to_dict()) for e in chunk])
+            lines.extend(sealed)
+            start += len(chunk)
             if self._due(state):
                 state = self._checkpoint(lines, state)
         if timed and self._overdue(state):
@@ -282,6 +289,14 @@ class JsonlAuditLog:
             # Without a key no checkpoint is made, but one a checkpoint promised is still due.
             return state.every is not None and state.pending >= state.every
         return state.pending >= min(self._every, state.every or self._every)
+
+    def _room(self, state: ChainState) -> int:
+        """How many events may follow *state* before a checkpoint is due (at least one)."""
+        if self._key is None:
+            if state.every is None:
+                return _UNBOUNDED
+            return max(state.every - state.pending, 1)
+        return max(min(self._every, state.every or self._every) - state.pending, 1)
 
     def _overdue(self, state: ChainState) -> bool:
         """Enough events have waited long enough: see the module docstring."""
