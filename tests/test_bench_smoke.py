@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,7 @@ API_ROWS = (
     "api/ingest-local",
     "api/decrypt-local",
     "api/decrypt-1-16-clients",
+    "api/floor-empty-route-16-clients",
     "api/decrypt-vault",
 )
 
@@ -118,6 +120,17 @@ def test_quick_bench_exits_0_and_prints_every_row(tmp_path: Path) -> None:
     for row in expected:
         fields_per_s = printed[row].strip("|").split("|")[1].strip()
         assert int(fields_per_s.replace(",", "")) > 0, printed[row]
+
+    # The latency rows' percentiles, the target's verdict on heimdall's own.
+    assert re.search(
+        r"- api/decrypt-1-16-clients: latency p50 [0-9.]+ ms, p99 [0-9.]+ ms "
+        r"\(target p99 <= 10 ms: (met|MISSED)\)",
+        proc.stdout,
+    ), proc.stdout
+    assert re.search(
+        r"- api/floor-empty-route-16-clients: latency p50 [0-9.]+ ms, p99 [0-9.]+ ms over",
+        proc.stdout,
+    ), proc.stdout
 
     doc = json.loads(results.read_text(encoding="utf-8"))
     assert doc["quick"] is True
