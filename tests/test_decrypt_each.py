@@ -362,3 +362,34 @@ def test_each_event_of_a_batch_names_the_key_of_its_own_envelope(
         assert named[key] == (f"heimdall-pii-v{version}", version)
     assert {named[key][1] for key in after[:4]} == {2}
     assert {named[key][1] for key in before[:8]} == {1}
+
+
+@pytest.mark.parametrize("tampered", [False, True], ids=["stored-as-written", "envelope-tampered"])
+def test_a_decryption_event_names_the_key_version_of_the_envelope_not_the_row(
+    stored: tuple[Heimdall, dict[str, str]],
+    caller: Caller,
+    audit_events: AuditReader,
+    tampered: bool,
+) -> None:
+    service, expected = stored
+    key = sorted(expected)[3]
+    field = service.store.get_field(key)
+    assert field is not None and field.key_version == 1
+    # Someone who can write the store sets the row's version column to 7, leaving the envelope:
+    # the trail must still say which key version the value was decrypted under.
+    update = FieldUpdate(field.encrypted_data, 7, field.encryption_version, field.dek_id)
+    assert service.store.compare_and_swap(key, field.encrypted_data, update)
+    if tampered:
+        _tamper(service, key)
+    mark = len(audit_events())
+
+    outcome = service.decrypt_each([key], reason=REASON, caller=caller)[key]
+    if not tampered:
+        assert service.decrypt_many([key], reason=REASON, caller=caller) == {key: expected[key]}
+
+    assert (outcome == expected[key]) is not tampered
+    events = _decrypts_since(audit_events, mark)
+    assert len(events) == (1 if tampered else 2)
+    for event in events:
+        assert (event["key_identifier"], event["key_version"]) == ("heimdall-pii-v1", 1)
+        assert event["result"] == ("failure" if tampered else "success")

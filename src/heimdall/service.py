@@ -74,12 +74,14 @@ _NOT_A_KEY: Final = (
 )
 # What the audit event of a decrypted value that is not UTF-8 names as its error.
 _NOT_TEXT: Final = UnicodeDecodeError("utf-8", b"", 0, 0, "not UTF-8 text")
-# The key_identifier member of an envelope that decrypted, as its text holds it. Such an envelope
-# passed the parser (heimdall.envelope.load): a JSON object of unique members, none of whose
-# values holds a quote or a backslash, so the first match is that member and its value's text is
-# its value. A member written otherwise (spaced, escaped) does not match, and is read by the
-# parser instead (_key_identifier).
-_KEY_IDENTIFIER_MEMBER: Final = re.compile(r'"key_identifier":"([A-Za-z0-9._:/@+=,\-]{1,512})"')
+# The key_identifier and key_version members of an envelope that decrypted, as its text holds
+# them in the canonical layout. Such an envelope passed the parser (heimdall.envelope.load): a
+# JSON object of unique members, none of whose values holds a quote or a backslash, so the first
+# match is those members and their values' text is their values. Members written otherwise
+# (spaced, escaped, in another order) do not match, and are read by the parser instead (_key_of).
+_KEY_MEMBERS: Final = re.compile(
+    r'"key_identifier":"([A-Za-z0-9._:/@+=,\-]{1,512})","key_version":([0-9]{1,10})[,}]'
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,11 +359,12 @@ class Heimdall:
         *,
         timestamp: str | None = None,
     ) -> AuditEvent:
+        key_identifier, key_version = _key_of(field, decrypted=error is None)
         return AuditEvent.decryption(
             caller,
             field_identifier=key,
-            key_identifier=_key_identifier(field, decrypted=error is None),
-            key_version=field.key_version if field else None,
+            key_identifier=key_identifier,
+            key_version=key_version,
             reason=reason,
             error=error,
             timestamp=timestamp or utc_now_ms(),
@@ -434,17 +437,20 @@ def _fails_the_call(outcome: DecryptOutcome) -> TypeGuard[HeimdallError]:
     return isinstance(outcome, HeimdallError) and not isinstance(outcome, DECRYPT_ITEM_ERRORS)
 
 
-def _key_identifier(field: FieldValue | None, *, decrypted: bool = False) -> str | None:
-    """The key_identifier *field*'s envelope names, None where it cannot be read. The envelope
-    of a field that *decrypted* is valid, and its member is read from the text without parsing
-    it again (see _KEY_IDENTIFIER_MEMBER)."""
+def _key_of(field: FieldValue | None, *, decrypted: bool = False) -> tuple[str | None, int | None]:
+    """The key_identifier and key_version *field*'s envelope names: what its value was (or
+    would have been) decrypted under, whatever the row's own key_version column says. The
+    envelope of a field that *decrypted* is valid, and its members are read from the text
+    without parsing it again (see _KEY_MEMBERS). An envelope that cannot be read names no key;
+    its version is then the row's."""
     if field is None:
-        return None
+        return None, None
     if decrypted:
-        member = _KEY_IDENTIFIER_MEMBER.search(field.encrypted_data)
-        if member is not None:
-            return member.group(1)
+        members = _KEY_MEMBERS.search(field.encrypted_data)
+        if members is not None:
+            return members.group(1), int(members.group(2))
     try:
-        return str(load(field.encrypted_data)["key_identifier"])
+        doc = load(field.encrypted_data)
     except HeimdallError:
-        return None
+        return None, field.key_version
+    return str(doc["key_identifier"]), int(doc["key_version"])
