@@ -295,28 +295,26 @@ def _local_rows(sizes: Sizes, outcome: ApiOutcome) -> list[str]:
             warmups=sizes.warmups,
         )
         outcome.results.append(Result(DECRYPT_LOCAL, m))
-        latency = LatencyRun(server, ingester.keys, sizes.latency_requests)
-        m = measure(
-            LATENCY.id,
-            latency,
-            fields_per_run=sizes.latency_requests // CLIENTS * CLIENTS,
-            repetitions=sizes.repetitions,
-            warmups=sizes.warmups,
-        )
-        outcome.results.append(Result(LATENCY, m))
-    notes = [_latency_note(LATENCY, latency, m.fields_per_run * sizes.repetitions, target=True)]
+        notes = [_latency_row(LATENCY, server, ingester.keys, sizes, outcome, target=True)]
     with _floor() as floor:
-        empty = LatencyRun(floor, ingester.keys, sizes.latency_requests)
-        m = measure(
-            FLOOR.id,
-            empty,
-            fields_per_run=sizes.latency_requests // CLIENTS * CLIENTS,
-            repetitions=sizes.repetitions,
-            warmups=sizes.warmups,
-        )
-        outcome.results.append(Result(FLOOR, m))
-    notes.append(_latency_note(FLOOR, empty, m.fields_per_run * sizes.repetitions, target=False))
+        notes.append(_latency_row(FLOOR, floor, ingester.keys, sizes, outcome, target=False))
     return notes
+
+
+def _latency_row(
+    row: Row, server: Server, keys: list[str], sizes: Sizes, outcome: ApiOutcome, *, target: bool
+) -> str:
+    """*row* measured with LatencyRun against *server*, its result added to *outcome*; its note."""
+    run = LatencyRun(server, keys, sizes.latency_requests)
+    m = measure(
+        row.id,
+        run,
+        fields_per_run=sizes.latency_requests // CLIENTS * CLIENTS,
+        repetitions=sizes.repetitions,
+        warmups=sizes.warmups,
+    )
+    outcome.results.append(Result(row, m))
+    return _latency_note(row, run, m.fields_per_run * sizes.repetitions, target=target)
 
 
 def _latency_note(row: Row, run: LatencyRun, timed: int, *, target: bool) -> str:
