@@ -535,7 +535,8 @@ def test_no_plaintext_token_or_data_key_reaches_the_logs_or_the_trail(setup: Set
         assert (
             service_app.post("/v1/decrypt", json={"keys": keys, "reason": "r"}).status_code == 200
         )
-    for bad in (issuer.forged_hs256(), issuer.unsigned(), oidc_app + "x", setup.app[:-1] + "A"):
+    altered = setup.app[:-1] + ("B" if setup.app.endswith("A") else "A")  # never the token itself
+    for bad in (issuer.forged_hs256(), issuer.unsigned(), oidc_app + "x", altered):
         with server.client(bad) as client:
             assert client.post("/v1/decrypt", json={"keys": keys, "reason": "r"}).status_code == 401
     tokens = [oidc_app, *(t for t in setup.credentials.values() if t)]
