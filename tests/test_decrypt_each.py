@@ -32,6 +32,7 @@ from heimdall.ingest import IngestReport
 from heimdall.rbac import Caller, Role
 from heimdall.service import DECRYPT_ITEM_ERRORS, Heimdall, field_context
 from heimdall.store.base import FieldUpdate
+from heimdall.store.sqlite import SqliteStore
 
 ServiceFactory = Callable[..., Heimdall]
 Ingest = Callable[..., IngestReport]
@@ -393,3 +394,52 @@ def test_a_decryption_event_names_the_key_version_of_the_envelope_not_the_row(
     for event in events:
         assert (event["key_identifier"], event["key_version"]) == ("heimdall-pii-v1", 1)
         assert event["result"] == ("failure" if tampered else "success")
+
+
+def test_an_envelope_stored_as_bytes_decrypts_and_is_audited_with_its_key(
+    stored: tuple[Heimdall, dict[str, str]], caller: Caller, audit_events: AuditReader
+) -> None:
+    service, expected = stored
+    key = sorted(expected)[4]
+    assert isinstance(service.store, SqliteStore)
+    # Someone who can write the store retypes the column's value (SQLite lets a BLOB in).
+    with service.store._session("test") as conn:
+        conn.execute(
+            "UPDATE field_values SET encrypted_data = CAST(encrypted_data AS BLOB)"
+            " WHERE canonical_key = ?",
+            (key,),
+        )
+    field = service.store.get_field(key)
+    assert field is not None and isinstance(field.encrypted_data, bytes)
+    mark = len(audit_events())
+
+    assert service.decrypt_each([key], reason=REASON, caller=caller) == {key: expected[key]}
+    assert service.decrypt_many([key], reason=REASON, caller=caller) == {key: expected[key]}
+
+    events = _decrypts_since(audit_events, mark)
+    assert [(e["key_identifier"], e["key_version"], e["result"]) for e in events] == [
+        ("heimdall-pii-v1", 1, "success")
+    ] * 2
+
+
+def test_a_failure_event_names_no_key_an_envelope_holds_out_of_range(
+    stored: tuple[Heimdall, dict[str, str]], caller: Caller, audit_events: AuditReader
+) -> None:
+    service, expected = stored
+    key = sorted(expected)[5]
+    field = service.store.get_field(key)
+    assert field is not None
+    _replace_envelope(
+        service, key, field.encrypted_data.replace('"key_version":1,', '"key_version":-1,', 1)
+    )
+    mark = len(audit_events())
+
+    outcome = service.decrypt_each([key], reason=REASON, caller=caller)[key]
+
+    assert isinstance(outcome, HeimdallError)
+    [event] = _decrypts_since(audit_events, mark)
+    assert (event.get("key_identifier"), event["key_version"], event["result"]) == (
+        None,
+        1,
+        "failure",
+    )

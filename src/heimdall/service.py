@@ -19,7 +19,7 @@ from heimdall import metrics
 from heimdall.audit import AuditEvent, AuditSink, EventType, utc_now_ms
 from heimdall.blind_index import META_KEY, BlindIndex, StoredIndexKey, is_canonical_key
 from heimdall.cipher import FieldCipher
-from heimdall.envelope import EncryptionContext, load
+from heimdall.envelope import EncryptionContext, parse
 from heimdall.errors import (
     DecryptionFailed,
     FieldNotFound,
@@ -442,15 +442,16 @@ def _key_of(field: FieldValue | None, *, decrypted: bool = False) -> tuple[str |
     would have been) decrypted under, whatever the row's own key_version column says. The
     envelope of a field that *decrypted* is valid, and its members are read from the text
     without parsing it again (see _KEY_MEMBERS). An envelope that cannot be read names no key;
-    its version is then the row's."""
+    its version is then the row's. Never raises."""
     if field is None:
         return None, None
-    if decrypted:
-        members = _KEY_MEMBERS.search(field.encrypted_data)
+    text = field.encrypted_data
+    if decrypted and isinstance(text, str):  # a store may hand over bytes: the parser reads them
+        members = _KEY_MEMBERS.search(text)
         if members is not None:
             return members.group(1), int(members.group(2))
     try:
-        doc = load(field.encrypted_data)
+        envelope = parse(text)  # values checked too: a failure's event names only valid ones
     except HeimdallError:
         return None, field.key_version
-    return str(doc["key_identifier"]), int(doc["key_version"])
+    return envelope.key_identifier, envelope.key_version
