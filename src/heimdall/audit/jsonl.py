@@ -72,7 +72,7 @@ DEFAULT_CHECKPOINT_SECONDS: Final = 5.0
 MIN_EVENTS_PER_CHECKPOINT: Final = 1000  # below this many unsealed events, time alone seals none
 _log = logging.getLogger("heimdall.audit")
 _WHAT: Final = "audit log"
-_UNBOUNDED: Final = 1 << 62  # no checkpoint is ever due: a log without any and no audit key
+_UNBOUNDED: Final = 1 << 62  # no checkpoint is ever due (see _interval)
 
 
 class JsonlAuditLog:
@@ -284,19 +284,22 @@ class JsonlAuditLog:
             state = self._checkpoint(lines, state)
         return lines, state
 
-    def _due(self, state: ChainState) -> bool:
+    def _interval(self, state: ChainState) -> int | None:
+        """How many events may wait for a checkpoint after *state*: the shorter of this
+        writer's interval and the one the last checkpoint announced. Without a key no
+        checkpoint is made, but one a checkpoint promised is still due; None: none is."""
         if self._key is None:
-            # Without a key no checkpoint is made, but one a checkpoint promised is still due.
-            return state.every is not None and state.pending >= state.every
-        return state.pending >= min(self._every, state.every or self._every)
+            return state.every
+        return min(self._every, state.every or self._every)
+
+    def _due(self, state: ChainState) -> bool:
+        interval = self._interval(state)
+        return interval is not None and state.pending >= interval
 
     def _room(self, state: ChainState) -> int:
         """How many events may follow *state* before a checkpoint is due (at least one)."""
-        if self._key is None:
-            if state.every is None:
-                return _UNBOUNDED
-            return max(state.every - state.pending, 1)
-        return max(min(self._every, state.every or self._every) - state.pending, 1)
+        interval = self._interval(state)
+        return _UNBOUNDED if interval is None else max(interval - state.pending, 1)
 
     def _overdue(self, state: ChainState) -> bool:
         """Enough events have waited long enough: see the module docstring."""
