@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,31 @@ def test_the_cli_refuses_an_untrusted_data_dir_in_one_line(tmp_path: Path) -> No
         f"error: data dir {data_dir} is writable by group or others (mode 0777); "
         f"run: chmod go-w {data_dir}"
     ]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [os.O_RDONLY, os.O_RDWR | os.O_APPEND | os.O_CREAT, os.O_WRONLY],
+    ids=["read", "append", "write"],
+)
+def test_a_planted_fifo_is_refused_at_once_not_waited_on(tmp_path: Path, flags: int) -> None:
+    ensure_private_dir(tmp_path / "data")
+    fifo = tmp_path / "data" / "audit.log.head"
+    os.mkfifo(fifo, 0o600)
+    outcome: list[BaseException | int] = []
+
+    def open_it() -> None:
+        try:
+            outcome.append(open_private(fifo, flags, what="audit log head record"))
+        except BaseException as exc:  # kept for the assertion below
+            outcome.append(exc)
+
+    opener = threading.Thread(target=open_it, daemon=True)
+    opener.start()
+    opener.join(timeout=5)
+    if opener.is_alive():  # blocked in open(): release it before failing
+        os.close(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))
+        pytest.fail("open_private waited on a FIFO for a writer or a reader")
+    [refused] = outcome
+    assert isinstance(refused, ConfigurationError)
+    assert str(refused) == f"audit log head record {fifo} is not a regular file"

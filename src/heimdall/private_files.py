@@ -25,6 +25,7 @@ read through, so what is checked is what is read.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ __all__ = [
     "ConfigFile",
     "check_private_file",
     "ensure_private_dir",
+    "fsync_directory",
     "open_private",
     "read_config",
     "write_all",
@@ -99,12 +101,26 @@ def open_private(path: Path, flags: int, *, what: str, secret: bool = False) -> 
         fd = _open_in(dir_fd, path, flags, what)
         try:
             _check_file(os.fstat(fd), path, what, secret=secret)
+            # A regular file: its reads and writes may block again, as the caller expects.
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            if flags & os.O_TRUNC:
+                os.ftruncate(fd, 0)  # only now that the file is known to be ours
         except BaseException:
             os.close(fd)
             raise
         return fd
     finally:
         os.close(dir_fd)
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the names in directory *path* durable (a rename into it, a file created in it).
+    OSError if it cannot be done."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_private_file(path: Path, *, what: str, create: bool = False) -> bool:
@@ -209,7 +225,14 @@ def write_all(fd: int, data: bytes) -> None:
 
 def _open_in(dir_fd: int, path: Path, flags: int, what: str) -> int:
     name = path.name
-    base = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)) | os.O_NOFOLLOW | os.O_CLOEXEC
+    # O_NONBLOCK: a FIFO planted under the name would block the open itself until a writer
+    # came (the file checks run only on the descriptor open returns); open_private clears it.
+    base = (
+        (flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
+        | os.O_NOFOLLOW
+        | os.O_CLOEXEC
+        | os.O_NONBLOCK
+    )
     if flags & os.O_CREAT:
         try:
             return os.open(name, base | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
@@ -224,9 +247,9 @@ def _open_in(dir_fd: int, path: Path, flags: int, what: str) -> int:
             raise ConfigurationError(
                 f"{what} {path} is a symbolic link; heimdall follows none: use the real file"
             ) from None
+        if exc.errno == errno.ENXIO:  # a FIFO without a reader, opened to write; or a device
+            raise ConfigurationError(f"{what} {path} is not a regular file") from None
         raise
-    if flags & os.O_TRUNC:
-        os.ftruncate(fd, 0)  # only now that the file is known to be ours
     return fd
 
 
