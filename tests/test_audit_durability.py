@@ -8,6 +8,7 @@ as on a full disk. A crash is a child that SIGKILLs itself at a chosen point of 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from audit_tools import CountingKey, records, sample_events, write_events
-from heimdall.audit import JsonlAuditLog
+from heimdall.audit import JsonlAuditLog, head
 from heimdall.audit.scan import UNVOUCHED_TAIL
 from heimdall.errors import AuditError
 from heimdall.kms.local import LocalKeyring
@@ -227,7 +228,7 @@ def test_cli_repairs_a_torn_tail_as_admin_and_refuses_the_audit_role(cli: object
 
     output = cli.ok("audit", "verify", "--repair-torn-tail", env={"HMD_ROLE": Role.ADMIN.value})
 
-    assert "removed a torn final line (19 bytes)" in output
+    assert "removed the tail of an interrupted append (19 bytes" in output
     assert "audit trail intact" in output
     kinds = [record["event_type"] for record in records(cli.data_dir / "audit.log")]
     assert kinds[-2:] == ["audit.repair", "audit.checkpoint"]  # closing checkpoints the repair
@@ -254,4 +255,31 @@ def test_a_repair_whose_checkpoint_cannot_be_signed_leaves_the_tail_in_place(
     assert log.path.read_bytes() == before
     assert log.repair_torn_tail(actor="ops", request_id="req-2") == len(b'{"torn": ')
     assert records(log.path)[-2]["event_type"] == "audit.repair"
+    assert log.verify().ok
+
+
+@pytest.mark.parametrize("fsync", [True, False], ids=["fsync", "no-fsync"])
+def test_an_append_returns_only_once_its_head_rename_is_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool
+) -> None:
+    """A power loss must not bring an older head back under committed lines (the repair would
+    then cut them): with fsync on, the directory is fsynced after the head's rename."""
+    log = JsonlAuditLog(tmp_path / "audit.log", fsync=fsync)
+    log.write(sample_events(1))
+    steps: list[str] = []
+    real_replace = os.replace
+
+    def replace(source: object, target: object) -> None:
+        steps.append(f"replace {Path(str(target)).name}")
+        real_replace(source, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(head, "fsync_directory", lambda path: steps.append(f"fsync {path}"))
+
+    log.write(sample_events(2))
+
+    expected = ["replace audit.log.head"]
+    if fsync:
+        expected.append(f"fsync {tmp_path}")
+    assert steps == expected
     assert log.verify().ok

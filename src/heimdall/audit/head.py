@@ -7,10 +7,11 @@ announced. Writers read and replace it under the log's exclusive lock.
 
 It is replaced atomically: written to a fresh file (``O_EXCL``, random name) in the same
 directory, fsynced, then renamed over the old one, so a crash or a full disk leaves either the
-old record or the new one, never a torn one. The directory is not fsynced after the rename: if
-a power loss undoes the rename, the old head comes back, and the next append takes over the
-(fsynced) lines past it, checking each link. A head from before the counters (``size`` and
-``hash`` only) is read as :class:`LegacyHead`; the next append rewrites it in full.
+old record or the new one, never a torn one. With fsync on, the directory is fsynced after the
+rename too, before the append returns: a power loss cannot then bring back an older head, which
+would leave committed lines past it that no writer takes over and the repair cuts off (lines
+past the head are only ever an append that never returned). A head from before the counters
+(``size`` and ``hash`` only) is read as :class:`LegacyHead`; the next append rewrites it in full.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import orjson
 
 from heimdall.audit.chain import ChainState
 from heimdall.errors import AuditError
-from heimdall.private_files import open_private, write_all
+from heimdall.private_files import fsync_directory, open_private, write_all
 
 __all__ = ["HEAD_FORMAT", "LegacyHead", "head_path", "read_head", "write_head"]
 
@@ -107,6 +108,10 @@ def write_head(path: Path, state: ChainState, *, fsync: bool) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)  # the commit: nothing after it may fail the append
+        if fsync:
+            with contextlib.suppress(OSError):
+                # Durable too; if this fails the rename is made and stays: the head is valid.
+                fsync_directory(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -178,8 +178,9 @@ def audit_verify(actor: ActorOption = None, repair_torn_tail: RepairOption = Fal
         finally:
             log.close()  # a checkpoint over the repair event
         out.print(
-            f"removed a torn final line ({removed:,} bytes) left by an interrupted append; "
-            "the repair is audited (audit.repair)",
+            f"removed the tail of an interrupted append ({removed:,} bytes the head record never "
+            "vouched for: a torn line or lines whose append did not finish); the repair is "
+            "audited (audit.repair)",
             markup=False,
         )
     report = log.verify()
