@@ -104,6 +104,10 @@ def _add_failing_routes(app: FastAPI) -> None:
     def unexpected() -> None:
         raise RuntimeError(f"internal detail {SECRET}")
 
+    @app.get("/test/cancelled")
+    async def cancelled() -> None:
+        raise asyncio.CancelledError  # as when the server's graceful shutdown runs out
+
     @app.get("/test/storage")
     def storage() -> None:
         raise StorageError(f"sqlite failed on {SECRET}")
@@ -121,6 +125,18 @@ def test_an_unanticipated_exception_is_one_json_line_and_its_message_is_nowhere(
     assert SECRET not in caplog.text
     assert "Traceback" not in caplog.text
     assert "request boom-1 failed: internal error (RuntimeError)" in caplog.text
+
+
+def test_a_request_cancelled_as_the_server_stops_is_a_json_503_and_one_log_line(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        answer = client.get("/test/cancelled", headers={"X-Request-ID": "stop-1"})
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "server_stopping"
+    assert "stop-1" in answer.json()["error"]["message"]
+    assert "Traceback" not in caplog.text
+    assert "request stop-1 was cancelled: the server is stopping" in caplog.text
 
 
 def test_a_5xx_names_the_request_and_logs_the_cause(

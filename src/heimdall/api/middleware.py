@@ -4,7 +4,8 @@
 events (the caller's ``X-Request-ID`` when it is a plain token of up to 128 characters, else a
 new ``req-<uuid>``), echoes it in the answer, and answers an exception nobody anticipated with
 one fixed JSON line, so that neither a traceback nor an exception's message (which could hold
-anything) ever reaches a client or the server's log.
+anything) ever reaches a client or the server's log. A request the server cancels as it stops
+(its graceful shutdown ran out) is answered 503 ``server_stopping`` and logged in one line.
 
 :class:`BodyLimit` refuses a body over ``HMD_API_MAX_BODY_BYTES`` with 413, by its declared
 length before reading a byte, or as soon as a streamed body passes the limit, and reads every
@@ -15,6 +16,8 @@ a browser attaches none to a cross-site form, so no form can act for a signed-in
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import uuid
@@ -32,6 +35,14 @@ __all__ = ["BodyLimit", "RequestContext"]
 _log = logging.getLogger("heimdall.api")
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 _BODILESS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _stopping(request_id: str) -> JSONResponse:
+    return JSONResponse(
+        error_body("server_stopping", f"the server is stopping (request {request_id}); retry"),
+        503,
+        headers={"X-Request-ID": request_id, "Retry-After": "1"},
+    )
 
 
 class RequestContext:
@@ -58,6 +69,14 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # The server stopped waiting for it (its graceful shutdown ran out): one line in
+            # the log and, if nothing was sent yet, a JSON 503, never uvicorn's traceback and
+            # plain-text 500. The request's task ends here, as uvicorn asked.
+            _log.error("request %s was cancelled: the server is stopping", request_id)
+            if not started:
+                with contextlib.suppress(Exception):
+                    await _stopping(request_id)(scope, receive, send)
         except Exception as exc:
             if started:  # a streamed answer broke off: the client sees the connection end
                 _log.error("request %s broke off: %s", request_id, type(exc).__name__)
