@@ -37,7 +37,7 @@ from heimdall.kms.legacy import LegacyMasterKey, parse_master_key
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
 
-__all__ = ["create_app", "openapi_document"]
+__all__ = ["close_app", "create_app", "openapi_document"]
 
 DESCRIPTION = """\
 Envelope encryption of PII fields under keys held in a key management service.
@@ -98,14 +98,21 @@ def _legacy_cipher(service: Heimdall, settings: Settings) -> FieldCipher | None:
     return FieldCipher(key, EncryptionVersion.LEGACY, cache)
 
 
+def close_app(app: FastAPI) -> None:
+    """Release what the application holds besides the service (the readiness probes' thread).
+    ``heimdall serve`` calls it once uvicorn has stopped; other ASGI servers run it through the
+    lifespan protocol."""
+    readiness = getattr(app.state, "readiness", None)
+    if isinstance(readiness, Readiness):
+        readiness.close()
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        readiness = getattr(app.state, "readiness", None)
-        if isinstance(readiness, Readiness):
-            readiness.close()
+        close_app(app)
 
 
 def openapi_document(settings: Settings) -> dict[str, Any]:

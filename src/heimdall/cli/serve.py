@@ -91,7 +91,11 @@ def serve_command(
     try:
         import uvicorn  # noqa: PLC0415 - the server extra
 
-        from heimdall.api.app import create_app, openapi_document  # noqa: PLC0415 - likewise
+        from heimdall.api.app import (  # noqa: PLC0415 - likewise
+            close_app,
+            create_app,
+            openapi_document,
+        )
     except ImportError:
         raise ConfigurationError(
             "heimdall serve needs the server extra: pip install 'heimdall[server]'"
@@ -126,6 +130,10 @@ def serve_command(
                 server_header=False,
                 log_config=_log_config(),
                 timeout_graceful_shutdown=10,
+                # No lifespan protocol: a second Ctrl-C makes uvicorn skip its shutdown event
+                # and cancel the application's lifespan task, which Starlette then reports as
+                # a traceback. What the lifespan would release is released below instead.
+                lifespan="off",
             )
         )
         # uvicorn stops gracefully on SIGTERM, then raises it again: with this handler that
@@ -136,6 +144,7 @@ def serve_command(
                 server.run()
         finally:
             signal.signal(signal.SIGTERM, previous)
+            close_app(application)
     finally:
         service.close()
     if not server.started:
