@@ -197,7 +197,10 @@ def _credentials(setup: Setup) -> Setup:
     for index, role in enumerate(Role):
         kid = "rsa-1" if index % 2 == 0 else "ec-1"
         creds[f"oidc:{role.value}"] = issuer.token(
-            kid=kid, email=f"{role.value}@example.com", groups=[GROUP_OF[role], "staff"]
+            kid=kid,
+            email=f"{role.value}@example.com",
+            email_verified=True,
+            groups=[GROUP_OF[role], "staff"],
         )
         creds[f"service-token:{role.value}"] = server.service_token(role.value, f"svc-{role.value}")
     setup.credentials = creds
@@ -333,6 +336,28 @@ def test_a_service_token_revoked_while_the_server_runs_is_refused_on_its_next_re
     assert token not in server.audit_log.read_text()
 
 
+@pytest.mark.parametrize("first", ["app", "admin"])
+def test_a_request_with_two_authorization_headers_is_refused(setup: Setup, first: str) -> None:
+    tokens = [setup.app, setup.admin] if first == "app" else [setup.admin, setup.app]
+    request_id = f"two-headers-{uuid.uuid4().hex}"
+    headers = [("Authorization", f"Bearer {token}") for token in tokens]
+    with httpx.Client(base_url=setup.server.url, trust_env=False) as client:
+        refused = client.get(
+            "/admin/keys", headers=[*headers, ("X-Request-ID", request_id)], timeout=30
+        )
+    assert refused.status_code == 401
+    reason = "the request has more than one Authorization header"
+    assert refused.json()["error"]["message"] == f"authentication required: {reason}"
+    (event,) = [
+        e for e in audit_records(setup.server.audit_log) if e.get("request_id") == request_id
+    ]
+    assert (event["event_type"], event["actor"], event["reason"]) == (
+        "access.denied",
+        "anonymous",
+        reason,
+    )
+
+
 @pytest.mark.parametrize(
     ("groups", "message"),
     [
@@ -348,7 +373,7 @@ def test_a_service_token_revoked_while_the_server_runs_is_refused_on_its_next_re
 def test_an_identity_must_map_to_exactly_one_role(
     setup: Setup, groups: list[str], message: str
 ) -> None:
-    token = setup.issuer.token(email="two-hats@example.com", groups=groups)
+    token = setup.issuer.token(email="two-hats@example.com", email_verified=True, groups=groups)
     request_id = f"roles-{uuid.uuid4().hex}"
     with setup.server.client(token) as client:
         refused = client.get("/admin/keys", headers={"X-Request-ID": request_id})

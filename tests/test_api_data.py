@@ -278,6 +278,20 @@ def test_bad_input_is_a_json_4xx_that_writes_nothing(setup: Setup, bad: BadInput
     assert [e for e in new_events if e["event_type"] == "crypto.encrypt"] == []
 
 
+@pytest.mark.parametrize("token", [None, "hmd_" + "A" * 43], ids=["no-token", "unknown-token"])
+@pytest.mark.parametrize("path", ["/v1/decrypt", "/v1/records", "/admin/keys/rotate"])
+def test_malformed_json_without_valid_credentials_is_refused_and_audited_first(
+    setup: Setup, path: str, token: str | None
+) -> None:
+    request_id = f"malformed-{uuid.uuid4().hex}"
+    with setup.server.client(token) as client:
+        response = client.post(path, content=b"{", headers={"X-Request-ID": request_id})
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["code"] == "unauthenticated"
+    (event,) = _events(setup.server, request_id)
+    assert (event["event_type"], event["operation"]) == ("access.denied", f"POST {path}")
+
+
 def test_a_batch_with_a_bad_record_writes_the_good_ones_only(setup: Setup) -> None:
     server = setup.server
     before = _counts(server)
@@ -479,6 +493,9 @@ def test_the_client_s_request_id_reaches_the_trail_and_a_bad_one_is_replaced(
 ) -> None:
     server = setup.server
     with server.client(setup.app) as app:
+        # The field's blind-index key exists before the request watched (its creation would be
+        # audited under that request too).
+        app.post("/v1/lookup", json={"field": "email", "value": "x@example.com"})
         kept = app.post(
             "/v1/lookup",
             json={"field": "email", "value": "x@example.com"},
@@ -496,6 +513,9 @@ def test_the_client_s_request_id_reaches_the_trail_and_a_bad_one_is_replaced(
 
 
 def test_metrics_show_the_job_progress_the_runbook_watches(setup: Setup) -> None:
+    with setup.server.client(setup.app) as app:  # a field for the job, whatever ran before
+        stored = app.post("/v1/records", json={"records": [{"email": "metrics@example.com"}]})
+        assert stored.status_code == 200, stored.text
     with setup.server.client(setup.admin) as admin:
         admin.post("/admin/keys/rotate")
         job = admin.post("/admin/crypto/reencrypt").json()

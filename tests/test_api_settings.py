@@ -166,7 +166,12 @@ def test_a_valid_token_gives_the_actor_and_the_roles(issuer: Issuer, tmp_path: P
     verifier = _verifier(issuer, tmp_path)
     for kid in ("rsa-1", "ec-1"):
         identity = verifier.verify(
-            issuer.token(kid=kid, email="user@example.com", roles=["heimdall-admin", "x"])
+            issuer.token(
+                kid=kid,
+                email="user@example.com",
+                email_verified=True,
+                roles=["heimdall-admin", "x"],
+            )
         )
         assert identity.actor == "oidc:user@example.com"
         assert identity.roles == frozenset({Role.ADMIN})
@@ -295,12 +300,34 @@ def test_roles_come_from_the_claim_through_the_map(  # noqa: PLR0917 - parametri
     assert verifier.verify(issuer.token(**claims)).roles == frozenset(roles)
 
 
-def test_an_unverified_email_is_not_the_actor(issuer: Issuer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("verified", [False, None, "true", "false", 1, 0], ids=repr)
+def test_an_email_the_issuer_does_not_mark_verified_is_not_the_actor(
+    issuer: Issuer, tmp_path: Path, verified: object
+) -> None:
     verifier = _verifier(issuer, tmp_path)
-    token = issuer.token(sub="s-1", email="boss@example.com", email_verified=False)
+    token = issuer.token(sub="s-1", email="boss@example.com", email_verified=verified)
     assert verifier.verify(token).actor == "oidc:s-1"
-    forged_line = issuer.token(sub="s-2", email="a@example.com\nforged")
+
+
+def test_an_email_with_a_line_break_is_not_the_actor(issuer: Issuer, tmp_path: Path) -> None:
+    verifier = _verifier(issuer, tmp_path)
+    forged_line = issuer.token(sub="s-2", email="a@example.com\nforged", email_verified=True)
     assert verifier.verify(forged_line).actor == "oidc:s-2"
+
+
+def test_a_dotted_roles_claim_given_both_ways_is_refused(issuer: Issuer, tmp_path: Path) -> None:
+    verifier = _verifier(issuer, tmp_path, roles_claim="realm_access.roles")
+    both: dict[str, Any] = {
+        "realm_access.roles": ["heimdall-admin"],
+        "realm_access": {"roles": ["heimdall-audit"]},
+    }
+    token = issuer.token(**both)
+    assert _refused(verifier, token) == (
+        "the token carries the realm_access.roles claim twice (dotted and nested)"
+    )
+    literal: dict[str, Any] = {"realm_access.roles": ["heimdall-audit"]}
+    literal_only = issuer.token(**literal)
+    assert verifier.verify(literal_only).roles == frozenset({Role.AUDIT})
 
 
 def test_a_jwks_file_that_is_not_one_is_a_configuration_error(tmp_path: Path) -> None:

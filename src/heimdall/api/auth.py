@@ -30,7 +30,7 @@ from typing import Annotated, Final
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from heimdall.api.errors import Unauthenticated, request_id_of
+from heimdall.api.errors import ApiError, Unauthenticated, request_id_of
 from heimdall.api.oidc import OidcVerifier
 from heimdall.audit import AuditEvent
 from heimdall.errors import PermissionDenied
@@ -108,6 +108,15 @@ def _one_role(identity: Identity) -> Role:
     )
 
 
+def _authorization(request: Request) -> str | None:
+    """The request's one Authorization header. Several are refused: a proxy that judges or logs
+    another copy than this server reads would disagree with it about who called."""
+    values = request.headers.getlist("authorization")
+    if len(values) > 1:
+        raise Unauthenticated("the request has more than one Authorization header")
+    return values[0] if values else None
+
+
 # Declares the scheme in the OpenAPI document; the header is read and judged below.
 _BEARER: Final = HTTPBearer(
     auto_error=False,
@@ -123,9 +132,12 @@ def authenticated(
     both audited, when there is none."""
     authenticator: Authenticator = request.app.state.authenticator
     try:
-        identity = authenticator.identify(request.headers.get("authorization"))
+        identity = authenticator.identify(_authorization(request))
     except Unauthenticated as exc:
         authenticator.deny(request, exc.actor or ANONYMOUS, exc.reason)
+        raise
+    except ApiError as exc:  # the identity provider's keys cannot be fetched: still a refusal
+        authenticator.deny(request, ANONYMOUS, str(exc))
         raise
     try:
         role = _one_role(identity)

@@ -19,6 +19,7 @@ from typing import Any, Final
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from heimdall.errors import (
@@ -190,6 +191,13 @@ def _location(loc: Sequence[int | str]) -> str:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    if any(error.get("type") == "json_invalid" for error in exc.errors()):
+        # FastAPI parses a JSON body before it runs any dependency, authentication included:
+        # the caller is authenticated here first, so that no credentials are refused (and
+        # audited) as on every other request, not told about the body.
+        refusal = await _authentication_refusal(request)
+        if refusal is not None:
+            return await _heimdall_error(request, refusal)
     problems = []
     for error in exc.errors()[:20]:
         kind = str(error.get("type", ""))
@@ -209,6 +217,20 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         f"the request is not valid: {first['location']}: {first['message']}",
         problems=problems,
     )
+
+
+async def _authentication_refusal(request: Request) -> HeimdallError | None:
+    """Why the request's credentials are refused (audited as a refusal), or None if they are
+    not (or the application authenticates nobody)."""
+    from heimdall.api.auth import authenticated  # noqa: PLC0415 - auth imports this module
+
+    if getattr(request.app.state, "authenticator", None) is None:
+        return None
+    try:
+        await run_in_threadpool(authenticated, request)  # reads the store: not on the loop
+    except HeimdallError as refused:
+        return refused
+    return None
 
 
 _HTTP_CODES: Final = {

@@ -16,11 +16,12 @@ The keys come from ``HMD_OIDC_JWKS_URL`` through :class:`jwt.PyJWKClient` (the k
 cached for five minutes and fetched again at once for a ``kid`` it lacks, at most every
 ``HMD_OIDC_JWKS_REFRESH_SECONDS``), or from ``HMD_OIDC_JWKS_FILE``, read at start.
 
-The identity is ``oidc:<email>`` when the token has an email its issuer has not marked
-unverified (``email_verified: false``), else ``oidc:<sub>``; its roles are the values of
+The identity is ``oidc:<email>`` when the token has an email its issuer marks verified
+(``email_verified: true``), else ``oidc:<sub>``; its roles are the values of
 ``HMD_OIDC_ROLES_CLAIM`` (a list of strings, or one string of space-separated values; ``a.b``
-reaches into a nested object) read through ``HMD_OIDC_ROLE_MAP``, or taken as heimdall role names
-when there is no map. Values that name no heimdall role are ignored.
+also reaches into a nested object, and a token with both is refused) read through
+``HMD_OIDC_ROLE_MAP``, or taken as heimdall role names when there is no map. Values that name no
+heimdall role are ignored.
 """
 
 from __future__ import annotations
@@ -166,10 +167,16 @@ class OidcVerifier:
 
 def _claim_values(claims: Mapping[str, Any], name: str) -> list[str]:
     value: Any = claims.get(name)
-    if value is None and "." in name:
-        value = claims
+    if "." in name:
+        nested: Any = claims
         for part in name.split("."):
-            value = value.get(part) if isinstance(value, Mapping) else None
+            nested = nested.get(part) if isinstance(nested, Mapping) else None
+        if value is not None and nested is not None:
+            # Both spellings: one of them may be a claim whoever edits a user's attributes at
+            # the issuer added to override the other. Neither is believed.
+            raise Unauthenticated(f"the token carries the {name} claim twice (dotted and nested)")
+        if value is None:
+            value = nested
     if isinstance(value, str):
         return value.split()
     if isinstance(value, list):
@@ -179,11 +186,9 @@ def _claim_values(claims: Mapping[str, Any], name: str) -> list[str]:
 
 def _actor(claims: Mapping[str, Any]) -> str:
     email = claims.get("email")
-    if (
-        isinstance(email, str)
-        and claims.get("email_verified") is not False
-        and _ACTOR_TEXT.match(email)
-    ):
+    # Only an email its issuer vouches for (``email_verified`` the JSON true, not "true", 1 or
+    # absent): anyone may put any address in a profile the issuer does not check.
+    if isinstance(email, str) and claims.get("email_verified") is True and _ACTOR_TEXT.match(email):
         return f"oidc:{email}"
     subject = claims.get("sub")
     if isinstance(subject, str) and _ACTOR_TEXT.match(subject):
