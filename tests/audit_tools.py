@@ -102,6 +102,7 @@ class CountingKey:
     def __init__(self, key: AuditKey) -> None:
         self.key = key
         self.signed = 0
+        self.verified = 0
         self.down = False
 
     @property
@@ -115,6 +116,7 @@ class CountingKey:
         return self.key.sign(message)
 
     def verify(self, message: bytes, mac: str) -> bool:
+        self.verified += 1
         return self.key.verify(message, mac)
 
     def exists(self) -> bool:

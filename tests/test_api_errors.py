@@ -18,6 +18,7 @@ from heimdall.api.errors import ApiError, Unauthenticated, error_of
 from heimdall.errors import (
     AccessDenied,
     AuditError,
+    AuditUnreadable,
     ConfigurationError,
     DecryptionFailed,
     FieldNotFound,
@@ -52,6 +53,7 @@ SECRET = "alice@example.com-4111111111111111"
         (AccessDenied(f"denied {SECRET}"), 502, "kms_denied", False),
         (KeyNotFound(f"no key {SECRET}"), 502, "kms_key_not_found", False),
         (AuditError(f"audit log /var/log {SECRET}"), 503, "audit_unavailable", False),
+        (AuditUnreadable(f"audit log /var/log {SECRET}"), 503, "audit_unreadable", False),
         (StorageError(f"sqlite {SECRET}"), 503, "storage_unavailable", False),
         (DecryptionFailed(), 500, "decryption_failed", True),  # its one fixed message
         (InvalidEnvelope(f"envelope {SECRET}"), 500, "invalid_envelope", False),

@@ -94,7 +94,10 @@ def test_readyz_follows_the_key_provider_s_reachability(setup: Setup) -> None:
     with setup.server.client(setup.admin) as client:
         ready = _ready(client)
         assert ready.status_code == 200
-        assert ready.json() == {"status": "ready", "checks": {"store": "ok", "kms": "ok"}}
+        assert ready.json() == {
+            "status": "ready",
+            "checks": {"store": "ok", "kms": "ok", "audit": "ok"},
+        }
         os.kill(setup.bao.pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
@@ -114,5 +117,5 @@ def test_readyz_follows_the_key_provider_s_reachability(setup: Setup) -> None:
         while (answer := _ready(client)).status_code != 200:
             assert time.monotonic() < deadline, answer.text
             time.sleep(0.2)
-        assert answer.json()["checks"] == {"store": "ok", "kms": "ok"}
+        assert answer.json()["checks"] == {"store": "ok", "kms": "ok", "audit": "ok"}
     assert setup.bao.root_token not in setup.server.logs()

@@ -95,6 +95,50 @@ def test_one_write_of_many_events_keeps_the_shorter_of_both_intervals(
     assert second.verify().ok
 
 
+def test_verifying_again_asks_the_key_provider_only_about_new_checkpoints(
+    tmp_path: Path, key: AuditKey
+) -> None:
+    counting = CountingKey(key)
+    log = JsonlAuditLog(tmp_path / "audit.log", fsync=False, key=counting, checkpoint_every=10)
+    log.write(sample_events(55))  # five checkpoints
+
+    assert (log.verify().ok, log.verify().checkpoints, counting.verified) == (True, 5, 5)
+    log.write(sample_events(20, start=55))  # two more
+    report = log.verify()
+    assert (report.ok, report.checkpoints, counting.verified) == (True, 7, 7)
+    # Another process (or object) that has not verified the trail asks about every one.
+    assert JsonlAuditLog(log.path, fsync=False, key=counting).verify().ok
+    assert counting.verified == 14
+
+
+@pytest.mark.parametrize(
+    "rewrite",
+    [
+        pytest.param(lambda record: record.get("count") != 3, id="an-event-removed"),
+        pytest.param(
+            lambda record: record.update(actor="test:someone-else") or True,
+            id="an-event-changed",
+        ),
+    ],
+)
+def test_a_trail_rewritten_after_a_verify_is_checked_from_scratch(
+    tmp_path: Path, key: AuditKey, rewrite: Callable[[dict[str, Any]], bool]
+) -> None:
+    """Whoever can write the file rewrites the chain and the head after a verify: the
+    checkpoints already found good are asked about again, and the first one fails."""
+    log = write_events(tmp_path / "audit.log", 35, key=key, every=10, batch=35)
+    assert log.verify().ok
+
+    rewrite_trail(log.path, rewrite)
+
+    report = log.verify()
+    assert report.ok is False
+    assert report.problem == "checkpoint MAC does not verify: forged, or made with another key"
+    assert report.first_bad_line in {10, 11}  # the first checkpoint after the rewritten event
+    # Exactly what a check that never saw the trail before reports.
+    assert report == JsonlAuditLog(log.path, fsync=False, key=key).verify()
+
+
 def test_the_key_provider_is_called_once_per_checkpoint(tmp_path: Path, key: AuditKey) -> None:
     counting = CountingKey(key)
     log = JsonlAuditLog(tmp_path / "audit.log", fsync=False, key=counting, checkpoint_every=25)

@@ -31,7 +31,7 @@ from heimdall.audit.query import (
     parse_time,
     query_audit,
 )
-from heimdall.errors import AuditError, ConfigurationError, InvalidInput
+from heimdall.errors import AuditError, AuditUnreadable, ConfigurationError, InvalidInput
 from heimdall.kms.local import LocalKeyring
 
 SINCE = datetime(2025, 12, 9, 2, 0, tzinfo=UTC)
@@ -281,7 +281,7 @@ def test_a_line_that_is_not_a_json_record_is_an_audit_error(log_path: Path, line
     os.write(fd, orjson.dumps(event("ok", SINCE).to_dict()) + b"\n" + line + b"\n")
     os.close(fd)
 
-    with pytest.raises(AuditError, match="not a JSON record") as raised:
+    with pytest.raises(AuditUnreadable, match="not a JSON record") as raised:
         query_audit(log_path, AuditFilter())
     with pytest.raises(AuditError):
         list(iter_audit(log_path, AuditFilter()))

@@ -17,6 +17,7 @@ from heimdall.envelope import EncryptionContext, EncryptionVersion, Envelope, pa
 from heimdall.errors import (
     AccessDenied,
     AuditError,
+    AuditUnreadable,
     ConfigurationError,
     DecryptionFailed,
     EnvelopeTooLarge,
@@ -48,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessDenied",
     "AuditError",
+    "AuditUnreadable",
     "CachePolicy",
     "Caller",
     "ConfigurationError",

@@ -30,6 +30,7 @@ from __future__ import annotations
 __all__ = [
     "AccessDenied",
     "AuditError",
+    "AuditUnreadable",
     "ConfigurationError",
     "DecryptionFailed",
     "EnvelopeTooLarge",
@@ -138,6 +139,11 @@ class FieldNotFound(StorageError):
 
 class AuditError(HeimdallError):
     """The audit event could not be written, so the audited operation was refused."""
+
+
+class AuditUnreadable(AuditError):
+    """The audit trail could not be read (a query over it): it cannot be opened, or a line in
+    it is not a record. Nothing is refused but the read; ``heimdall audit verify`` says more."""
 
 
 class InvalidInput(HeimdallError):

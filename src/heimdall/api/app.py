@@ -26,7 +26,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from heimdall.api import audit, data, jobs, keys, migration
-from heimdall.api.auth import Authenticator
+from heimdall.api.auth import Authenticator, authenticated
 from heimdall.api.errors import install_error_handlers
 from heimdall.api.health import Readiness, health_router
 from heimdall.api.middleware import BodyLimit, RequestContext
@@ -75,7 +75,7 @@ def create_app(settings: Settings, service: Heimdall | None) -> FastAPI:
         app.state.legacy = _legacy_cipher(service, settings)
         app.state.authenticator = Authenticator(service, OidcVerifier(oidc) if oidc else None)
         app.state.readiness = Readiness(service)
-    install_error_handlers(app)
+    install_error_handlers(app, authenticate=authenticated if service is not None else None)
     app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
     app.add_middleware(RequestContext)  # added last: the outermost
     for module in (data, keys, jobs, migration, audit):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from fastapi import FastAPI, Request
@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from heimdall.errors import (
     AccessDenied,
     AuditError,
+    AuditUnreadable,
     ConfigurationError,
     DecryptionFailed,
     FieldNotFound,
@@ -115,6 +116,12 @@ _TABLE: Final[Sequence[tuple[type[HeimdallError], int, str, str | None]]] = (
     (KeyNotFound, 502, "kms_key_not_found", "the key management service has no such key"),
     (KmsError, 502, "kms_error", "the key management service failed"),
     (
+        AuditUnreadable,
+        503,
+        "audit_unreadable",
+        "the audit trail cannot be read; see the server's log (`heimdall audit verify`)",
+    ),
+    (
         AuditError,
         503,
         "audit_unavailable",
@@ -189,15 +196,27 @@ def _location(loc: Sequence[int | str]) -> str:
     return "".join(parts)
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    if any(error.get("type") == "json_invalid" for error in exc.errors()):
-        # FastAPI parses a JSON body before it runs any dependency, authentication included:
-        # the caller is authenticated here first, so that no credentials are refused (and
-        # audited) as on every other request, not told about the body.
-        refusal = await _authentication_refusal(request)
-        if refusal is not None:
-            return await _heimdall_error(request, refusal)
+def _validation_error(
+    authenticate: Callable[[Request], object] | None,
+) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        if authenticate is not None and any(
+            error.get("type") == "json_invalid" for error in exc.errors()
+        ):
+            # FastAPI parses a JSON body before it runs any dependency, authentication
+            # included: the caller is authenticated here first, so that no credentials are
+            # refused (and audited) as on every other request, not told about the body.
+            try:
+                await run_in_threadpool(authenticate, request)  # reads the store
+            except HeimdallError as refused:
+                return await _heimdall_error(request, refused)
+        return _invalid(request, exc)
+
+    return handle
+
+
+def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = []
     for error in exc.errors()[:20]:
         kind = str(error.get("type", ""))
@@ -217,20 +236,6 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         f"the request is not valid: {first['location']}: {first['message']}",
         problems=problems,
     )
-
-
-async def _authentication_refusal(request: Request) -> HeimdallError | None:
-    """Why the request's credentials are refused (audited as a refusal), or None if they are
-    not (or the application authenticates nobody)."""
-    from heimdall.api.auth import authenticated  # noqa: PLC0415 - auth imports this module
-
-    if getattr(request.app.state, "authenticator", None) is None:
-        return None
-    try:
-        await run_in_threadpool(authenticated, request)  # reads the store: not on the loop
-    except HeimdallError as refused:
-        return refused
-    return None
 
 
 _HTTP_CODES: Final = {
@@ -261,9 +266,13 @@ def unexpected_error(request_id: str, exc: BaseException) -> JSONResponse:
     )
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(
+    app: FastAPI, *, authenticate: Callable[[Request], object] | None = None
+) -> None:
     """The handlers of heimdall's errors, validation errors and HTTP errors (404, 405, 413).
-    Anything else is :func:`unexpected_error`, answered by the request context middleware."""
+    Anything else is :func:`unexpected_error`, answered by the request context middleware.
+    *authenticate* (raising the refusal, audited) runs before a body that is not JSON is
+    answered 422."""
     app.add_exception_handler(HeimdallError, _heimdall_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(RequestValidationError, _validation_error(authenticate))
     app.add_exception_handler(StarletteHTTPException, _http_error)

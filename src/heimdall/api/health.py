@@ -1,7 +1,8 @@
 """Liveness, readiness, metrics and the OpenAPI document.
 
 * ``/healthz``: the process answers; no credentials needed, nothing checked.
-* ``/readyz``: the store and the key provider answer, each within a few seconds: 200, or 503
+* ``/readyz``: the store and the key provider answer, each within a few seconds, and the audit
+  trail takes appends (it opens for writing and ends where its head record says): 200, or 503
   naming the one that did not (by an error code, never a message or an address). A check still
   waiting from an earlier request is waited on again rather than started twice, so a provider
   that hangs ties up one thread, however often the probe asks.
@@ -30,6 +31,7 @@ from heimdall.api.auth import authenticated
 from heimdall.api.deps import service_of
 from heimdall.api.errors import error_of
 from heimdall.app import ENVIRONMENT_META
+from heimdall.audit import ForwardedAuditLog, JsonlAuditLog
 from heimdall.errors import HeimdallError
 from heimdall.rotation.job import job_store
 from heimdall.rotation.worker import FIELD_COUNTS_EVERY_SECONDS
@@ -52,10 +54,16 @@ class Readiness:
 
     def _probes(self) -> dict[str, Callable[[], object]]:
         service = self._service
-        return {
+        probes: dict[str, Callable[[], object]] = {
             "store": lambda: service.store.get_meta(ENVIRONMENT_META),
             "kms": service.kms.describe,
         }
+        sink = service.audit
+        log = sink.log if isinstance(sink, ForwardedAuditLog) else sink
+        if isinstance(log, JsonlAuditLog):
+            # Every audited operation is refused while an append would be: not ready then.
+            probes["audit"] = log.check_appendable
+        return probes
 
     def check(self) -> dict[str, str]:
         """``ok`` or what went wrong, by check."""

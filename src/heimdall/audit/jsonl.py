@@ -48,12 +48,14 @@ from heimdall.audit.events import AuditEvent, EventType
 from heimdall.audit.group import GroupCommit
 from heimdall.audit.head import LegacyHead, head_path, read_head, write_head
 from heimdall.audit.scan import (
+    VerifiedPrefix,
     VerifyReport,
     check,
     end_of_last_line,
     hash_ending_at,
     last_lines,
     read_lines,
+    recheck,
 )
 from heimdall.errors import AuditError, ConfigurationError, KmsError
 from heimdall.kms.base import AuditKey
@@ -108,6 +110,8 @@ class JsonlAuditLog:
         self._sealed_at = monotonic()  # this process's last checkpoint, or its start
         self._unsealed = False  # this process wrote events that no checkpoint covers yet
         self._group = GroupCommit(self.append)
+        # How far this process's last verify found the trail good (see scan.recheck).
+        self._verified: VerifiedPrefix | None = None
 
     @property
     def head_path(self) -> Path:
@@ -130,6 +134,23 @@ class JsonlAuditLog:
 
     def close(self) -> None:
         self.checkpoint_on_close()
+
+    def check_appendable(self) -> None:
+        """AuditError if an append would be refused now: the log cannot be opened for writing,
+        or does not end where its head record says (a readiness probe; writes nothing)."""
+        if not os.path.lexists(self.path):
+            return  # the first append creates it
+        try:
+            fd = open_private(self.path, os.O_RDWR | os.O_APPEND, what=_WHAT)
+        except OSError as exc:
+            raise AuditError(f"audit log {self.path} cannot be opened: {exc.strerror}") from None
+        except ConfigurationError as exc:
+            raise AuditError(str(exc)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # no append is half done while we look
+            self._state(fd, os.fstat(fd).st_size, create=False)
+        finally:
+            os.close(fd)
 
     def seal(self) -> list[bytes]:
         """A checkpoint over the events this process wrote that none covers yet, once
@@ -323,13 +344,15 @@ class JsonlAuditLog:
         lines.append(line)
         return after
 
-    def _state(self, fd: int, size: int) -> ChainState:
-        """The chain position at the end of the log, after checking it against its head."""
+    def _state(self, fd: int, size: int, *, create: bool = True) -> ChainState:
+        """The chain position at the end of the log, after checking it against its head (which
+        an empty log without one is given, unless not *create*)."""
         try:
             head = read_head(self.head_path)
             if head is None and size == 0:
                 head = ChainState()
-                write_head(self.head_path, head, fsync=self._fsync)  # before the first line
+                if create:
+                    write_head(self.head_path, head, fsync=self._fsync)  # before the first line
         except ConfigurationError as exc:
             raise AuditError(str(exc)) from None
         except OSError as exc:
@@ -377,7 +400,9 @@ class JsonlAuditLog:
     # -- reading ----------------------------------------------------------------------------
 
     def verify(self) -> VerifyReport:
-        """Check the chain, every checkpoint's MAC and the head record. See scan.check."""
+        """Check the chain, every checkpoint's MAC and the head record (scan.check); the key
+        provider is asked only about checkpoints this object has not found good before, as
+        long as the trail still reaches them unchanged (scan.recheck)."""
         fd = self._open_for_reading()
         try:
             if fd is not None:
@@ -390,9 +415,15 @@ class JsonlAuditLog:
             finally:
                 if fd is not None:
                     fcntl.flock(fd, fcntl.LOCK_UN)
+
             # Appends after this point only add lines past *size*.
-            lines = read_lines(fd, 0, size) if fd is not None else iter(())
-            return check(lines, head, self._key)
+            def lines() -> Iterator[bytes]:
+                return read_lines(fd, 0, size) if fd is not None else iter(())
+
+            report = recheck(lines, head, self._key, self._verified)
+            if report.verified is not None:
+                self._verified = report.verified
+            return report
         finally:
             if fd is not None:
                 os.close(fd)

@@ -45,7 +45,7 @@ import orjson
 from heimdall.audit.events import EventType, Result
 from heimdall.audit.head import head_path, read_head
 from heimdall.audit.scan import end_of_last_line, read_lines
-from heimdall.errors import AuditError, InvalidInput
+from heimdall.errors import AuditError, AuditUnreadable, InvalidInput
 from heimdall.private_files import open_private
 
 __all__ = [
@@ -220,7 +220,7 @@ class _Log:
             except orjson.JSONDecodeError:
                 record = None
             if not isinstance(record, dict):
-                raise AuditError(
+                raise AuditUnreadable(
                     f"audit log {self.path} holds a line that is not a JSON record (at byte "
                     f"{offset:,}); run `heimdall audit verify`"
                 )
@@ -256,7 +256,7 @@ def _reading(path: Path) -> Iterator[_Log | None]:
         yield None
         return
     except OSError as exc:
-        raise AuditError(f"audit log {path} cannot be read: {exc.strerror}") from None
+        raise AuditUnreadable(f"audit log {path} cannot be read: {exc.strerror}") from None
     try:
         yield _Log(Path(path), fd, _readable_end(Path(path), fd))
     finally:

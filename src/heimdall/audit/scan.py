@@ -8,8 +8,8 @@ was due and is missing, and where the log does not reach the size and hash of it
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from heimdall.audit.chain import GENESIS, ChainError, ChainState, advance, checkpoint_message
@@ -19,12 +19,14 @@ from heimdall.kms.base import AuditKey
 __all__ = [
     "TORN_TAIL",
     "UNVOUCHED_TAIL",
+    "VerifiedPrefix",
     "VerifyReport",
     "check",
     "end_of_last_line",
     "hash_ending_at",
     "last_lines",
     "read_lines",
+    "recheck",
 ]
 
 _CHUNK: Final = 1 << 20
@@ -52,6 +54,24 @@ class VerifyReport:
     events_after_checkpoint: int = 0  # all events, when there is no checkpoint
     key_identifier: str | None = None  # of the key that checked the checkpoints
     torn_tail: bool = False
+    # Where the trail was found good up to, when it was (see recheck); never shown.
+    verified: VerifiedPrefix | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedPrefix:
+    """The chain's position just after a checkpoint whose MAC, and every earlier one's, *key*
+    confirmed. The chain hash there commits to every byte before it: a log that reaches the
+    same hash at the same line holds those same checkpoints, already confirmed."""
+
+    key_identifier: str
+    lines: int
+    size: int
+    hash: str
+
+
+class _PrefixChanged(Exception):
+    """The log does not reach the verified prefix unchanged: check it from scratch."""
 
 
 def read_lines(fd: int, start: int, end: int) -> Iterator[bytes]:
@@ -118,22 +138,59 @@ def check(
     lines: Iterable[bytes], head: ChainState | LegacyHead | None, key: AuditKey | None
 ) -> VerifyReport:
     """Verify the log's *lines* (from :func:`read_lines`) against its *head* record and *key*."""
-    walk = _Walk(head, key)
+    return _check(lines, head, key, None)
+
+
+def recheck(
+    read: Callable[[], Iterable[bytes]],
+    head: ChainState | LegacyHead | None,
+    key: AuditKey | None,
+    trusted: VerifiedPrefix | None,
+) -> VerifyReport:
+    """:func:`check` of the lines *read* returns, asking *key* only about the checkpoints past
+    *trusted* (the ``verified`` of an earlier report) when the log still reaches it unchanged;
+    otherwise (the log was rewritten, cut, or fails before that point) the full check. A server
+    asked to verify again and again so asks its key provider only about new checkpoints."""
+    if trusted is not None and key is not None and trusted.key_identifier == key.key_identifier:
+        try:
+            return _check(read(), head, key, trusted)
+        except _PrefixChanged:
+            pass
+    return _check(read(), head, key, None)
+
+
+def _check(
+    lines: Iterable[bytes],
+    head: ChainState | LegacyHead | None,
+    key: AuditKey | None,
+    trusted: VerifiedPrefix | None,
+) -> VerifyReport:
+    walk = _Walk(head, key, trusted)
     for line in lines:
         if not line.endswith(b"\n"):
+            walk.confirm_trusted()
             return walk.torn()
         problem = walk.step(line)
         if problem:
+            walk.confirm_trusted()
             return walk.report(problem, walk.state.lines + 1)
+    walk.confirm_trusted()
     return walk.finish()
 
 
 class _Walk:
-    def __init__(self, head: ChainState | LegacyHead | None, key: AuditKey | None) -> None:
+    def __init__(
+        self,
+        head: ChainState | LegacyHead | None,
+        key: AuditKey | None,
+        trusted: VerifiedPrefix | None = None,
+    ) -> None:
         self.head = head
         self.key = key
+        self.trusted = trusted  # None once the walk is past it (or there is none)
         self.state = ChainState()
         self.checkpoints = 0
+        self.verified: VerifiedPrefix | None = None
         self.head_matched = head is None or head.size == 0
         self.lines_at_head = 0  # lines up to the end the head vouches for
 
@@ -142,11 +199,21 @@ class _Walk:
             after, doc = advance(self.state, line)
         except ChainError as exc:
             return exc.problem
+        trusted = self.trusted
+        if trusted is not None and after.lines >= trusted.lines:
+            if (after.lines, after.size, after.hash) != (trusted.lines, trusted.size, trusted.hash):
+                raise _PrefixChanged
+            self.trusted = None  # the prefix holds, and with it every checkpoint in it
         if after.last_checkpoint_line == after.lines:
-            problem = self._checkpoint(doc)
-            if problem:
-                return problem
+            if trusted is None:  # not within a prefix that holds
+                problem = self._checkpoint(doc)
+                if problem:
+                    return problem
             self.checkpoints += 1
+            assert self.key is not None  # _checkpoint confirmed it, or it is trusted
+            self.verified = VerifiedPrefix(
+                self.key.key_identifier, after.lines, after.size, after.hash
+            )
         elif after.every is not None and after.pending > after.every:
             return self._missing(after)
         self.state = after
@@ -154,6 +221,12 @@ class _Walk:
             self.head_matched = after.hash == self.head.hash
             self.lines_at_head = after.lines
         return None
+
+    def confirm_trusted(self) -> None:
+        """The walk stops here: if it has not reached the trusted prefix, the checkpoints it
+        did not ask about may be what is wrong, so it starts again without it."""
+        if self.trusted is not None:
+            raise _PrefixChanged
 
     def _checkpoint(self, doc: dict[str, Any]) -> str | None:
         if self.key is None:
@@ -230,4 +303,5 @@ class _Walk:
             events_after_checkpoint=state.pending,
             key_identifier=self.key.key_identifier if self.key and self.checkpoints else None,
             torn_tail=torn_tail,
+            verified=self.verified if problem is None else None,
         )
