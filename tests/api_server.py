@@ -335,7 +335,7 @@ def oidc_env(issuer: Issuer, **more: str) -> dict[str, str]:
         "HMD_OIDC_ISSUER": ISSUER,
         "HMD_OIDC_AUDIENCE": AUDIENCE,
         "HMD_OIDC_JWKS_URL": issuer.url,
-        "HMD_OIDC_JWKS_REFRESH_SECONDS": "0",
+        "HMD_OIDC_JWKS_REFRESH_SECONDS": "1",
         **more,
     }
 

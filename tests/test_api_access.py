@@ -17,6 +17,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -407,15 +408,22 @@ def test_a_key_the_issuer_adds_is_fetched_for_its_unknown_kid(setup: Setup) -> N
     issuer = setup.issuer
     added = rsa_key(f"rsa-{uuid.uuid4().hex[:6]}")
     token = issuer.token(key=added, kid=added.kid, groups=["auditors"])
+    interval = float(oidc_env(issuer)["HMD_OIDC_JWKS_REFRESH_SECONDS"])
     with setup.server.client(token) as client:
+        time.sleep(interval + 0.1)  # no fetch of an earlier test within the interval
+        fetches = issuer.fetches
         assert client.get("/readyz").status_code == 401  # not published yet
+        assert issuer.fetches == fetches + 1
         issuer.keys.append(added)
         try:
-            fetches = issuer.fetches
-            assert client.get("/readyz").status_code == 200
+            # At most one fetch per interval, whatever kids tokens name.
+            assert client.get("/readyz").status_code == 401
             assert issuer.fetches == fetches + 1
+            time.sleep(interval + 0.1)
             assert client.get("/readyz").status_code == 200
-            assert issuer.fetches == fetches + 1  # cached
+            assert issuer.fetches == fetches + 2
+            assert client.get("/readyz").status_code == 200
+            assert issuer.fetches == fetches + 2  # cached
         finally:
             issuer.keys.remove(added)
 

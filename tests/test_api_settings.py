@@ -119,6 +119,10 @@ def test_every_api_setting_is_read() -> None:
         ({**OIDC, "HMD_OIDC_ROLE_MAP": "a=root"}, "maps to 'root', not a heimdall role"),
         ({**OIDC, "HMD_OIDC_ROLE_MAP": "a=heimdall-app,a=heimdall-audit"}, "maps 'a' twice"),
         ({**OIDC, "HMD_OIDC_LEEWAY": "3600"}, "HMD_OIDC_LEEWAY must be between 0 and 300"),
+        (
+            {**OIDC, "HMD_OIDC_JWKS_REFRESH_SECONDS": "0"},
+            "HMD_OIDC_JWKS_REFRESH_SECONDS must be between 1 and 3600",
+        ),
     ],
 )
 def test_a_bad_api_setting_is_one_line(environ: dict[str, str], message: str) -> None:

@@ -260,7 +260,7 @@ def _oidc(values: Mapping[str, str]) -> OidcSettings | None:
         jwks_refresh_seconds=_number(
             "oidc_jwks_refresh_seconds",
             values.get("oidc_jwks_refresh_seconds", "30"),
-            0,
+            1,
             3600,
             float,
         ),

@@ -12,9 +12,10 @@ spec: Access Control Model, Authentication Methods; Audit Log Requirements (the 
   ``HMD_OIDC_AUDIENCE``; ``exp`` and ``nbf`` (if present) hold, give or take
   ``HMD_OIDC_LEEWAY`` seconds.
 
-The keys come from ``HMD_OIDC_JWKS_URL`` through :class:`jwt.PyJWKClient` (the key set is
-cached for five minutes and fetched again at once for a ``kid`` it lacks, at most every
-``HMD_OIDC_JWKS_REFRESH_SECONDS``), or from ``HMD_OIDC_JWKS_FILE``, read at start.
+The keys come from ``HMD_OIDC_JWKS_URL`` (:class:`heimdall.api.jwks.RemoteKeySet`: the key set
+is kept for five minutes and fetched again for a ``kid`` it lacks, at most every
+``HMD_OIDC_JWKS_REFRESH_SECONDS``, and no request waits behind a fetch), or from
+``HMD_OIDC_JWKS_FILE``, read at start.
 
 The identity is ``oidc:<email>`` when the token has an email its issuer marks verified
 (``email_verified: true``), else ``oidc:<sub>``; its roles are the values of
@@ -36,13 +37,12 @@ import jwt
 
 from heimdall.api.config import OidcSettings
 from heimdall.api.errors import ApiError, Unauthenticated
+from heimdall.api.jwks import KeysUnavailable, RemoteKeySet
 from heimdall.errors import ConfigurationError
 from heimdall.rbac import Role
 
 __all__ = ["OidcIdentity", "OidcVerifier"]
 
-_JWKS_TIMEOUT_SECONDS: Final = 5.0
-_JWKS_LIFESPAN_SECONDS: Final = 300.0
 # What an actor may hold: printable ASCII without spaces, bounded, so that a claim cannot
 # forge a line or another actor in the audit trail.
 _ACTOR_TEXT: Final = re.compile(r"[\x21-\x7e]{1,200}\Z")
@@ -71,18 +71,15 @@ def _read_jwks_file(settings: OidcSettings) -> jwt.PyJWKSet:
 
 
 class OidcVerifier:
-    """Verifies OIDC bearer tokens; safe to share between threads (PyJWKClient locks)."""
+    """Verifies OIDC bearer tokens; safe to share between threads."""
 
     def __init__(self, settings: OidcSettings) -> None:
         self.settings = settings
-        self._client: jwt.PyJWKClient | None = None
+        self._remote: RemoteKeySet | None = None
         self._file_keys: jwt.PyJWKSet | None = None
         if settings.jwks_url is not None:
-            self._client = jwt.PyJWKClient(
-                settings.jwks_url,
-                lifespan=_JWKS_LIFESPAN_SECONDS,
-                timeout=_JWKS_TIMEOUT_SECONDS,
-                cooldown_duration=settings.jwks_refresh_seconds,
+            self._remote = RemoteKeySet(
+                settings.jwks_url, refresh_seconds=settings.jwks_refresh_seconds
             )
         else:
             self._file_keys = _read_jwks_file(settings)
@@ -130,14 +127,12 @@ class OidcVerifier:
             raise Unauthenticated("the token's key id is not a string")
         try:
             jwk = self._find(kid)
-        except jwt.PyJWKClientConnectionError:
+        except KeysUnavailable:
             raise ApiError(
                 503,
                 "identity_provider_unavailable",
                 "the identity provider's keys cannot be fetched; try again later",
             ) from None
-        except jwt.PyJWTError:
-            raise Unauthenticated("no key of the issuer matches the token") from None
         if jwk is None:
             raise Unauthenticated("no key of the issuer matches the token")
         if jwk.algorithm_name != algorithm:
@@ -145,15 +140,12 @@ class OidcVerifier:
         return jwk
 
     def _find(self, kid: str | None) -> jwt.PyJWK | None:
-        if self._client is not None:
-            if kid is not None:
-                return self._client.get_signing_key(kid)
-            keys = self._client.get_signing_keys()
-        else:
-            assert self._file_keys is not None
-            keys = [k for k in self._file_keys.keys if k.public_key_use in ("sig", None)]
-            if kid is not None:
-                return next((k for k in keys if k.key_id == kid), None)
+        if self._remote is not None:
+            return self._remote.find(kid)
+        assert self._file_keys is not None
+        keys = [k for k in self._file_keys.keys if k.public_key_use in ("sig", None)]
+        if kid is not None:
+            return next((k for k in keys if k.key_id == kid), None)
         return keys[0] if len(keys) == 1 else None
 
     def _roles(self, claims: Mapping[str, Any]) -> frozenset[Role]:

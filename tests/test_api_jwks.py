@@ -1,0 +1,199 @@
+"""The OIDC issuer's key set over HTTP (heimdall.api.jwks), against a JWKS endpoint served here
+on loopback whose answers the tests choose: slow, trickling, failing, oversize, not JSON, a
+redirect. No lookup waits behind a fetch, fetches are rate-limited whatever their outcome, a
+fetch is bounded as a whole, and a failure is a 503 of the identity provider, never a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from api_server import AUDIENCE, ISSUER, LOOPBACK, Issuer, rsa_key
+from heimdall.api.config import OidcSettings
+from heimdall.api.errors import ApiError, Unauthenticated
+from heimdall.api.jwks import KeysUnavailable, RemoteKeySet
+from heimdall.api.oidc import OidcVerifier
+
+
+@dataclass
+class Endpoint:
+    """What the JWKS endpoint answers next, and how often it was asked."""
+
+    issuer: Issuer
+    status: int = 200
+    body: bytes | None = None  # None: the issuer's key set
+    delay: float = 0.0  # before answering
+    trickle: float = 0.0  # seconds between single bytes of the body
+    location: str | None = None  # a redirect
+    hits: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def answer(self) -> bytes:
+        return self.body if self.body is not None else json.dumps(self.issuer.jwks()).encode()
+
+
+@pytest.fixture
+def endpoint() -> Iterator[tuple[Endpoint, str]]:
+    state = Endpoint(Issuer())
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            with state.lock:
+                state.hits += 1
+            time.sleep(state.delay)
+            body = state.answer()
+            self.send_response(state.status)
+            if state.location:
+                self.send_header("Location", state.location)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                if state.trickle:
+                    for byte in body:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(state.trickle)
+                else:
+                    self.wfile.write(body)
+            except OSError:
+                pass  # the client gave up
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield state, f"http://{LOOPBACK}:{server.server_address[1]}/jwks"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def _verifier(url: str, **remote: Any) -> OidcVerifier:
+    verifier = OidcVerifier(
+        OidcSettings(issuer=ISSUER, audience=AUDIENCE, jwks_url=url, jwks_refresh_seconds=1)
+    )
+    options = {"refresh_seconds": 1.0, "timeout_seconds": 1.0, **remote}
+    verifier._remote = RemoteKeySet(url, **options)
+    return verifier
+
+
+def test_a_lookup_does_not_wait_behind_a_slow_fetch(endpoint: tuple[Endpoint, str]) -> None:
+    state, url = endpoint
+    verifier = _verifier(url, timeout_seconds=1.5)
+    assert verifier.verify(state.issuer.token(sub="warm")).actor == "oidc:warm"
+    time.sleep(1.1)  # the refresh interval has passed
+    state.trickle = 0.05  # the next fetch trickles for longer than the deadline
+
+    unknown = state.issuer.token(key=rsa_key("rsa-new"), kid="rsa-new", sub="x")
+    outcome: list[BaseException] = []
+
+    def verify_unknown() -> None:
+        try:
+            verifier.verify(unknown)
+        except Unauthenticated as refused:  # no such key: the slow fetch was cut off
+            outcome.append(refused)
+
+    slow = threading.Thread(target=verify_unknown)
+    slow.start()
+    deadline = time.monotonic() + 2
+    while state.hits < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert state.hits == 2  # the fetch for the unknown kid is under way
+    started = time.monotonic()
+    assert verifier.verify(state.issuer.token(sub="cached")).actor == "oidc:cached"
+    assert time.monotonic() - started < 0.5
+    slow.join(timeout=10)
+    assert not slow.is_alive()
+    assert [type(refused) for refused in outcome] == [Unauthenticated]
+
+
+def test_a_trickling_fetch_is_cut_off_at_its_deadline(endpoint: tuple[Endpoint, str]) -> None:
+    state, url = endpoint
+    state.trickle = 0.05  # a key set of ~1 KB would take about a minute
+    keys = RemoteKeySet(url, refresh_seconds=1.0, timeout_seconds=0.5)
+    started = time.monotonic()
+    with pytest.raises(KeysUnavailable):
+        keys.find("rsa-1")
+    assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        {"status": 500},
+        {"body": b"<html>an error page</html>"},
+        {"body": b"{not json"},
+        {"body": b'{"keys": "none"}'},
+        {"body": b"[]"},
+        {"body": json.dumps({"keys": [{"kty": "oct", "k": "c2VjcmV0"}] * 40_000}).encode()},
+        {"status": 302, "location": "http://127.0.0.1:9/elsewhere"},
+    ],
+    ids=["500", "html", "not-json", "keys-not-a-list", "a-list", "over-1-MiB", "redirect"],
+)
+def test_a_failed_fetch_is_a_503_and_is_not_retried_within_the_interval(
+    endpoint: tuple[Endpoint, str], failure: dict[str, Any]
+) -> None:
+    state, url = endpoint
+    for name, value in failure.items():
+        setattr(state, name, value)
+    verifier = _verifier(url)
+    impostor = rsa_key("k")
+    for n in range(20):  # random kids, as an attacker would send
+        token = state.issuer.token(key=impostor, kid=f"k-{n}")
+        with pytest.raises(ApiError) as refused:
+            verifier.verify(token)
+        assert (refused.value.status, refused.value.code) == (503, "identity_provider_unavailable")
+    assert state.hits == 1
+    time.sleep(1.1)
+    with pytest.raises(ApiError):
+        verifier.verify(state.issuer.token())
+    assert state.hits == 2
+
+
+def test_unknown_kids_fetch_at_most_once_per_interval(endpoint: tuple[Endpoint, str]) -> None:
+    state, url = endpoint
+    verifier = _verifier(url)
+    verifier.verify(state.issuer.token())
+    impostor = rsa_key("r")
+    tokens = [state.issuer.token(key=impostor, kid=f"r-{n}") for n in range(50)]
+    time.sleep(1.1)
+    for token in tokens:
+        with pytest.raises(Unauthenticated, match="no key of the issuer matches"):
+            verifier.verify(token)
+    assert state.hits == 2
+
+
+def test_the_last_key_set_serves_while_the_issuer_is_down_then_expires(
+    endpoint: tuple[Endpoint, str],
+) -> None:
+    state, url = endpoint
+    clock = [1000.0]
+    keys = RemoteKeySet(
+        url, refresh_seconds=1.0, lifespan_seconds=300.0, monotonic=lambda: clock[0]
+    )
+    assert keys.find("rsa-1") is not None
+    state.status = 503
+    clock[0] += 400  # stale: a fetch is tried, fails, and the last set still serves
+    assert keys.find("rsa-1") is not None
+    assert state.hits == 2
+    clock[0] += 250  # over twice the lifespan since the last fetch that worked
+    with pytest.raises(KeysUnavailable, match="too old"):
+        keys.find("rsa-1")
+    state.status = 200
+    clock[0] += 2
+    assert keys.find("rsa-1") is not None  # the issuer is back
+    assert state.hits == 4
