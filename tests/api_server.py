@@ -324,7 +324,7 @@ def start_server(workdir: Path, env: Mapping[str, str]) -> ApiServer:
         if _wait_ready(server):
             return server
         server.stop()
-        if attempt < PORT_ATTEMPTS and "address already in use" in server.logs():
+        if attempt < PORT_ATTEMPTS and "address already in use" in server.logs().lower():
             continue
         pytest.fail(f"heimdall serve did not start:\n{server.logs()[-4000:]}", pytrace=False)
     raise AssertionError("unreachable")

@@ -337,6 +337,24 @@ def test_a_service_token_revoked_while_the_server_runs_is_refused_on_its_next_re
     assert token not in server.audit_log.read_text()
 
 
+def test_a_token_sent_in_the_url_never_reaches_the_server_log(setup: Setup) -> None:
+    token = setup.admin
+    request_id = f"url-token-{uuid.uuid4().hex}"
+    with setup.server.client() as anonymous:
+        in_query = anonymous.get(
+            "/readyz", params={"access_token": token}, headers={"X-Request-ID": request_id}
+        )
+        in_path = anonymous.get(f"/{token}")
+    assert (in_query.status_code, in_path.status_code) == (401, 404)
+    deadline = time.monotonic() + 5
+    while request_id not in setup.server.logs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logs = setup.server.logs()
+    assert f'"GET /readyz" 401 {request_id}' in logs  # the access line, by the route
+    assert '"GET (no such route)" 404' in logs
+    assert token not in logs and token[4:20] not in logs
+
+
 @pytest.mark.parametrize("first", ["app", "admin"])
 def test_a_request_with_two_authorization_headers_is_refused(setup: Setup, first: str) -> None:
     tokens = [setup.app, setup.admin] if first == "app" else [setup.admin, setup.app]

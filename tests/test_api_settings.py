@@ -423,6 +423,28 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def test_serve_refuses_an_encrypted_tls_key_in_one_line_without_asking(
+    cli: Cli, tmp_path: Path
+) -> None:
+    cert_path, key_path = _self_signed(tmp_path)
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    result = cli.run(
+        "serve", env={"HMD_API_TLS_CERT": str(cert_path), "HMD_API_TLS_KEY": str(key_path)}
+    )
+    assert assert_one_line_error(result) == (
+        f"error: HMD_API_TLS_KEY {key_path} is encrypted: give the key unencrypted, readable by "
+        "this user alone"
+    )
+    assert "pass phrase" not in result.stdout + result.stderr
+
+
 def test_serve_speaks_tls_with_the_configured_certificate_and_nothing_else(
     tmp_path: Path,
 ) -> None:

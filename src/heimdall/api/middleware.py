@@ -6,6 +6,9 @@ new ``req-<uuid>``), echoes it in the answer, and answers an exception nobody an
 one fixed JSON line, so that neither a traceback nor an exception's message (which could hold
 anything) ever reaches a client or the server's log. A request the server cancels as it stops
 (its graceful shutdown ran out) is answered 503 ``server_stopping`` and logged in one line.
+It also writes the access log (``heimdall.access``), one line per answer: the client's address,
+the method and the route's template (never the path as sent, nor its query string: a caller
+may put a token or a value there), the status, the request id and the time taken.
 
 :class:`BodyLimit` refuses a body over ``HMD_API_MAX_BODY_BYTES`` with 413, by its declared
 length before reading a byte, or as soon as a streamed body passes the limit, and reads every
@@ -20,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 import uuid
 from typing import Final
 
@@ -33,6 +37,7 @@ from heimdall.api.errors import error_body, unexpected_error
 __all__ = ["BodyLimit", "RequestContext"]
 
 _log = logging.getLogger("heimdall.api")
+_access_log = logging.getLogger("heimdall.access")
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 _BODILESS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -56,12 +61,13 @@ class RequestContext:
         given = Headers(scope=scope).get("x-request-id", "")
         request_id = given if _REQUEST_ID.match(given) else f"req-{uuid.uuid4()}"
         scope.setdefault("state", {})["request_id"] = request_id
-        started = False
+        status = 0
+        began = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started
+            nonlocal status
             if message["type"] == "http.response.start":
-                started = True
+                status = message["status"]
                 headers = MutableHeaders(scope=message)
                 if "x-request-id" not in headers:
                     headers["X-Request-ID"] = request_id
@@ -74,14 +80,31 @@ class RequestContext:
             # the log and, if nothing was sent yet, a JSON 503, never uvicorn's traceback and
             # plain-text 500. The request's task ends here, as uvicorn asked.
             _log.error("request %s was cancelled: the server is stopping", request_id)
-            if not started:
+            if not status:
                 with contextlib.suppress(Exception):
-                    await _stopping(request_id)(scope, receive, send)
+                    await _stopping(request_id)(scope, receive, send_with_id)
         except Exception as exc:
-            if started:  # a streamed answer broke off: the client sees the connection end
+            if status:  # a streamed answer broke off: the client sees the connection end
                 _log.error("request %s broke off: %s", request_id, type(exc).__name__)
                 return
-            await unexpected_error(request_id, exc)(scope, receive, send)
+            await unexpected_error(request_id, exc)(scope, receive, send_with_id)
+        finally:
+            if status:
+                _access(scope, status, request_id, time.perf_counter() - began)
+
+
+def _access(scope: Scope, status: int, request_id: str, seconds: float) -> None:
+    client = scope.get("client")
+    route = getattr(scope.get("route"), "path", None) or "(no such route)"
+    _access_log.info(
+        '%s - "%s %s" %d %s %.1f ms',
+        f"{client[0]}:{client[1]}" if client else "-",
+        scope["method"],
+        route,
+        status,
+        request_id,
+        seconds * 1000,
+    )
 
 
 class BodyLimit:

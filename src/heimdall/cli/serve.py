@@ -8,16 +8,19 @@ the client's address, not the proxy's). ``--openapi`` prints the OpenAPI documen
 
 The service is built before the server starts, so a configuration error is one ``error:``
 line; it is closed (a closing audit checkpoint, the blind-index key wiped) when the server stops
-on SIGTERM (exit 0) or SIGINT. ``HMD_MASTER_KEY``'s text is wiped once the ciphers hold the
-key, as the other commands do.
+on SIGTERM or SIGHUP (exit 0) or SIGINT (130), all graceful (see _graceful_stop).
+``HMD_MASTER_KEY``'s text is wiped once the ciphers hold the key, as the other commands do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import signal
+import socket
 import ssl
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -42,6 +45,18 @@ def _log_config() -> dict[str, Any]:
 
     config = copy.deepcopy(LOGGING_CONFIG)
     config["loggers"]["heimdall"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    # heimdall's access log (heimdall.api.middleware) takes the place of uvicorn's, which
+    # writes each URL as sent, query string and all; on stdout, as uvicorn's was.
+    config["handlers"]["heimdall_access"] = {
+        "formatter": "default",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stdout",
+    }
+    config["loggers"]["heimdall.access"] = {
+        "handlers": ["heimdall_access"],
+        "level": "INFO",
+        "propagate": False,
+    }
     return config
 
 
@@ -49,9 +64,18 @@ def _check_tls(settings: Settings) -> None:
     api = settings.api
     if api.tls_cert is None or api.tls_key is None:
         return
+
+    def no_passphrase() -> str:
+        # OpenSSL would ask for one on the terminal (twice: uvicorn loads the key again), and
+        # a server started by systemd has none to answer.
+        raise ConfigurationError(
+            f"HMD_API_TLS_KEY {api.tls_key} is encrypted: give the key unencrypted, readable by "
+            "this user alone"
+        )
+
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-            api.tls_cert, api.tls_key
+            api.tls_cert, api.tls_key, password=no_passphrase
         )
     except (OSError, ssl.SSLError) as exc:
         reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or "not PEM"
@@ -59,6 +83,23 @@ def _check_tls(settings: Settings) -> None:
             f"HMD_API_TLS_CERT {api.tls_cert} and HMD_API_TLS_KEY {api.tls_key} cannot be "
             f"loaded: {reason}"
         ) from None
+
+
+def _bind(settings: Settings) -> socket.socket:
+    """The listening socket on ``HMD_API_LISTEN``, bound before the server says it serves: an
+    address in use, not this host's or not resolvable is one ``error:`` line."""
+    api = settings.api
+    family = socket.AF_INET6 if ":" in api.host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        listener.bind((api.host, api.port))
+        listener.listen(2048)
+    except OSError as exc:
+        listener.close()
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigurationError(f"HMD_API_LISTEN {api.listen} cannot be bound: {reason}") from None
+    return listener
 
 
 def _announce(settings: Settings, service: Heimdall) -> None:
@@ -89,13 +130,9 @@ def serve_command(
 ) -> None:
     """Serve heimdall's HTTP API to callers with OIDC or service tokens (HMD_API_* settings)."""
     try:
-        import uvicorn  # noqa: PLC0415 - the server extra
+        import uvicorn  # noqa: F401, PLC0415 - the server extra, used by _serve
 
-        from heimdall.api.app import (  # noqa: PLC0415 - likewise
-            close_app,
-            create_app,
-            openapi_document,
-        )
+        from heimdall.api.app import openapi_document  # noqa: PLC0415 - likewise
     except ImportError:
         raise ConfigurationError(
             "heimdall serve needs the server extra: pip install 'heimdall[server]'"
@@ -104,6 +141,44 @@ def serve_command(
     if openapi:
         write_json(openapi_document(settings))
         return
+    with _graceful_stop() as stop:
+        _serve(settings, stop)
+
+
+class _Stop:
+    """A stop asked for by signal, before the server runs or while it does."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.server: Any = None  # the uvicorn.Server, once there is one
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.requested = True
+        if self.server is not None:
+            self.server.should_exit = True
+
+
+@contextlib.contextmanager
+def _graceful_stop() -> Iterator[_Stop]:
+    """SIGTERM and SIGHUP (a closed terminal or session) stop the server gracefully from the
+    moment the command starts: no signal is lost between start-up and uvicorn's own handlers
+    (which it installs for SIGTERM and SIGINT only while it serves, then raises the signal
+    again: it comes back here and the command still ends with status 0), and none kills the
+    process in the middle of an audit append."""
+    stop = _Stop()
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _serve(settings: Settings, stop: _Stop) -> None:
+    import uvicorn  # noqa: PLC0415 - the server extra (serve_command checked it is there)
+
+    from heimdall.api.app import close_app, create_app  # noqa: PLC0415 - likewise
+
     _check_tls(settings)
     service = build(settings, warn=lambda line: err.print(line, markup=False))
     try:
@@ -113,6 +188,7 @@ def serve_command(
             # The ciphers hold the env key now; the text taken from the environment goes.
             if isinstance(settings.master_key, SecretBytes):
                 settings.master_key.wipe()
+        listener = _bind(settings)
         _announce(settings, service)
         api = settings.api
         server = uvicorn.Server(
@@ -129,6 +205,7 @@ def serve_command(
                 forwarded_allow_ips=list(api.trusted_proxies) or None,
                 server_header=False,
                 log_config=_log_config(),
+                access_log=False,  # heimdall writes its own (see _log_config)
                 timeout_graceful_shutdown=10,
                 # No lifespan protocol: a second Ctrl-C makes uvicorn skip its shutdown event
                 # and cancel the application's lifespan task, which Starlette then reports as
@@ -136,17 +213,15 @@ def serve_command(
                 lifespan="off",
             )
         )
-        # uvicorn stops gracefully on SIGTERM, then raises it again: with this handler that
-        # returns here, so the service below is closed and the exit status is 0.
-        previous = signal.signal(signal.SIGTERM, lambda *_: None)
+        stop.server = server
+        server.should_exit = stop.requested  # a stop asked for while the service was built
         try:
-            with Sealer(service.audit, settings.audit_checkpoint_seconds):
-                server.run()
+            with listener, Sealer(service.audit, settings.audit_checkpoint_seconds):
+                server.run(sockets=[listener])
         finally:
-            signal.signal(signal.SIGTERM, previous)
             close_app(application)
     finally:
         service.close()
     if not server.started:
-        sys.exit(1)  # uvicorn has said why (the address in use, ...)
+        sys.exit(1)  # uvicorn has said why
     err.print("heimdall serve stopped", markup=False)
