@@ -95,6 +95,11 @@ def test_every_api_setting_is_read() -> None:
     [
         ({"HMD_API_LISTEN": "8700"}, "HMD_API_LISTEN='8700' is not host:port"),
         ({"HMD_API_LISTEN": "host:99999"}, "is not host:port"),
+        ({"HMD_API_LISTEN": "::1:8700"}, "is not host:port (e.g. 127.0.0.1:8700 or [::1]:8700)"),
+        (
+            {"HMD_API_LISTEN": "127.0.0.1:\uff18\uff17\uff10\uff10"},
+            "is not host:port",
+        ),  # full-width
         ({"HMD_API_TLS_CERT": "/c.pem"}, "HMD_API_TLS_CERT and HMD_API_TLS_KEY go together"),
         ({"HMD_API_TLS_KEY": "/k.pem"}, "HMD_API_TLS_CERT and HMD_API_TLS_KEY go together"),
         ({"HMD_API_METRICS_PUBLIC": "maybe"}, "must be true or false"),

@@ -14,7 +14,7 @@ first bad line when the trail is broken. Both need read_audit; a refusal is audi
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
@@ -75,6 +75,7 @@ def query_trail(
 ) -> AuditPageBody:
     """One page of the audit records matching every filter given (permission: read_audit)."""
     service_of(request).require(caller, Permission.READ_AUDIT)
+    _check_parameters(request)
     flt = AuditFilter(
         since=_time(since, "since"),
         until=_time(until, "until"),
@@ -86,6 +87,35 @@ def query_trail(
     )
     page = query_audit(settings_of(request).audit_file, flt, cursor=cursor, limit=limit)
     return AuditPageBody(events=page.events, next_cursor=page.next_cursor)
+
+
+_PARAMETERS: Final = (
+    "since",
+    "until",
+    "event_type",
+    "actor",
+    "key_version",
+    "field",
+    "result",
+    "cursor",
+    "limit",
+)
+_REPEATABLE: Final = frozenset({"event_type"})
+
+
+def _check_parameters(request: Request) -> None:
+    """InvalidInput for a parameter the query does not have, or one given twice: a misspelt
+    filter (``keyversion=3``) would otherwise be ignored and the page hold every event, and
+    of a parameter given twice one value would be silently dropped."""
+    names = [name for name, _ in request.query_params.multi_items()]
+    if any(name not in _PARAMETERS for name in names):
+        raise InvalidInput(
+            "an unknown query parameter (its name is not repeated); the parameters are "
+            + ", ".join(_PARAMETERS)
+        )
+    twice = sorted({name for name in names if name not in _REPEATABLE and names.count(name) > 1})
+    if twice:
+        raise InvalidInput(f"query parameter {twice[0]} is given more than once")
 
 
 def _log_of(service: Heimdall) -> JsonlAuditLog:

@@ -152,9 +152,17 @@ def _words(value: str) -> list[str]:
 
 def _listen(value: str) -> tuple[str, int]:
     host, sep, port_text = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
         host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65_535:
+    if (
+        not sep
+        or not host
+        or (":" in host and not bracketed)  # "::1:8700" is itself an IPv6 address
+        or not port_text.isascii()
+        or not port_text.isdigit()
+        or not 1 <= int(port_text) <= 65_535
+    ):
         raise ConfigurationError(
             f"HMD_API_LISTEN={value!r} is not host:port (e.g. 127.0.0.1:8700 or [::1]:8700)"
         )
