@@ -6,7 +6,9 @@ fetch is bounded as a whole, and a failure is a 503 of the identity provider, ne
 
 from __future__ import annotations
 
+import gzip
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +35,8 @@ class Endpoint:
     delay: float = 0.0  # before answering
     trickle: float = 0.0  # seconds between single bytes of the body
     location: str | None = None  # a redirect
+    header_trickle: float = 0.0  # seconds between single bytes of a header
+    gzip: bool = False  # the body compressed, whatever the client asked for
     hits: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -50,7 +54,20 @@ def endpoint() -> Iterator[tuple[Endpoint, str]]:
                 state.hits += 1
             time.sleep(state.delay)
             body = state.answer()
+            if state.gzip:
+                body = gzip.compress(body)
             self.send_response(state.status)
+            if state.header_trickle:
+                self.flush_headers()
+                try:
+                    for byte in b"X-Slow: " + b"x" * 200:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(state.header_trickle)
+                except OSError:
+                    return  # the client gave up
+            if state.gzip:
+                self.send_header("Content-Encoding", "gzip")
             if state.location:
                 self.send_header("Location", state.location)
             self.send_header("Content-Type", "application/json")
@@ -129,6 +146,48 @@ def test_a_trickling_fetch_is_cut_off_at_its_deadline(endpoint: tuple[Endpoint, 
     with pytest.raises(KeysUnavailable):
         keys.find("rsa-1")
     assert time.monotonic() - started < 2.0
+
+
+def test_headers_sent_a_byte_at_a_time_are_cut_off_at_the_deadline(
+    endpoint: tuple[Endpoint, str],
+) -> None:
+    state, url = endpoint
+    state.header_trickle = 0.2  # each read gets a byte well within any per-read timeout
+    keys = RemoteKeySet(url, refresh_seconds=1.0, timeout_seconds=0.5)
+    started = time.monotonic()
+    with pytest.raises(KeysUnavailable):
+        keys.find("rsa-1")
+    assert time.monotonic() - started < 1.5
+
+
+def test_a_compressed_key_set_is_refused_not_unpacked(
+    endpoint: tuple[Endpoint, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    state, url = endpoint
+    state.body = b'{"keys": []' + b" " * 50_000_000 + b"}"  # 50 MB that compress to 50 KB
+    state.gzip = True
+    with caplog.at_level(logging.WARNING, "heimdall.api"), pytest.raises(KeysUnavailable):
+        RemoteKeySet(url, refresh_seconds=1.0).find("rsa-1")
+    assert state.hits == 1
+    assert "the key set came compressed, though it was asked for as is" in caplog.text
+
+
+def test_no_request_waits_for_a_fetch_another_is_making(endpoint: tuple[Endpoint, str]) -> None:
+    state, url = endpoint
+    state.delay = 1.0
+    keys = RemoteKeySet(url, refresh_seconds=1.0, timeout_seconds=3.0)
+    first = threading.Thread(target=lambda: keys.find("rsa-1"))
+    first.start()
+    deadline = time.monotonic() + 2
+    while state.hits < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    with pytest.raises(KeysUnavailable):  # no key set yet, one being fetched: 503 at once
+        keys.find("rsa-1")
+    assert time.monotonic() - started < 0.2
+    first.join(timeout=10)
+    assert keys.find("rsa-1") is not None  # the first fetch brought it
+    assert state.hits == 1
 
 
 @pytest.mark.parametrize(

@@ -9,14 +9,17 @@ often. While a fetch runs, or after one failed, the last set fetched still serve
 :data:`LIFESPAN_SECONDS` past its own lifespan; after that, and before the first fetch succeeds,
 tokens are refused with 503 ``identity_provider_unavailable``.
 
-A fetch is bounded as a whole, not per read (a server trickling one byte at a time is cut off
-at the deadline): :data:`TIMEOUT_SECONDS` and :data:`MAX_BYTES`, no redirects, TLS verified
-against the system's trust store. A failure is logged in one line (the URL and what went
-wrong, never the body) and leaves the last set in place.
+A fetch is bounded as a whole, not per read (a server trickling one byte at a time, of the
+headers or the body, is cut off at the deadline): :data:`TIMEOUT_SECONDS` and :data:`MAX_BYTES`
+of the bytes as sent (nothing compressed is accepted, so nothing unpacks past the cap), no
+redirects, TLS verified against the system's trust store. No request waits for a fetch another
+one is making. A failure is logged in one line (the URL and what went wrong, never the body)
+and leaves the last set in place.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import ssl
@@ -82,7 +85,7 @@ class RemoteKeySet:
             or now - snapshot[1] >= self._lifespan
             or _select(snapshot[0], kid) is None
         ):
-            self._refresh_if_due(wait=snapshot is None)
+            self._refresh_if_due()
             snapshot = self._snapshot
         if snapshot is None:
             raise KeysUnavailable("the identity provider's keys could not be fetched")
@@ -91,17 +94,15 @@ class RemoteKeySet:
             raise KeysUnavailable("the identity provider's keys are too old to trust")
         return _select(keys, kid)
 
-    def _refresh_if_due(self, *, wait: bool) -> None:
+    def _refresh_if_due(self) -> None:
         """Fetch the set if no fetch started within the refresh interval and none is running.
-        Only a thread with no set at all (*wait*) waits for a fetch another one is making."""
+        No thread waits for a fetch another one is making: it uses the set there is (or, with
+        none yet, is answered 503 at once)."""
         attempted = self._attempted
         if self._monotonic() - attempted < self._refresh:
             return
-        if wait:
-            if not self._fetching.acquire(timeout=2 * self._timeout):
-                return
-        elif not self._fetching.acquire(blocking=False):
-            return  # another thread is fetching: this one uses the set it has
+        if not self._fetching.acquire(blocking=False):
+            return
         try:
             if self._attempted != attempted:
                 return  # fetched (or tried) while this thread waited for the lock
@@ -120,27 +121,39 @@ class RemoteKeySet:
             self._fetching.release()
 
     def _fetch(self) -> bytes:
-        deadline = self._monotonic() + self._timeout
-        body = bytearray()
+        """The key set's bytes, in at most the timeout all told: asyncio cancels the fetch at
+        the deadline wherever it is (connecting, the headers, the body), where a client's own
+        timeouts bound each read alone and a server sending a byte at a time never trips
+        them."""
         try:
-            with (
-                httpx.Client(
-                    timeout=self._timeout,
-                    follow_redirects=False,
-                    verify=ssl.create_default_context(),
-                ) as client,
-                client.stream("GET", self.url, headers={"Accept": "application/json"}) as answer,
-            ):
-                if answer.status_code != 200:
-                    raise _FetchFailed(f"HTTP status {answer.status_code}")
-                for chunk in answer.iter_bytes():
-                    body += chunk
-                    if len(body) > self._max_bytes:
-                        raise _FetchFailed(f"the key set is over {self._max_bytes:,} bytes")
-                    if self._monotonic() > deadline:
-                        raise _FetchFailed(f"the fetch took over {self._timeout:g} s")
+            return asyncio.run(asyncio.wait_for(self._get(), self._timeout))
+        except TimeoutError:
+            raise _FetchFailed(f"the fetch took over {self._timeout:g} s") from None
         except httpx.HTTPError as exc:
             raise _FetchFailed(type(exc).__name__) from None
+
+    async def _get(self) -> bytes:
+        body = bytearray()
+        async with (
+            httpx.AsyncClient(
+                timeout=self._timeout, follow_redirects=False, verify=ssl.create_default_context()
+            ) as client,
+            client.stream(
+                "GET",
+                self.url,
+                # Bytes as sent, never decompressed: a few compressed KB can unpack to gigabytes
+                # before any cap on what was read could stop them.
+                headers={"Accept": "application/json", "Accept-Encoding": "identity"},
+            ) as answer,
+        ):
+            if answer.status_code != 200:
+                raise _FetchFailed(f"HTTP status {answer.status_code}")
+            if answer.headers.get("content-encoding", "identity").strip().lower() != "identity":
+                raise _FetchFailed("the key set came compressed, though it was asked for as is")
+            async for chunk in answer.aiter_raw():
+                body += chunk
+                if len(body) > self._max_bytes:
+                    raise _FetchFailed(f"the key set is over {self._max_bytes:,} bytes")
         return bytes(body)
 
 
