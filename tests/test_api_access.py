@@ -15,6 +15,7 @@ import base64
 import concurrent.futures
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import time
@@ -27,6 +28,7 @@ import httpx
 import pytest
 
 from api_server import (
+    LOOPBACK,
     ApiServer,
     Issuer,
     audit_records,
@@ -345,6 +347,9 @@ def test_a_token_sent_in_the_url_never_reaches_the_server_log(setup: Setup) -> N
             "/readyz", params={"access_token": token}, headers={"X-Request-ID": request_id}
         )
         in_path = anonymous.get(f"/{token}")
+    with socket.create_connection((LOOPBACK, int(setup.server.url.rsplit(":", 1)[1]))) as raw:
+        raw.sendall(f"{token} /healthz HTTP/1.1\r\nHost: heimdall\r\n\r\n".encode())
+        assert raw.recv(4096).startswith(b"HTTP/1.1 ")  # a token sent as the method
     assert (in_query.status_code, in_path.status_code) == (401, 404)
     deadline = time.monotonic() + 5
     while request_id not in setup.server.logs() and time.monotonic() < deadline:

@@ -93,13 +93,19 @@ class RequestContext:
                 _access(scope, status, request_id, time.perf_counter() - began)
 
 
+_METHODS: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
+)
+
+
 def _access(scope: Scope, status: int, request_id: str, seconds: float) -> None:
     client = scope.get("client")
     route = getattr(scope.get("route"), "path", None) or "(no such route)"
+    method = scope["method"]  # any token the caller sent: only the standard ones are written
     _access_log.info(
         '%s - "%s %s" %d %s %.1f ms',
         f"{client[0]}:{client[1]}" if client else "-",
-        scope["method"],
+        method if method in _METHODS else "(other method)",
         route,
         status,
         request_id,

@@ -85,6 +85,35 @@ def _check_tls(settings: Settings) -> None:
         ) from None
 
 
+def _server(settings: Settings, application: Any) -> Any:
+    """The uvicorn server of *application*, as heimdall runs it."""
+    import uvicorn  # noqa: PLC0415 - the server extra
+
+    api = settings.api
+    return uvicorn.Server(
+        uvicorn.Config(
+            application,
+            host=api.host,
+            port=api.port,
+            # h11 bounds a request's line and headers (16 KiB) before any authentication;
+            # httptools, uvicorn's choice when installed, reads them without a limit.
+            http="h11",
+            ssl_certfile=str(api.tls_cert) if api.tls_cert else None,
+            ssl_keyfile=str(api.tls_key) if api.tls_key else None,
+            proxy_headers=bool(api.trusted_proxies),
+            forwarded_allow_ips=list(api.trusted_proxies) or None,
+            server_header=False,
+            log_config=_log_config(),
+            access_log=False,  # heimdall writes its own (see _log_config)
+            timeout_graceful_shutdown=10,
+            # No lifespan protocol: a second Ctrl-C makes uvicorn skip its shutdown event and
+            # cancel the application's lifespan task, which Starlette then reports as a
+            # traceback. What the lifespan would release, serve releases itself (close_app).
+            lifespan="off",
+        )
+    )
+
+
 def _bind(settings: Settings) -> socket.socket:
     """The listening socket on ``HMD_API_LISTEN``, bound before the server says it serves: an
     address in use, not this host's or not resolvable is one ``error:`` line."""
@@ -160,8 +189,9 @@ class _Stop:
 
 @contextlib.contextmanager
 def _graceful_stop() -> Iterator[_Stop]:
-    """SIGTERM and SIGHUP (a closed terminal or session) stop the server gracefully from the
-    moment the command starts: no signal is lost between start-up and uvicorn's own handlers
+    """SIGTERM and SIGHUP (a closed terminal or session) stop the server gracefully once the
+    command has loaded (before, nothing is written): no signal is lost between start-up and
+    uvicorn's own handlers
     (which it installs for SIGTERM and SIGINT only while it serves, then raises the signal
     again: it comes back here and the command still ends with status 0), and none kills the
     process in the middle of an audit append."""
@@ -175,9 +205,7 @@ def _graceful_stop() -> Iterator[_Stop]:
 
 
 def _serve(settings: Settings, stop: _Stop) -> None:
-    import uvicorn  # noqa: PLC0415 - the server extra (serve_command checked it is there)
-
-    from heimdall.api.app import close_app, create_app  # noqa: PLC0415 - likewise
+    from heimdall.api.app import close_app, create_app  # noqa: PLC0415 - the server extra
 
     _check_tls(settings)
     service = build(settings, warn=lambda line: err.print(line, markup=False))
@@ -188,36 +216,14 @@ def _serve(settings: Settings, stop: _Stop) -> None:
             # The ciphers hold the env key now; the text taken from the environment goes.
             if isinstance(settings.master_key, SecretBytes):
                 settings.master_key.wipe()
-        listener = _bind(settings)
-        _announce(settings, service)
-        api = settings.api
-        server = uvicorn.Server(
-            uvicorn.Config(
-                application,
-                host=api.host,
-                port=api.port,
-                # h11 bounds a request's line and headers (16 KiB) before any authentication;
-                # httptools, uvicorn's choice when installed, reads them without a limit.
-                http="h11",
-                ssl_certfile=str(api.tls_cert) if api.tls_cert else None,
-                ssl_keyfile=str(api.tls_key) if api.tls_key else None,
-                proxy_headers=bool(api.trusted_proxies),
-                forwarded_allow_ips=list(api.trusted_proxies) or None,
-                server_header=False,
-                log_config=_log_config(),
-                access_log=False,  # heimdall writes its own (see _log_config)
-                timeout_graceful_shutdown=10,
-                # No lifespan protocol: a second Ctrl-C makes uvicorn skip its shutdown event
-                # and cancel the application's lifespan task, which Starlette then reports as
-                # a traceback. What the lifespan would release is released below instead.
-                lifespan="off",
-            )
-        )
-        stop.server = server
-        server.should_exit = stop.requested  # a stop asked for while the service was built
         try:
-            with listener, Sealer(service.audit, settings.audit_checkpoint_seconds):
-                server.run(sockets=[listener])
+            with _bind(settings) as listener:
+                _announce(settings, service)
+                server = _server(settings, application)
+                stop.server = server
+                server.should_exit = stop.requested  # asked for while the service was built
+                with Sealer(service.audit, settings.audit_checkpoint_seconds):
+                    server.run(sockets=[listener])
         finally:
             close_app(application)
     finally:
