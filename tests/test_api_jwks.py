@@ -6,9 +6,11 @@ fetch is bounded as a whole, and a failure is a 503 of the identity provider, ne
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -155,6 +157,53 @@ def test_a_fetch_sent_a_byte_at_a_time_is_cut_off_at_its_deadline(
     with pytest.raises(KeysUnavailable):
         keys.find("rsa-1")
     assert time.monotonic() - started < 1.5
+
+
+def test_a_slow_name_lookup_does_not_hold_the_fetch_past_its_deadline(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    resolve = socket.getaddrinfo
+
+    def slow(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "jwks.slow.test":
+            time.sleep(2.0)  # a resolver that takes its time (glibc retries take longer)
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    keys = RemoteKeySet("http://jwks.slow.test:9/jwks", refresh_seconds=1.0, timeout_seconds=0.5)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, "heimdall.api"), pytest.raises(KeysUnavailable):
+        keys.find("rsa-1")
+    assert time.monotonic() - started < 1.5
+    assert "the identity provider's keys could not be fetched from" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "url", ["https://xn--a.test/jwks", "http://127.0.0.1:1/jwks"], ids=["bad-idna", "refused"]
+)
+def test_a_url_that_cannot_be_fetched_is_one_warning_and_a_503(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = RemoteKeySet(url, refresh_seconds=1.0, timeout_seconds=1.0)
+    with caplog.at_level(logging.WARNING, "heimdall.api"), pytest.raises(KeysUnavailable):
+        keys.find("rsa-1")
+    (record,) = caplog.records
+    assert record.getMessage().startswith(
+        f"the identity provider's keys could not be fetched from {url}: "
+    )
+
+
+def test_a_fetch_on_a_thread_running_an_event_loop_fails_as_a_503(
+    endpoint: tuple[Endpoint, str],
+) -> None:
+    _, url = endpoint
+    keys = RemoteKeySet(url, refresh_seconds=1.0)
+
+    async def inside() -> None:
+        with pytest.raises(KeysUnavailable):
+            keys.find("rsa-1")
+
+    asyncio.run(inside())
 
 
 def test_a_compressed_key_set_is_refused_not_unpacked(

@@ -125,6 +125,14 @@ def test_every_api_setting_is_read() -> None:
         ({**OIDC, "HMD_OIDC_ROLE_MAP": "a=heimdall-app,a=heimdall-audit"}, "maps 'a' twice"),
         ({**OIDC, "HMD_OIDC_LEEWAY": "3600"}, "HMD_OIDC_LEEWAY must be between 0 and 300"),
         (
+            {**OIDC, "HMD_OIDC_JWKS_URL": "https://idp.example.com:99999/jwks"},
+            "HMD_OIDC_JWKS_URL is not a usable URL (its host or port is not valid)",
+        ),
+        (
+            {**OIDC, "HMD_OIDC_JWKS_URL": "https://idp.example.com/jw ks"},
+            "HMD_OIDC_JWKS_URL holds a space or a control character",
+        ),
+        (
             {**OIDC, "HMD_OIDC_JWKS_REFRESH_SECONDS": "0"},
             "HMD_OIDC_JWKS_REFRESH_SECONDS must be between 1 and 3600",
         ),

@@ -180,6 +180,16 @@ def _is_loopback(host: str) -> bool:
 
 def _jwks_url(value: str) -> str:
     parts = urlsplit(value)
+    try:
+        _ = parts.port  # ValueError when out of range
+        if parts.hostname:
+            parts.hostname.encode("idna")
+    except (ValueError, UnicodeError):
+        raise ConfigurationError(
+            "HMD_OIDC_JWKS_URL is not a usable URL (its host or port is not valid)"
+        ) from None
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in value):
+        raise ConfigurationError("HMD_OIDC_JWKS_URL holds a space or a control character")
     if parts.scheme == "https" and parts.hostname:
         return value
     if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):

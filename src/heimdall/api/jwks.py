@@ -126,17 +126,35 @@ class RemoteKeySet:
         timeouts bound each read alone and a server sending a byte at a time never trips
         them."""
         try:
-            return asyncio.run(asyncio.wait_for(self._get(), self._timeout))
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # no loop in this thread (a worker thread of the server): one is made below
+        else:
+            raise _FetchFailed("called on a thread that runs an event loop")
+        # Not asyncio.run: it waits, without limit, for the loop's resolver thread, which a
+        # slow DNS server holds past the deadline. A closed loop leaves that thread to finish.
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(asyncio.wait_for(self._get(), self._timeout))
         except TimeoutError:
             raise _FetchFailed(f"the fetch took over {self._timeout:g} s") from None
-        except httpx.HTTPError as exc:
+        except _FetchFailed:
+            raise
+        except Exception as exc:  # httpx's errors, a URL it cannot use, anything else
             raise _FetchFailed(type(exc).__name__) from None
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
 
     async def _get(self) -> bytes:
         body = bytearray()
         async with (
             httpx.AsyncClient(
-                timeout=self._timeout, follow_redirects=False, verify=ssl.create_default_context()
+                # The connection (and TLS handshake) ends itself before the deadline cancels
+                # it: a cancelled handshake would leave its socket open until collected.
+                timeout=httpx.Timeout(self._timeout, connect=self._timeout / 2),
+                follow_redirects=False,
+                verify=ssl.create_default_context(),
             ) as client,
             client.stream(
                 "GET",

@@ -133,10 +133,10 @@ def _bind(settings: Settings) -> socket.socket:
 
 def _announce(settings: Settings, service: Heimdall) -> None:
     api = settings.api
+    now = datetime.now(UTC)  # the tokens first: a store that fails is one line, never after
+    active = [t for t in ServiceTokens(service.store).list() if t.state(now) == "active"]
     scheme = "https" if api.tls_cert else "http"
     err.print(f"serving the heimdall API on {scheme}://{api.listen}", markup=False)
-    now = datetime.now(UTC)
-    active = [t for t in ServiceTokens(service.store).list() if t.state(now) == "active"]
     if api.oidc is None and not active:
         err.print(
             "warning: neither OIDC (HMD_OIDC_ISSUER) nor any service token is set up: every "
