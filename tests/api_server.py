@@ -300,7 +300,14 @@ def start_server(workdir: Path, env: Mapping[str, str]) -> ApiServer:
     assert HEIMDALL is not None
     workdir.mkdir(parents=True, exist_ok=True)
     base = clean_environ()
-    base.update({"HMD_DATA_DIR": str(workdir / "data"), "HMD_AUDIT_FSYNC": "false"})
+    # Every refusal audited one by one: the tests count them (a test of the limit sets it).
+    base.update(
+        {
+            "HMD_DATA_DIR": str(workdir / "data"),
+            "HMD_AUDIT_FSYNC": "false",
+            "HMD_API_REFUSALS_PER_MINUTE": "0",
+        }
+    )
     base.update(env)
     for attempt in range(1, PORT_ATTEMPTS + 1):
         port = free_port()

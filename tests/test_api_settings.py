@@ -68,6 +68,7 @@ def test_every_api_setting_is_read() -> None:
             "HMD_API_METRICS_PUBLIC": "yes",
             "HMD_API_MAX_BODY_BYTES": "2048",
             "HMD_API_MAX_BATCH": "50",
+            "HMD_API_REFUSALS_PER_MINUTE": "0",
             "HMD_API_TRUSTED_PROXIES": "10.0.0.1, 10.0.0.2",
             "HMD_OIDC_ROLES_CLAIM": "groups",
             "HMD_OIDC_ROLE_MAP": "pii-admins=heimdall-admin, auditors=heimdall-audit",
@@ -78,6 +79,7 @@ def test_every_api_setting_is_read() -> None:
     assert (api.host, api.port, api.listen) == ("::1", 9443, "[::1]:9443")
     assert api.tls_cert == Path("/etc/heimdall/tls.crt")
     assert api.metrics_public and api.max_body_bytes == 2048 and api.max_batch == 50
+    assert api.refusals_per_minute == 0
     assert api.trusted_proxies == ("10.0.0.1", "10.0.0.2")
     assert api.oidc == OidcSettings(
         issuer=ISSUER,

@@ -31,6 +31,7 @@ from heimdall.api.errors import install_error_handlers
 from heimdall.api.health import Readiness, health_router
 from heimdall.api.middleware import BodyLimit, RequestContext
 from heimdall.api.oidc import OidcVerifier
+from heimdall.api.refusals import RefusalBudget
 from heimdall.cipher import CachePolicy, FieldCipher
 from heimdall.envelope import EncryptionVersion
 from heimdall.kms.legacy import LegacyMasterKey, parse_master_key
@@ -73,7 +74,11 @@ def create_app(settings: Settings, service: Heimdall | None) -> FastAPI:
         oidc = settings.api.oidc
         app.state.service = service
         app.state.legacy = _legacy_cipher(service, settings)
-        app.state.authenticator = Authenticator(service, OidcVerifier(oidc) if oidc else None)
+        app.state.authenticator = Authenticator(
+            service,
+            OidcVerifier(oidc) if oidc else None,
+            RefusalBudget(settings.api.refusals_per_minute),
+        )
         app.state.readiness = Readiness(service)
     install_error_handlers(app, authenticate=authenticated if service is not None else None)
     app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
@@ -99,12 +104,16 @@ def _legacy_cipher(service: Heimdall, settings: Settings) -> FieldCipher | None:
 
 
 def close_app(app: FastAPI) -> None:
-    """Release what the application holds besides the service (the readiness probes' thread).
-    ``heimdall serve`` calls it once uvicorn has stopped; other ASGI servers run it through the
-    lifespan protocol."""
+    """Release what the application holds besides the service (the readiness probes' thread)
+    and audit the refusals it still counts; before the service is closed. ``heimdall serve``
+    calls it once uvicorn has stopped; other ASGI servers run it through the lifespan
+    protocol."""
     readiness = getattr(app.state, "readiness", None)
     if isinstance(readiness, Readiness):
         readiness.close()
+    authenticator = getattr(app.state, "authenticator", None)
+    if isinstance(authenticator, Authenticator):
+        authenticator.close()  # the refusals still counted go to the trail
 
 
 @asynccontextmanager

@@ -32,7 +32,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from heimdall.api.errors import ApiError, Unauthenticated, request_id_of
 from heimdall.api.oidc import OidcVerifier
-from heimdall.audit import AuditEvent
+from heimdall.api.refusals import COUNTED, RefusalBudget
+from heimdall.audit import AuditEvent, EventType
 from heimdall.errors import PermissionDenied
 from heimdall.rbac import Caller, Role
 from heimdall.service import Heimdall
@@ -52,10 +53,16 @@ class Identity:
 class Authenticator:
     """Turns an ``Authorization`` header into an :class:`Identity`; shared by all requests."""
 
-    def __init__(self, service: Heimdall, oidc: OidcVerifier | None) -> None:
+    def __init__(
+        self,
+        service: Heimdall,
+        oidc: OidcVerifier | None,
+        refusals: RefusalBudget | None = None,
+    ) -> None:
         self._service = service
         self._oidc = oidc
         self._tokens = ServiceTokens(service.store)
+        self._refusals = refusals or RefusalBudget(0)
 
     @property
     def oidc_enabled(self) -> bool:
@@ -81,9 +88,36 @@ class Authenticator:
         return Identity(identity.actor, identity.roles)
 
     def deny(self, request: Request, actor: str, reason: str) -> None:
-        """Audit a refusal made here (the library audits its own)."""
-        who = Caller(actor, request_id=request_id_of(request), source_ip=source_ip(request))
-        self._service.record(AuditEvent.denial(who, operation_of(request), reason))
+        """Audit a refusal made here (the library audits its own): one by one, or counted
+        past the limit of its address (heimdall.api.refusals)."""
+        address = source_ip(request)
+        one_by_one, counted = self._refusals.admit(address or "-")
+        events = _counted(counted)
+        if one_by_one:
+            who = Caller(actor, request_id=request_id_of(request), source_ip=address)
+            events.append(AuditEvent.denial(who, operation_of(request), reason))
+        if events:
+            self._service.record(*events)
+
+    def close(self) -> None:
+        """Audit the refusals still counted (the server is stopping)."""
+        events = _counted(self._refusals.drain())
+        if events:
+            self._service.record(*events)
+
+
+def _counted(counts: list[tuple[str, int]]) -> list[AuditEvent]:
+    return [
+        AuditEvent.of(
+            EventType.ACCESS_DENIED,
+            Caller(ANONYMOUS, source_ip=None if address == "-" else address),
+            denied=True,
+            operation=COUNTED,
+            reason="refused at authentication, past the refusals audited one by one",
+            count=count,
+        )
+        for address, count in counts
+    ]
 
 
 def source_ip(request: Request) -> str | None:

@@ -75,6 +75,7 @@ FILE_KEYS: Final = frozenset(
         "api_metrics_public",
         "api_max_body_bytes",
         "api_max_batch",
+        "api_refusals_per_minute",
         "api_trusted_proxies",
         "oidc_issuer",
         "oidc_audience",
@@ -115,6 +116,7 @@ class ApiSettings:
     metrics_public: bool = False
     max_body_bytes: int = MIB
     max_batch: int = 1000
+    refusals_per_minute: int = 60  # audited one by one per address (heimdall.api.refusals)
     trusted_proxies: tuple[str, ...] = ()
     oidc: OidcSettings | None = field(default=None)
 
@@ -310,6 +312,15 @@ def api_settings(values: Mapping[str, str]) -> ApiSettings:
         ),
         max_batch=int(
             _number("api_max_batch", values.get("api_max_batch", "1000"), 1, 100_000, int)
+        ),
+        refusals_per_minute=int(
+            _number(
+                "api_refusals_per_minute",
+                values.get("api_refusals_per_minute", "60"),
+                0,
+                1_000_000,
+                int,
+            )
         ),
         trusted_proxies=tuple(_words(values.get("api_trusted_proxies", ""))),
         oidc=_oidc(values),
