@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 
 from api_server import audit_records, start_server
-from heimdall.api.refusals import COUNTED, RefusalBudget
+from heimdall.api.refusals import ANY_ADDRESS, COUNTED, RefusalBudget
 
 
 def test_past_the_limit_refusals_are_counted_and_the_count_comes_with_a_later_one() -> None:
@@ -31,6 +31,23 @@ def test_counts_not_yet_audited_are_drained_and_the_addresses_followed_are_bound
         budget.admit(address)
     assert budget.admit("c") == (True, [("a", 2)])  # the oldest minute is counted out
     assert budget.drain() == [("b", 1)]
+
+
+def test_an_ipv6_slash_64_is_one_address() -> None:
+    budget = RefusalBudget(2, monotonic=lambda: 0.0)
+    admitted = [budget.admit(f"2001:db8:0:1::{n:x}")[0] for n in range(5)]
+    assert admitted == [True, True, False, False, False]
+    assert budget.admit("2001:db8:0:2::1")[0] is True  # another /64
+    assert budget.drain() == [("2001:db8:0:1::/64", 3)]
+
+
+def test_many_addresses_at_once_are_audited_as_ten_at_their_limit_then_counted() -> None:
+    clock = [0.0]
+    budget = RefusalBudget(2, monotonic=lambda: clock[0])
+    admitted = [budget.admit(f"10.1.{n // 250}.{n % 250}")[0] for n in range(25)]
+    assert admitted == [True] * 20 + [False] * 5
+    clock[0] = 61.0
+    assert budget.admit("10.9.9.9") == (True, [(ANY_ADDRESS, 5)])
 
 
 def test_no_limit_audits_every_refusal() -> None:

@@ -32,7 +32,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from heimdall.api.errors import ApiError, Unauthenticated, request_id_of
 from heimdall.api.oidc import OidcVerifier
-from heimdall.api.refusals import COUNTED, RefusalBudget
+from heimdall.api.refusals import ANY_ADDRESS, COUNTED, RefusalBudget
 from heimdall.audit import AuditEvent, EventType
 from heimdall.errors import PermissionDenied
 from heimdall.rbac import Caller, Role
@@ -110,10 +110,15 @@ def _counted(counts: list[tuple[str, int]]) -> list[AuditEvent]:
     return [
         AuditEvent.of(
             EventType.ACCESS_DENIED,
-            Caller(ANONYMOUS, source_ip=None if address == "-" else address),
+            Caller(ANONYMOUS, source_ip=None if address in ("-", ANY_ADDRESS) else address),
             denied=True,
             operation=COUNTED,
-            reason="refused at authentication, past the refusals audited one by one",
+            reason=(
+                "refused at authentication, from many addresses at once, past the refusals "
+                "audited one by one"
+                if address == ANY_ADDRESS
+                else "refused at authentication, past the refusals audited one by one"
+            ),
             count=count,
         )
         for address, count in counts
