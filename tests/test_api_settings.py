@@ -135,6 +135,10 @@ def test_every_api_setting_is_read() -> None:
             "HMD_OIDC_JWKS_URL holds a space or a control character",
         ),
         (
+            {**OIDC, "HMD_OIDC_MAX_LIFETIME_SECONDS": "10"},
+            "HMD_OIDC_MAX_LIFETIME_SECONDS must be between 60 and",
+        ),
+        (
             {**OIDC, "HMD_OIDC_JWKS_REFRESH_SECONDS": "0"},
             "HMD_OIDC_JWKS_REFRESH_SECONDS must be between 1 and 3600",
         ),
@@ -326,6 +330,21 @@ def test_an_email_the_issuer_does_not_mark_verified_is_not_the_actor(
     verifier = _verifier(issuer, tmp_path)
     token = issuer.token(sub="s-1", email="boss@example.com", email_verified=verified)
     assert verifier.verify(token).actor == "oidc:s-1"
+
+
+def test_a_token_must_expire_within_the_lifetime_the_server_accepts(
+    issuer: Issuer, tmp_path: Path
+) -> None:
+    verifier = _verifier(issuer, tmp_path, max_lifetime_seconds=3600.0)
+    assert verifier.verify(issuer.token(sub="s", lifetime=3500)).actor == "oidc:s"
+    far = issuer.token(sub="s", lifetime=10 * 86_400)
+    assert _refused(verifier, far) == "the token expires further ahead than this server accepts"
+    huge = issuer.token(sub="s", exp=1e300)
+    assert _refused(verifier, huge) == "the token expires further ahead than this server accepts"
+    digits = issuer.token(sub="s", exp=str(int(time.time()) + 60))
+    assert _refused(verifier, digits) == "the token's exp is not a number"
+    fractional = issuer.token(sub="s", exp=time.time() + 60.5)  # a NumericDate may be one
+    assert verifier.verify(fractional).actor == "oidc:s"
 
 
 def test_an_email_with_a_line_break_is_not_the_actor(issuer: Issuer, tmp_path: Path) -> None:

@@ -85,6 +85,7 @@ FILE_KEYS: Final = frozenset(
         "oidc_role_map",
         "oidc_algorithms",
         "oidc_leeway",
+        "oidc_max_lifetime_seconds",
         "oidc_jwks_refresh_seconds",
     }
 )
@@ -104,6 +105,7 @@ class OidcSettings:
     role_map: tuple[tuple[str, Role], ...] | None = None
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     leeway_seconds: float = 30.0
+    max_lifetime_seconds: float = 86_400.0  # how far ahead a token's exp may lie
     jwks_refresh_seconds: float = 30.0
 
 
@@ -277,6 +279,13 @@ def _oidc(values: Mapping[str, str]) -> OidcSettings | None:
             else DEFAULT_ALGORITHMS
         ),
         leeway_seconds=_number("oidc_leeway", values.get("oidc_leeway", "30"), 0, 300, float),
+        max_lifetime_seconds=_number(
+            "oidc_max_lifetime_seconds",
+            values.get("oidc_max_lifetime_seconds", "86400"),
+            60,
+            31_536_000,
+            float,
+        ),
         jwks_refresh_seconds=_number(
             "oidc_jwks_refresh_seconds",
             values.get("oidc_jwks_refresh_seconds", "30"),

@@ -10,7 +10,8 @@ spec: Access Control Model, Authentication Methods; Audit Log Requirements (the 
   and verifies its signature;
 * it carries ``exp``, ``iss`` and ``aud``; ``iss`` is ``HMD_OIDC_ISSUER``, ``aud`` names
   ``HMD_OIDC_AUDIENCE``; ``exp`` and ``nbf`` (if present) hold, give or take
-  ``HMD_OIDC_LEEWAY`` seconds.
+  ``HMD_OIDC_LEEWAY`` seconds; ``exp`` is a number at most ``HMD_OIDC_MAX_LIFETIME_SECONDS``
+  (a day) ahead.
 
 The keys come from ``HMD_OIDC_JWKS_URL`` (:class:`heimdall.api.jwks.RemoteKeySet`: the key set
 is kept for five minutes and fetched again for a ``kid`` it lacks, at most every
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -119,7 +121,18 @@ class OidcVerifier:
             raise Unauthenticated("the token's signature does not verify") from None
         except jwt.PyJWTError:
             raise Unauthenticated("the token is not valid") from None
+        self._check_lifetime(claims)
         return OidcIdentity(_actor(claims), self._roles(claims))
+
+    def _check_lifetime(self, claims: Mapping[str, Any]) -> None:
+        """``exp`` must be a JSON number (PyJWT also takes a string of digits) no further
+        ahead than ``HMD_OIDC_MAX_LIFETIME_SECONDS``: an issuer's mistake, or a token minted
+        to last for years, is not accepted for as long as it claims."""
+        expires = claims["exp"]
+        if isinstance(expires, bool) or not isinstance(expires, int | float):
+            raise Unauthenticated("the token's exp is not a number")
+        if expires - time.time() > self.settings.max_lifetime_seconds:
+            raise Unauthenticated("the token expires further ahead than this server accepts")
 
     def _key(self, kid: Any, algorithm: str) -> jwt.PyJWK:
         """The issuer's key to verify with; it must be bound to *algorithm*."""
