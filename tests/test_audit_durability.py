@@ -170,6 +170,28 @@ def test_a_crash_in_the_middle_of_an_append_leaves_a_torn_tail_that_only_repair_
     assert log.verify().ok
 
 
+def test_a_torn_tail_on_a_trail_with_no_checkpoint_yet_is_repaired(tmp_path: Path) -> None:
+    """Every writer killed before its first checkpoint, the last one inside an append: the
+    repair must not refuse for want of a checkpoint, or the trail could never get one."""
+    key = LocalKeyring(tmp_path / "keys" / "keyring.json").audit_key()
+    key.sign(b"the provider holds the key")
+    assert key.exists()
+    log = JsonlAuditLog(
+        tmp_path / "audit.log", fsync=False, key=key, checkpoint_every=1000, checkpoint_seconds=None
+    )
+    log.write(sample_events(5))
+    assert "no keyed checkpoint" in (log.verify().problem or "")
+    with log.path.open("ab") as trail:
+        trail.write(b'{"event_type":"crypto.decrypt","torn')
+
+    removed = log.repair_torn_tail(actor="test:operator", request_id="req-repair")
+
+    assert removed == len(b'{"event_type":"crypto.decrypt","torn')
+    log.close()  # the closing checkpoint covers the trail
+    report = log.verify()
+    assert (report.ok, report.checkpoints, report.events) == (True, 1, 6)
+
+
 def _torn(lines: list[bytes]) -> list[bytes]:
     return [*lines, lines[-1][:40]]
 

@@ -187,8 +187,8 @@ class JsonlAuditLog:
         (a crash in the middle of the write), or complete lines whose append never committed
         its head (a crash just before). The operation that wrote them did not complete, so
         nothing it did is lost. Refused (AuditError) when there is no such tail, or anything
-        the head vouches for does not verify. Audited (``audit.repair``, with the bytes
-        removed).
+        the head vouches for does not verify (a trail with no checkpoint yet is repaired).
+        Audited (``audit.repair``, with the bytes removed).
         """
         with self._exclusive() as fd:
             size = os.fstat(fd).st_size
@@ -198,7 +198,11 @@ class JsonlAuditLog:
                 raise AuditError(
                     f"audit log {self.path} ends where its head record says: nothing to repair"
                 )
-            report = check(read_lines(fd, 0, end), head, self._key)
+            # A trail that has no checkpoint yet (its writers were all killed before making
+            # one) is repaired too, or it could never get one: every append is refused until
+            # the repair. Refusing would protect nothing, for an append to a trail stripped of
+            # its checkpoints is not refused either; verify reports that state until then.
+            report = check(read_lines(fd, 0, end), head, self._key, first_checkpoint_due=False)
             if not report.ok:
                 raise AuditError(
                     f"audit log {self.path} is damaged within what its head record vouches for "

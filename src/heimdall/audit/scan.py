@@ -135,10 +135,16 @@ def hash_ending_at(fd: int, end: int) -> str | None:
 
 
 def check(
-    lines: Iterable[bytes], head: ChainState | LegacyHead | None, key: AuditKey | None
+    lines: Iterable[bytes],
+    head: ChainState | LegacyHead | None,
+    key: AuditKey | None,
+    *,
+    first_checkpoint_due: bool = True,
 ) -> VerifyReport:
-    """Verify the log's *lines* (from :func:`read_lines`) against its *head* record and *key*."""
-    return _check(lines, head, key, None)
+    """Verify the log's *lines* (from :func:`read_lines`) against its *head* record and *key*.
+    Without *first_checkpoint_due*, a trail that has no checkpoint yet while the provider holds
+    the key is not a problem (the torn-tail repair: see JsonlAuditLog.repair_torn_tail)."""
+    return _check(lines, head, key, None, first_checkpoint_due=first_checkpoint_due)
 
 
 def recheck(
@@ -164,8 +170,11 @@ def _check(
     head: ChainState | LegacyHead | None,
     key: AuditKey | None,
     trusted: VerifiedPrefix | None,
+    *,
+    first_checkpoint_due: bool = True,
 ) -> VerifyReport:
     walk = _Walk(head, key, trusted)
+    walk.first_checkpoint_due = first_checkpoint_due
     for line in lines:
         if not line.endswith(b"\n"):
             walk.confirm_trusted()
@@ -193,6 +202,7 @@ class _Walk:
         self.verified: VerifiedPrefix | None = None
         self.head_matched = head is None or head.size == 0
         self.lines_at_head = 0  # lines up to the end the head vouches for
+        self.first_checkpoint_due = True
 
     def step(self, line: bytes) -> str | None:
         try:
@@ -278,7 +288,13 @@ class _Walk:
         state = self.state
         if state.every is not None and state.pending >= state.every:
             return self._missing(state), state.lines
-        if not self.checkpoints and state.events and self.key is not None and self.key.exists():
+        if (
+            self.first_checkpoint_due
+            and not self.checkpoints
+            and state.events
+            and self.key is not None
+            and self.key.exists()
+        ):
             # Otherwise removing every checkpoint, then rewriting the chain, would pass as a
             # trail written before checkpoints existed.
             return (
