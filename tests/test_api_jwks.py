@@ -134,7 +134,7 @@ def test_a_lookup_does_not_wait_behind_a_slow_fetch(endpoint: tuple[Endpoint, st
     assert state.hits == 2  # the fetch for the unknown kid is under way
     started = time.monotonic()
     assert verifier.verify(state.issuer.token(sub="cached")).actor == "oidc:cached"
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 1.0  # the fetch under way takes 1.5 s
     slow.join(timeout=10)
     assert not slow.is_alive()
     assert [type(refused) for refused in outcome] == [Unauthenticated]
@@ -166,7 +166,7 @@ def test_a_slow_name_lookup_does_not_hold_the_fetch_past_its_deadline(
 
     def slow(host: Any, *args: Any, **kwargs: Any) -> Any:
         if host == "jwks.slow.test":
-            time.sleep(2.0)  # a resolver that takes its time (glibc retries take longer)
+            time.sleep(3.0)  # a resolver that takes its time (glibc retries take longer)
         return resolve(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", slow)
@@ -174,7 +174,7 @@ def test_a_slow_name_lookup_does_not_hold_the_fetch_past_its_deadline(
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, "heimdall.api"), pytest.raises(KeysUnavailable):
         keys.find("rsa-1")
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 2.0
     assert "the identity provider's keys could not be fetched from" in caplog.text
 
 
@@ -220,8 +220,8 @@ def test_a_compressed_key_set_is_refused_not_unpacked(
 
 def test_no_request_waits_for_a_fetch_another_is_making(endpoint: tuple[Endpoint, str]) -> None:
     state, url = endpoint
-    state.delay = 1.0
-    keys = RemoteKeySet(url, refresh_seconds=1.0, timeout_seconds=3.0)
+    state.delay = 2.0
+    keys = RemoteKeySet(url, refresh_seconds=1.0, timeout_seconds=4.0)
     first = threading.Thread(target=lambda: keys.find("rsa-1"))
     first.start()
     deadline = time.monotonic() + 2
@@ -230,7 +230,7 @@ def test_no_request_waits_for_a_fetch_another_is_making(endpoint: tuple[Endpoint
     started = time.monotonic()
     with pytest.raises(KeysUnavailable):  # no key set yet, one being fetched: 503 at once
         keys.find("rsa-1")
-    assert time.monotonic() - started < 0.2
+    assert time.monotonic() - started < 1.0  # the fetch under way takes 2 s
     first.join(timeout=10)
     assert keys.find("rsa-1") is not None  # the first fetch brought it
     assert state.hits == 1
