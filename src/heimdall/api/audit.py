@@ -20,8 +20,8 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
 from heimdall.api.auth import AuthenticatedCaller
-from heimdall.api.deps import service_of, settings_of
-from heimdall.audit import ForwardedAuditLog, JsonlAuditLog
+from heimdall.api.deps import audit_log_of, service_of, settings_of
+from heimdall.audit import JsonlAuditLog
 from heimdall.audit.query import MAX_LIMIT, AuditFilter, parse_time, query_audit
 from heimdall.errors import InvalidInput
 from heimdall.rbac import Permission
@@ -119,11 +119,9 @@ def _check_parameters(request: Request) -> None:
 
 
 def _log_of(service: Heimdall) -> JsonlAuditLog:
-    sink = service.audit
-    if isinstance(sink, ForwardedAuditLog):
-        return sink.log
-    assert isinstance(sink, JsonlAuditLog)  # what heimdall.app builds
-    return sink
+    log = audit_log_of(service)
+    assert log is not None  # what heimdall.app builds
+    return log
 
 
 @router.get("/verify", response_model=VerifyBody)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import Request
 
 from heimdall.api.errors import ApiError
+from heimdall.audit import ForwardedAuditLog, JsonlAuditLog
 from heimdall.service import Heimdall
 from heimdall.settings import Settings
 
-__all__ = ["check_batch", "service_of", "settings_of"]
+__all__ = ["audit_log_of", "check_batch", "service_of", "settings_of"]
 
 
 def service_of(request: Request) -> Heimdall:
@@ -33,3 +34,11 @@ def check_batch(request: Request, items: int) -> None:
             f"a batch holds at most {limit:,} items (HMD_API_MAX_BATCH); this one holds "
             f"{items:,}: split it",
         )
+
+
+def audit_log_of(service: Heimdall) -> JsonlAuditLog | None:
+    """The file the service's audit trail is written to (behind any forwarders), or None for
+    a sink that is not a file (one an embedding program gave)."""
+    sink = service.audit
+    log = sink.log if isinstance(sink, ForwardedAuditLog) else sink
+    return log if isinstance(log, JsonlAuditLog) else None

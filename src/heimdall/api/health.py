@@ -28,10 +28,9 @@ from fastapi.responses import JSONResponse
 
 from heimdall import metrics
 from heimdall.api.auth import authenticated
-from heimdall.api.deps import service_of
+from heimdall.api.deps import audit_log_of, service_of
 from heimdall.api.errors import error_of
 from heimdall.app import ENVIRONMENT_META
-from heimdall.audit import ForwardedAuditLog, JsonlAuditLog
 from heimdall.errors import HeimdallError
 from heimdall.rotation.job import job_store
 from heimdall.rotation.worker import FIELD_COUNTS_EVERY_SECONDS
@@ -58,9 +57,8 @@ class Readiness:
             "store": lambda: service.store.get_meta(ENVIRONMENT_META),
             "kms": service.kms.describe,
         }
-        sink = service.audit
-        log = sink.log if isinstance(sink, ForwardedAuditLog) else sink
-        if isinstance(log, JsonlAuditLog):
+        log = audit_log_of(service)
+        if log is not None:
             # Every audited operation is refused while an append would be: not ready then.
             probes["audit"] = log.check_appendable
         return probes

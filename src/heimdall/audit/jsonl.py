@@ -109,7 +109,7 @@ class JsonlAuditLog:
         self._monotonic = monotonic
         self._sealed_at = monotonic()  # this process's last checkpoint, or its start
         self._unsealed = False  # this process wrote events that no checkpoint covers yet
-        self._group = GroupCommit(self.append)
+        self._group = GroupCommit(self._append)
         # How far this process's last verify found the trail good (see scan.recheck).
         self._verified: VerifiedPrefix | None = None
 
@@ -120,13 +120,17 @@ class JsonlAuditLog:
     # -- writing ----------------------------------------------------------------------------
 
     def write(self, events: Sequence[AuditEvent]) -> None:
-        """Append *events* in the next append this process's threads share (:mod:`.group`)."""
-        _refuse_checkpoints(events)
+        """Append *events* in the next append this process's threads share (:mod:`.group`,
+        which refuses checkpoints among them)."""
         self._group.write(events)
 
     def append(self, events: Sequence[AuditEvent]) -> list[bytes]:
         """Append *events* now, and any checkpoint falling due among them; the lines written."""
         _refuse_checkpoints(events)
+        return self._append(events)
+
+    def _append(self, events: Sequence[AuditEvent]) -> list[bytes]:
+        """:meth:`append` of events already checked (a group's: see GroupCommit.write)."""
         if not events:
             return []
         with self._exclusive() as fd:
@@ -140,12 +144,7 @@ class JsonlAuditLog:
         or does not end where its head record says (a readiness probe; writes nothing)."""
         if not os.path.lexists(self.path):
             return  # the first append creates it
-        try:
-            fd = open_private(self.path, os.O_RDWR | os.O_APPEND, what=_WHAT)
-        except OSError as exc:
-            raise AuditError(f"audit log {self.path} cannot be opened: {exc.strerror}") from None
-        except ConfigurationError as exc:
-            raise AuditError(str(exc)) from None
+        fd = self._open(os.O_RDWR | os.O_APPEND)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)  # no append is half done while we look
             self._state(fd, os.fstat(fd).st_size, create=False)
@@ -228,17 +227,21 @@ class JsonlAuditLog:
     def _exclusive(self) -> Iterator[int]:
         if not self.path.parent.exists():
             ensure_private_dir(self.path.parent, "audit log directory")
-        try:
-            fd = open_private(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, what=_WHAT)
-        except OSError as exc:
-            raise AuditError(f"audit log {self.path} cannot be opened: {exc.strerror}") from None
-        except ConfigurationError as exc:
-            raise AuditError(str(exc)) from None
+        fd = self._open(os.O_RDWR | os.O_APPEND | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield fd
         finally:
             os.close(fd)
+
+    def _open(self, flags: int) -> int:
+        """The log opened with *flags* (see private_files); AuditError if it cannot be."""
+        try:
+            return open_private(self.path, flags, what=_WHAT)
+        except OSError as exc:
+            raise AuditError(f"audit log {self.path} cannot be opened: {exc.strerror}") from None
+        except ConfigurationError as exc:
+            raise AuditError(str(exc)) from None
 
     def _append_locked(
         self, fd: int, events: Sequence[AuditEvent], *, closing: bool, timed: bool = True

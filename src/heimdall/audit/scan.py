@@ -173,8 +173,7 @@ def _check(
     *,
     first_checkpoint_due: bool = True,
 ) -> VerifyReport:
-    walk = _Walk(head, key, trusted)
-    walk.first_checkpoint_due = first_checkpoint_due
+    walk = _Walk(head, key, trusted, first_checkpoint_due=first_checkpoint_due)
     for line in lines:
         if not line.endswith(b"\n"):
             walk.confirm_trusted()
@@ -193,6 +192,8 @@ class _Walk:
         head: ChainState | LegacyHead | None,
         key: AuditKey | None,
         trusted: VerifiedPrefix | None = None,
+        *,
+        first_checkpoint_due: bool = True,
     ) -> None:
         self.head = head
         self.key = key
@@ -202,7 +203,7 @@ class _Walk:
         self.verified: VerifiedPrefix | None = None
         self.head_matched = head is None or head.size == 0
         self.lines_at_head = 0  # lines up to the end the head vouches for
-        self.first_checkpoint_due = True
+        self.first_checkpoint_due = first_checkpoint_due
 
     def step(self, line: bytes) -> str | None:
         try:
