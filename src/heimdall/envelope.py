@@ -138,6 +138,21 @@ class EncryptionContext:
     field_name: str
 
     def __post_init__(self) -> None:
+        # One expression for the usual case (a batch decrypt builds one context per field);
+        # anything else is checked value by value, for the message.
+        label, key, name = self.node_label, self.canonical_key, self.field_name
+        limit = MAX_CONTEXT_VALUE_CHARS
+        if not (
+            type(label) is str
+            and type(key) is str
+            and type(name) is str
+            and 0 < len(label) <= limit
+            and 0 < len(key) <= limit
+            and 0 < len(name) <= limit
+        ):
+            self._check_each()
+
+    def _check_each(self) -> None:
         for name in ("node_label", "canonical_key", "field_name"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value or len(value) > MAX_CONTEXT_VALUE_CHARS:
