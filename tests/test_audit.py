@@ -15,9 +15,9 @@ from typing import Any
 import orjson
 import pytest
 
-from heimdall.audit import AuditEvent, EventType, JsonlAuditLog, Result
+from heimdall.audit import AuditEvent, Decryptions, EventType, JsonlAuditLog, Result
 from heimdall.audit.chain import ChainState, advance, seal, seal_events
-from heimdall.audit.events import _OPTIONAL_FIELDS
+from heimdall.audit.events import _OPTIONAL_FIELDS, Joined, event_bodies
 from heimdall.envelope import parse
 from heimdall.errors import (
     AuditError,
@@ -522,3 +522,70 @@ def test_events_sealed_together_chain_exactly_as_sealed_one_by_one() -> None:
     assert after == state
     assert after == ChainState(100 + sum(map(len, lines)), 9, 8, previous, 8, 10, 0)
     assert seal_events(start, []) == ([], start)
+
+
+_ODD = 'a"b\\c\u0007\u00e9\u2028\U0001f600'  # a quote, a backslash, a control character, non-ASCII
+
+
+@pytest.mark.parametrize("source_ip", ["192.0.2.7", None], ids=["address", "no-address"])
+@pytest.mark.parametrize("actor", ["token:enrich-1", "oidc:" + _ODD], ids=["plain", "escaped"])
+def test_a_batch_of_decryptions_is_the_events_decryption_builds_written_byte_for_byte(
+    source_ip: str | None, actor: str
+) -> None:
+    caller = Caller(actor, role=Role.APP, source_ip=source_ip)
+    key = "email:hash:" + "a" * 64
+    rows: list[tuple[str | None, str | None, int | None, BaseException | None]] = [
+        (key, "heimdall-pii-v3", 3, None),
+        (key, "heimdall-pii-v3", 3, DecryptionFailed()),
+        (key, None, 2, FieldNotFound("")),  # an envelope that could not be read: no key
+        (key, None, None, FieldNotFound("")),  # no field at all
+        (None, None, None, PermissionDenied("")),  # text that was not a canonical key
+        (_ODD, _ODD, 2**31 - 1, None),  # any text is escaped as orjson escapes it
+        (key, "heimdall-pii-v1", True, None),  # a bool is written as JSON true, not 1
+    ]
+    expected = [
+        AuditEvent.decryption(
+            caller,
+            field_identifier=field,
+            key_identifier=key_identifier,
+            key_version=version,
+            reason=REASON,
+            error=error,
+            timestamp="2026-01-02T03:04:05.678Z",
+        )
+        for field, key_identifier, version, error in rows
+    ]
+
+    batch = Decryptions.of(
+        caller,
+        REASON,
+        "2026-01-02T03:04:05.678Z",
+        [(f, k, v, None if e is None else type(e).__name__) for f, k, v, e in rows],
+    )
+
+    assert list(batch) == expected
+    assert [batch[i] for i in range(-len(rows), len(rows))] == expected * 2
+    assert batch[1:3] == expected[1:3]
+    assert len(batch) == len(rows)
+    assert batch.bodies() == [orjson.dumps(event.to_dict()) for event in expected]
+    joined = Joined((expected[:2], batch, expected[2:]))
+    assert list(joined) == [*expected[:2], *expected, *expected[2:]]
+    assert joined[2:4] == expected[:2] and len(joined) == 2 * len(rows)
+    assert event_bodies(joined) == [orjson.dumps(e.to_dict()) for e in joined]
+    assert key not in repr(batch)  # the rows stay out of its repr (a log line)
+
+
+def test_a_batch_of_decryptions_writes_the_trail_writing_its_events_writes(
+    tmp_path: Path,
+) -> None:
+    caller = Caller("token:enrich-1", role=Role.APP, request_id="req-1", source_ip="192.0.2.7")
+    rows = [(f"email:hash:{n:064x}", "heimdall-pii-v1", 1, None) for n in range(5)]
+    batch = Decryptions.of(caller, REASON, "2026-01-02T03:04:05.678Z", rows)
+    by_batch = JsonlAuditLog(tmp_path / "batch.log", fsync=False)
+    by_event = JsonlAuditLog(tmp_path / "events.log", fsync=False)
+
+    by_batch.write(batch)
+    by_event.write(list(batch))
+
+    assert (tmp_path / "batch.log").read_bytes() == (tmp_path / "events.log").read_bytes()
+    assert by_batch.verify().ok

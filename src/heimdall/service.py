@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from typing import Final, TypeGuard
 
 from heimdall import metrics
-from heimdall.audit import AuditEvent, AuditSink, EventType, utc_now_ms
+from heimdall.audit import (
+    AuditEvent,
+    AuditSink,
+    DecryptionRow,
+    Decryptions,
+    EventType,
+    utc_now_ms,
+)
 from heimdall.blind_index import META_KEY, BlindIndex, StoredIndexKey, is_canonical_key
 from heimdall.cipher import FieldCipher
 from heimdall.envelope import EncryptionContext, parse
@@ -221,16 +228,16 @@ class Heimdall:
         opened = self._open(looked_up if first is None else looked_up[: first + 1])
         stamp = utc_now_ms()  # one time for the batch: its fields are decrypted together
         plaintexts: dict[str, str] = {}
-        events: list[AuditEvent] = []
+        rows: list[DecryptionRow] = []
         for key, field, outcome, audited in opened:
-            events.append(self._decrypt_event(caller, key, field, reason, audited, timestamp=stamp))
+            rows.append(_decryption_row(key, field, audited))
             if isinstance(outcome, HeimdallError):
                 batch.finish(failed=len(canonical_keys))
-                self.record(*events)
+                self.audit.write(Decryptions.of(caller, reason, stamp, rows))
                 raise outcome
             plaintexts[key] = outcome
         batch.finish()
-        self.record(*events)
+        self.audit.write(Decryptions.of(caller, reason, stamp, rows))
         return plaintexts
 
     def decrypt_each(
@@ -269,8 +276,7 @@ class Heimdall:
             opened = [(key, None, exc, exc) for key in keys]
         stamp = utc_now_ms()  # one time for the batch: its fields are decrypted together
         # One event per text that is not a canonical key, naming no field.
-        refused = self._decrypt_event(caller, None, None, reason, not_a_key, timestamp=stamp)
-        events = [refused] * malformed
+        rows: list[DecryptionRow] = [_decryption_row(None, None, not_a_key)] * malformed
         fatal = next((o for _, _, o, _ in opened if _fails_the_call(o)), None)
         failed = 0
         for key, field, outcome, own_error in opened:
@@ -279,9 +285,9 @@ class Heimdall:
             outcomes[key] = outcome
             # A field that decrypted while the call fails is withheld: a failure, of that error.
             error = own_error if own_error is not None or fatal is None else fatal
-            events.append(self._decrypt_event(caller, key, field, reason, error, timestamp=stamp))
+            rows.append(_decryption_row(key, field, error))
         batch.finish(failed=len(keys) if fatal is not None else failed)
-        self.record(*events)
+        self.audit.write(Decryptions.of(caller, reason, stamp, rows))
         if fatal is not None:
             raise fatal
         return outcomes
@@ -435,6 +441,14 @@ def _is_cipher(cipher: FieldCipher | HeimdallError) -> bool:
 
 def _fails_the_call(outcome: DecryptOutcome) -> TypeGuard[HeimdallError]:
     return isinstance(outcome, HeimdallError) and not isinstance(outcome, DECRYPT_ITEM_ERRORS)
+
+
+def _decryption_row(
+    key: str | None, field: FieldValue | None, error: BaseException | None
+) -> DecryptionRow:
+    """The ``crypto.decrypt`` event of *key* (see Decryptions), as _decrypt_event makes it."""
+    key_identifier, key_version = _key_of(field, decrypted=error is None)
+    return key, key_identifier, key_version, None if error is None else type(error).__name__
 
 
 def _key_of(field: FieldValue | None, *, decrypted: bool = False) -> tuple[str | None, int | None]:

@@ -45,6 +45,8 @@ from heimdall.audit.chain import GENESIS
 from heimdall.audit.events import (
     AuditEvent,
     AuditSink,
+    DecryptionRow,
+    Decryptions,
     EventType,
     MemoryAuditSink,
     Result,
@@ -71,6 +73,8 @@ __all__ = [
     "MIN_EVENTS_PER_CHECKPOINT",
     "AuditEvent",
     "AuditSink",
+    "DecryptionRow",
+    "Decryptions",
     "EventType",
     "ForwardSink",
     "ForwardedAuditLog",

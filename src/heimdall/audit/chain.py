@@ -130,13 +130,13 @@ def checkpoint_message(doc: dict[str, Any]) -> bytes:
 def seal_events(state: ChainState, bodies: Sequence[bytes]) -> tuple[list[bytes], ChainState]:
     """The lines of the events *bodies* (each one's JSON) after *state*, and the position after
     them. One loop of the hash over the batch: the position is built once, at its end."""
-    previous = state.hash
+    previous = state.hash.encode()
     size = state.size
     lines: list[bytes] = []
     sha256 = hashlib.sha256
     for body in bodies:
-        previous = sha256(previous.encode() + body).hexdigest()
-        line = body[:-1] + _PREFIX + previous.encode() + b'"}\n'
+        previous = sha256(previous + body).hexdigest().encode()
+        line = b'%s,"hash":"%s"}\n' % (body[:-1], previous)  # as seal() writes it
         size += len(line)
         lines.append(line)
     count = len(lines)
@@ -144,7 +144,7 @@ def seal_events(state: ChainState, bodies: Sequence[bytes]) -> tuple[list[bytes]
         size,
         state.lines + count,
         state.events + count,
-        previous,
+        previous.decode(),
         state.pending + count,
         state.every,
         state.last_checkpoint_line,

@@ -9,15 +9,30 @@ the trail.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, overload
+
+import orjson
 
 if TYPE_CHECKING:
     from heimdall.rbac import Caller
 
-__all__ = ["AuditEvent", "AuditSink", "EventType", "MemoryAuditSink", "Result", "utc_now_ms"]
+__all__ = [
+    "AuditEvent",
+    "AuditSink",
+    "DecryptionRow",
+    "Decryptions",
+    "EventType",
+    "Joined",
+    "MemoryAuditSink",
+    "Result",
+    "event_bodies",
+    "holds_checkpoints",
+    "utc_now_ms",
+]
 
 
 class EventType(enum.StrEnum):
@@ -196,6 +211,143 @@ class AuditEvent:
             out["role"] = self.role
         out["result"] = self.result._value_
         return out
+
+
+DecryptionRow = tuple[str | None, str | None, int | None, str | None]
+"""One field's ``crypto.decrypt`` event in a :class:`Decryptions`: field_identifier,
+key_identifier, key_version, and the type name of its error (None: it decrypted)."""
+
+_DECRYPT: Final = EventType.DECRYPT._value_
+
+
+@dataclass(frozen=True, slots=True)
+class Decryptions(Sequence[AuditEvent]):
+    """The ``crypto.decrypt`` events of one batch decrypt: one caller, one reason, one time,
+    and a row per field. Read as a sequence, each item is the event :meth:`AuditEvent.decryption`
+    makes of its row; the file sink writes their JSON from the rows (:func:`event_bodies`), so
+    a batch of thousands of fields builds no event object per field on its way to the trail."""
+
+    actor: str
+    request_id: str
+    source_ip: str | None
+    reason: str
+    timestamp: str
+    rows: tuple[DecryptionRow, ...] = field(repr=False)
+
+    @classmethod
+    def of(
+        cls, caller: Caller, reason: str, timestamp: str, rows: Sequence[DecryptionRow]
+    ) -> Decryptions:
+        rows = tuple(rows)
+        return cls(caller.actor, caller.request_id, caller.source_ip, reason, timestamp, rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, index: int) -> AuditEvent: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[AuditEvent]: ...
+
+    def __getitem__(self, index: int | slice) -> AuditEvent | Sequence[AuditEvent]:
+        if isinstance(index, slice):
+            return [self._event(row) for row in self.rows[index]]
+        return self._event(self.rows[index])
+
+    def __iter__(self) -> Iterator[AuditEvent]:
+        return map(self._event, self.rows)
+
+    def _event(self, row: DecryptionRow) -> AuditEvent:
+        field_identifier, key_identifier, key_version, error = row
+        return AuditEvent(
+            EventType.DECRYPT,
+            self.actor,
+            Result.SUCCESS if error is None else Result.FAILURE,
+            self.request_id,
+            field_identifier,
+            key_identifier,
+            key_version,
+            self.reason,
+            self.source_ip,
+            None,  # operation
+            error,
+            timestamp=self.timestamp,
+        )
+
+    def bodies(self) -> list[bytes]:
+        """Each event's JSON, byte for byte what ``orjson.dumps(event.to_dict())`` writes."""
+        dumps = orjson.dumps
+        # The members every event of the batch shares: those before the per-field ones, and
+        # those after them (to_dict's order).
+        head = dumps({"timestamp": self.timestamp, "event_type": _DECRYPT, "actor": self.actor})
+        shared = {
+            name: value
+            for name, value in (
+                ("request_id", self.request_id),
+                ("reason", self.reason),
+                ("source_ip", self.source_ip),
+            )
+            if value is not None
+        }
+        before = head[:-1]
+        after = b"," + dumps(shared)[1:-1] if shared else b""
+        succeeded = after + b',"result":"success"}'
+        out: list[bytes] = []
+        for row in self.rows:
+            field_identifier, key_identifier, key_version, error = row
+            if field_identifier is None or key_identifier is None or type(key_version) is not int:
+                out.append(dumps(self._event(row).to_dict()))  # a row that names no key
+                continue
+            if error is None:
+                ending = succeeded
+            else:
+                ending = b'%s,"error":%s,"result":"failure"}' % (after, dumps(error))
+            out.append(
+                b'%s,"field_identifier":%s,"key_identifier":%s,"key_version":%d%s'
+                % (before, dumps(field_identifier), dumps(key_identifier), key_version, ending)
+            )
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Joined(Sequence[AuditEvent]):
+    """Several writers' events, one after the other, as one sequence (a group commit's)."""
+
+    parts: tuple[Sequence[AuditEvent], ...]
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    @overload
+    def __getitem__(self, index: int) -> AuditEvent: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[AuditEvent]: ...
+
+    def __getitem__(self, index: int | slice) -> AuditEvent | Sequence[AuditEvent]:
+        return list(self)[index]
+
+    def __iter__(self) -> Iterator[AuditEvent]:
+        return itertools.chain.from_iterable(self.parts)
+
+
+def event_bodies(events: Sequence[AuditEvent]) -> list[bytes]:
+    """Each event's JSON object (:meth:`AuditEvent.to_dict`), as the file sink writes it."""
+    if isinstance(events, Decryptions):
+        return events.bodies()
+    if isinstance(events, Joined):
+        return [body for part in events.parts for body in event_bodies(part)]
+    return [orjson.dumps(event.to_dict()) for event in events]
+
+
+def holds_checkpoints(events: Sequence[AuditEvent]) -> bool:
+    """Whether *events* hold an ``audit.checkpoint`` (which only the file sink writes)."""
+    if isinstance(events, Decryptions):
+        return False
+    if isinstance(events, Joined):
+        return any(holds_checkpoints(part) for part in events.parts)
+    return any(event.event_type is EventType.AUDIT_CHECKPOINT for event in events)
 
 
 class AuditSink(Protocol):

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Final
 
-from heimdall.audit.events import AuditEvent, EventType
+from heimdall.audit.events import AuditEvent, Decryptions, Joined, holds_checkpoints
 from heimdall.errors import AuditError, HeimdallError
 
 __all__ = ["GroupCommit", "Sealer"]
@@ -38,14 +38,15 @@ class _Group:
     __slots__ = ("done", "error", "members")
 
     def __init__(self) -> None:
-        self.members: list[list[AuditEvent]] = []  # each writer's events, in arrival order
+        self.members: list[Sequence[AuditEvent]] = []  # each writer's events, in arrival order
         self.done = False
         self.error: BaseException | None = None
 
-    def events(self) -> list[AuditEvent]:
-        return [event for member in self.members for event in member]
+    def events(self) -> Sequence[AuditEvent]:
+        members = self.members
+        return members[0] if len(members) == 1 else Joined(tuple(members))
 
-    def withdraw(self, member: list[AuditEvent]) -> None:
+    def withdraw(self, member: Sequence[AuditEvent]) -> None:
         for index, other in enumerate(self.members):
             if other is member:
                 del self.members[index]
@@ -70,11 +71,13 @@ class GroupCommit:
     def write(self, events: Sequence[AuditEvent]) -> None:
         """Return once *events* are committed; AuditError (or the flush's own exception, in
         the thread that ran it) when they are not."""
-        if any(event.event_type is EventType.AUDIT_CHECKPOINT for event in events):
+        if holds_checkpoints(events):
             raise ValueError("checkpoints are written by the audit log itself")
         if not events:
             return
-        member = list(events)
+        # The writer's own copy (a Decryptions is immutable already), so that a list the
+        # caller changes afterwards cannot change what is committed.
+        member = events if isinstance(events, Decryptions) else list(events)
         with self._changed:
             group = self._join(member)
             if group.done:
@@ -104,7 +107,7 @@ class GroupCommit:
                     self._flushing = None
                 self._changed.notify_all()
 
-    def _join(self, member: list[AuditEvent]) -> _Group:
+    def _join(self, member: Sequence[AuditEvent]) -> _Group:
         """The group *member* joined, once it is committed or this thread may commit it
         (nothing else being flushed); called with the lock held. Interrupted before the
         group's append began, the events are taken back."""

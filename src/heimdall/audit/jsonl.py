@@ -44,7 +44,7 @@ from typing import Any, Final
 import orjson
 
 from heimdall.audit.chain import ChainError, ChainState, advance, seal_checkpoint, seal_events
-from heimdall.audit.events import AuditEvent, EventType
+from heimdall.audit.events import AuditEvent, EventType, event_bodies, holds_checkpoints
 from heimdall.audit.group import GroupCommit
 from heimdall.audit.head import LegacyHead, head_path, read_head, write_head
 from heimdall.audit.scan import (
@@ -297,13 +297,13 @@ class JsonlAuditLog:
         lines: list[bytes] = []
         if self._due(state) or (closing and state.pending):
             state = self._checkpoint(lines, state)
-        events = list(events)  # sliced below, whatever sequence the caller gave
+        bodies = event_bodies(events)
         start = 0
-        while start < len(events):
+        while start < len(bodies):
             # As many events as fit before the next checkpoint is due (at least one: a due one
             # was just made), sealed in one loop.
-            chunk = events[start : start + self._room(state)]
-            sealed, state = seal_events(state, [orjson.dumps(e.to_dict()) for e in chunk])
+            chunk = bodies[start : start + self._room(state)]
+            sealed, state = seal_events(state, chunk)
             lines.extend(sealed)
             start += len(chunk)
             if self._due(state):
@@ -473,5 +473,5 @@ class JsonlAuditLog:
 
 
 def _refuse_checkpoints(events: Sequence[AuditEvent]) -> None:
-    if any(event.event_type is EventType.AUDIT_CHECKPOINT for event in events):
+    if holds_checkpoints(events):
         raise ValueError("checkpoints are written by the audit log itself")
