@@ -221,17 +221,37 @@ class EnvelopeCipher:
         has that validated header, and only its per-field values need checking, which
         canonical_body does. Raises DecryptionFailed when the data key does not open it.
         """
-        header = canonical_header(envelope)
-        if header is not None:
-            entry = self._unwrapped.get(header)
-            if entry is not None and entry.expires > self._monotonic():
-                body = canonical_body(envelope, header)
-                if body is not None:
-                    ciphertext, timestamp = body
-                    return entry.aead.decrypt(
-                        ciphertext, data_ad(entry.ad_prefix, timestamp, context)
-                    )
-        return None
+        result = self.decrypt_cached_many(((envelope, context),))[0]
+        if isinstance(result, HeimdallError):
+            raise result
+        return result
+
+    def decrypt_cached_many(
+        self, items: Sequence[tuple[str, EncryptionContext]]
+    ) -> list[bytes | HeimdallError | None]:
+        """:meth:`decrypt_cached` of each item, in one loop: its plaintext, the DecryptionFailed
+        it raised, or None ("parse it")."""
+        unwrapped = self._unwrapped
+        monotonic = self._monotonic
+        out: list[bytes | HeimdallError | None] = []
+        for envelope, context in items:
+            header = canonical_header(envelope)
+            entry = None if header is None else unwrapped.get(header)
+            if header is None or entry is None or entry.expires <= monotonic():
+                out.append(None)
+                continue
+            body = canonical_body(envelope, header)
+            if body is None:
+                out.append(None)
+                continue
+            ciphertext, timestamp = body
+            try:
+                out.append(
+                    entry.aead.decrypt(ciphertext, data_ad(entry.ad_prefix, timestamp, context))
+                )
+            except HeimdallError as exc:
+                out.append(exc)
+        return out
 
     def decrypt_parsed(self, envelope: Envelope, context: EncryptionContext) -> bytes:
         """The plaintext of a parsed envelope, its data key unwrapped unless cached."""

@@ -122,20 +122,21 @@ class FieldCipher:
         envelopes = self._envelopes
         out: list[bytes | HeimdallError] = []
         direct: list[tuple[int, Envelope, EncryptionContext]] = []
+        cached = envelopes.decrypt_cached_many(items)
         for index, (envelope, context) in enumerate(items):
+            result = cached[index]
+            if result is not None:
+                out.append(result)
+                continue
             try:
-                plaintext = envelopes.decrypt_cached(envelope, context)
-                if plaintext is None:
-                    parsed = parse_own(envelope, self.encryption_version)
-                    if parsed.algorithm == KMS_DIRECT:
-                        direct.append((index, parsed, context))
-                        out.append(b"")  # replaced below
-                        continue
-                    plaintext = envelopes.decrypt_parsed(parsed, context)
+                parsed = parse_own(envelope, self.encryption_version)
+                if parsed.algorithm == KMS_DIRECT:
+                    direct.append((index, parsed, context))
+                    out.append(b"")  # replaced below
+                    continue
+                out.append(envelopes.decrypt_parsed(parsed, context))
             except HeimdallError as exc:
                 out.append(exc)
-                continue
-            out.append(plaintext)
         if direct:
             batch = [(parsed, context) for _, parsed, context in direct]
             results: list[bytes | HeimdallError] = (
