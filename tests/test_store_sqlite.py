@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import stat
@@ -16,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from heimdall.errors import StorageError
-from heimdall.store.base import FieldCount, GraphStore, RecordRow, Sighting
+from heimdall.store.base import (
+    FieldCount,
+    FieldValue,
+    GraphStore,
+    RecordRow,
+    Sighting,
+    field_from_row,
+)
 from heimdall.store.sqlite import SqliteStore, _field_filter, _page_sql
 from heimdall.store.sqlite_schema import MIGRATIONS
 from store_contract import (
@@ -359,3 +367,20 @@ def test_repr_shows_only_the_path(path: Path) -> None:
         assert repr(store) == f"SqliteStore({str(path)!r})"
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("is_encrypted", [1, 0])
+def test_a_field_read_from_a_row_is_the_value_its_constructor_builds(is_encrypted: int) -> None:
+    row = ("email:hash:" + "a" * 64, "email", "{}", is_encrypted, 3, "kms_v1", "d" * 32, "t")
+
+    read = field_from_row(row)
+
+    built = FieldValue(row[0], row[1], row[2], 3, "kms_v1", "d" * 32, bool(is_encrypted), "t")
+    assert read == built
+    assert [getattr(read, f.name) for f in dataclasses.fields(FieldValue)] == [
+        getattr(built, f.name) for f in dataclasses.fields(FieldValue)
+    ]
+    assert type(read.is_encrypted) is bool
+    assert repr(read) == repr(built) and hash(read) == hash(built)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        read.encrypted_data = "changed"  # type: ignore[misc]
