@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib.util
 import json
 import os
@@ -24,6 +25,7 @@ from heimdall.envelope import (
     EncryptionContext,
     EncryptionVersion,
     Envelope,
+    context_of,
     parse,
 )
 from heimdall.ingest import IngestReport
@@ -369,3 +371,39 @@ def test_a_kms_cipher_refuses_a_legacy_envelope(cipher: FieldCipher) -> None:
     legacy = FieldCipher(LegacyMasterKey(parse_master_key(key)), EncryptionVersion.LEGACY)
     with pytest.raises(errors.InvalidEnvelope):
         cipher.decrypt(legacy.encrypt(b"x", CTX).envelope, CTX)
+
+
+class _Text(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ("FieldValue", "email:hash:" + "ab" * 32, "email"),
+        ("F", "k" * 1024, "n"),
+        (_Text("FieldValue"), "k", "n"),  # a str subclass: checked value by value, accepted
+        ("", "k", "n"),
+        ("F", "k" * 1025, "n"),
+        ("F", "k", ""),
+        ("F", b"k", "n"),
+        (None, "k", "n"),
+    ],
+)
+def test_context_of_builds_what_the_constructor_builds_and_refuses_what_it_refuses(
+    values: tuple[Any, Any, Any],
+) -> None:
+    try:
+        expected: EncryptionContext | str = EncryptionContext(*values)
+    except ValueError as exc:
+        expected = str(exc)
+    try:
+        built: EncryptionContext | str = context_of(*values)
+    except ValueError as exc:
+        built = str(exc)
+
+    assert built == expected
+    if isinstance(built, EncryptionContext):
+        assert built.encode() == EncryptionContext(*values).encode()
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            built.field_name = "other"  # type: ignore[misc]

@@ -44,7 +44,7 @@ import enum
 import json
 import re
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final
 
 import orjson
@@ -64,6 +64,7 @@ __all__ = [
     "Header",
     "canonical_body",
     "canonical_header",
+    "context_of",
     "data_ad",
     "data_ad_prefix",
     "data_associated_data",
@@ -140,16 +141,7 @@ class EncryptionContext:
     def __post_init__(self) -> None:
         # One expression for the usual case (a batch decrypt builds one context per field);
         # anything else is checked value by value, for the message.
-        label, key, name = self.node_label, self.canonical_key, self.field_name
-        limit = MAX_CONTEXT_VALUE_CHARS
-        if not (
-            type(label) is str
-            and type(key) is str
-            and type(name) is str
-            and 0 < len(label) <= limit
-            and 0 < len(key) <= limit
-            and 0 < len(name) <= limit
-        ):
+        if not _plain_context_values(self.node_label, self.canonical_key, self.field_name):
             self._check_each()
 
     def _check_each(self) -> None:
@@ -163,6 +155,41 @@ class EncryptionContext:
         key = self.canonical_key.encode()
         name = self.field_name.encode()
         return b"".join((_U32(len(label)), label, _U32(len(key)), key, _U32(len(name)), name))
+
+
+def _plain_context_values(label: object, key: object, name: object) -> bool:
+    """Whether the three values are plain strings of 1-1024 characters: what EncryptionContext
+    accepts, save str subclasses (checked value by value)."""
+    limit = MAX_CONTEXT_VALUE_CHARS
+    return (
+        type(label) is str
+        and type(key) is str
+        and type(name) is str
+        and 0 < len(label) <= limit
+        and 0 < len(key) <= limit
+        and 0 < len(name) <= limit
+    )
+
+
+# A batch builds one context per field. EncryptionContext(...) runs the frozen dataclass's
+# __init__ (object.__setattr__ per slot), then __post_init__; context_of makes the same check
+# and stores the values through the slots' own setters instead, in about half the time. A
+# field added to EncryptionContext fails this unpacking at import.
+_NEW_CONTEXT = object.__new__
+_SET_NODE_LABEL, _SET_CANONICAL_KEY, _SET_FIELD_NAME = (
+    EncryptionContext.__dict__[f.name].__set__ for f in fields(EncryptionContext)
+)
+
+
+def context_of(node_label: str, canonical_key: str, field_name: str) -> EncryptionContext:
+    """``EncryptionContext(node_label, canonical_key, field_name)``, built sooner."""
+    if not _plain_context_values(node_label, canonical_key, field_name):
+        return EncryptionContext(node_label, canonical_key, field_name)  # checked, as ever
+    context: EncryptionContext = _NEW_CONTEXT(EncryptionContext)
+    _SET_NODE_LABEL(context, node_label)
+    _SET_CANONICAL_KEY(context, canonical_key)
+    _SET_FIELD_NAME(context, field_name)
+    return context
 
 
 @dataclass(frozen=True, slots=True)

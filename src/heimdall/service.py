@@ -26,7 +26,7 @@ from heimdall.audit import (
 )
 from heimdall.blind_index import META_KEY, BlindIndex, StoredIndexKey, is_canonical_key
 from heimdall.cipher import FieldCipher
-from heimdall.envelope import EncryptionContext, parse
+from heimdall.envelope import EncryptionContext, context_of, parse
 from heimdall.errors import (
     DecryptionFailed,
     FieldNotFound,
@@ -111,7 +111,7 @@ class Status:
 
 
 def field_context(field: FieldValue) -> EncryptionContext:
-    return EncryptionContext(FIELD_LABEL, field.canonical_key, field.field_name)
+    return context_of(FIELD_LABEL, field.canonical_key, field.field_name)
 
 
 class Heimdall:
