@@ -309,13 +309,17 @@ class Heimdall:
         store query per chunk of keys. Raises the StorageError of a store that fails."""
         fields = self.store.get_fields(canonical_keys)
         reader = self.router.reader
+        readers: dict[str, FieldCipher] = {}  # by encryption_version, asked once per call
         looked_up: list[tuple[str, FieldValue | None, FieldCipher | HeimdallError]] = []
         for key in canonical_keys:
             field = fields.get(key)
             try:
                 if field is None:
                     raise FieldNotFound("no field has this canonical key")
-                looked_up.append((key, field, reader(field.encryption_version)))
+                cipher = readers.get(field.encryption_version)
+                if cipher is None:
+                    cipher = readers[field.encryption_version] = reader(field.encryption_version)
+                looked_up.append((key, field, cipher))
             except HeimdallError as exc:
                 looked_up.append((key, field, exc))
         return looked_up
