@@ -136,7 +136,7 @@ def seal_events(state: ChainState, bodies: Sequence[bytes]) -> tuple[list[bytes]
     sha256 = hashlib.sha256
     for body in bodies:
         previous = sha256(previous + body).hexdigest().encode()
-        line = b'%s,"hash":"%s"}\n' % (body[:-1], previous)  # as seal() writes it
+        line = b'%s%s%s"}\n' % (body[:-1], _PREFIX, previous)  # as seal() writes it
         size += len(line)
         lines.append(line)
     count = len(lines)
