@@ -528,11 +528,18 @@ _ODD = 'a"b\\c\u0007\u00e9\u2028\U0001f600'  # a quote, a backslash, a control c
 
 
 @pytest.mark.parametrize("source_ip", ["192.0.2.7", None], ids=["address", "no-address"])
-@pytest.mark.parametrize("actor", ["token:enrich-1", "oidc:" + _ODD], ids=["plain", "escaped"])
+@pytest.mark.parametrize(
+    ("actor", "request_id", "reason"),
+    [
+        ("token:enrich-1", "req-1", REASON),
+        ("oidc:" + _ODD, "req-" + _ODD, 'support:"quoted" \\ back'),  # a reason may hold both
+    ],
+    ids=["plain", "escaped"],
+)
 def test_a_batch_of_decryptions_is_the_events_decryption_builds_written_byte_for_byte(
-    source_ip: str | None, actor: str
+    source_ip: str | None, actor: str, request_id: str, reason: str
 ) -> None:
-    caller = Caller(actor, role=Role.APP, source_ip=source_ip)
+    caller = Caller(actor, role=Role.APP, request_id=request_id, source_ip=source_ip)
     key = "email:hash:" + "a" * 64
     rows: list[tuple[str | None, str | None, int | None, BaseException | None]] = [
         (key, "heimdall-pii-v3", 3, None),
@@ -549,7 +556,7 @@ def test_a_batch_of_decryptions_is_the_events_decryption_builds_written_byte_for
             field_identifier=field,
             key_identifier=key_identifier,
             key_version=version,
-            reason=REASON,
+            reason=reason,
             error=error,
             timestamp="2026-01-02T03:04:05.678Z",
         )
@@ -558,7 +565,7 @@ def test_a_batch_of_decryptions_is_the_events_decryption_builds_written_byte_for
 
     batch = Decryptions.of(
         caller,
-        REASON,
+        reason,
         "2026-01-02T03:04:05.678Z",
         [(f, k, v, None if e is None else type(e).__name__) for f, k, v, e in rows],
     )
@@ -569,10 +576,45 @@ def test_a_batch_of_decryptions_is_the_events_decryption_builds_written_byte_for
     assert len(batch) == len(rows)
     assert batch.bodies() == [orjson.dumps(event.to_dict()) for event in expected]
     joined = Joined((expected[:2], batch, expected[2:]))
-    assert list(joined) == [*expected[:2], *expected, *expected[2:]]
-    assert joined[2:4] == expected[:2] and len(joined) == 2 * len(rows)
+    flat = [*expected[:2], *expected, *expected[2:]]
+    assert list(joined) == flat and len(joined) == len(flat)
+    assert [joined[i] for i in range(-len(flat), len(flat))] == flat * 2
+    assert joined[2:4] == flat[2:4] and joined[::-3] == flat[::-3] and joined[5:1] == []
+    for outside in (len(flat), -len(flat) - 1):
+        with pytest.raises(IndexError):
+            joined[outside]
     assert event_bodies(joined) == [orjson.dumps(e.to_dict()) for e in joined]
-    assert key not in repr(batch)  # the rows stay out of its repr (a log line)
+    assert key not in repr(batch) and key not in repr(joined)  # no rows in a repr (a log line)
+
+
+def test_a_batch_of_decryptions_cannot_be_changed_once_made() -> None:
+    caller = Caller("token:enrich-1", role=Role.APP)
+    row = ["email:hash:" + "a" * 64, "heimdall-pii-v1", 1, None]
+    rows = [row]
+    batch = Decryptions(caller.actor, caller.request_id, None, REASON, "t", rows)  # type: ignore[arg-type]
+    before = list(batch)
+
+    row[2] = 99
+    rows.append(row)
+
+    assert list(batch) == before and len(batch) == 1
+
+
+@pytest.mark.parametrize("version", [-(2**63), 2**64 - 1, 2**64, -(2**63) - 1])
+def test_a_version_orjson_cannot_write_is_refused_as_writing_the_event_refuses_it(
+    version: int,
+) -> None:
+    caller = Caller("token:enrich-1", role=Role.APP)
+    batch = Decryptions.of(caller, REASON, "t", [("email:hash:" + "a" * 64, "k", version, None)])
+    try:
+        expected: list[bytes] | type[Exception] = [orjson.dumps(batch[0].to_dict())]
+    except orjson.JSONEncodeError:
+        expected = orjson.JSONEncodeError
+    if isinstance(expected, list):
+        assert batch.bodies() == expected
+    else:
+        with pytest.raises(expected):
+            batch.bodies()
 
 
 def test_a_batch_of_decryptions_writes_the_trail_writing_its_events_writes(

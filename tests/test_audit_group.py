@@ -17,6 +17,7 @@ import pytest
 
 from audit_tools import records, sample_events
 from heimdall.audit import AuditEvent, EventType, JsonlAuditLog, Result
+from heimdall.audit.events import Joined
 from heimdall.audit.group import GroupCommit
 from heimdall.errors import AuditError
 from heimdall.kms.base import AuditKey
@@ -90,6 +91,24 @@ def test_writers_that_arrive_during_an_append_share_the_next_one() -> None:
     assert sorted(flush.groups[1]) == [1, 2, 3, 4, 5] and len(flush.groups) == 2
 
 
+def test_a_list_its_writer_changes_while_it_waits_is_committed_as_it_was_written() -> None:
+    flush = GatedFlush()
+    commit = GroupCommit(flush)
+    leader, _ = _writers(commit, 0, 1)
+    assert flush.first_started.wait(10)
+    mine = sample_events(2, start=10)
+    writer = threading.Thread(target=commit.write, args=(mine,))
+    writer.start()
+    _gathered(commit, 2)
+
+    mine[:] = sample_events(3, start=20)  # the caller reuses its list before write returns
+    flush.release.set()
+    for thread in [*leader, writer]:
+        thread.join(10)
+
+    assert flush.groups == [[0], [10, 11]]
+
+
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
@@ -161,6 +180,16 @@ def test_a_checkpoint_event_is_refused_before_it_joins_a_group() -> None:
     with pytest.raises(ValueError, match="written by the audit log itself"):
         commit.write([*sample_events(1), checkpoint])
     assert flush.groups == [] and commit._gathering is None
+
+
+def test_a_checkpoint_among_joined_events_is_refused_by_the_log(tmp_path: Path) -> None:
+    log = JsonlAuditLog(tmp_path / "audit.log", fsync=False)
+    checkpoint = AuditEvent(EventType.AUDIT_CHECKPOINT, "heimdall", Result.SUCCESS, "req-1")
+    joined = Joined((sample_events(2), Joined((sample_events(1, start=5), [checkpoint]))))
+
+    with pytest.raises(ValueError, match="written by the audit log itself"):
+        log.append(joined)
+    assert not (tmp_path / "audit.log").exists()
 
 
 @pytest.fixture

@@ -218,6 +218,7 @@ DecryptionRow = tuple[str | None, str | None, int | None, str | None]
 key_identifier, key_version, and the type name of its error (None: it decrypted)."""
 
 _DECRYPT: Final = EventType.DECRYPT._value_
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # the integers orjson writes
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +234,11 @@ class Decryptions(Sequence[AuditEvent]):
     reason: str
     timestamp: str
     rows: tuple[DecryptionRow, ...] = field(repr=False)
+
+    def __post_init__(self) -> None:
+        # Its own tuples, whatever it was given: what is committed cannot change after it is
+        # handed over (the group commit keeps it uncopied). A tuple of tuples is kept as is.
+        object.__setattr__(self, "rows", tuple(map(tuple, self.rows)))
 
     @classmethod
     def of(
@@ -296,8 +302,14 @@ class Decryptions(Sequence[AuditEvent]):
         out: list[bytes] = []
         for row in self.rows:
             field_identifier, key_identifier, key_version, error = row
-            if field_identifier is None or key_identifier is None or type(key_version) is not int:
-                out.append(dumps(self._event(row).to_dict()))  # a row that names no key
+            if (
+                field_identifier is None
+                or key_identifier is None
+                or type(key_version) is not int
+                or not _INT_MIN <= key_version <= _INT_MAX
+            ):
+                # A row that names no key, or a version orjson would refuse: as to_dict has it.
+                out.append(dumps(self._event(row).to_dict()))
                 continue
             if error is None:
                 ending = succeeded
@@ -314,7 +326,7 @@ class Decryptions(Sequence[AuditEvent]):
 class Joined(Sequence[AuditEvent]):
     """Several writers' events, one after the other, as one sequence (a group commit's)."""
 
-    parts: tuple[Sequence[AuditEvent], ...]
+    parts: tuple[Sequence[AuditEvent], ...] = field(repr=False)
 
     def __len__(self) -> int:
         return sum(len(part) for part in self.parts)
@@ -326,7 +338,15 @@ class Joined(Sequence[AuditEvent]):
     def __getitem__(self, index: slice) -> Sequence[AuditEvent]: ...
 
     def __getitem__(self, index: int | slice) -> AuditEvent | Sequence[AuditEvent]:
-        return list(self)[index]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        position = index + len(self) if index < 0 else index
+        if position >= 0:
+            for part in self.parts:
+                if position < len(part):
+                    return part[position]
+                position -= len(part)
+        raise IndexError("Joined index out of range")
 
     def __iter__(self) -> Iterator[AuditEvent]:
         return itertools.chain.from_iterable(self.parts)

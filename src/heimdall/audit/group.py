@@ -75,9 +75,9 @@ class GroupCommit:
             raise ValueError("checkpoints are written by the audit log itself")
         if not events:
             return
-        # The writer's own copy (a Decryptions is immutable already), so that a list the
-        # caller changes afterwards cannot change what is committed.
-        member = events if isinstance(events, Decryptions) else list(events)
+        # The writer's own copy (a Decryptions holds its own tuples already), so that a list
+        # the caller changes afterwards cannot change what is committed.
+        member = events if type(events) is Decryptions else list(events)
         with self._changed:
             group = self._join(member)
             if group.done:
