@@ -322,3 +322,25 @@ def test_pattern_b_needs_a_provider_that_encrypts_values_itself() -> None:
     )
     with pytest.raises(UnsupportedEnvelope):
         cipher.decrypt(forged.to_json(), CTX)
+
+
+def test_a_cached_data_key_expires_after_max_age_for_batch_decrypts_too(tmp_path: Path) -> None:
+    clock = Clock()
+    envelope = _cipher(tmp_path / "k.json", clock).encrypt(b"v", CTX).envelope
+    cipher = _cipher(tmp_path / "k.json", clock, max_age_seconds=60)
+    assert cipher.decrypt_many([(envelope, CTX)]) == [b"v"]
+    calls = cipher.kms_calls
+
+    clock.now += 59
+    assert cipher.decrypt_many([(envelope, CTX)] * 3) == [b"v"] * 3
+    assert cipher.kms_calls == calls  # all three from the cache
+    other = LocalKeyring(tmp_path / "k.json")
+    other.rotate()
+    other.set_min_decryption_version(2)  # in another process: nothing here forgets its keys
+    assert cipher.decrypt_many([(envelope, CTX)]) == [b"v"]  # bounded staleness, by design
+
+    clock.now += 2
+    [refused] = cipher.decrypt_many([(envelope, CTX)])
+    assert isinstance(refused, KeyVersionDisabled)
+    with pytest.raises(KeyVersionDisabled):
+        cipher.decrypt(envelope, CTX)

@@ -250,7 +250,8 @@ class EnvelopeCipher:
                     entry.aead.decrypt(ciphertext, data_ad(entry.ad_prefix, timestamp, context))
                 )
             except HeimdallError as exc:
-                out.append(exc)
+                # Without its frames, which hold this batch's other plaintexts.
+                out.append(exc.with_traceback(None))
         return out
 
     def decrypt_parsed(self, envelope: Envelope, context: EncryptionContext) -> bytes:

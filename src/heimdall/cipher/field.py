@@ -136,7 +136,7 @@ class FieldCipher:
                     continue
                 out.append(envelopes.decrypt_parsed(parsed, context))
             except HeimdallError as exc:
-                out.append(exc)
+                out.append(exc.with_traceback(None))  # its frames hold the batch's plaintexts
         if direct:
             batch = [(parsed, context) for _, parsed, context in direct]
             results: list[bytes | HeimdallError] = (
