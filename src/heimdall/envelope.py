@@ -140,7 +140,8 @@ class EncryptionContext:
 
     def __post_init__(self) -> None:
         # One expression for the usual case (a batch decrypt builds one context per field);
-        # anything else is checked value by value, for the message.
+        # anything else is checked value by value, for the message. context_of makes this
+        # same check and no other: a check added here belongs there too.
         if not _plain_context_values(self.node_label, self.canonical_key, self.field_name):
             self._check_each()
 

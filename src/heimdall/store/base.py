@@ -197,7 +197,9 @@ def field_count(row: Sequence[Any]) -> FieldCount:
 # A batch read builds thousands of FieldValues. The __init__ of a frozen dataclass sets each
 # slot through object.__setattr__; the slots' own setters store the same values in half the
 # time. FieldValue has no __post_init__ to skip (tests/test_store_sqlite.py checks that both
-# ways build equal values); a field added to it fails this unpacking at import.
+# ways build equal values); one added to it, or a field, fails here at import.
+if hasattr(FieldValue, "__post_init__"):
+    raise TypeError("field_from_row would skip FieldValue.__post_init__")
 _NEW_FIELD = object.__new__
 (
     _SET_KEY,
