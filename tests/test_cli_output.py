@@ -218,3 +218,12 @@ def test_tables_show_text_from_the_keyring_escaped(cli: Cli) -> None:
     shown = cli.ok("keys", "show")
     assert "\x1b" not in shown and "\x07" not in shown
     assert "2026\\x1b]0;owned\\x07 :smile: [bold]x" in shown
+
+
+def test_an_actor_that_is_not_utf8_is_one_line_error(cli: Cli) -> None:
+    for run in (
+        cli.run("status", "--actor", "ops:a\udcffb"),  # the bytes a\xffb on the command line
+        cli.run("status", env={"HMD_ACTOR": "ops:a\udcffb"}),
+    ):
+        line = assert_one_line_error(run)
+        assert "actor" in line and "not valid UTF-8" in line

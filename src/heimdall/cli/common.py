@@ -23,6 +23,7 @@ from rich.progress import (
 
 from heimdall.app import build
 from heimdall.cli.output import SafeConsole
+from heimdall.errors import ConfigurationError
 from heimdall.rbac import Caller, parse_role
 from heimdall.secret import SecretBytes
 from heimdall.service import Heimdall
@@ -99,7 +100,14 @@ def caller_for(settings: Settings, actor: str | None) -> Caller:
     name = actor or settings.actor
     if settings.env is Environment.PRODUCTION:
         name = user if name is None else f"{user} as {name}"
-    return Caller(actor=name or user, role=parse_role(settings.role))
+    name = name or user
+    try:
+        name.encode()  # bytes that are not UTF-8 arrive as lone surrogates, which no trail takes
+    except UnicodeEncodeError:
+        raise ConfigurationError(
+            "the actor (--actor, HMD_ACTOR or the account name) is not valid UTF-8 text"
+        ) from None
+    return Caller(actor=name, role=parse_role(settings.role))
 
 
 @contextmanager
