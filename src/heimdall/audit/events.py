@@ -144,25 +144,10 @@ class AuditEvent:
         timestamp: str,
     ) -> AuditEvent:
         """The ``crypto.decrypt`` event :meth:`of` builds from the same arguments, without its
-        keyword plumbing: a batch decrypt builds one per field, all at the *timestamp* of the
-        batch."""
-        return cls(
-            EventType.DECRYPT,
-            caller.actor,
-            Result.SUCCESS if error is None else Result.FAILURE,
-            caller.request_id,
-            field_identifier,
-            key_identifier,
-            key_version,
-            reason,
-            caller.source_ip,
-            None,  # operation
-            None if error is None else type(error).__name__,
-            None,  # count
-            None,  # token_name
-            None,  # role
-            timestamp,
-        )
+        keyword plumbing: the one event of a :class:`Decryptions` of one row."""
+        error_name = None if error is None else type(error).__name__
+        row = (field_identifier, key_identifier, key_version, error_name)
+        return Decryptions.of(caller, reason, timestamp, (row,))[0]
 
     @classmethod
     def denial(
@@ -221,8 +206,33 @@ _DECRYPT: Final = EventType.DECRYPT._value_
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # the integers orjson writes
 
 
+class _Events(Sequence[AuditEvent]):
+    """A sequence of events made on demand: subclasses give its length and its item at a
+    position from 0 to the length; indexing (negative positions, slices) is done here."""
+
+    __slots__ = ()
+
+    def _at(self, position: int) -> AuditEvent:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> AuditEvent: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[AuditEvent]: ...
+
+    def __getitem__(self, index: int | slice) -> AuditEvent | Sequence[AuditEvent]:
+        length = len(self)
+        if isinstance(index, slice):
+            return [self._at(position) for position in range(*index.indices(length))]
+        position = index + length if index < 0 else index
+        if not 0 <= position < length:
+            raise IndexError(f"{type(self).__name__} index out of range")
+        return self._at(position)
+
+
 @dataclass(frozen=True, slots=True)
-class Decryptions(Sequence[AuditEvent]):
+class Decryptions(_Events):
     """The ``crypto.decrypt`` events of one batch decrypt: one caller, one reason, one time,
     and a row per field. Read as a sequence, each item is the event :meth:`AuditEvent.decryption`
     makes of its row; the file sink writes their JSON from the rows (:func:`event_bodies`), so
@@ -250,16 +260,8 @@ class Decryptions(Sequence[AuditEvent]):
     def __len__(self) -> int:
         return len(self.rows)
 
-    @overload
-    def __getitem__(self, index: int) -> AuditEvent: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[AuditEvent]: ...
-
-    def __getitem__(self, index: int | slice) -> AuditEvent | Sequence[AuditEvent]:
-        if isinstance(index, slice):
-            return [self._event(row) for row in self.rows[index]]
-        return self._event(self.rows[index])
+    def _at(self, position: int) -> AuditEvent:
+        return self._event(self.rows[position])
 
     def __iter__(self) -> Iterator[AuditEvent]:
         return map(self._event, self.rows)
@@ -323,7 +325,7 @@ class Decryptions(Sequence[AuditEvent]):
 
 
 @dataclass(frozen=True, slots=True)
-class Joined(Sequence[AuditEvent]):
+class Joined(_Events):
     """Several writers' events, one after the other, as one sequence (a group commit's)."""
 
     parts: tuple[Sequence[AuditEvent], ...] = field(repr=False)
@@ -331,22 +333,12 @@ class Joined(Sequence[AuditEvent]):
     def __len__(self) -> int:
         return sum(len(part) for part in self.parts)
 
-    @overload
-    def __getitem__(self, index: int) -> AuditEvent: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[AuditEvent]: ...
-
-    def __getitem__(self, index: int | slice) -> AuditEvent | Sequence[AuditEvent]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        position = index + len(self) if index < 0 else index
-        if position >= 0:
-            for part in self.parts:
-                if position < len(part):
-                    return part[position]
-                position -= len(part)
-        raise IndexError("Joined index out of range")
+    def _at(self, position: int) -> AuditEvent:
+        for part in self.parts:
+            if position < len(part):
+                return part[position]
+            position -= len(part)
+        raise IndexError("Joined index out of range")  # a part shrank: not of heimdall's making
 
     def __iter__(self) -> Iterator[AuditEvent]:
         return itertools.chain.from_iterable(self.parts)
