@@ -14,7 +14,7 @@ import pytest
 
 from heimdall.cipher import CachePolicy, DirectCipher, EnvelopeCipher, FieldCipher
 from heimdall.envelope import KMS_DIRECT, EncryptionContext, EncryptionVersion, Envelope, parse
-from heimdall.errors import HeimdallError, KeyVersionDisabled, UnsupportedEnvelope
+from heimdall.errors import HeimdallError, KeyVersionDisabled, KmsUnavailable, UnsupportedEnvelope
 from heimdall.kms.base import DataKey, WrappedKey
 from heimdall.kms.legacy import LegacyMasterKey, parse_master_key
 from heimdall.kms.local import LocalKeyring
@@ -344,3 +344,23 @@ def test_a_cached_data_key_expires_after_max_age_for_batch_decrypts_too(tmp_path
     assert isinstance(refused, KeyVersionDisabled)
     with pytest.raises(KeyVersionDisabled):
         cipher.decrypt(envelope, CTX)
+
+
+def test_a_batch_stops_asking_a_provider_that_is_unreachable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = _cipher(tmp_path / "k.json", max_uses=1)  # every field its own data key
+    envelopes = [writer.encrypt(b"v", CTX).envelope for _ in range(5)]
+    cipher = _cipher(tmp_path / "k.json")  # nothing cached
+    asked = []
+
+    def unreachable(*args: object) -> object:
+        asked.append(args)
+        raise KmsUnavailable("the provider cannot be reached")
+
+    monkeypatch.setattr(cipher.kms, "unwrap", unreachable)
+
+    results = cipher.decrypt_many([(envelope, CTX) for envelope in envelopes])
+
+    assert len(asked) == 1
+    assert [type(result) for result in results] == [KmsUnavailable] * 5

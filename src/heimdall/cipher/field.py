@@ -21,7 +21,7 @@ from heimdall.cipher.base import Cipher, SealedField, parse_own
 from heimdall.cipher.direct import DirectCipher
 from heimdall.cipher.envelope import CachePolicy, EnvelopeCipher
 from heimdall.envelope import KMS_DIRECT, EncryptionContext, EncryptionVersion, Envelope
-from heimdall.errors import HeimdallError, UnsupportedEnvelope
+from heimdall.errors import HeimdallError, KmsUnavailable, UnsupportedEnvelope
 from heimdall.kms.base import DirectEncryption, KeyManagementService
 
 __all__ = ["FieldCipher"]
@@ -118,10 +118,14 @@ class FieldCipher:
         self, items: Sequence[tuple[str, EncryptionContext]]
     ) -> list[bytes | HeimdallError]:
         """Per-item results. KMS-DIRECT values go to the provider in batch calls; the others
-        are decrypted here under their (cached) data keys."""
+        are decrypted here under their (cached) data keys. Once the provider is unreachable
+        (KmsUnavailable, after its own retries), the items after it that the cache did not
+        open get that error without asking it again: a batch of thousands of data keys fails
+        in one provider timeout, not in one per field."""
         envelopes = self._envelopes
         out: list[bytes | HeimdallError] = []
         direct: list[tuple[int, Envelope, EncryptionContext]] = []
+        unreachable: KmsUnavailable | None = None
         cached = envelopes.decrypt_cached_many(items)
         for index, (envelope, context) in enumerate(items):
             result = cached[index]
@@ -134,7 +138,13 @@ class FieldCipher:
                     direct.append((index, parsed, context))
                     out.append(b"")  # replaced below
                     continue
+                if unreachable is not None:
+                    out.append(unreachable)
+                    continue
                 out.append(envelopes.decrypt_parsed(parsed, context))
+            except KmsUnavailable as exc:
+                unreachable = exc.with_traceback(None)
+                out.append(unreachable)
             except HeimdallError as exc:
                 out.append(exc.with_traceback(None))  # its frames hold the batch's plaintexts
         if direct:
