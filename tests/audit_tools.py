@@ -121,3 +121,25 @@ class CountingKey:
 
     def exists(self) -> bool:
         return self.key.exists()
+
+
+class NamedKey:
+    """*key* under another name: the audit key of a second key provider (two local keyrings
+    name their keys alike)."""
+
+    def __init__(self, key: AuditKey, name: str) -> None:
+        self.key = key
+        self.name = name
+
+    @property
+    def key_identifier(self) -> str:
+        return self.name
+
+    def sign(self, message: bytes) -> str:
+        return self.key.sign(message)
+
+    def verify(self, message: bytes, mac: str) -> bool:
+        return self.key.verify(message, mac)
+
+    def exists(self) -> bool:
+        return self.key.exists()

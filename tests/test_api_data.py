@@ -454,6 +454,8 @@ def test_the_audit_trail_verifies_through_the_api(setup: Setup) -> None:
     assert report["ok"] is True
     assert report["problem"] is None
     assert report["events"] > 0
+    assert report["checkpoints"] > 0
+    assert report["key_identifiers"] == [report["key_identifier"]] == ["local/audit"]
 
 
 def test_migration_endpoints_without_the_env_key_fail_in_one_json_line(setup: Setup) -> None:

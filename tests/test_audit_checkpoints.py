@@ -21,6 +21,7 @@ import pytest
 from api_server import start_server
 from audit_tools import (
     CountingKey,
+    NamedKey,
     records,
     rewrite_trail,
     sample_events,
@@ -596,3 +597,107 @@ def test_lines_appended_past_the_head_are_never_vouched_for_by_a_later_checkpoin
     log.repair_torn_tail(actor="test:operator", request_id="req-repair")
     assert "cli:alice" not in log.path.read_text()
     assert log.verify().ok
+
+
+# -- a trail kept across a move from one key provider to another ------------------------------
+
+
+def _moved_trail(tmp_path: Path) -> tuple[JsonlAuditLog, NamedKey, NamedKey]:
+    """12 events checkpointed under the old provider's key, then 12 under the new one's."""
+    old = NamedKey(LocalKeyring(tmp_path / "old" / "keyring.json").audit_key(), "transit/old")
+    new = NamedKey(LocalKeyring(tmp_path / "new" / "keyring.json").audit_key(), "aws:new")
+    log = write_events(tmp_path / "audit.log", 12, key=old, every=5)
+    log.close()
+    moved = JsonlAuditLog(log.path, fsync=False, key=new, read_keys=[old], checkpoint_every=5)
+    moved.write(sample_events(12, start=12))
+    moved.close()
+    return moved, old, new
+
+
+def test_a_trail_kept_across_a_provider_move_is_checked_with_each_providers_key(
+    tmp_path: Path,
+) -> None:
+    moved, _, _ = _moved_trail(tmp_path)
+    made_with = [record["key_identifier"] for record in records(moved.path) if "mac" in record]
+    assert made_with[0] == "transit/old" and made_with[-1] == "aws:new"
+
+    report = moved.verify()
+
+    assert report.ok, report.problem
+    assert report.checkpoints == len(made_with)
+    assert (report.key_identifier, report.key_identifiers) == (
+        "aws:new",
+        ("transit/old", "aws:new"),
+    )
+
+
+def test_a_checkpoint_of_a_provider_no_longer_configured_is_a_problem_a_later_one_cannot_hide(
+    tmp_path: Path,
+) -> None:
+    """The new key signs whatever chain it finds: its checkpoints cannot vouch for the ones
+    before them that it never checked."""
+    moved, _, new = _moved_trail(tmp_path)
+
+    report = JsonlAuditLog(moved.path, key=new).verify()
+
+    assert not report.ok and report.problem is not None
+    assert report.first_bad_line == 6
+    assert "checkpoint made with the key transit/old, which no configured key provider holds" in (
+        report.problem
+    )
+    assert "HMD_KMS_READ_PROVIDERS" in report.problem
+
+
+def test_a_rewritten_trail_whose_checkpoints_name_an_unknown_key_fails_after_a_new_checkpoint(
+    tmp_path: Path, key: AuditKey
+) -> None:
+    """An attacker rewrites the trail and renames its checkpoints' key, so that no MAC is
+    checked; the writer then appends and signs over the rewritten chain. Verify still fails."""
+    log = write_events(tmp_path / "audit.log", 12, key=key, every=5)
+    log.close()
+    rewrite_trail(log.path, lambda record: record.get("count") != 3)
+    text = log.path.read_text().replace('"key_identifier":"local/audit"', '"key_identifier":"x/y"')
+    log.path.write_text(text)
+    rewrite_trail(log.path, lambda record: True)  # the chain and head over the renamed keys
+    writer = JsonlAuditLog(log.path, fsync=False, key=key, checkpoint_every=5)
+    writer.write(sample_events(6, start=100))
+    writer.close()
+
+    report = writer.verify()
+
+    assert not report.ok and report.problem is not None
+    assert report.first_bad_line == 5  # the first checkpoint, one event fewer before it
+    assert "the key x/y, which no configured key provider holds" in report.problem
+
+
+def test_a_read_providers_key_checks_only_the_checkpoints_it_made(tmp_path: Path) -> None:
+    """A checkpoint forged under the old key's name fails its MAC, as any forged one does."""
+    moved, old, new = _moved_trail(tmp_path)
+    forged = NamedKey(LocalKeyring(tmp_path / "forged" / "keyring.json").audit_key(), old.name)
+    moved.path.write_bytes(b"")
+    moved.head_path.unlink()
+    write_events(moved.path, 12, key=forged, every=5).close()
+    again = JsonlAuditLog(moved.path, fsync=False, key=new, read_keys=[old], checkpoint_every=5)
+    again.write(sample_events(12, start=12))
+    again.close()
+
+    report = again.verify()
+
+    assert (report.ok, report.first_bad_line) == (False, 6)
+    assert report.problem == "checkpoint MAC does not verify: forged, or made with another key"
+
+
+def test_a_torn_tail_after_a_provider_move_is_repaired_with_the_old_key_configured(
+    tmp_path: Path,
+) -> None:
+    moved, _, new = _moved_trail(tmp_path)
+    with moved.path.open("ab") as file:
+        file.write(b'{"event_type":"crypto.decrypt","act')
+    without_old = JsonlAuditLog(moved.path, fsync=False, key=new, checkpoint_every=5)
+    with pytest.raises(AuditError, match="damaged within what its head record vouches for"):
+        without_old.repair_torn_tail(actor="test:operator", request_id="req-repair")
+
+    removed = moved.repair_torn_tail(actor="test:operator", request_id="req-repair")
+
+    assert removed == len(b'{"event_type":"crypto.decrypt","act')
+    assert moved.verify().ok

@@ -258,6 +258,15 @@ def test_kms_migrate_from_vault_to_aws_survives_three_sigkills_and_leaves_nothin
         assert after.lookup("email", "user3@example.com", caller=CALLER).found
     finally:
         after.close()
+    # The trail holds checkpoints of both key services: each is checked with its own key, so
+    # checking the part written under Vault needs Vault's settings still.
+    checked = _heimdall(env, "audit", "verify")
+    assert checked.returncode == 0, checked.stderr
+    assert f"with transit/{transit_key}-audit and aws:alias/{aws_key}-audit" in checked.stdout
+    unchecked = _heimdall(no_vault, "audit", "verify")
+    assert unchecked.returncode == 1 and unchecked.stderr.count("\n") == 1
+    assert f"transit/{transit_key}-audit, which no configured key provider" in unchecked.stderr
+    assert "HMD_KMS_READ_PROVIDERS" in unchecked.stderr
     trail = (tmp_path / "data" / "audit.log").read_text()
     for secret in (DUMMY_SECRET_KEY, bao.root_token):
         assert secret not in trail and secret not in finish.stdout + finish.stderr

@@ -323,7 +323,7 @@ def build(
             FieldCipher(kms, EncryptionVersion.KMS_V1, cache, direct=direct) if kms else None
         )
         router = CipherRouter(mode, kms=kms_cipher, legacy=legacy_cipher)
-        audit = _audit_sink(settings, _primary(kms), audit_stdout)
+        audit = _audit_sink(settings, kms, audit_stdout)
     except BaseException:
         store.close()
         raise
@@ -360,10 +360,15 @@ def _audit_key(kms: KeyManagementService | None) -> AuditKey | None:
 
 
 def _audit_log(settings: Settings, kms: KeyManagementService | None) -> JsonlAuditLog:
+    """The audit log, its checkpoints signed with the audit key of the provider new fields go
+    under, and checked also with those of the providers only read (HMD_KMS_READ_PROVIDERS):
+    a trail kept across a move from one key service to another holds checkpoints of both."""
+    readers = kms.readers if isinstance(kms, MultiProvider) else ()
     return JsonlAuditLog(
         settings.audit_file,
         fsync=settings.audit_fsync,
-        key=_audit_key(kms),
+        key=_audit_key(_primary(kms)),
+        read_keys=[key for reader in readers if (key := _audit_key(reader)) is not None],
         checkpoint_every=settings.audit_checkpoint_every,
         checkpoint_seconds=settings.audit_checkpoint_seconds,
     )
@@ -397,13 +402,23 @@ def check_environment(settings: Settings) -> None:
 
 
 def open_audit_log(settings: Settings) -> JsonlAuditLog:
-    """The audit log of *settings* with its provider's audit key, to read and check the trail
+    """The audit log of *settings* with its providers' audit keys, to read and check the trail
     (``heimdall audit``): creates no keyring."""
-    kms: KeyManagementService | None = None
-    if settings.kms_provider == "vault":
-        kms = _vault(settings)
-    elif settings.kms_provider == "aws":
-        kms = _aws(settings)
-    elif settings.kms_provider == "local" and settings.keyring_file.exists():
-        kms = LocalKeyring(settings.keyring_file, key_name=settings.kms_key_name, create=False)
+    kms = _reading_provider(settings.kms_provider, settings)
+    readers = [_reading_provider(name, settings) for name in settings.kms_read_providers]
+    present = [reader for reader in readers if reader is not None]
+    if kms is not None and present:
+        kms = MultiProvider(kms, present)
     return _audit_log(settings, kms)
+
+
+def _reading_provider(name: str, settings: Settings) -> KeyManagementService | None:
+    """The provider *name*, to check audit checkpoints with; None for a keyring that does not
+    exist (it holds no audit key) or a provider this version does not have."""
+    if name == "vault":
+        return _vault(settings)
+    if name == "aws":
+        return _aws(settings)
+    if name == "local" and settings.keyring_file.exists():
+        return LocalKeyring(settings.keyring_file, key_name=settings.kms_key_name, create=False)
+    return None

@@ -43,7 +43,8 @@ class VerifyBody(BaseModel):
     events: int
     checkpoints: int
     events_after_checkpoint: int
-    key_identifier: str | None
+    key_identifier: str | None  # the key that checked the last checkpoint
+    key_identifiers: list[str]  # every key that checked one (more after a provider move)
     first_bad_line: int | None
     problem: str | None
     torn_tail: bool
@@ -138,6 +139,7 @@ def verify_trail(request: Request, caller: AuthenticatedCaller) -> VerifyBody:
         checkpoints=report.checkpoints,
         events_after_checkpoint=report.events_after_checkpoint,
         key_identifier=report.key_identifier,
+        key_identifiers=list(report.key_identifiers),
         first_bad_line=report.first_bad_line,
         problem=report.problem,
         torn_tail=report.torn_tail,

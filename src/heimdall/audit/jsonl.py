@@ -81,7 +81,9 @@ class JsonlAuditLog:
     """Append-only, hash-chained JSON Lines file (mode 0600). See the module docstring.
 
     *key* is the key provider's audit key (None: no checkpoints, as in legacy mode without a
-    key provider); *checkpoint_every* the most events between two checkpoints (announced in
+    key provider); *read_keys* those of the providers only read (``HMD_KMS_READ_PROVIDERS``),
+    which sign nothing and check the checkpoints they made before a move between key services;
+    *checkpoint_every* the most events between two checkpoints (announced in
     each); *checkpoint_seconds* how long this process lets at least
     ``MIN_EVENTS_PER_CHECKPOINT`` events go unsealed (None: never, the interval alone).
     *monotonic* is the clock of that rule.
@@ -93,6 +95,7 @@ class JsonlAuditLog:
         *,
         fsync: bool = True,
         key: AuditKey | None = None,
+        read_keys: Sequence[AuditKey] = (),
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         checkpoint_seconds: float | None = DEFAULT_CHECKPOINT_SECONDS,
         monotonic: Callable[[], float] = time.monotonic,
@@ -104,6 +107,7 @@ class JsonlAuditLog:
         self.path = Path(path)
         self._fsync = fsync
         self._key = key
+        self._read_keys = tuple(read_keys)  # only to check the checkpoints they made
         self._every = checkpoint_every
         self._seconds = checkpoint_seconds
         self._monotonic = monotonic
@@ -201,7 +205,13 @@ class JsonlAuditLog:
             # one) is repaired too, or it could never get one: every append is refused until
             # the repair. Refusing would protect nothing, for an append to a trail stripped of
             # its checkpoints is not refused either; verify reports that state until then.
-            report = check(read_lines(fd, 0, end), head, self._key, first_checkpoint_due=False)
+            report = check(
+                read_lines(fd, 0, end),
+                head,
+                self._key,
+                read_keys=self._read_keys,
+                first_checkpoint_due=False,
+            )
             if not report.ok:
                 raise AuditError(
                     f"audit log {self.path} is damaged within what its head record vouches for "
@@ -427,7 +437,7 @@ class JsonlAuditLog:
             def lines() -> Iterator[bytes]:
                 return read_lines(fd, 0, size) if fd is not None else iter(())
 
-            report = recheck(lines, head, self._key, self._verified)
+            report = recheck(lines, head, self._key, self._verified, self._read_keys)
             if report.verified is not None:
                 self._verified = report.verified
             return report

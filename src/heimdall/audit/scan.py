@@ -3,12 +3,19 @@
 :func:`check` walks the chain from the first line, and fails at the first line that does not
 continue it, at a checkpoint whose MAC the key provider does not confirm, where a checkpoint
 was due and is missing, and where the log does not reach the size and hash of its head record.
+
+Each checkpoint is checked with the key it names: the configured provider's audit key, or the
+audit key of a provider that is only read (``HMD_KMS_READ_PROVIDERS``): a trail written before a
+move from one key service to another holds the old service's checkpoints, and they are checked
+there. A checkpoint made with a key no configured provider holds is a problem, never skipped:
+the key that signs new checkpoints signs whatever chain it finds, so a later checkpoint cannot
+vouch for one it could not check.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -52,7 +59,9 @@ class VerifyReport:
     events: int = 0
     checkpoints: int = 0
     events_after_checkpoint: int = 0  # all events, when there is no checkpoint
-    key_identifier: str | None = None  # of the key that checked the checkpoints
+    key_identifier: str | None = None  # of the key that checked the last checkpoint
+    # Of every key that checked a checkpoint, in the order the trail first names them.
+    key_identifiers: tuple[str, ...] = ()
     torn_tail: bool = False
     # Where the trail was found good up to, when it was (see recheck); never shown.
     verified: VerifiedPrefix | None = field(default=None, repr=False, compare=False)
@@ -139,12 +148,16 @@ def check(
     head: ChainState | LegacyHead | None,
     key: AuditKey | None,
     *,
+    read_keys: Sequence[AuditKey] = (),
     first_checkpoint_due: bool = True,
 ) -> VerifyReport:
-    """Verify the log's *lines* (from :func:`read_lines`) against its *head* record and *key*.
-    Without *first_checkpoint_due*, a trail that has no checkpoint yet while the provider holds
-    the key is not a problem (the torn-tail repair: see JsonlAuditLog.repair_torn_tail)."""
-    return _check(lines, head, key, None, first_checkpoint_due=first_checkpoint_due)
+    """Verify the log's *lines* (from :func:`read_lines`) against its *head* record and *key*
+    (with *read_keys*, the audit keys of the providers only read, for the checkpoints they
+    made). Without *first_checkpoint_due*, a trail that has no checkpoint yet while the
+    provider holds the key is not a problem (the torn-tail repair: see
+    JsonlAuditLog.repair_torn_tail)."""
+    walk = _Walk(head, key, read_keys, None, first_checkpoint_due=first_checkpoint_due)
+    return walk.run(lines)
 
 
 def recheck(
@@ -152,38 +165,19 @@ def recheck(
     head: ChainState | LegacyHead | None,
     key: AuditKey | None,
     trusted: VerifiedPrefix | None,
+    read_keys: Sequence[AuditKey] = (),
 ) -> VerifyReport:
-    """:func:`check` of the lines *read* returns, asking *key* only about the checkpoints past
-    *trusted* (the ``verified`` of an earlier report) when the log still reaches it unchanged;
-    otherwise (the log was rewritten, cut, or fails before that point) the full check. A server
-    asked to verify again and again so asks its key provider only about new checkpoints."""
+    """:func:`check` of the lines *read* returns, asking the keys only about the checkpoints
+    past *trusted* (the ``verified`` of an earlier report, made with the same keys) when the
+    log still reaches it unchanged; otherwise (the log was rewritten, cut, or fails before that
+    point) the full check. A server asked to verify again and again so asks its key provider
+    only about new checkpoints."""
     if trusted is not None and key is not None and trusted.key_identifier == key.key_identifier:
         try:
-            return _check(read(), head, key, trusted)
+            return _Walk(head, key, read_keys, trusted).run(read())
         except _PrefixChanged:
             pass
-    return _check(read(), head, key, None)
-
-
-def _check(
-    lines: Iterable[bytes],
-    head: ChainState | LegacyHead | None,
-    key: AuditKey | None,
-    trusted: VerifiedPrefix | None,
-    *,
-    first_checkpoint_due: bool = True,
-) -> VerifyReport:
-    walk = _Walk(head, key, trusted, first_checkpoint_due=first_checkpoint_due)
-    for line in lines:
-        if not line.endswith(b"\n"):
-            walk.confirm_trusted()
-            return walk.torn()
-        problem = walk.step(line)
-        if problem:
-            walk.confirm_trusted()
-            return walk.report(problem, walk.state.lines + 1)
-    walk.confirm_trusted()
-    return walk.finish()
+    return _Walk(head, key, read_keys, None).run(read())
 
 
 class _Walk:
@@ -191,12 +185,19 @@ class _Walk:
         self,
         head: ChainState | LegacyHead | None,
         key: AuditKey | None,
-        trusted: VerifiedPrefix | None = None,
+        read_keys: Sequence[AuditKey],
+        trusted: VerifiedPrefix | None,
         *,
         first_checkpoint_due: bool = True,
     ) -> None:
         self.head = head
         self.key = key
+        # Each key a checkpoint may name: the configured one wins a name a read key shares.
+        self.keys = {k.key_identifier: k for k in read_keys}
+        if key is not None:
+            self.keys[key.key_identifier] = key
+        self.used: dict[str, None] = {}  # the keys that checked checkpoints, in order
+        self.last_used: str | None = None
         self.trusted = trusted  # None once the walk is past it (or there is none)
         self.state = ChainState()
         self.checkpoints = 0
@@ -204,6 +205,18 @@ class _Walk:
         self.head_matched = head is None or head.size == 0
         self.lines_at_head = 0  # lines up to the end the head vouches for
         self.first_checkpoint_due = first_checkpoint_due
+
+    def run(self, lines: Iterable[bytes]) -> VerifyReport:
+        for line in lines:
+            if not line.endswith(b"\n"):
+                self.confirm_trusted()
+                return self.torn()
+            problem = self.step(line)
+            if problem:
+                self.confirm_trusted()
+                return self.report(problem, self.state.lines + 1)
+        self.confirm_trusted()
+        return self.finish()
 
     def step(self, line: bytes) -> str | None:
         try:
@@ -221,6 +234,8 @@ class _Walk:
                 if problem:
                     return problem
             self.checkpoints += 1
+            self.last_used = str(doc["key_identifier"])
+            self.used[self.last_used] = None
             assert self.key is not None  # _checkpoint confirmed it, or it is trusted
             self.verified = VerifiedPrefix(
                 self.key.key_identifier, after.lines, after.size, after.hash
@@ -245,12 +260,15 @@ class _Walk:
                 "the trail has keyed checkpoints but no audit key is configured to check them "
                 "(configure the key provider that wrote it)"
             )
-        if doc["key_identifier"] != self.key.key_identifier:
+        key = self.keys.get(doc["key_identifier"])
+        if key is None:
             return (
-                f"checkpoint made with the key {doc['key_identifier']}, "
-                f"not with the configured {self.key.key_identifier}"
+                f"checkpoint made with the key {doc['key_identifier']}, which no configured "
+                f"key provider holds (the configured key is {self.key.key_identifier}); to "
+                "check a trail written under another provider, name that provider in "
+                "HMD_KMS_READ_PROVIDERS with its settings"
             )
-        if not self.key.verify(checkpoint_message(doc), str(doc["mac"])):
+        if not key.verify(checkpoint_message(doc), str(doc["mac"])):
             return "checkpoint MAC does not verify: forged, or made with another key"
         return None
 
@@ -318,7 +336,8 @@ class _Walk:
             events=state.events,
             checkpoints=self.checkpoints,
             events_after_checkpoint=state.pending,
-            key_identifier=self.key.key_identifier if self.key and self.checkpoints else None,
+            key_identifier=self.last_used,
+            key_identifiers=tuple(self.used),
             torn_tail=torn_tail,
             verified=self.verified if problem is None else None,
         )

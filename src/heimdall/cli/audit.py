@@ -201,7 +201,8 @@ def _summary(report: VerifyReport) -> list[str]:
             "write the file can rewrite both",
         ]
     lines = [
-        f"{intact}, {report.checkpoints:,} keyed checkpoints verified with {report.key_identifier}"
+        f"{intact}, {report.checkpoints:,} keyed checkpoints verified with "
+        + " and ".join(report.key_identifiers)
     ]
     if report.events_after_checkpoint:
         lines.append(
