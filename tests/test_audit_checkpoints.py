@@ -31,6 +31,8 @@ from audit_tools import (
 from cli_runner import Cli, assert_one_line_error
 from heimdall.audit import MIN_EVENTS_PER_CHECKPOINT, JsonlAuditLog
 from heimdall.audit.group import Sealer
+from heimdall.audit.head import read_head
+from heimdall.audit.scan import recheck
 from heimdall.errors import AuditError, ConfigurationError
 from heimdall.ingest import IngestReport
 from heimdall.kms.base import AuditKey
@@ -701,3 +703,111 @@ def test_a_torn_tail_after_a_provider_move_is_repaired_with_the_old_key_configur
 
     assert removed == len(b'{"event_type":"crypto.decrypt","act')
     assert moved.verify().ok
+
+
+def test_two_configured_audit_keys_of_one_name_are_refused(tmp_path: Path) -> None:
+    """Which of the two made a checkpoint could not be told: genuine ones would read forged."""
+    one = NamedKey(LocalKeyring(tmp_path / "one" / "keyring.json").audit_key(), "shared/audit")
+    two = NamedKey(LocalKeyring(tmp_path / "two" / "keyring.json").audit_key(), "shared/audit")
+
+    with pytest.raises(ConfigurationError, match="name their audit key shared/audit"):
+        JsonlAuditLog(tmp_path / "audit.log", key=one, read_keys=[two])
+    with pytest.raises(ConfigurationError, match="name their audit key shared/audit"):
+        JsonlAuditLog(tmp_path / "audit.log", read_keys=[one, two])
+
+
+def test_a_trail_of_a_read_providers_checkpoints_verifies_without_a_key_of_its_own(
+    tmp_path: Path,
+) -> None:
+    """Moving to a local keyring that does not exist yet: the old provider's key checks all."""
+    moved, old, _ = _moved_trail(tmp_path)
+    only_old = write_events(tmp_path / "only-old" / "audit.log", 12, key=old, every=5)
+    only_old.close()
+
+    report = JsonlAuditLog(only_old.path, read_keys=[old]).verify()
+    mixed = JsonlAuditLog(moved.path, read_keys=[old]).verify()
+
+    assert (report.ok, report.checkpoints, report.key_identifiers) == (True, 3, ("transit/old",))
+    assert not mixed.ok and mixed.problem is not None
+    assert "the key aws:new, which no configured key provider holds" in mixed.problem
+
+
+def test_verifying_again_asks_a_read_providers_key_only_about_new_checkpoints(
+    tmp_path: Path,
+) -> None:
+    moved, old, new = _moved_trail(tmp_path)
+    counting_old, counting_new = CountingKey(old), CountingKey(new)
+    log = JsonlAuditLog(
+        moved.path, fsync=False, key=counting_new, read_keys=[counting_old], checkpoint_every=5
+    )
+    first = log.verify()
+    asked = (counting_old.verified, counting_new.verified)
+    log.write(sample_events(5, start=24))
+
+    again = log.verify()
+
+    assert first.ok and again.ok and again.checkpoints == first.checkpoints + 1
+    assert asked[0] > 0 and asked[1] > 0
+    assert (counting_old.verified, counting_new.verified) == (asked[0], asked[1] + 1)
+    other = JsonlAuditLog(moved.path, fsync=False, key=counting_new).verify()  # no read key
+    assert not other.ok
+
+
+def test_a_checkpoint_naming_its_key_with_a_line_break_is_malformed(
+    tmp_path: Path, key: AuditKey
+) -> None:
+    """A key name is shown in verify's one-line message and is part of the MAC's message."""
+    log = write_events(tmp_path / "audit.log", 6, key=key, every=5)
+    log.close()
+    forged = '"key_identifier":"x\\nerror: all good"'
+    log.path.write_text(log.path.read_text().replace('"key_identifier":"local/audit"', forged))
+    rewrite_trail(log.path, lambda record: True)
+
+    report = log.verify()
+
+    assert (report.ok, report.first_bad_line, report.problem) == (
+        False,
+        6,
+        "checkpoint is malformed",
+    )
+
+
+def test_cli_verify_refuses_a_read_provider_it_cannot_use_in_one_line(cli: Cli) -> None:
+    write_events(
+        cli.data_dir / "audit.log", 6, key=LocalKeyring(cli.data_dir / "k.json").audit_key()
+    )
+    missing = cli.data_dir / "no-such-keyring.json"
+    vault = {
+        "HMD_KMS_PROVIDER": "vault",
+        "HMD_VAULT_ADDR": "http://127.0.0.1:1",
+        "HMD_VAULT_TOKEN": "hmd-test-token-not-used",
+    }
+
+    no_keyring = assert_one_line_error(
+        cli.run(
+            "audit",
+            "verify",
+            env={**vault, "HMD_KMS_READ_PROVIDERS": "local", "HMD_KEYRING_PATH": str(missing)},
+        )
+    )
+    unknown = assert_one_line_error(
+        cli.run("audit", "verify", env={"HMD_KMS_READ_PROVIDERS": "gcp"})
+    )
+
+    assert f"the keyring file {missing} does not exist" in no_keyring
+    assert "HMD_KMS_READ_PROVIDERS names gcp, which is not available" in unknown
+
+
+def test_a_prefix_found_good_with_other_keys_is_checked_again(tmp_path: Path) -> None:
+    """What one set of keys confirmed is not taken as confirmed by another."""
+    moved, old, new = _moved_trail(tmp_path)
+    head = read_head(moved.head_path)
+
+    def lines() -> list[bytes]:
+        return moved.path.read_bytes().splitlines(keepends=True)
+
+    both = recheck(lines, head, new, None, [old])
+    alone = recheck(lines, head, new, both.verified)
+
+    assert both.ok and both.verified is not None
+    assert not alone.ok and alone.first_bad_line == 6

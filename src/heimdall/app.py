@@ -5,7 +5,7 @@ The only module (with the CLI) that picks concrete providers and stores.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -129,16 +129,10 @@ def _provider(
     if name == "aws":
         return _aws(settings)
     if name != "local":
-        named = (
-            f"HMD_KMS_READ_PROVIDERS names {name}, which" if reader else f"HMD_KMS_PROVIDER={name}"
-        )
-        raise ConfigurationError(f"{named} is not available in this version of heimdall")
+        raise _unavailable(name, reader=reader)
     path = settings.keyring_file
     if reader and not path.exists():
-        raise ConfigurationError(
-            f"HMD_KMS_READ_PROVIDERS names local, but the keyring file {path} does not exist: "
-            "set HMD_KEYRING_PATH to the keyring the fields were written with"
-        )
+        raise _no_reader_keyring(path)
     if not path.exists():
         if not create:
             return None
@@ -155,6 +149,18 @@ def _provider(
         raise ConfigurationError(
             f"keyring file {path} cannot be opened: {exc.strerror or type(exc).__name__}"
         ) from None
+
+
+def _unavailable(name: str, *, reader: bool) -> ConfigurationError:
+    named = f"HMD_KMS_READ_PROVIDERS names {name}, which" if reader else f"HMD_KMS_PROVIDER={name}"
+    return ConfigurationError(f"{named} is not available in this version of heimdall")
+
+
+def _no_reader_keyring(path: Path) -> ConfigurationError:
+    return ConfigurationError(
+        f"HMD_KMS_READ_PROVIDERS names local, but the keyring file {path} does not exist: "
+        "set HMD_KEYRING_PATH to the keyring the fields were written with"
+    )
 
 
 def _primary(kms: KeyManagementService | None) -> KeyManagementService | None:
@@ -359,15 +365,19 @@ def _audit_key(kms: KeyManagementService | None) -> AuditKey | None:
     return None
 
 
-def _audit_log(settings: Settings, kms: KeyManagementService | None) -> JsonlAuditLog:
-    """The audit log, its checkpoints signed with the audit key of the provider new fields go
-    under, and checked also with those of the providers only read (HMD_KMS_READ_PROVIDERS):
-    a trail kept across a move from one key service to another holds checkpoints of both."""
-    readers = kms.readers if isinstance(kms, MultiProvider) else ()
+def _audit_log(
+    settings: Settings,
+    primary: KeyManagementService | None,
+    readers: Sequence[KeyManagementService] = (),
+) -> JsonlAuditLog:
+    """The audit log, its checkpoints signed with the audit key of *primary*, the provider new
+    fields go under, and checked also with those of *readers*, the providers only read
+    (HMD_KMS_READ_PROVIDERS): a trail kept across a move from one key service to another holds
+    checkpoints of both."""
     return JsonlAuditLog(
         settings.audit_file,
         fsync=settings.audit_fsync,
-        key=_audit_key(_primary(kms)),
+        key=_audit_key(primary),
         read_keys=[key for reader in readers if (key := _audit_key(reader)) is not None],
         checkpoint_every=settings.audit_checkpoint_every,
         checkpoint_seconds=settings.audit_checkpoint_seconds,
@@ -377,7 +387,8 @@ def _audit_log(settings: Settings, kms: KeyManagementService | None) -> JsonlAud
 def _audit_sink(
     settings: Settings, kms: KeyManagementService | None, stdout: TextIO | None = None
 ) -> AuditSink:
-    log = _audit_log(settings, kms)
+    readers = kms.readers if isinstance(kms, MultiProvider) else ()
+    log = _audit_log(settings, _primary(kms), readers)
     if not settings.audit_sinks:
         return log
     forwarders = [
@@ -404,21 +415,27 @@ def check_environment(settings: Settings) -> None:
 def open_audit_log(settings: Settings) -> JsonlAuditLog:
     """The audit log of *settings* with its providers' audit keys, to read and check the trail
     (``heimdall audit``): creates no keyring."""
-    kms = _reading_provider(settings.kms_provider, settings)
-    readers = [_reading_provider(name, settings) for name in settings.kms_read_providers]
-    present = [reader for reader in readers if reader is not None]
-    if kms is not None and present:
-        kms = MultiProvider(kms, present)
-    return _audit_log(settings, kms)
+    primary = _reading_provider(settings.kms_provider, settings, reader=False)
+    readers = [
+        _reading_provider(name, settings, reader=True) for name in settings.kms_read_providers
+    ]
+    return _audit_log(settings, primary, [reader for reader in readers if reader is not None])
 
 
-def _reading_provider(name: str, settings: Settings) -> KeyManagementService | None:
-    """The provider *name*, to check audit checkpoints with; None for a keyring that does not
-    exist (it holds no audit key) or a provider this version does not have."""
+def _reading_provider(
+    name: str, settings: Settings, *, reader: bool
+) -> KeyManagementService | None:
+    """The provider *name*, to check audit checkpoints with, refused as every command refuses
+    it (see _provider); None for the provider's own keyring when it does not exist yet (it
+    holds no audit key: verify then says whether the trail needs one)."""
     if name == "vault":
         return _vault(settings)
     if name == "aws":
         return _aws(settings)
-    if name == "local" and settings.keyring_file.exists():
+    if name != "local":
+        raise _unavailable(name, reader=reader)
+    if settings.keyring_file.exists():
         return LocalKeyring(settings.keyring_file, key_name=settings.kms_key_name, create=False)
+    if reader:
+        raise _no_reader_keyring(settings.keyring_file)
     return None

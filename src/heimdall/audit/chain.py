@@ -104,7 +104,8 @@ def _checkpoint_every(doc: dict[str, Any]) -> int:
     texts = [doc.get(name) for name in ("timestamp", "key_identifier", "chain", "mac")]
     well_formed = (
         all(type(value) is int and value >= 0 for value in counts)
-        and all(isinstance(value, str) and value for value in texts)
+        # Printable: they are named in messages, and a newline would blur the MAC's message.
+        and all(isinstance(value, str) and value and value.isprintable() for value in texts)
         and _HEX64.match(str(doc.get("chain"))) is not None
         and int(doc["every"]) >= 1
     )

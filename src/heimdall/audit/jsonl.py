@@ -106,6 +106,15 @@ class JsonlAuditLog:
             raise ValueError("checkpoint_seconds must be positive")
         self.path = Path(path)
         self._fsync = fsync
+        names = [k.key_identifier for k in (*read_keys, *(() if key is None else (key,)))]
+        shared = sorted({name for name in names if names.count(name) > 1})
+        if shared:
+            # A checkpoint names the key that made it: one of two keys so named would be taken
+            # for the other, and its genuine checkpoints reported forged.
+            raise ConfigurationError(
+                f"two configured key providers name their audit key {shared[0]}: a checkpoint "
+                "could not say which made it; give their keys different names or mounts"
+            )
         self._key = key
         self._read_keys = tuple(read_keys)  # only to check the checkpoints they made
         self._every = checkpoint_every

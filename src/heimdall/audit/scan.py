@@ -69,11 +69,11 @@ class VerifyReport:
 
 @dataclass(frozen=True, slots=True)
 class VerifiedPrefix:
-    """The chain's position just after a checkpoint whose MAC, and every earlier one's, *key*
-    confirmed. The chain hash there commits to every byte before it: a log that reaches the
-    same hash at the same line holds those same checkpoints, already confirmed."""
+    """The chain's position just after a checkpoint whose MAC, and every earlier one's, the
+    keys named *keys* confirmed. The chain hash there commits to every byte before it: a log
+    that reaches the same hash at the same line holds those same checkpoints, confirmed."""
 
-    key_identifier: str
+    keys: frozenset[str]
     lines: int
     size: int
     hash: str
@@ -172,11 +172,13 @@ def recheck(
     log still reaches it unchanged; otherwise (the log was rewritten, cut, or fails before that
     point) the full check. A server asked to verify again and again so asks its key provider
     only about new checkpoints."""
-    if trusted is not None and key is not None and trusted.key_identifier == key.key_identifier:
-        try:
-            return _Walk(head, key, read_keys, trusted).run(read())
-        except _PrefixChanged:
-            pass
+    if trusted is not None:
+        walk = _Walk(head, key, read_keys, trusted)
+        if trusted.keys == frozenset(walk.keys):
+            try:
+                return walk.run(read())
+            except _PrefixChanged:
+                pass
     return _Walk(head, key, read_keys, None).run(read())
 
 
@@ -192,10 +194,8 @@ class _Walk:
     ) -> None:
         self.head = head
         self.key = key
-        # Each key a checkpoint may name: the configured one wins a name a read key shares.
-        self.keys = {k.key_identifier: k for k in read_keys}
-        if key is not None:
-            self.keys[key.key_identifier] = key
+        # Each key a checkpoint may name (JsonlAuditLog refuses two keys of one name).
+        self.keys = {k.key_identifier: k for k in (*read_keys, *(() if key is None else (key,)))}
         self.used: dict[str, None] = {}  # the keys that checked checkpoints, in order
         self.last_used: str | None = None
         self.trusted = trusted  # None once the walk is past it (or there is none)
@@ -236,9 +236,8 @@ class _Walk:
             self.checkpoints += 1
             self.last_used = str(doc["key_identifier"])
             self.used[self.last_used] = None
-            assert self.key is not None  # _checkpoint confirmed it, or it is trusted
             self.verified = VerifiedPrefix(
-                self.key.key_identifier, after.lines, after.size, after.hash
+                frozenset(self.keys), after.lines, after.size, after.hash
             )
         elif after.every is not None and after.pending > after.every:
             return self._missing(after)
@@ -255,17 +254,17 @@ class _Walk:
             raise _PrefixChanged
 
     def _checkpoint(self, doc: dict[str, Any]) -> str | None:
-        if self.key is None:
+        key = self.keys.get(doc["key_identifier"])
+        if key is None and not self.keys:
             return (
                 "the trail has keyed checkpoints but no audit key is configured to check them "
                 "(configure the key provider that wrote it)"
             )
-        key = self.keys.get(doc["key_identifier"])
         if key is None:
             return (
                 f"checkpoint made with the key {doc['key_identifier']}, which no configured "
-                f"key provider holds (the configured key is {self.key.key_identifier}); to "
-                "check a trail written under another provider, name that provider in "
+                f"key provider holds (the configured: {', '.join(self.keys)}); to check a "
+                "trail written under another provider, name that provider in "
                 "HMD_KMS_READ_PROVIDERS with its settings"
             )
         if not key.verify(checkpoint_message(doc), str(doc["mac"])):
