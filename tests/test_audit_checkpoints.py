@@ -22,6 +22,7 @@ from api_server import start_server
 from audit_tools import (
     CountingKey,
     NamedKey,
+    Record,
     records,
     rewrite_trail,
     sample_events,
@@ -811,3 +812,153 @@ def test_a_prefix_found_good_with_other_keys_is_checked_again(tmp_path: Path) ->
 
     assert both.ok and both.verified is not None
     assert not alone.ok and alone.first_bad_line == 6
+
+
+# -- vouching for the old provider's checkpoints, so the trail verifies once it is gone --------
+
+
+def test_a_vouching_checkpoint_lets_the_trail_verify_without_the_old_key(tmp_path: Path) -> None:
+    moved, old, new = _moved_trail(tmp_path)
+    old_checkpoints = sum(
+        1 for record in records(moved.path) if record.get("key_identifier") == old.name
+    )
+
+    lines, keys = moved.vouch()
+
+    assert keys == ("transit/old",) and len(lines) == 1
+    assert records(moved.path)[-1]["vouches_for"] == ["transit/old"]
+    report = JsonlAuditLog(moved.path, key=new).verify()
+    assert report.ok, report.problem
+    assert (report.vouched, report.vouched_keys) == (old_checkpoints, ("transit/old",))
+    assert report.key_identifiers == ("aws:new",)
+    with_both = moved.verify()
+    assert with_both.ok and with_both.vouched == 0  # checked with the old key itself
+
+
+def test_vouching_without_the_old_key_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    moved, _, new = _moved_trail(tmp_path)
+    only_new = JsonlAuditLog(moved.path, fsync=False, key=new, checkpoint_every=5)
+    before = moved.path.read_bytes()
+
+    with pytest.raises(AuditError, match="line 6: checkpoint made with the key transit/old"):
+        only_new.vouch()
+
+    assert moved.path.read_bytes() == before
+
+
+def test_a_trail_of_one_key_has_nothing_to_vouch_for(tmp_path: Path, key: AuditKey) -> None:
+    log = write_events(tmp_path / "audit.log", 12, key=key, every=5)
+    before = log.path.read_bytes()
+
+    assert log.vouch() == ([], ())
+    assert log.path.read_bytes() == before
+
+
+def test_a_trail_that_does_not_verify_is_not_vouched_for(tmp_path: Path) -> None:
+    """Tampered with before the move: the vouching check finds it, and writes nothing."""
+    moved, _, _ = _moved_trail(tmp_path)
+    rewrite_trail(moved.path, lambda record: record.get("count") != 2)
+    before = moved.path.read_bytes()
+
+    with pytest.raises(AuditError, match=r"does not verify \(line 5: checkpoint MAC does not"):
+        moved.vouch()
+
+    assert moved.path.read_bytes() == before
+
+
+def test_a_checkpoint_forged_under_the_old_key_after_the_vouching_one_fails(
+    tmp_path: Path,
+) -> None:
+    moved, old, new = _moved_trail(tmp_path)
+    moved.vouch()
+    forger = JsonlAuditLog(moved.path, fsync=False, key=NamedKey(new.key, old.name))
+    forger.write(sample_events(2, start=90))
+    forger.close()  # a checkpoint naming the old key, with a MAC it did not make
+
+    report = JsonlAuditLog(moved.path, key=new).verify()
+
+    assert not report.ok and report.problem is not None
+    assert report.first_bad_line == len(records(moved.path))
+    assert "the key transit/old, which no configured key provider holds" in report.problem
+    assert "no later checkpoint vouches for it" in report.problem
+
+
+def _edit_checkpoint(path: Path, mac: str, change: Callable[[Record], object]) -> int:
+    """Change the checkpoint whose MAC is *mac* (keeping the MAC) and rechain; its line."""
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines):
+        record = json.loads(line)
+        if record.get("mac") == mac:
+            change(record)
+            lines[number] = json.dumps(record, separators=(",", ":"))
+            path.write_text("\n".join(lines) + "\n")
+            rewrite_trail(path, lambda _: True)
+            return number + 1
+    raise AssertionError("no such checkpoint")
+
+
+@pytest.mark.parametrize(
+    ("which", "change"),
+    [
+        pytest.param("plain", lambda doc: doc.update(vouches_for=["transit/old"]), id="added"),
+        pytest.param("vouching", lambda doc: doc.pop("vouches_for"), id="removed"),
+        pytest.param(
+            "vouching", lambda doc: doc.update(vouches_for=["transit/old", "x/y"]), id="widened"
+        ),
+    ],
+)
+def test_what_a_checkpoint_vouches_for_is_under_its_mac(
+    tmp_path: Path, which: str, change: Callable[[Record], object]
+) -> None:
+    moved, _, _ = _moved_trail(tmp_path)
+    moved.vouch()
+    ours = [r for r in records(moved.path) if r.get("key_identifier") == "aws:new"]
+    target = ours[-1] if which == "vouching" else ours[0]
+    assert ("vouches_for" in target) == (which == "vouching")
+
+    line = _edit_checkpoint(moved.path, target["mac"], change)
+
+    report = moved.verify()
+    assert (report.ok, report.first_bad_line, report.problem) == (
+        False,
+        line,
+        "checkpoint MAC does not verify: forged, or made with another key",
+    )
+
+
+@pytest.mark.parametrize(
+    "vouches_for",
+    [[], "transit/old", [7], ["a\nb"], [""]],
+    ids=["empty", "text", "number", "line-break", "empty-name"],
+)
+def test_a_malformed_vouches_for_is_a_malformed_checkpoint(
+    tmp_path: Path, vouches_for: object
+) -> None:
+    moved, _, _ = _moved_trail(tmp_path)
+    moved.vouch()
+    vouching = records(moved.path)[-1]
+
+    line = _edit_checkpoint(
+        moved.path, vouching["mac"], lambda doc: doc.update(vouches_for=vouches_for)
+    )
+
+    report = moved.verify()
+    assert (report.ok, report.first_bad_line, report.problem) == (
+        False,
+        line,
+        "checkpoint is malformed",
+    )
+
+
+def test_verifying_a_vouched_trail_again_counts_the_same(tmp_path: Path) -> None:
+    moved, _, new = _moved_trail(tmp_path)
+    moved.vouch()
+    counting = CountingKey(new)
+    log = JsonlAuditLog(moved.path, fsync=False, key=counting, checkpoint_every=5)
+
+    first = log.verify()
+    asked = counting.verified
+    again = log.verify()
+
+    assert first.ok and first == again
+    assert counting.verified == asked  # the prefix found good is not asked about again

@@ -45,6 +45,8 @@ class VerifyBody(BaseModel):
     events_after_checkpoint: int
     key_identifier: str | None  # the key that checked the last checkpoint
     key_identifiers: list[str]  # every key that checked one (more after a provider move)
+    vouched: int  # checkpoints of keys not configured here, vouched for by a later one
+    vouched_keys: list[str]
     first_bad_line: int | None
     problem: str | None
     torn_tail: bool
@@ -140,6 +142,8 @@ def verify_trail(request: Request, caller: AuthenticatedCaller) -> VerifyBody:
         events_after_checkpoint=report.events_after_checkpoint,
         key_identifier=report.key_identifier,
         key_identifiers=list(report.key_identifiers),
+        vouched=report.vouched,
+        vouched_keys=list(report.vouched_keys),
         first_bad_line=report.first_bad_line,
         problem=report.problem,
         torn_tail=report.torn_tail,

@@ -8,6 +8,11 @@ the interval until the next one is due (``every`` events) and a MAC over all of 
 the key provider's audit key (:class:`heimdall.kms.base.AuditKey`). Since the hash of the line
 before it commits to every line before that, one MAC covers the whole trail up to it.
 
+A checkpoint may also say, under its MAC, that the trail before it was verified in full when it
+was made, with the keys it lists (``vouches_for``): written after a move between key services
+(``heimdall kms migrate``) while the old service could still be asked, it lets the trail be
+checked once the old service is gone. See :mod:`heimdall.audit.scan`.
+
 :class:`ChainState` is a position in the chain; :func:`advance` moves it over one line and is
 used alike by the writer (to pick up lines it did not write itself) and by the verifier.
 """
@@ -102,10 +107,15 @@ def _checkpoint_every(doc: dict[str, Any]) -> int:
     """The checkpoint's interval, after checking every member the MAC covers has its type."""
     counts = [doc.get(name) for name in ("lines", "events", "every")]
     texts = [doc.get(name) for name in ("timestamp", "key_identifier", "chain", "mac")]
+    vouches_for = doc.get("vouches_for", ["-"])
+    if isinstance(vouches_for, list) and vouches_for:
+        texts.extend(vouches_for)
     well_formed = (
         all(type(value) is int and value >= 0 for value in counts)
         # Printable: they are named in messages, and a newline would blur the MAC's message.
         and all(isinstance(value, str) and value and value.isprintable() for value in texts)
+        and isinstance(vouches_for, list)
+        and bool(vouches_for)
         and _HEX64.match(str(doc.get("chain"))) is not None
         and int(doc["every"]) >= 1
     )
@@ -115,8 +125,9 @@ def _checkpoint_every(doc: dict[str, Any]) -> int:
 
 
 def checkpoint_message(doc: dict[str, Any]) -> bytes:
-    """What a checkpoint's MAC is computed over: its position, interval, key and time."""
-    parts = (
+    """What a checkpoint's MAC is computed over: its position, interval, key and time, and the
+    keys it vouches for when it names any."""
+    parts = [
         _MESSAGE_DOMAIN,
         str(doc["timestamp"]),
         str(doc["key_identifier"]),
@@ -124,7 +135,9 @@ def checkpoint_message(doc: dict[str, Any]) -> bytes:
         str(doc["events"]),
         str(doc["chain"]),
         str(doc["every"]),
-    )
+    ]
+    if "vouches_for" in doc:
+        parts.append("vouches_for " + orjson.dumps(doc["vouches_for"]).decode())
     return "\n".join(parts).encode()
 
 
@@ -153,9 +166,12 @@ def seal_events(state: ChainState, bodies: Sequence[bytes]) -> tuple[list[bytes]
     return lines, after
 
 
-def seal_checkpoint(state: ChainState, every: int, key: AuditKey) -> tuple[bytes, ChainState]:
+def seal_checkpoint(
+    state: ChainState, every: int, key: AuditKey, *, vouches_for: Sequence[str] = ()
+) -> tuple[bytes, ChainState]:
     """A checkpoint authenticating *state*, signed with *key* (one call to the provider), that
-    announces the next one within *every* events; and the position after it."""
+    announces the next one within *every* events; and the position after it. With
+    *vouches_for*, it says the trail before it was verified in full with those keys."""
     doc: dict[str, Any] = {
         "timestamp": utc_now_ms(),
         "event_type": EventType.AUDIT_CHECKPOINT.value,
@@ -166,6 +182,8 @@ def seal_checkpoint(state: ChainState, every: int, key: AuditKey) -> tuple[bytes
         "chain": state.hash,
         "every": every,
     }
+    if vouches_for:
+        doc["vouches_for"] = list(vouches_for)
     doc["mac"] = key.sign(checkpoint_message(doc))
     doc["result"] = Result.SUCCESS.value
     line, digest = seal(orjson.dumps(doc), state.hash)

@@ -234,6 +234,13 @@ class ForwardedAuditLog:
         with self._in_order:
             self._forward(self.log.seal(), "its checkpoint is not there")
 
+    def vouch(self) -> tuple[list[bytes], tuple[str, ...]]:
+        """:meth:`JsonlAuditLog.vouch`, forwarded."""
+        with self._in_order:
+            lines, keys = self.log.vouch()
+            self._forward(lines, "its vouching checkpoint is not there")
+        return lines, keys
+
     def close(self) -> None:
         try:
             with self._in_order:

@@ -175,6 +175,43 @@ class JsonlAuditLog:
             return []
         return self.checkpoint_on_close()
 
+    def vouch(self) -> tuple[list[bytes], tuple[str, ...]]:
+        """Verify the whole trail with this log's keys and, where checkpoints of another key
+        than the signing key are among those verified, append a checkpoint that vouches for
+        them (``vouches_for``): the trail then verifies without those keys. What ``heimdall kms
+        migrate`` does once the fields have moved, while the old provider can still be asked.
+
+        The lines written and the keys vouched for; nothing when there are none. AuditError
+        when the trail does not verify, or has no keyed checkpoint to vouch with; a KmsError
+        when a provider cannot answer. One call to the providers per checkpoint in the trail.
+        """
+        if self._key is None:
+            raise AuditError("no audit key is configured to vouch for the audit trail with")
+        with self._exclusive() as fd:
+            size = os.fstat(fd).st_size
+            state = self._state(fd, size)
+            report = check(
+                read_lines(fd, 0, size),
+                state,
+                self._key,
+                read_keys=self._read_keys,
+                first_checkpoint_due=False,
+            )
+            if not report.ok:
+                raise AuditError(
+                    f"audit log {self.path} does not verify (line {report.first_bad_line}: "
+                    f"{report.problem}); nothing was vouched for"
+                )
+            others = tuple(k for k in report.key_identifiers if k != self._key.key_identifier)
+            if not others:
+                return [], ()
+            try:
+                line, after = seal_checkpoint(state, self._every, self._key, vouches_for=others)
+            except (KmsError, ConfigurationError) as exc:
+                raise AuditError(f"audit checkpoint could not be signed: {exc}") from None
+            self._commit(fd, size, state, [line], after)
+        return [line], others
+
     def checkpoint_on_close(self) -> list[bytes]:
         """A checkpoint over the events this process wrote, unless one covers them already.
 

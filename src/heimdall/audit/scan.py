@@ -7,9 +7,10 @@ was due and is missing, and where the log does not reach the size and hash of it
 Each checkpoint is checked with the key it names: the configured provider's audit key, or the
 audit key of a provider that is only read (``HMD_KMS_READ_PROVIDERS``): a trail written before a
 move from one key service to another holds the old service's checkpoints, and they are checked
-there. A checkpoint made with a key no configured provider holds is a problem, never skipped:
-the key that signs new checkpoints signs whatever chain it finds, so a later checkpoint cannot
-vouch for one it could not check.
+there. A checkpoint made with a key no configured provider holds is a problem unless a later
+checkpoint that verifies vouches for its key (``vouches_for``: see :mod:`heimdall.audit.chain`):
+that one was made only after the whole trail before it verified with that key. No other
+checkpoint stands in for it: the key that signs new checkpoints signs whatever chain it finds.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class VerifyReport:
     key_identifier: str | None = None  # of the key that checked the last checkpoint
     # Of every key that checked a checkpoint, in the order the trail first names them.
     key_identifiers: tuple[str, ...] = ()
+    # Checkpoints of keys not configured here that a later checkpoint vouches for, and the keys.
+    vouched: int = 0
+    vouched_keys: tuple[str, ...] = ()
     torn_tail: bool = False
     # Where the trail was found good up to, when it was (see recheck); never shown.
     verified: VerifiedPrefix | None = field(default=None, repr=False, compare=False)
@@ -198,6 +202,10 @@ class _Walk:
         self.keys = {k.key_identifier: k for k in (*read_keys, *(() if key is None else (key,)))}
         self.used: dict[str, None] = {}  # the keys that checked checkpoints, in order
         self.last_used: str | None = None
+        # Checkpoints of keys not configured here that no checkpoint has vouched for yet:
+        # (line, key); and those vouched for, by key.
+        self.unchecked: list[tuple[int, str]] = []
+        self.vouched: dict[str, int] = {}
         self.trusted = trusted  # None once the walk is past it (or there is none)
         self.state = ChainState()
         self.checkpoints = 0
@@ -229,16 +237,21 @@ class _Walk:
                 raise _PrefixChanged
             self.trusted = None  # the prefix holds, and with it every checkpoint in it
         if after.last_checkpoint_line == after.lines:
-            if trusted is None:  # not within a prefix that holds
+            named = str(doc["key_identifier"])
+            if trusted is not None:  # within a prefix that holds: checked, or vouched for
+                self._count(named, vouched=named not in self.keys)
+            elif named not in self.keys and self.keys:
+                self.unchecked.append((after.lines, named))  # unless a later one vouches
+            else:
                 problem = self._checkpoint(doc)
                 if problem:
                     return problem
-            self.checkpoints += 1
-            self.last_used = str(doc["key_identifier"])
-            self.used[self.last_used] = None
-            self.verified = VerifiedPrefix(
-                frozenset(self.keys), after.lines, after.size, after.hash
-            )
+                self._vouch(doc.get("vouches_for", ()))
+                self._count(named, vouched=False)
+            if not self.unchecked:
+                self.verified = VerifiedPrefix(
+                    frozenset(self.keys), after.lines, after.size, after.hash
+                )
         elif after.every is not None and after.pending > after.every:
             return self._missing(after)
         self.state = after
@@ -246,6 +259,22 @@ class _Walk:
             self.head_matched = after.hash == self.head.hash
             self.lines_at_head = after.lines
         return None
+
+    def _count(self, named: str, *, vouched: bool) -> None:
+        if vouched:
+            self.vouched[named] = self.vouched.get(named, 0) + 1
+            return
+        self.checkpoints += 1
+        self.last_used = named
+        self.used[named] = None
+
+    def _vouch(self, keys: Sequence[str]) -> None:
+        """A checkpoint that verified vouches for the checkpoints of *keys* before it."""
+        if self.unchecked and keys:
+            for _, named in self.unchecked:
+                if named in keys:
+                    self._count(named, vouched=True)
+            self.unchecked = [(line, named) for line, named in self.unchecked if named not in keys]
 
     def confirm_trusted(self) -> None:
         """The walk stops here: if it has not reached the trusted prefix, the checkpoints it
@@ -255,17 +284,10 @@ class _Walk:
 
     def _checkpoint(self, doc: dict[str, Any]) -> str | None:
         key = self.keys.get(doc["key_identifier"])
-        if key is None and not self.keys:
+        if key is None:
             return (
                 "the trail has keyed checkpoints but no audit key is configured to check them "
                 "(configure the key provider that wrote it)"
-            )
-        if key is None:
-            return (
-                f"checkpoint made with the key {doc['key_identifier']}, which no configured "
-                f"key provider holds (the configured: {', '.join(self.keys)}); to check a "
-                "trail written under another provider, name that provider in "
-                "HMD_KMS_READ_PROVIDERS with its settings"
             )
         if not key.verify(checkpoint_message(doc), str(doc["mac"])):
             return "checkpoint MAC does not verify: forged, or made with another key"
@@ -286,8 +308,20 @@ class _Walk:
         return self.report(TORN_TAIL, self.state.lines + 1, torn_tail=True)
 
     def finish(self) -> VerifyReport:
-        problem = self._head_problem() or self._checkpoint_problem()
+        problem = self._unchecked_problem() or self._head_problem() or self._checkpoint_problem()
         return self.report(*problem) if problem else self.report(None, None)
+
+    def _unchecked_problem(self) -> tuple[str, int] | None:
+        if not self.unchecked:
+            return None
+        line, named = self.unchecked[0]
+        return (
+            f"checkpoint made with the key {named}, which no configured key provider holds "
+            f"(the configured: {', '.join(self.keys)}), and no later checkpoint vouches for "
+            "it; to check it, name the provider that made it in HMD_KMS_READ_PROVIDERS with "
+            "its settings (`heimdall kms migrate` then adds a checkpoint that vouches for it)",
+            line,
+        )
 
     def _head_problem(self) -> tuple[str, int] | None:
         """Where the log's end disagrees with its head record: (problem, first bad line)."""
@@ -337,6 +371,8 @@ class _Walk:
             events_after_checkpoint=state.pending,
             key_identifier=self.last_used,
             key_identifiers=tuple(self.used),
+            vouched=sum(self.vouched.values()),
+            vouched_keys=tuple(self.vouched),
             torn_tail=torn_tail,
             verified=self.verified if problem is None else None,
         )

@@ -204,6 +204,12 @@ def _summary(report: VerifyReport) -> list[str]:
         f"{intact}, {report.checkpoints:,} keyed checkpoints verified with "
         + " and ".join(report.key_identifiers)
     ]
+    if report.vouched:
+        lines.append(
+            f"{report.vouched:,} checkpoints made with {' and '.join(report.vouched_keys)}, "
+            "not configured here, are vouched for by a later checkpoint, made once the trail "
+            "before it had verified with that key"
+        )
     if report.events_after_checkpoint:
         lines.append(
             f"{report.events_after_checkpoint:,} events follow the last checkpoint: only the "

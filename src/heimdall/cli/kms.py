@@ -8,10 +8,11 @@ from typing import Annotated
 
 import typer
 
-from heimdall.audit import AuditEvent, EventType
+from heimdall.audit import AuditEvent, EventType, ForwardedAuditLog, JsonlAuditLog
 from heimdall.cli.common import (
     ActorOption,
     caller_for,
+    err,
     fail,
     kms_app,
     load_settings,
@@ -20,10 +21,11 @@ from heimdall.cli.common import (
     vault_app,
 )
 from heimdall.cli.foreground import BatchOption, IntervalOption, WorkersOption, run_here
-from heimdall.errors import ConfigurationError
+from heimdall.errors import AuditError, ConfigurationError, KmsError
 from heimdall.preflight import run_checks
 from heimdall.rotation.batch import rewrap_index_key
 from heimdall.rotation.job import JobKind, plan, start_job
+from heimdall.service import Heimdall
 from heimdall.settings import KMS_PROVIDERS
 
 
@@ -80,6 +82,10 @@ def kms_migrate(
     the re-encryption job: resumable after any stop (`heimdall reencrypt run`), shared by any
     number of workers, shown by `heimdall reencrypt status`. When `heimdall migrate verify`
     shows no field under another key, the old provider's settings can go.
+
+    Once the fields have moved, the audit trail is verified with both providers' audit keys,
+    and a checkpoint of the new one vouches for the old one's checkpoints, so that the trail
+    still verifies once the old provider is gone.
     """
     settings = load_settings()
     if to not in KMS_PROVIDERS:
@@ -117,6 +123,7 @@ def kms_migrate(
                 + ("; the blind-index key has moved there too" if moved else ""),
                 markup=False,
             )
+            _vouch_for_the_old_checkpoints(service)
             return
         run_here(
             service,
@@ -126,6 +133,35 @@ def kms_migrate(
             batch_size=batch_size,
             interval=interval,
             workers=workers,
+        )
+        _vouch_for_the_old_checkpoints(service)
+
+
+def _vouch_for_the_old_checkpoints(service: Heimdall) -> None:
+    """Verify the trail with every provider's audit key, then have the new provider's key
+    vouch for the checkpoints the others made (JsonlAuditLog.vouch). A trail that does not
+    verify fails the command; a provider that cannot answer (or a role that may not verify,
+    as heimdall-worker on Vault) leaves the trail as it is, with a warning."""
+    sink = service.audit
+    if not isinstance(sink, (JsonlAuditLog, ForwardedAuditLog)):
+        return  # a sink an embedding program gave: not a file this command can check
+    try:
+        _, keys = sink.vouch()
+    except KmsError as exc:
+        err.print(
+            f"warning: the audit trail's checkpoints of the old provider are not vouched for "
+            f"({exc}); `heimdall audit verify` needs that provider until a run of this command "
+            "that can verify with both (heimdall-admin) vouches for them",
+            markup=False,
+        )
+        return
+    except AuditError as exc:
+        fail(f"the fields moved, but the audit trail was not vouched for: {exc}")
+    if keys:
+        out.print(
+            f"audit trail verified; a checkpoint now vouches for the checkpoints made with "
+            f"{' and '.join(keys)}, so that checking it no longer needs that provider",
+            markup=False,
         )
 
 
