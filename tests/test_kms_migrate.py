@@ -232,10 +232,16 @@ def test_kms_migrate_from_vault_to_aws_survives_three_sigkills_and_leaves_nothin
     finish = _heimdall(env, *command[1:])
 
     assert finish.returncode == 0, finish.stderr
-    assert (
-        f"a checkpoint now vouches for the checkpoints made with transit/{transit_key}-audit"
-        in finish.stdout
-    )
+    vouched = f"a checkpoint now vouches for the checkpoints made with transit/{transit_key}-audit"
+    assert vouched in finish.stdout
+    again = _heimdall(env, *command[1:])  # as after a move other workers finished
+    assert again.returncode == 0, again.stderr
+    assert "nothing to move" in again.stdout and vouched in again.stdout
+    refused = _heimdall({**env, "HMD_VAULT_TOKEN": "s.not-a-token"}, *command[1:])
+    assert refused.returncode == 0, refused.stderr  # the fields have moved: only a warning
+    assert refused.stderr.startswith("warning: the audit trail's checkpoints of the old ")
+    assert refused.stderr.count("\n") == 1 and "s.not-a-token" not in refused.stderr
+    assert vouched not in refused.stdout
     final = job_store(moving).get_job(job.job_id)
     assert final is not None
     assert (final.state, final.completed, final.total, final.failed) == (
