@@ -6,6 +6,7 @@ the same checks run on Vault in test_audit_vault.py.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ from heimdall.audit import MIN_EVENTS_PER_CHECKPOINT, JsonlAuditLog
 from heimdall.audit.group import Sealer
 from heimdall.audit.head import read_head
 from heimdall.audit.scan import recheck
-from heimdall.errors import AuditError, ConfigurationError
+from heimdall.errors import AuditError, ConfigurationError, KmsUnavailable
 from heimdall.ingest import IngestReport
 from heimdall.kms.base import AuditKey
 from heimdall.kms.local import LocalKeyring
@@ -962,3 +963,84 @@ def test_verifying_a_vouched_trail_again_counts_the_same(tmp_path: Path) -> None
 
     assert first.ok and first == again
     assert counting.verified == asked  # the prefix found good is not asked about again
+
+
+def test_after_two_moves_the_trail_verifies_with_the_last_providers_key_alone(
+    tmp_path: Path,
+) -> None:
+    """The second vouching checkpoint stands for the first provider too, which the second
+    vouch took on the first vouching checkpoint's word."""
+    first, second, third = (
+        NamedKey(LocalKeyring(tmp_path / name / "keyring.json").audit_key(), f"{name}/audit")
+        for name in ("first", "second", "third")
+    )
+    path = tmp_path / "audit.log"
+    write_events(path, 12, key=first, every=5).close()
+    for n, (key, before) in enumerate(((second, first), (third, second)), start=1):
+        log = JsonlAuditLog(path, fsync=False, key=key, read_keys=[before], checkpoint_every=5)
+        log.write(sample_events(12, start=12 * n))
+        log.close()
+        log.vouch()
+
+    report = JsonlAuditLog(path, key=third).verify()
+
+    assert records(path)[-1]["vouches_for"] == ["second/audit", "first/audit"]
+    assert report.ok, report.problem
+    assert set(report.vouched_keys) == {"first/audit", "second/audit"}
+
+
+def test_a_vouching_checkpoint_the_new_key_cannot_sign_is_a_provider_error_and_not_written(
+    tmp_path: Path,
+) -> None:
+    moved, old, new = _moved_trail(tmp_path)
+    down = CountingKey(new)
+    down.down = True
+    log = JsonlAuditLog(moved.path, fsync=False, key=down, read_keys=[old], checkpoint_every=5)
+    before = moved.path.read_bytes()
+
+    with pytest.raises(KmsUnavailable):
+        log.vouch()
+
+    assert moved.path.read_bytes() == before
+
+
+class _LockWatchingKey(NamedKey):
+    """Records, at each verify, whether another open file holds the log's lock."""
+
+    def __init__(self, key: NamedKey, log_path: Path) -> None:
+        super().__init__(key.key, key.name)
+        self.log_path = log_path
+        self.locked: list[bool] = []
+
+    def verify(self, message: bytes, mac: str) -> bool:
+        with self.log_path.open("rb") as file:
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.locked.append(True)
+            else:
+                self.locked.append(False)
+                fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+        return super().verify(message, mac)
+
+
+def test_vouching_asks_the_providers_before_it_locks_the_log(tmp_path: Path) -> None:
+    """A long trail's check (a provider call per checkpoint) does not hold up every writer."""
+    moved, old, new = _moved_trail(tmp_path)
+    watching = _LockWatchingKey(old, moved.path)
+    log = JsonlAuditLog(moved.path, fsync=False, key=new, read_keys=[watching])
+
+    lines, _ = log.vouch()
+
+    assert lines and watching.locked and not any(watching.locked)
+
+
+def test_a_torn_tail_does_not_hide_a_checkpoint_nothing_vouches_for(tmp_path: Path) -> None:
+    moved, _, new = _moved_trail(tmp_path)
+    with moved.path.open("ab") as file:
+        file.write(b'{"event_type":"crypto.decrypt","act')
+
+    report = JsonlAuditLog(moved.path, key=new).verify()
+
+    assert (report.ok, report.first_bad_line, report.torn_tail) == (False, 6, False)
+    assert report.problem is not None and "no later checkpoint vouches for it" in report.problem

@@ -181,36 +181,46 @@ class JsonlAuditLog:
         them (``vouches_for``): the trail then verifies without those keys. What ``heimdall kms
         migrate`` does once the fields have moved, while the old provider can still be asked.
 
-        The lines written and the keys vouched for; nothing when there are none. AuditError
-        when the trail does not verify, or has no keyed checkpoint to vouch with; a KmsError
-        when a provider cannot answer. One call to the providers per checkpoint in the trail.
+        The lines written and the keys vouched for (those checked now, and those an earlier
+        vouching checkpoint stood for, which a verifier may not be able to check); nothing when
+        there are none. AuditError when the trail does not verify; a KmsError when a provider
+        cannot answer. One call to the providers per checkpoint in the trail, made before the
+        log is locked: under the lock, only what was appended meanwhile is checked.
         """
         if self._key is None:
             raise AuditError("no audit key is configured to vouch for the audit trail with")
+        # Unlocked first, as verify, which records how far the trail is good.
+        self._refuse_unless_ok(self._check(first_checkpoint_due=False))
         with self._exclusive() as fd:
             size = os.fstat(fd).st_size
             state = self._state(fd, size)
-            report = check(
-                read_lines(fd, 0, size),
+            report = recheck(
+                lambda: read_lines(fd, 0, size),
                 state,
                 self._key,
-                read_keys=self._read_keys,
+                self._verified,
+                self._read_keys,
                 first_checkpoint_due=False,
             )
-            if not report.ok:
-                raise AuditError(
-                    f"audit log {self.path} does not verify (line {report.first_bad_line}: "
-                    f"{report.problem}); nothing was vouched for"
-                )
-            others = tuple(k for k in report.key_identifiers if k != self._key.key_identifier)
+            self._refuse_unless_ok(report)
+            own = self._key.key_identifier
+            named = dict.fromkeys((*report.key_identifiers, *report.vouched_keys))
+            others = tuple(k for k in named if k != own)
             if not others:
                 return [], ()
             try:
                 line, after = seal_checkpoint(state, self._every, self._key, vouches_for=others)
-            except (KmsError, ConfigurationError) as exc:
+            except ConfigurationError as exc:
                 raise AuditError(f"audit checkpoint could not be signed: {exc}") from None
             self._commit(fd, size, state, [line], after)
         return [line], others
+
+    def _refuse_unless_ok(self, report: VerifyReport) -> None:
+        if not report.ok:
+            raise AuditError(
+                f"audit log {self.path} does not verify (line {report.first_bad_line}: "
+                f"{report.problem}); nothing was vouched for"
+            )
 
     def checkpoint_on_close(self) -> list[bytes]:
         """A checkpoint over the events this process wrote, unless one covers them already.
@@ -466,6 +476,9 @@ class JsonlAuditLog:
         """Check the chain, every checkpoint's MAC and the head record (scan.check); the key
         provider is asked only about checkpoints this object has not found good before, as
         long as the trail still reaches them unchanged (scan.recheck)."""
+        return self._check(first_checkpoint_due=True)
+
+    def _check(self, *, first_checkpoint_due: bool) -> VerifyReport:
         fd = self._open_for_reading()
         try:
             if fd is not None:
@@ -483,7 +496,14 @@ class JsonlAuditLog:
             def lines() -> Iterator[bytes]:
                 return read_lines(fd, 0, size) if fd is not None else iter(())
 
-            report = recheck(lines, head, self._key, self._verified, self._read_keys)
+            report = recheck(
+                lines,
+                head,
+                self._key,
+                self._verified,
+                self._read_keys,
+                first_checkpoint_due=first_checkpoint_due,
+            )
             if report.verified is not None:
                 self._verified = report.verified
             return report

@@ -170,20 +170,23 @@ def recheck(
     key: AuditKey | None,
     trusted: VerifiedPrefix | None,
     read_keys: Sequence[AuditKey] = (),
+    *,
+    first_checkpoint_due: bool = True,
 ) -> VerifyReport:
     """:func:`check` of the lines *read* returns, asking the keys only about the checkpoints
     past *trusted* (the ``verified`` of an earlier report, made with the same keys) when the
     log still reaches it unchanged; otherwise (the log was rewritten, cut, or fails before that
     point) the full check. A server asked to verify again and again so asks its key provider
     only about new checkpoints."""
+    due = first_checkpoint_due
     if trusted is not None:
-        walk = _Walk(head, key, read_keys, trusted)
+        walk = _Walk(head, key, read_keys, trusted, first_checkpoint_due=due)
         if trusted.keys == frozenset(walk.keys):
             try:
                 return walk.run(read())
             except _PrefixChanged:
                 pass
-    return _Walk(head, key, read_keys, None).run(read())
+    return _Walk(head, key, read_keys, None, first_checkpoint_due=due).run(read())
 
 
 class _Walk:
@@ -301,6 +304,9 @@ class _Walk:
         )
 
     def torn(self) -> VerifyReport:
+        unchecked = self._unchecked_problem()  # not something the repair could mend
+        if unchecked:
+            return self.report(*unchecked)
         if self.head is not None and self.state.size < self.head.size:
             return self.report("log ends before its recorded head", self.state.lines + 1)
         if not self.head_matched:
