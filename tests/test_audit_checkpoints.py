@@ -984,7 +984,7 @@ def test_after_two_moves_the_trail_verifies_with_the_last_providers_key_alone(
 
     report = JsonlAuditLog(path, key=third).verify()
 
-    assert records(path)[-1]["vouches_for"] == ["second/audit", "first/audit"]
+    assert records(path)[-1]["vouches_for"] == ["first/audit", "second/audit"]
     assert report.ok, report.problem
     assert set(report.vouched_keys) == {"first/audit", "second/audit"}
 
@@ -1044,3 +1044,98 @@ def test_a_torn_tail_does_not_hide_a_checkpoint_nothing_vouches_for(tmp_path: Pa
 
     assert (report.ok, report.first_bad_line, report.torn_tail) == (False, 6, False)
     assert report.problem is not None and "no later checkpoint vouches for it" in report.problem
+
+
+def _keyring_key(tmp_path: Path, directory: str, name: str) -> NamedKey:
+    return NamedKey(LocalKeyring(tmp_path / directory / "keyring.json").audit_key(), name)
+
+
+def test_a_key_name_that_comes_back_for_another_key_is_vouched_for_not_forged(
+    tmp_path: Path,
+) -> None:
+    """A local keyring, then Vault, then a new local keyring: both keyrings' audit keys are
+    local/audit. The first one's checkpoints fail the second one's MAC, and the vouching
+    checkpoint Vault made when it could still check them stands for them."""
+    first = _keyring_key(tmp_path, "first", "local/audit")
+    vault = _keyring_key(tmp_path, "vault", "transit/heimdall-pii-audit")
+    again = _keyring_key(tmp_path, "again", "local/audit")
+    path = tmp_path / "audit.log"
+    write_events(path, 12, key=first, every=5).close()
+    moved = JsonlAuditLog(path, fsync=False, key=vault, read_keys=[first], checkpoint_every=5)
+    moved.write(sample_events(12, start=12))
+    moved.close()
+    assert moved.vouch()[1] == ("local/audit",)
+    back = JsonlAuditLog(path, fsync=False, key=again, read_keys=[vault], checkpoint_every=5)
+    back.write(sample_events(12, start=24))
+    back.close()
+    before = JsonlAuditLog(path, key=again).verify()
+
+    _, keys = back.vouch()
+
+    assert (before.ok, before.first_bad_line, before.problem) == (False, 6, _FORGED)
+    assert keys == ("transit/heimdall-pii-audit",)
+    alone = JsonlAuditLog(path, key=again)
+    report = alone.verify()
+    assert report.ok, report.problem
+    assert set(report.vouched_keys) == {"local/audit", "transit/heimdall-pii-audit"}
+    assert alone.verify() == report  # counted alike from the prefix found good
+
+
+_FORGED = "checkpoint MAC does not verify: forged, or made with another key"
+
+
+def test_a_checkpoint_forged_after_the_vouching_one_is_not_vouched_for(tmp_path: Path) -> None:
+    moved, _, new = _moved_trail(tmp_path)
+    moved.vouch()
+    moved.write(sample_events(6, start=50))
+    moved.close()
+    ours = [r for r in records(moved.path) if r.get("key_identifier") == "aws:new"]
+    vouching = next(n for n, r in enumerate(ours) if "vouches_for" in r)
+    after = ours[vouching + 1]
+
+    line = _edit_checkpoint(moved.path, after["mac"], lambda doc: doc.update(mac=ours[0]["mac"]))
+
+    report = JsonlAuditLog(moved.path, key=new).verify()
+    assert (report.ok, report.first_bad_line, report.problem) == (False, line, _FORGED)
+
+
+def test_vouching_again_writes_only_when_another_keys_checkpoint_came_since(
+    tmp_path: Path,
+) -> None:
+    moved, old, new = _moved_trail(tmp_path)
+    assert moved.vouch()[0]
+    size = moved.path.stat().st_size
+
+    assert moved.vouch() == ([], ())  # nothing of the old key since
+    assert moved.path.stat().st_size == size
+    straggler = JsonlAuditLog(moved.path, fsync=False, key=old, checkpoint_every=5)
+    straggler.write(sample_events(2, start=80))
+    straggler.close()  # a process still configured with the old provider
+    assert not JsonlAuditLog(moved.path, key=new).verify().ok
+
+    lines, keys = moved.vouch()
+
+    assert lines and keys == ("transit/old",)
+    assert JsonlAuditLog(moved.path, key=new).verify().ok
+
+
+def test_an_old_keys_checkpoint_past_the_head_is_shown_as_the_tail_to_repair(
+    tmp_path: Path,
+) -> None:
+    """An append of a process still on the old provider, cut off before its head record: the
+    repair removes it, with the new key alone."""
+    moved, old, new = _moved_trail(tmp_path)
+    moved.vouch()
+    head = moved.head_path.read_bytes()
+    straggler = JsonlAuditLog(moved.path, fsync=False, key=old, checkpoint_every=5)
+    straggler.write(sample_events(2, start=80))
+    straggler.close()
+    moved.head_path.write_bytes(head)  # as if killed before writing it
+    alone = JsonlAuditLog(moved.path, fsync=False, key=new, checkpoint_every=5)
+
+    report = alone.verify()
+
+    assert not report.ok and report.problem is not None
+    assert "lines follow what the head record vouches for" in report.problem
+    alone.repair_torn_tail(actor="test:operator", request_id="req-repair")
+    assert alone.verify().ok

@@ -183,9 +183,11 @@ class JsonlAuditLog:
 
         The lines written and the keys vouched for (those checked now, and those an earlier
         vouching checkpoint stood for, which a verifier may not be able to check); nothing when
-        there are none. AuditError when the trail does not verify; a KmsError when a provider
-        cannot answer. One call to the providers per checkpoint in the trail, made before the
-        log is locked: under the lock, only what was appended meanwhile is checked.
+        no checkpoint of another key follows this key's last vouching checkpoint. AuditError
+        when the trail does not verify; a KmsError when a provider cannot answer (and a
+        ConfigurationError when one is misconfigured). One call to the providers per
+        checkpoint in the trail, made before the log is locked: under the lock, only what
+        was appended meanwhile is checked.
         """
         if self._key is None:
             raise AuditError("no audit key is configured to vouch for the audit trail with")
@@ -203,11 +205,12 @@ class JsonlAuditLog:
                 first_checkpoint_due=False,
             )
             self._refuse_unless_ok(report)
-            own = self._key.key_identifier
-            named = dict.fromkeys((*report.key_identifiers, *report.vouched_keys))
-            others = tuple(k for k in named if k != own)
-            if not others:
-                return [], ()
+            if not report.vouch_due:
+                return [], ()  # no other key's checkpoint since this key last vouched
+            named = dict.fromkeys((*report.vouched_keys, *report.key_identifiers))
+            others = tuple(k for k in named if k != self._key.key_identifier)
+            if not others:  # checkpoints under this key's name the vouch took (another keyring)
+                others = tuple(named)
             try:
                 line, after = seal_checkpoint(state, self._every, self._key, vouches_for=others)
             except ConfigurationError as exc:

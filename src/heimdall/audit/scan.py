@@ -7,10 +7,12 @@ was due and is missing, and where the log does not reach the size and hash of it
 Each checkpoint is checked with the key it names: the configured provider's audit key, or the
 audit key of a provider that is only read (``HMD_KMS_READ_PROVIDERS``): a trail written before a
 move from one key service to another holds the old service's checkpoints, and they are checked
-there. A checkpoint made with a key no configured provider holds is a problem unless a later
-checkpoint that verifies vouches for its key (``vouches_for``: see :mod:`heimdall.audit.chain`):
-that one was made only after the whole trail before it verified with that key. No other
-checkpoint stands in for it: the key that signs new checkpoints signs whatever chain it finds.
+there. A checkpoint made with a key no configured provider holds, or whose MAC the key of its
+name does not confirm, is a problem unless a later checkpoint that verifies vouches for the trail
+before it (``vouches_for``: see :mod:`heimdall.audit.chain`): that one was made only once the
+whole trail before it had verified, and its MAC covers the chain up to it. (A key name can come
+back for another key: a new local keyring is ``local/audit`` again.) No other checkpoint stands
+in for them: the key that signs new checkpoints signs whatever chain it finds.
 """
 
 from __future__ import annotations
@@ -63,12 +65,26 @@ class VerifyReport:
     key_identifier: str | None = None  # of the key that checked the last checkpoint
     # Of every key that checked a checkpoint, in the order the trail first names them.
     key_identifiers: tuple[str, ...] = ()
-    # Checkpoints of keys not configured here that a later checkpoint vouches for, and the keys.
+    # Checkpoints not checked here that a later checkpoint vouches for, and the keys they name.
     vouched: int = 0
     vouched_keys: tuple[str, ...] = ()
     torn_tail: bool = False
     # Where the trail was found good up to, when it was (see recheck); never shown.
     verified: VerifiedPrefix | None = field(default=None, repr=False, compare=False)
+    # Checkpoints of other keys than the signing one follow its last vouching checkpoint (or
+    # there is none): what JsonlAuditLog.vouch has to vouch for.
+    vouch_due: bool = field(default=False, repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _Tally:
+    """What a walk has counted of the checkpoints: the report's figures."""
+
+    checkpoints: int = 0
+    used: tuple[str, ...] = ()
+    last_used: str | None = None
+    vouched: tuple[tuple[str, int], ...] = ()
+    vouch_due: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +97,10 @@ class VerifiedPrefix:
     lines: int
     size: int
     hash: str
+    tally: _Tally = _Tally()  # what the walk had counted there
+
+
+_FORGED: Final = "checkpoint MAC does not verify: forged, or made with another key"
 
 
 class _PrefixChanged(Exception):
@@ -203,12 +223,15 @@ class _Walk:
         self.key = key
         # Each key a checkpoint may name (JsonlAuditLog refuses two keys of one name).
         self.keys = {k.key_identifier: k for k in (*read_keys, *(() if key is None else (key,)))}
+        self.signer = None if key is None else key.key_identifier
         self.used: dict[str, None] = {}  # the keys that checked checkpoints, in order
         self.last_used: str | None = None
-        # Checkpoints of keys not configured here that no checkpoint has vouched for yet:
-        # (line, key); and those vouched for, by key.
-        self.unchecked: list[tuple[int, str]] = []
+        # Checkpoints not checked here that no checkpoint has vouched for yet: (line, key,
+        # the problem if its MAC failed, None if its key is not configured); and those a
+        # later checkpoint vouched for, by key.
+        self.unchecked: list[tuple[int, str, str | None]] = []
         self.vouched: dict[str, int] = {}
+        self.vouch_due = False
         self.trusted = trusted  # None once the walk is past it (or there is none)
         self.state = ChainState()
         self.checkpoints = 0
@@ -239,22 +262,16 @@ class _Walk:
             if (after.lines, after.size, after.hash) != (trusted.lines, trusted.size, trusted.hash):
                 raise _PrefixChanged
             self.trusted = None  # the prefix holds, and with it every checkpoint in it
+            self._restore(trusted)
         if after.last_checkpoint_line == after.lines:
-            named = str(doc["key_identifier"])
-            if trusted is not None:  # within a prefix that holds: checked, or vouched for
-                self._count(named, vouched=named not in self.keys)
-            elif named not in self.keys and self.keys:
-                self.unchecked.append((after.lines, named))  # unless a later one vouches
-            else:
-                problem = self._checkpoint(doc)
+            if trusted is None:  # not within a prefix that holds
+                problem = self._checkpoint(after.lines, doc)
                 if problem:
                     return problem
-                self._vouch(doc.get("vouches_for", ()))
-                self._count(named, vouched=False)
-            if not self.unchecked:
-                self.verified = VerifiedPrefix(
-                    frozenset(self.keys), after.lines, after.size, after.hash
-                )
+                if not self.unchecked:
+                    self.verified = VerifiedPrefix(
+                        frozenset(self.keys), after.lines, after.size, after.hash, self._tally()
+                    )
         elif after.every is not None and after.pending > after.every:
             return self._missing(after)
         self.state = after
@@ -263,21 +280,23 @@ class _Walk:
             self.lines_at_head = after.lines
         return None
 
-    def _count(self, named: str, *, vouched: bool) -> None:
-        if vouched:
-            self.vouched[named] = self.vouched.get(named, 0) + 1
-            return
-        self.checkpoints += 1
-        self.last_used = named
-        self.used[named] = None
+    def _tally(self) -> _Tally:
+        return _Tally(
+            self.checkpoints,
+            tuple(self.used),
+            self.last_used,
+            tuple(self.vouched.items()),
+            self.vouch_due,
+        )
 
-    def _vouch(self, keys: Sequence[str]) -> None:
-        """A checkpoint that verified vouches for the checkpoints of *keys* before it."""
-        if self.unchecked and keys:
-            for _, named in self.unchecked:
-                if named in keys:
-                    self._count(named, vouched=True)
-            self.unchecked = [(line, named) for line, named in self.unchecked if named not in keys]
+    def _restore(self, prefix: VerifiedPrefix) -> None:
+        tally = prefix.tally
+        self.checkpoints = tally.checkpoints
+        self.used = dict.fromkeys(tally.used)
+        self.last_used = tally.last_used
+        self.vouched = dict(tally.vouched)
+        self.vouch_due = tally.vouch_due
+        self.verified = prefix
 
     def confirm_trusted(self) -> None:
         """The walk stops here: if it has not reached the trusted prefix, the checkpoints it
@@ -285,15 +304,34 @@ class _Walk:
         if self.trusted is not None:
             raise _PrefixChanged
 
-    def _checkpoint(self, doc: dict[str, Any]) -> str | None:
-        key = self.keys.get(doc["key_identifier"])
-        if key is None:
+    def _checkpoint(self, line: int, doc: dict[str, Any]) -> str | None:
+        """Check the checkpoint *doc* at *line*: a problem that ends the walk, or None (it
+        verified, or waits for a later checkpoint to vouch for it)."""
+        named = str(doc["key_identifier"])
+        key = self.keys.get(named)
+        if key is None and not self.keys:
             return (
                 "the trail has keyed checkpoints but no audit key is configured to check them "
                 "(configure the key provider that wrote it)"
             )
+        if named != self.signer:
+            self.vouch_due = True
+        if key is None:
+            self.unchecked.append((line, named, None))
+            return None
         if not key.verify(checkpoint_message(doc), str(doc["mac"])):
-            return "checkpoint MAC does not verify: forged, or made with another key"
+            self.unchecked.append((line, named, _FORGED))
+            return None
+        if "vouches_for" in doc:
+            # Made once the whole trail before it had verified; its MAC covers that chain.
+            for _, vouched, _ in self.unchecked:
+                self.vouched[vouched] = self.vouched.get(vouched, 0) + 1
+            self.unchecked = []
+            if named == self.signer:
+                self.vouch_due = False
+        self.checkpoints += 1
+        self.used[named] = None
+        self.last_used = named
         return None
 
     @staticmethod
@@ -320,7 +358,12 @@ class _Walk:
     def _unchecked_problem(self) -> tuple[str, int] | None:
         if not self.unchecked:
             return None
-        line, named = self.unchecked[0]
+        line, named, forged = self.unchecked[0]
+        head = self.head
+        if head is not None and self.state.size > head.size and line > self.lines_at_head:
+            return None  # past what the head vouches for: that tail is the problem to show
+        if forged:
+            return forged, line
         return (
             f"checkpoint made with the key {named}, which no configured key provider holds "
             f"(the configured: {', '.join(self.keys)}), and no later checkpoint vouches for "
@@ -379,6 +422,7 @@ class _Walk:
             key_identifiers=tuple(self.used),
             vouched=sum(self.vouched.values()),
             vouched_keys=tuple(self.vouched),
+            vouch_due=self.vouch_due,
             torn_tail=torn_tail,
             verified=self.verified if problem is None else None,
         )

@@ -206,9 +206,14 @@ def _summary(report: VerifyReport) -> list[str]:
     ]
     if report.vouched:
         lines.append(
-            f"{report.vouched:,} checkpoints made with {' and '.join(report.vouched_keys)}, "
-            "not configured here, are vouched for by a later checkpoint, made once the trail "
-            "before it had verified with that key"
+            (
+                f"{report.vouched:,} checkpoints made with {' and '.join(report.vouched_keys)} "
+                "were not checked here"
+                if report.vouched != 1
+                else f"1 checkpoint made with {report.vouched_keys[0]} was not checked here"
+            )
+            + " (a key not configured, or its name now another key's): a later checkpoint "
+            "vouches for the trail before it, made once that had verified"
         )
     if report.events_after_checkpoint:
         lines.append(

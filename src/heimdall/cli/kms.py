@@ -155,12 +155,13 @@ def _vouch_for_the_old_checkpoints(service: Heimdall) -> None:
             markup=False,
         )
         return
-    except AuditError as exc:
+    except (AuditError, ConfigurationError) as exc:
         fail(f"the fields moved, but the audit trail was not vouched for: {exc}")
     if keys:
         out.print(
             f"audit trail verified; a checkpoint now vouches for the checkpoints made with "
-            f"{' and '.join(keys)}, so that checking it no longer needs that provider",
+            f"{' and '.join(keys)}, so that checking the trail no longer needs "
+            + ("that provider" if len(keys) == 1 else "those providers"),
             markup=False,
         )
 
