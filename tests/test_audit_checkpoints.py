@@ -1139,3 +1139,80 @@ def test_an_old_keys_checkpoint_past_the_head_is_shown_as_the_tail_to_repair(
     assert "lines follow what the head record vouches for" in report.problem
     alone.repair_torn_tail(actor="test:operator", request_id="req-repair")
     assert alone.verify().ok
+
+
+def _swap_mac(path: Path, nth: int) -> int:
+    """Give the *nth* checkpoint another checkpoint's MAC (rechained): a forgery; its line."""
+    checkpoints = [r for r in records(path) if "mac" in r]
+    other = checkpoints[nth + 1]["mac"]
+    return _edit_checkpoint(path, checkpoints[nth]["mac"], lambda doc: doc.update(mac=other))
+
+
+def test_after_a_forged_checkpoint_only_a_vouching_one_is_worth_a_provider_call(
+    tmp_path: Path, key: AuditKey
+) -> None:
+    """A forged trail costs one call, not one per checkpoint that follows."""
+    log = write_events(tmp_path / "audit.log", 40, key=key, every=5)
+    log.close()
+    line = _swap_mac(log.path, 0)
+    counting = CountingKey(key)
+
+    report = JsonlAuditLog(log.path, key=counting).verify()
+
+    assert (report.ok, report.first_bad_line, report.problem) == (False, line, _FORGED)
+    assert counting.verified == 1
+
+
+class _DownForVouching(NamedKey):
+    """Verifies plain checkpoints; unreachable when asked about a vouching one."""
+
+    def verify(self, message: bytes, mac: str) -> bool:
+        if b"vouches_for" in message:
+            raise KmsUnavailable("the key service is down", provider="test")
+        return super().verify(message, mac)
+
+
+def test_a_forgery_is_reported_even_when_the_provider_then_fails(tmp_path: Path) -> None:
+    """Not hidden behind the provider's trouble (which kms migrate only warns about)."""
+    moved, old, new = _moved_trail(tmp_path)
+    moved.vouch()
+    line = _swap_mac(moved.path, 0)
+    flaky = _DownForVouching(new.key, new.name)
+
+    report = JsonlAuditLog(moved.path, key=flaky, read_keys=[old]).verify()
+
+    assert (report.ok, report.first_bad_line, report.problem) == (False, line, _FORGED)
+    clean, clean_old, clean_new = _moved_trail(tmp_path / "clean")
+    clean.vouch()
+    unreachable = _DownForVouching(clean_new.key, clean_new.name)
+    with pytest.raises(KmsUnavailable):  # with nothing forged, the provider's error stands
+        JsonlAuditLog(clean.path, key=unreachable, read_keys=[clean_old]).verify()
+
+
+def test_a_forged_checkpoint_is_reported_before_a_later_broken_link(
+    tmp_path: Path, key: AuditKey
+) -> None:
+    log = write_events(tmp_path / "audit.log", 20, key=key, every=5)
+    log.close()
+    line = _swap_mac(log.path, 0)
+    lines = log.path.read_bytes().splitlines(keepends=True)
+    lines[-2] = lines[-2].replace(b'"actor":"test:actor-', b'"actor":"test:actor-x')
+    log.path.write_bytes(b"".join(lines))
+
+    report = log.verify()
+
+    assert (report.ok, report.first_bad_line, report.problem) == (False, line, _FORGED)
+
+
+def test_vouching_refuses_a_head_whose_counts_are_not_the_logs(tmp_path: Path) -> None:
+    """Else the vouching checkpoint would sign those counts, and break the trail for good."""
+    moved, _, _ = _moved_trail(tmp_path)
+    head = json.loads(moved.head_path.read_text())
+    head.update(lines=head["lines"] + 1, events=head["events"] + 1)
+    moved.head_path.write_text(json.dumps(head))
+    before = moved.path.read_bytes()
+
+    with pytest.raises(AuditError, match=r"counts .* lines and .* events, the log"):
+        moved.vouch()
+
+    assert moved.path.read_bytes() == before

@@ -205,12 +205,17 @@ class JsonlAuditLog:
                 first_checkpoint_due=False,
             )
             self._refuse_unless_ok(report)
+            if (report.lines, report.events) != (state.lines, state.events):
+                # The head's counters, which the checkpoint would sign, are not the log's.
+                raise AuditError(
+                    f"the audit log head record {self.head_path} counts {state.lines:,} lines "
+                    f"and {state.events:,} events, the log {report.lines:,} and "
+                    f"{report.events:,}; nothing was vouched for"
+                )
             if not report.vouch_due:
                 return [], ()  # no other key's checkpoint since this key last vouched
             named = dict.fromkeys((*report.vouched_keys, *report.key_identifiers))
             others = tuple(k for k in named if k != self._key.key_identifier)
-            if not others:  # checkpoints under this key's name the vouch took (another keyring)
-                others = tuple(named)
             try:
                 line, after = seal_checkpoint(state, self._every, self._key, vouches_for=others)
             except ConfigurationError as exc:

@@ -24,6 +24,7 @@ from typing import Any, Final
 
 from heimdall.audit.chain import GENESIS, ChainError, ChainState, advance, checkpoint_message
 from heimdall.audit.head import LegacyHead
+from heimdall.errors import KmsError
 from heimdall.kms.base import AuditKey
 
 __all__ = [
@@ -94,6 +95,7 @@ class VerifiedPrefix:
     that reaches the same hash at the same line holds those same checkpoints, confirmed."""
 
     keys: frozenset[str]
+    signer: str | None  # which of them signs: what the tally's vouch_due is relative to
     lines: int
     size: int
     hash: str
@@ -201,7 +203,7 @@ def recheck(
     due = first_checkpoint_due
     if trusted is not None:
         walk = _Walk(head, key, read_keys, trusted, first_checkpoint_due=due)
-        if trusted.keys == frozenset(walk.keys):
+        if (trusted.keys, trusted.signer) == (frozenset(walk.keys), walk.signer):
             try:
                 return walk.run(read())
             except _PrefixChanged:
@@ -248,7 +250,8 @@ class _Walk:
             problem = self.step(line)
             if problem:
                 self.confirm_trusted()
-                return self.report(problem, self.state.lines + 1)
+                # A forgery held back before this point is found first.
+                return self.report(*(self._forged() or (problem, self.state.lines + 1)))
         self.confirm_trusted()
         return self.finish()
 
@@ -270,7 +273,12 @@ class _Walk:
                     return problem
                 if not self.unchecked:
                     self.verified = VerifiedPrefix(
-                        frozenset(self.keys), after.lines, after.size, after.hash, self._tally()
+                        frozenset(self.keys),
+                        self.signer,
+                        after.lines,
+                        after.size,
+                        after.hash,
+                        self._tally(),
                     )
         elif after.every is not None and after.pending > after.every:
             return self._missing(after)
@@ -316,13 +324,23 @@ class _Walk:
             )
         if named != self.signer:
             self.vouch_due = True
-        if key is None:
+        vouching = "vouches_for" in doc
+        if key is None or (self._forged() and not vouching):
+            # Not checked: only a later vouching checkpoint can stand for it (after a forged
+            # one, only such a checkpoint is worth a call to the provider).
             self.unchecked.append((line, named, None))
             return None
-        if not key.verify(checkpoint_message(doc), str(doc["mac"])):
+        try:
+            good = key.verify(checkpoint_message(doc), str(doc["mac"]))
+        except KmsError:
+            forged = self._forged()
+            if forged:  # the forgery found, not the provider's trouble, is what to report
+                return forged[0]
+            raise
+        if not good:
             self.unchecked.append((line, named, _FORGED))
             return None
-        if "vouches_for" in doc:
+        if vouching:
             # Made once the whole trail before it had verified; its MAC covers that chain.
             for _, vouched, _ in self.unchecked:
                 self.vouched[vouched] = self.vouched.get(vouched, 0) + 1
@@ -332,6 +350,13 @@ class _Walk:
         self.checkpoints += 1
         self.used[named] = None
         self.last_used = named
+        return None
+
+    def _forged(self) -> tuple[str, int] | None:
+        """The first held-back checkpoint whose MAC failed: (problem, line)."""
+        for line, _, forged in self.unchecked:
+            if forged:
+                return forged, line
         return None
 
     @staticmethod
@@ -358,12 +383,13 @@ class _Walk:
     def _unchecked_problem(self) -> tuple[str, int] | None:
         if not self.unchecked:
             return None
-        line, named, forged = self.unchecked[0]
+        line, named, _ = self.unchecked[0]
         head = self.head
         if head is not None and self.state.size > head.size and line > self.lines_at_head:
             return None  # past what the head vouches for: that tail is the problem to show
-        if forged:
-            return forged, line
+        forged = self._forged()
+        if forged:  # a forgery before the checkpoints of a key not configured here
+            return forged
         return (
             f"checkpoint made with the key {named}, which no configured key provider holds "
             f"(the configured: {', '.join(self.keys)}), and no later checkpoint vouches for "
