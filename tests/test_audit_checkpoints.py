@@ -15,7 +15,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
@@ -35,6 +36,7 @@ from heimdall.audit import MIN_EVENTS_PER_CHECKPOINT, JsonlAuditLog
 from heimdall.audit.group import Sealer
 from heimdall.audit.head import read_head
 from heimdall.audit.scan import recheck
+from heimdall.cli.kms import _vouch_for_the_old_checkpoints
 from heimdall.errors import AuditError, ConfigurationError, KmsUnavailable
 from heimdall.ingest import IngestReport
 from heimdall.kms.base import AuditKey
@@ -1216,3 +1218,101 @@ def test_vouching_refuses_a_head_whose_counts_are_not_the_logs(tmp_path: Path) -
         moved.vouch()
 
     assert moved.path.read_bytes() == before
+
+
+def test_a_forgery_is_found_though_the_head_no_longer_matches_the_log(
+    tmp_path: Path, key: AuditKey
+) -> None:
+    """An event rewritten longer and the chain recomputed, the old head put back: the forged
+    checkpoint is the finding, not only the head's mismatch."""
+    log = write_events(tmp_path / "audit.log", 20, key=key, every=5)
+    log.close()
+    head = log.head_path.read_bytes()
+    rewrite_trail(log.path, lambda record: record.update(reason="x" * 40) is None)
+    log.head_path.write_bytes(head)
+    first = next(n for n, r in enumerate(records(log.path), start=1) if "mac" in r)
+
+    report = log.verify()
+
+    assert (report.ok, report.first_bad_line, report.problem) == (False, first, _FORGED)
+
+
+def test_the_first_checkpoint_nothing_vouches_for_is_named_with_a_later_forgery(
+    tmp_path: Path,
+) -> None:
+    moved, _, new = _moved_trail(tmp_path)
+    ours = [r for r in records(moved.path) if r.get("key_identifier") == "aws:new"]
+    forged = _edit_checkpoint(
+        moved.path, ours[0]["mac"], lambda doc: doc.update(mac=ours[1]["mac"])
+    )
+
+    report = JsonlAuditLog(moved.path, key=new).verify()
+
+    assert not report.ok and report.first_bad_line == 6 and report.problem is not None
+    assert "the key transit/old, which no configured key provider holds" in report.problem
+    assert report.problem.endswith(f"; and the checkpoint at line {forged} does not verify")
+
+
+def test_a_forged_checkpoint_past_the_head_is_named_in_the_tail_to_repair(
+    tmp_path: Path, key: AuditKey
+) -> None:
+    """A crash leaves no checkpoint that fails its MAC: such a tail is not only unfinished."""
+    log = write_events(tmp_path / "audit.log", 6, key=key, every=5)
+    log.close()
+    head = log.head_path.read_bytes()
+    log.write(sample_events(6, start=6))
+    log.close()
+    log.head_path.write_bytes(head)
+    macs = [r["mac"] for r in records(log.path) if "mac" in r]
+    line = _edit_checkpoint(log.path, macs[-1], lambda doc: doc.update(mac=macs[0]))
+    log.head_path.write_bytes(head)  # the head of before the second write
+
+    report = log.verify()
+
+    assert not report.ok and report.problem is not None
+    assert report.problem.startswith("lines follow what the head record vouches for")
+    assert report.problem.endswith(f"; the checkpoint at line {line} in them does not verify")
+
+
+class _DownKey(NamedKey):
+    """A provider that no longer answers, though still configured; counts the calls."""
+
+    calls = 0
+
+    def verify(self, message: bytes, mac: str) -> bool:
+        self.calls += 1
+        raise KmsUnavailable("the key service is gone", provider="test")
+
+
+def test_an_old_provider_gone_but_still_configured_is_not_needed_once_vouched_for(
+    tmp_path: Path,
+) -> None:
+    moved, old, new = _moved_trail(tmp_path)
+    gone = _DownKey(old.key, old.name)
+    unvouched = JsonlAuditLog(moved.path, key=new, read_keys=[gone])
+    with pytest.raises(KmsUnavailable):  # nothing stands for its checkpoints yet
+        unvouched.verify()
+    moved.vouch()
+    gone.calls = 0
+
+    report = JsonlAuditLog(moved.path, key=new, read_keys=[gone]).verify()
+
+    assert report.ok, report.problem
+    assert report.vouched == 3 and gone.calls == 1  # asked once, not per checkpoint
+
+
+def test_kms_migrate_warns_in_one_line_when_the_old_provider_cannot_vouch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fields have moved: a provider that cannot answer leaves the trail unvouched for,
+    and says so, without failing the command."""
+    moved, old, new = _moved_trail(tmp_path)
+    gone = JsonlAuditLog(moved.path, fsync=False, key=new, read_keys=[_DownKey(old.key, old.name)])
+    before = moved.path.read_bytes()
+
+    _vouch_for_the_old_checkpoints(cast(Heimdall, SimpleNamespace(audit=gone)))
+
+    captured = capsys.readouterr()
+    assert captured.out == "" and moved.path.read_bytes() == before
+    assert captured.err.startswith("warning: the audit trail's checkpoints of the old provider")
+    assert captured.err.count("\n") == 1 and "the key service is gone" in captured.err

@@ -45,7 +45,7 @@ class VerifyBody(BaseModel):
     events_after_checkpoint: int
     key_identifier: str | None  # the key that checked the last checkpoint
     key_identifiers: list[str]  # every key that checked one (more after a provider move)
-    vouched: int  # checkpoints of keys not configured here, vouched for by a later one
+    vouched: int  # checkpoints not checked here (see README), vouched for by a later one
     vouched_keys: list[str]
     first_bad_line: int | None
     problem: str | None

@@ -66,7 +66,9 @@ class VerifyReport:
     key_identifier: str | None = None  # of the key that checked the last checkpoint
     # Of every key that checked a checkpoint, in the order the trail first names them.
     key_identifiers: tuple[str, ...] = ()
-    # Checkpoints not checked here that a later checkpoint vouches for, and the keys they name.
+    # Checkpoints not checked here (their key not configured, its provider not answering, or
+    # their MAC not the key's now of that name) that a later checkpoint vouches for, and the
+    # keys they name.
     vouched: int = 0
     vouched_keys: tuple[str, ...] = ()
     torn_tail: bool = False
@@ -234,6 +236,9 @@ class _Walk:
         self.unchecked: list[tuple[int, str, str | None]] = []
         self.vouched: dict[str, int] = {}
         self.vouch_due = False
+        # Keys whose provider failed to answer, and its first error: their checkpoints are held
+        # back too, and the error stands if nothing later vouches for them.
+        self.down: dict[str, KmsError] = {}
         self.trusted = trusted  # None once the walk is past it (or there is none)
         self.state = ChainState()
         self.checkpoints = 0
@@ -325,18 +330,24 @@ class _Walk:
         if named != self.signer:
             self.vouch_due = True
         vouching = "vouches_for" in doc
-        if key is None or (self._forged() and not vouching):
+        if key is None or named in self.down or (self._forged() and not vouching):
             # Not checked: only a later vouching checkpoint can stand for it (after a forged
             # one, only such a checkpoint is worth a call to the provider).
             self.unchecked.append((line, named, None))
             return None
         try:
             good = key.verify(checkpoint_message(doc), str(doc["mac"]))
-        except KmsError:
+        except KmsError as exc:
             forged = self._forged()
             if forged:  # the forgery found, not the provider's trouble, is what to report
                 return forged[0]
-            raise
+            if vouching:  # nothing later could stand in for the one that would vouch
+                raise
+            # An old provider gone, though still configured: a later vouching checkpoint
+            # may stand for its checkpoints.
+            self.down.setdefault(named, exc)
+            self.unchecked.append((line, named, None))
+            return None
         if not good:
             self.unchecked.append((line, named, _FORGED))
             return None
@@ -381,20 +392,26 @@ class _Walk:
         return self.report(*problem) if problem else self.report(None, None)
 
     def _unchecked_problem(self) -> tuple[str, int] | None:
+        """The first checkpoint held back that nothing vouched for: (problem, line). Raises
+        the error of a provider that could not answer about it."""
         if not self.unchecked:
             return None
-        line, named, _ = self.unchecked[0]
+        line, named, forged = self.unchecked[0]
         head = self.head
-        if head is not None and self.state.size > head.size and line > self.lines_at_head:
+        past_head = head is not None and self.state.size > head.size and self.head_matched
+        if past_head and line > self.lines_at_head:
             return None  # past what the head vouches for: that tail is the problem to show
-        forged = self._forged()
-        if forged:  # a forgery before the checkpoints of a key not configured here
-            return forged
+        if forged:
+            return forged, line
+        if named in self.down:
+            raise self.down[named]
+        later = self._forged()
         return (
             f"checkpoint made with the key {named}, which no configured key provider holds "
             f"(the configured: {', '.join(self.keys)}), and no later checkpoint vouches for "
             "it; to check it, name the provider that made it in HMD_KMS_READ_PROVIDERS with "
-            "its settings (`heimdall kms migrate` then adds a checkpoint that vouches for it)",
+            "its settings (`heimdall kms migrate` then adds a checkpoint that vouches for it)"
+            + (f"; and the checkpoint at line {later[1]} does not verify" if later else ""),
             line,
         )
 
@@ -408,6 +425,12 @@ class _Walk:
         if not self.head_matched:
             return "log does not match its head record", state.lines
         if state.size > head.size:
+            forged = self._forged()
+            if forged:  # a crash leaves no checkpoint that fails its MAC
+                return (
+                    f"{UNVOUCHED_TAIL}; the checkpoint at line {forged[1]} in them does not verify",
+                    self.lines_at_head + 1,
+                )
             return UNVOUCHED_TAIL, self.lines_at_head + 1
         return None
 

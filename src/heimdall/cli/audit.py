@@ -212,8 +212,9 @@ def _summary(report: VerifyReport) -> list[str]:
                 if report.vouched != 1
                 else f"1 checkpoint made with {report.vouched_keys[0]} was not checked here"
             )
-            + " (a key not configured, or its name now another key's): a later checkpoint "
-            "vouches for the trail before it, made once that had verified"
+            + " (a key not configured, a provider that did not answer, or a name now another "
+            "key's): a later checkpoint vouches for the trail before it, made once that had "
+            "verified"
         )
     if report.events_after_checkpoint:
         lines.append(
