@@ -122,8 +122,16 @@ def _kms_provider(
 
 
 def _provider(
-    name: str, settings: Settings, store: GraphStore, *, create: bool, reader: bool = False
+    name: str,
+    settings: Settings,
+    store: GraphStore | None,
+    *,
+    create: bool,
+    reader: bool = False,
 ) -> KeyManagementService | None:
+    """The provider *name* (a reader: one HMD_KMS_READ_PROVIDERS names). A local keyring that
+    does not exist is created if *create* (after asking *store* whether it holds fields a new
+    one could never open), refused for a reader, and None otherwise."""
     if name == "vault":
         return _vault(settings)
     if name == "aws":
@@ -138,6 +146,7 @@ def _provider(
             return None
         # A fresh keyring could never unwrap what the store holds: refuse instead of creating
         # one and failing later on every decrypt with an opaque "decryption failed".
+        assert store is not None  # what creates a keyring has the store at hand
         in_use = _kms_key_in_use(store)
         if in_use is not None:
             raise ConfigurationError(_missing_keyring(path, in_use))
@@ -415,27 +424,10 @@ def check_environment(settings: Settings) -> None:
 def open_audit_log(settings: Settings) -> JsonlAuditLog:
     """The audit log of *settings* with its providers' audit keys, to read and check the trail
     (``heimdall audit``): creates no keyring."""
-    primary = _reading_provider(settings.kms_provider, settings, reader=False)
+    # A keyring not made yet holds no audit key: verify then says whether the trail needs one.
+    primary = _provider(settings.kms_provider, settings, None, create=False)
     readers = [
-        _reading_provider(name, settings, reader=True) for name in settings.kms_read_providers
+        _provider(name, settings, None, create=False, reader=True)
+        for name in settings.kms_read_providers
     ]
     return _audit_log(settings, primary, [reader for reader in readers if reader is not None])
-
-
-def _reading_provider(
-    name: str, settings: Settings, *, reader: bool
-) -> KeyManagementService | None:
-    """The provider *name*, to check audit checkpoints with, refused as every command refuses
-    it (see _provider); None for the provider's own keyring when it does not exist yet (it
-    holds no audit key: verify then says whether the trail needs one)."""
-    if name == "vault":
-        return _vault(settings)
-    if name == "aws":
-        return _aws(settings)
-    if name != "local":
-        raise _unavailable(name, reader=reader)
-    if settings.keyring_file.exists():
-        return LocalKeyring(settings.keyring_file, key_name=settings.kms_key_name, create=False)
-    if reader:
-        raise _no_reader_keyring(settings.keyring_file)
-    return None
