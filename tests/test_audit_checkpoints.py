@@ -36,6 +36,7 @@ from heimdall.audit import MIN_EVENTS_PER_CHECKPOINT, JsonlAuditLog
 from heimdall.audit.group import Sealer
 from heimdall.audit.head import read_head
 from heimdall.audit.scan import recheck
+from heimdall.cli.audit import _summary
 from heimdall.cli.kms import _vouch_for_the_old_checkpoints
 from heimdall.errors import AuditError, ConfigurationError, KmsUnavailable
 from heimdall.ingest import IngestReport
@@ -1316,3 +1317,39 @@ def test_kms_migrate_warns_in_one_line_when_the_old_provider_cannot_vouch(
     assert captured.out == "" and moved.path.read_bytes() == before
     assert captured.err.startswith("warning: the audit trail's checkpoints of the old provider")
     assert captured.err.count("\n") == 1 and "the key service is gone" in captured.err
+
+
+def test_a_forgery_after_an_old_providers_checkpoints_is_named_while_it_is_down(
+    tmp_path: Path,
+) -> None:
+    """Not the provider's error: the forgery is the finding."""
+    moved, old, new = _moved_trail(tmp_path)
+    ours = [r for r in records(moved.path) if r.get("key_identifier") == "aws:new"]
+    line = _edit_checkpoint(moved.path, ours[0]["mac"], lambda doc: doc.update(mac=ours[1]["mac"]))
+
+    report = JsonlAuditLog(moved.path, key=new, read_keys=[_DownKey(old.key, old.name)]).verify()
+
+    assert (report.ok, report.first_bad_line, report.problem) == (False, line, _FORGED)
+
+
+def test_verify_names_a_provider_that_did_not_answer_though_vouched_for(tmp_path: Path) -> None:
+    moved, old, new = _moved_trail(tmp_path)
+    moved.vouch()
+    log = JsonlAuditLog(moved.path, key=new, read_keys=[_DownKey(old.key, old.name)])
+
+    first = log.verify()
+    again = log.verify()
+
+    assert first.ok and first.unanswered_keys == ("transit/old",)
+    assert again == first  # from the prefix found good, the same report
+    assert (
+        "the provider of transit/old did not answer: a later checkpoint vouches for its checkpoints"
+    ) in _summary(first)
+
+
+def test_cli_verify_refuses_a_keyring_path_it_cannot_look_at_in_one_line(cli: Cli) -> None:
+    path = cli.data_dir / ("k" * 300 + ".json")  # a name longer than the file system takes
+
+    line = assert_one_line_error(cli.run("audit", "verify", env={"HMD_KEYRING_PATH": str(path)}))
+
+    assert "cannot be opened" in line

@@ -139,9 +139,13 @@ def _provider(
     if name != "local":
         raise _unavailable(name, reader=reader)
     path = settings.keyring_file
-    if reader and not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # e.g. a name too long, or a directory that may not be searched
+        raise ConfigurationError(f"keyring file {path} cannot be opened: {exc.strerror}") from None
+    if reader and not exists:
         raise _no_reader_keyring(path)
-    if not path.exists():
+    if not exists:
         if not create:
             return None
         # A fresh keyring could never unwrap what the store holds: refuse instead of creating

@@ -47,6 +47,7 @@ class VerifyBody(BaseModel):
     key_identifiers: list[str]  # every key that checked one (more after a provider move)
     vouched: int  # checkpoints not checked here (see README), vouched for by a later one
     vouched_keys: list[str]
+    unanswered_keys: list[str]  # configured, their provider down: vouched for all the same
     first_bad_line: int | None
     problem: str | None
     torn_tail: bool
@@ -144,6 +145,7 @@ def verify_trail(request: Request, caller: AuthenticatedCaller) -> VerifyBody:
         key_identifiers=list(report.key_identifiers),
         vouched=report.vouched,
         vouched_keys=list(report.vouched_keys),
+        unanswered_keys=list(report.unanswered_keys),
         first_bad_line=report.first_bad_line,
         problem=report.problem,
         torn_tail=report.torn_tail,

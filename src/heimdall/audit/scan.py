@@ -71,6 +71,8 @@ class VerifyReport:
     # keys they name.
     vouched: int = 0
     vouched_keys: tuple[str, ...] = ()
+    # Configured keys whose provider did not answer, their checkpoints vouched for.
+    unanswered_keys: tuple[str, ...] = ()
     torn_tail: bool = False
     # Where the trail was found good up to, when it was (see recheck); never shown.
     verified: VerifiedPrefix | None = field(default=None, repr=False, compare=False)
@@ -88,6 +90,7 @@ class _Tally:
     last_used: str | None = None
     vouched: tuple[tuple[str, int], ...] = ()
     vouch_due: bool = False
+    unanswered: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +242,7 @@ class _Walk:
         # Keys whose provider failed to answer, and its first error: their checkpoints are held
         # back too, and the error stands if nothing later vouches for them.
         self.down: dict[str, KmsError] = {}
+        self.unanswered: dict[str, None] = {}  # the same keys, found in the prefix trusted too
         self.trusted = trusted  # None once the walk is past it (or there is none)
         self.state = ChainState()
         self.checkpoints = 0
@@ -300,6 +304,7 @@ class _Walk:
             self.last_used,
             tuple(self.vouched.items()),
             self.vouch_due,
+            tuple(self.unanswered),
         )
 
     def _restore(self, prefix: VerifiedPrefix) -> None:
@@ -309,6 +314,7 @@ class _Walk:
         self.last_used = tally.last_used
         self.vouched = dict(tally.vouched)
         self.vouch_due = tally.vouch_due
+        self.unanswered = dict.fromkeys(tally.unanswered)
         self.verified = prefix
 
     def confirm_trusted(self) -> None:
@@ -346,6 +352,7 @@ class _Walk:
             # An old provider gone, though still configured: a later vouching checkpoint
             # may stand for its checkpoints.
             self.down.setdefault(named, exc)
+            self.unanswered[named] = None
             self.unchecked.append((line, named, None))
             return None
         if not good:
@@ -403,9 +410,11 @@ class _Walk:
             return None  # past what the head vouches for: that tail is the problem to show
         if forged:
             return forged, line
-        if named in self.down:
-            raise self.down[named]
         later = self._forged()
+        if named in self.down:
+            if later:  # a forgery found later is the finding, not the provider's trouble
+                return later
+            raise self.down[named]
         return (
             f"checkpoint made with the key {named}, which no configured key provider holds "
             f"(the configured: {', '.join(self.keys)}), and no later checkpoint vouches for "
@@ -471,6 +480,7 @@ class _Walk:
             key_identifiers=tuple(self.used),
             vouched=sum(self.vouched.values()),
             vouched_keys=tuple(self.vouched),
+            unanswered_keys=tuple(self.unanswered),
             vouch_due=self.vouch_due,
             torn_tail=torn_tail,
             verified=self.verified if problem is None else None,

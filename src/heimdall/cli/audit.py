@@ -216,6 +216,11 @@ def _summary(report: VerifyReport) -> list[str]:
             "key's): a later checkpoint vouches for the trail before it, made once that had "
             "verified"
         )
+    if report.unanswered_keys:
+        lines.append(
+            f"the provider of {' and '.join(report.unanswered_keys)} did not answer: a later "
+            "checkpoint vouches for its checkpoints"
+        )
     if report.events_after_checkpoint:
         lines.append(
             f"{report.events_after_checkpoint:,} events follow the last checkpoint: only the "
