@@ -208,7 +208,7 @@ def recheck(
     due = first_checkpoint_due
     if trusted is not None:
         walk = _Walk(head, key, read_keys, trusted, first_checkpoint_due=due)
-        if (trusted.keys, trusted.signer) == (frozenset(walk.keys), walk.signer):
+        if (trusted.keys, trusted.signer) == (walk.key_names, walk.signer):
             try:
                 return walk.run(read())
             except _PrefixChanged:
@@ -230,6 +230,7 @@ class _Walk:
         self.key = key
         # Each key a checkpoint may name (JsonlAuditLog refuses two keys of one name).
         self.keys = {k.key_identifier: k for k in (*read_keys, *(() if key is None else (key,)))}
+        self.key_names = frozenset(self.keys)  # what a prefix found good was found with
         self.signer = None if key is None else key.key_identifier
         self.used: dict[str, None] = {}  # the keys that checked checkpoints, in order
         self.last_used: str | None = None
@@ -282,7 +283,7 @@ class _Walk:
                     return problem
                 if not self.unchecked:
                     self.verified = VerifiedPrefix(
-                        frozenset(self.keys),
+                        self.key_names,
                         self.signer,
                         after.lines,
                         after.size,
