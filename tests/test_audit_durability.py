@@ -305,3 +305,27 @@ def test_an_append_returns_only_once_its_head_rename_is_durable(
         expected.append(f"fsync {tmp_path}")
     assert steps == expected
     assert log.verify().ok
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_once_the_head_is_replaced_keeps_the_append_it_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interrupt: type[BaseException]
+) -> None:
+    """Ctrl-C just after the head record's rename: the lines stay, with the head that counts
+    them, and the trail goes on (cut back, they would leave a head past the log's end)."""
+    log = write_events(tmp_path / "audit.log", 3)
+    rename = os.replace
+
+    def rename_then_interrupt(source: str | Path, target: str | Path) -> None:
+        rename(source, target)
+        raise interrupt
+
+    monkeypatch.setattr(os, "replace", rename_then_interrupt)  # as head.write_head calls it
+    with pytest.raises(interrupt):
+        log.write(sample_events(2, start=3))
+    monkeypatch.undo()
+
+    assert len(records(log.path)) == 5
+    log.write(sample_events(1, start=5))
+    report = log.verify()
+    assert (report.ok, report.events) == (True, 6)

@@ -57,7 +57,7 @@ from heimdall.audit.scan import (
     read_lines,
     recheck,
 )
-from heimdall.errors import AuditError, ConfigurationError, KmsError
+from heimdall.errors import AuditError, ConfigurationError, HeimdallError, KmsError
 from heimdall.kms.base import AuditKey
 from heimdall.private_files import ensure_private_dir, open_private, write_all
 from heimdall.rbac import Caller
@@ -341,7 +341,10 @@ class JsonlAuditLog:
                 os.fsync(fd)
             write_head(self.head_path, after, fsync=self._fsync)
         except BaseException as exc:
-            self._cut_back(fd, size)
+            # An interrupt (Ctrl-C) can land after the head record is replaced, when the lines
+            # are committed: cutting them back then would leave a head past the log's end.
+            if not self._head_is(after):
+                self._cut_back(fd, size)
             if isinstance(exc, OSError):
                 raise AuditError(
                     f"audit log {self.path} cannot be written ({exc.strerror}); "
@@ -353,6 +356,12 @@ class JsonlAuditLog:
         self._unsealed = after.pending > 0
         if after.last_checkpoint_line != state.last_checkpoint_line:
             self._sealed_at = self._monotonic()
+
+    def _head_is(self, state: ChainState) -> bool:
+        try:
+            return read_head(self.head_path) == state
+        except (OSError, HeimdallError):
+            return False
 
     def _cut_back(self, fd: int, size: int) -> None:
         try:
